@@ -1,0 +1,105 @@
+//! `loupe store info|verify`.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use loupe_store::Store;
+
+/// Human-readable byte count.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+pub fn info(dir: &Path) -> Result<()> {
+    let store = Store::open(dir)?;
+    let m = store.manifest();
+    println!("store      {}", dir.display());
+    println!("version    {}", m.version);
+    match &m.model {
+        Some(model) => println!(
+            "model      {} ({}) sha256 {} from {}",
+            model.name, model.architecture, model.sha256, model.path
+        ),
+        None => println!("model      (none recorded)"),
+    }
+    match &m.tokenizer {
+        Some(t) => println!("tokenizer  {} vocab {} bos {:?} eos {:?}", t.kind, t.vocab_size, t.bos, t.eos),
+        None => println!("tokenizer  (none recorded)"),
+    }
+    println!("hooks      {}", m.hooks.len());
+    let mut missing = Vec::new();
+    for (hook, entry) in &m.hooks {
+        println!(
+            "  {hook}  {}  {} shards  {} rows  {}",
+            entry.spec,
+            entry.shards.len(),
+            entry.rows(),
+            bytes(entry.bytes())
+        );
+        let acts = store.activations(hook)?;
+        for (i, shard) in entry.shards.iter().enumerate() {
+            let path = acts.shard_path(i);
+            match std::fs::metadata(&path) {
+                Err(_) => missing.push(format!(
+                    "shard {} is listed in the manifest but the file is missing",
+                    path.display()
+                )),
+                Ok(meta) if meta.len() != shard.bytes => missing.push(format!(
+                    "shard {} is {} bytes but the manifest says {} (truncated or replaced)",
+                    path.display(),
+                    meta.len(),
+                    shard.bytes
+                )),
+                Ok(_) => {}
+            }
+        }
+    }
+    if let Some(first) = missing.first() {
+        bail!("{first}{}", more(missing.len()));
+    }
+    Ok(())
+}
+
+fn more(n: usize) -> String {
+    if n > 1 { format!(" (and {} more problems; run `loupe store verify`)", n - 1) } else { String::new() }
+}
+
+pub fn verify(dir: &Path) -> Result<()> {
+    let store = Store::open(dir)?;
+    let total: u64 = store.manifest().hooks.values().map(|h| h.bytes()).sum();
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("verifying {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("valid template"),
+    );
+    let report = store.verify(|done| bar.set_position(done));
+    bar.finish_and_clear();
+    for path in &report.unlisted {
+        eprintln!(
+            "note: {} is not listed in the manifest (left by an interrupted write; ignored)",
+            path.display()
+        );
+    }
+    if !report.is_ok() {
+        for problem in &report.problems[..report.problems.len() - 1] {
+            eprintln!("error: {problem}");
+        }
+        bail!("{}", report.problems.last().expect("not ok means at least one problem"));
+    }
+    println!(
+        "ok: {} verified: {} hooks, {} shards, {} rows, {}",
+        dir.display(),
+        report.hooks,
+        report.shards,
+        report.rows,
+        bytes(report.bytes)
+    );
+    Ok(())
+}

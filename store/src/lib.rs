@@ -1,0 +1,31 @@
+//! loupe-store: the on-disk project store every Loupe stage reads and writes.
+//!
+//! A store is one folder with a `manifest.json` ([`manifest`]) that lists everything in it. This
+//! crate owns its layout and formats:
+//! - [`store`]: opening a store read-only or for writing (one writer process at a time);
+//! - [`writer`] / [`reader`]: activation shards `activations/<hook>/NNNNN.arrow` (Arrow IPC, one
+//!   record batch each: `doc`, `pos`, `token`, `act` and optional `grad`), written crash-safely and
+//!   read through zero-copy memory maps;
+//! - [`sampler`]: shuffled batches across shards for training, without loading the store;
+//! - [`verify`]: checksums, schemas and row counts against the manifest;
+//! - [`fsutil`]: the temp-file/fsync/rename discipline behind every write.
+//!
+//! Invariant: a reader trusts only what the manifest lists, and the manifest is updated last.
+
+pub mod fsutil;
+pub mod manifest;
+pub mod reader;
+pub mod sampler;
+pub mod schema;
+pub mod store;
+pub mod values;
+pub mod verify;
+pub mod writer;
+
+pub use manifest::{DType, HookEntry, HookSpec, Manifest, ModelInfo, ShardEntry, TokenizerInfo};
+pub use reader::{Activations, Shard};
+pub use sampler::{Batch, Epoch, Sampler, SamplerConfig};
+pub use store::Store;
+pub use values::{Element, Values, ValuesRef};
+pub use verify::Report;
+pub use writer::ActivationWriter;

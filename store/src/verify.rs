@@ -1,0 +1,101 @@
+//! `loupe store verify`: check every listed shard against the manifest.
+//!
+//! For each shard: the file exists, has the listed size and xxh3-128, decodes as Arrow IPC with the
+//! hook's schema, and holds the listed number of rows. Files the manifest does not list (leftovers
+//! of interrupted writes) are reported as notes: readers ignore them, so they do not make a store
+//! invalid.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use crate::fsutil::file_xxh3;
+use crate::store::Store;
+
+/// What verification found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub hooks: usize,
+    pub shards: usize,
+    pub rows: u64,
+    pub bytes: u64,
+    /// One line per problem; empty when the store is sound.
+    pub problems: Vec<String>,
+    /// Files under `activations/` that no manifest entry names.
+    pub unlisted: Vec<PathBuf>,
+}
+
+impl Report {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+impl Store {
+    /// Verify every shard; `progress` is called with the bytes checked so far.
+    pub fn verify(&self, mut progress: impl FnMut(u64)) -> Report {
+        let manifest = self.manifest();
+        let mut report = Report { hooks: manifest.hooks.len(), ..Report::default() };
+        let mut checked = 0u64;
+        for (hook, entry) in &manifest.hooks {
+            let acts = match self.activations(hook) {
+                Ok(a) => a,
+                Err(e) => {
+                    report.problems.push(format!("{e:#}"));
+                    continue;
+                }
+            };
+            for (i, shard) in entry.shards.iter().enumerate() {
+                report.shards += 1;
+                report.rows += shard.rows;
+                report.bytes += shard.bytes;
+                let path = acts.shard_path(i);
+                if let Err(problem) = check_shard(&acts, i) {
+                    report.problems.push(problem);
+                } else if path.exists() {
+                    match file_xxh3(&path) {
+                        Ok(sum) if sum == shard.xxh3 => {}
+                        Ok(sum) => report.problems.push(format!(
+                            "shard {} has checksum {sum} but the manifest says {} (the file is corrupt)",
+                            path.display(),
+                            shard.xxh3
+                        )),
+                        Err(e) => report.problems.push(format!("{e:#}")),
+                    }
+                }
+                checked += shard.bytes;
+                progress(checked);
+            }
+        }
+        report.unlisted = unlisted_files(self);
+        report
+    }
+}
+
+/// Size, schema and row checks (everything but the checksum).
+fn check_shard(acts: &crate::Activations, i: usize) -> Result<(), String> {
+    acts.open_shard(i).map(|_| ()).map_err(|e| format!("{e:#}"))
+}
+
+fn unlisted_files(store: &Store) -> Vec<PathBuf> {
+    let manifest = store.manifest();
+    let root = store.root().join("activations");
+    let mut listed = BTreeSet::new();
+    for (hook, entry) in &manifest.hooks {
+        listed.extend(entry.shards.iter().map(|s| root.join(hook).join(&s.file)));
+    }
+    let mut out = Vec::new();
+    let Ok(hooks) = std::fs::read_dir(&root) else { return out };
+    for hook_dir in hooks.flatten() {
+        let Ok(files) = std::fs::read_dir(hook_dir.path()) else {
+            out.push(hook_dir.path());
+            continue;
+        };
+        for file in files.flatten() {
+            if !listed.contains(&file.path()) {
+                out.push(file.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -1,0 +1,151 @@
+//! Shared helpers for Loupe's end-to-end tests: synthetic activation stores, running the `loupe`
+//! binary, and snapshots of a store's files (to prove a failing command left them untouched).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use half::f16;
+use loupe_store::{DType, HookSpec, Store, Values};
+use rand::{Rng, SeedableRng};
+
+pub const HOOK: &str = "blocks.0.hook_resid_post";
+
+/// The `loupe` binary of this build (`cargo build --workspace` puts it next to the test binaries).
+pub fn loupe_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..");
+    let bin = dir.join(format!("loupe{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace` before the tests", bin.display());
+    bin
+}
+
+/// Run `loupe` with `args`.
+pub fn loupe(args: &[&str]) -> Output {
+    Command::new(loupe_bin()).args(args).output().expect("run loupe")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Rows written to a synthetic store, in write order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rows {
+    pub doc: Vec<u32>,
+    pub pos: Vec<u32>,
+    pub token: Vec<u32>,
+    pub act: Values,
+    pub grad: Option<Values>,
+}
+
+/// Random finite values of the given type; f16 values are drawn as raw bit patterns (all
+/// exponents, subnormals and both zeros), so that a round trip checks bits, not just values.
+pub fn random_values(dtype: DType, n: usize, rng: &mut impl Rng) -> Values {
+    match dtype {
+        DType::F16 => Values::F16(
+            (0..n)
+                .map(|_| {
+                    loop {
+                        let v = f16::from_bits(rng.random());
+                        if v.is_finite() {
+                            break v;
+                        }
+                    }
+                })
+                .collect(),
+        ),
+        DType::F32 => Values::F32(
+            (0..n)
+                .map(|_| {
+                    loop {
+                        let v = f32::from_bits(rng.random());
+                        if v.is_finite() {
+                            break v;
+                        }
+                    }
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Write `docs` documents of `doc_len` positions to `hook`, appending in uneven pieces so that
+/// appends straddle shard boundaries. Returns what was written.
+pub fn write_synthetic(
+    store: &Store,
+    hook: &str,
+    spec: HookSpec,
+    docs: u32,
+    doc_len: u32,
+    shard_rows: usize,
+    seed: u64,
+) -> Rows {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let d = spec.d as usize;
+    let n = (docs * doc_len) as usize;
+    let rows = Rows {
+        doc: (0..docs).flat_map(|doc| std::iter::repeat_n(doc, doc_len as usize)).collect(),
+        pos: (0..docs).flat_map(|_| 0..doc_len).collect(),
+        token: (0..n).map(|_| rng.random_range(0..50_000)).collect(),
+        act: random_values(spec.dtype, n * d, &mut rng),
+        grad: spec.grad.then(|| random_values(spec.dtype, n * d, &mut rng)),
+    };
+    let mut writer = store.activation_writer(hook, spec).expect("writer").with_shard_rows(shard_rows);
+    let mut start = 0;
+    let mut piece = 1;
+    while start < n {
+        let end = (start + piece).min(n);
+        let r = start..end;
+        match (&rows.act, &rows.grad) {
+            (Values::F16(a), g) => {
+                let g = g.as_ref().map(|g| match g {
+                    Values::F16(g) => &g[r.start * d..r.end * d],
+                    _ => unreachable!(),
+                });
+                writer.append(
+                    &rows.doc[r.clone()],
+                    &rows.pos[r.clone()],
+                    &rows.token[r.clone()],
+                    &a[r.start * d..r.end * d],
+                    g,
+                )
+            }
+            (Values::F32(a), g) => {
+                let g = g.as_ref().map(|g| match g {
+                    Values::F32(g) => &g[r.start * d..r.end * d],
+                    _ => unreachable!(),
+                });
+                writer.append(
+                    &rows.doc[r.clone()],
+                    &rows.pos[r.clone()],
+                    &rows.token[r.clone()],
+                    &a[r.start * d..r.end * d],
+                    g,
+                )
+            }
+        }
+        .expect("append");
+        start = end;
+        piece = piece * 3 % 37 + 1;
+    }
+    writer.finish().expect("finish");
+    rows
+}
+
+/// Every file under `dir` with its contents (small test stores only).
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.insert(path.clone(), std::fs::read(&path).expect("read"));
+            }
+        }
+    }
+    out
+}
