@@ -238,6 +238,39 @@ impl Shard {
     }
 }
 
+/// Check the record batch message's buffer ranges and lengths before arrow-ipc decodes it: arrow
+/// slices buffers at the offsets the file claims and panics if they lie outside the block, so a
+/// corrupt byte there must become an error here instead.
+fn check_message(block: &[u8], meta_len: usize) -> Result<()> {
+    if meta_len < 8 || meta_len > block.len() {
+        bail!("bad metadata length {meta_len}");
+    }
+    let body_len = (block.len() - meta_len) as i64;
+    let meta = &block[..meta_len];
+    let flatbuffer = if meta[..4] == [0xff; 4] { &meta[8..] } else { &meta[4..] };
+    let message =
+        arrow_ipc::root_as_message(flatbuffer).map_err(|e| anyhow!("unreadable batch metadata: {e}"))?;
+    let batch = message.header_as_record_batch().ok_or_else(|| anyhow!("block is not a record batch"))?;
+    if batch.compression().is_some() {
+        bail!("compressed shards are not supported (Loupe writes uncompressed, zero-copy shards)");
+    }
+    if batch.length() < 0 {
+        bail!("negative row count");
+    }
+    for buf in batch.buffers().into_iter().flatten() {
+        let (offset, len) = (buf.offset(), buf.length());
+        if offset < 0 || len < 0 || offset.checked_add(len).is_none_or(|end| end > body_len) {
+            bail!("buffer [{offset}, +{len}) lies outside the record batch body ({body_len} bytes)");
+        }
+    }
+    for node in batch.nodes().into_iter().flatten() {
+        if node.length() < 0 || node.null_count() < 0 || node.null_count() > node.length() {
+            bail!("bad column length {} or null count {}", node.length(), node.null_count());
+        }
+    }
+    Ok(())
+}
+
 /// Decode the one record batch of an Arrow IPC file held in `map`, without copying.
 ///
 /// Hand-written over arrow-ipc's `FileDecoder` because arrow's `FileReader` reads through
@@ -275,5 +308,6 @@ fn decode_single_batch(map: &Arc<Mmap>) -> Result<RecordBatch> {
         bail!("record batch block [{start}, +{block_len}) lies outside the file");
     }
     let data = buffer.slice_with_length(start, block_len);
+    check_message(&data, block.metaDataLength() as usize)?;
     decoder.read_record_batch(block, &data)?.ok_or_else(|| anyhow!("record batch block is empty"))
 }
