@@ -41,7 +41,7 @@ pub struct StoreArgs {
 }
 
 pub fn store(args: &StoreArgs) -> Result<()> {
-    if !(args.gib > 0.0) || args.d == 0 || args.batch == 0 {
+    if !args.gib.is_finite() || args.gib <= 0.0 || args.d == 0 || args.batch == 0 {
         bail!("bench store: --gib, --d and --batch must be positive");
     }
     let temp;
