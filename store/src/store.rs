@@ -53,6 +53,12 @@ impl Store {
         if root.exists() && !root.is_dir() {
             bail!("cannot create a store at {}: it exists and is not a directory", root.display());
         }
+        if root.is_dir() && std::fs::read_dir(&root)?.next().is_some() {
+            bail!(
+                "cannot create a store in {}: the folder is not empty and holds no {MANIFEST_FILE}",
+                root.display()
+            );
+        }
         std::fs::create_dir_all(&root)
             .with_context(|| format!("cannot create store directory {}", root.display()))?;
         let lock = take_lock(&root)?;

@@ -164,3 +164,13 @@ fn non_existent_directory() {
     assert!(!missing.exists());
     expect_failure("info", dir.path(), "manifest.json is missing");
 }
+
+#[test]
+fn create_refuses_a_folder_that_is_not_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
+    let before = snapshot(dir.path());
+    let err = Store::create(dir.path()).err().expect("created a store over foreign files");
+    assert!(format!("{err:#}").contains("is not empty"), "{err:#}");
+    assert_eq!(before, snapshot(dir.path()));
+}
