@@ -1,11 +1,11 @@
 //! Shuffled mini-batches across all shards of a hook, without loading the store into memory.
 //!
 //! Each epoch splits every shard into chunks of `chunk_rows` consecutive rows and visits the chunks
-//! in a random order. Chunks are taken `window_chunks` at a time into a window of row indices that
-//! is shuffled and cut into batches; rows left over when a window runs low are mixed into the next
-//! one. Every row is therefore delivered exactly once per epoch, reads stay chunk-contiguous (good
-//! for the page cache and disks), and only row *indices* are held in memory: the values are copied
-//! straight from the memory-mapped shards into the batch.
+//! in a random order. Chunks are taken `window_chunks` at a time into a window, cut into runs of
+//! `run_rows` consecutive rows; the runs are shuffled and dealt into batches, and runs left over
+//! when a window runs low are mixed into the next one. Every row is therefore delivered exactly once
+//! per epoch, reads stay chunk-local (good for the page cache and disks), and only run *indices* are
+//! held in memory: the values are copied straight from the memory-mapped shards into the batch.
 
 use anyhow::{Result, bail};
 use rand::SeedableRng;
