@@ -1,0 +1,354 @@
+//! Gemma 3 (text, causal) with hook points, from a GGUF file (llama.cpp layout, dequantized to f32)
+//! or an HF safetensors directory.
+//!
+//! Per block: RMSNorm → attention (QK-norm, RoPE, grouped KV heads, sliding window on local layers)
+//! → post-attention RMSNorm → residual; RMSNorm → GeGLU MLP (tanh GELU) → post-MLP RMSNorm →
+//! residual. Embeddings are scaled by √d_model; the unembedding is tied to them. Norm scales are
+//! held as the factor the activations are multiplied by: HF stores `w` and uses `1 + w`, llama.cpp's
+//! converter stores `1 + w` already.
+//!
+//! Hooks (TransformerLens names): `hook_embed`; per block `L`: `hook_resid_pre`, `ln1.hook_normalized`,
+//! `attn.hook_q|k|v` (after QK-norm, before RoPE), `attn.hook_rot_q|rot_k`, `attn.hook_pattern`
+//! `[batch, head, query, key]`, `attn.hook_z`, `attn.hook_result` `[batch, pos, head, d_model]`
+//! (per-head output before the post-attention norm), `hook_attn_out` (after it, as added to the
+//! residual), `hook_resid_mid`, `ln2.hook_normalized`, `mlp.hook_pre` (gate pre-activation),
+//! `mlp.hook_pre_linear`, `mlp.hook_post`, `hook_mlp_out`, `hook_resid_post`; then
+//! `ln_final.hook_normalized`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+
+use super::gguf::Gguf;
+use super::ops::{causal_mask, linear, rms_norm, rope, rope_tables};
+use super::{HookedModel, Hooks, ModelConfig};
+
+/// Gemma 3 hyper-parameters beyond [`ModelConfig`].
+#[derive(Clone, Debug)]
+pub struct Gemma3Config {
+    pub base: ModelConfig,
+    pub rms_eps: f64,
+    pub rope_global: f64,
+    pub rope_local: f64,
+    pub sliding_window: usize,
+    /// Per layer: true for sliding-window (local) attention.
+    pub sliding: Vec<bool>,
+    /// Attention scores are multiplied by `query_pre_attn_scalar^-0.5`.
+    pub query_pre_attn_scalar: f64,
+}
+
+struct Block {
+    attn_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    post_attn_norm: Tensor,
+    ffn_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    post_ffn_norm: Tensor,
+}
+
+pub struct Gemma3 {
+    cfg: Gemma3Config,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    final_norm: Tensor,
+    device: Device,
+}
+
+impl Gemma3 {
+    pub fn config_full(&self) -> &Gemma3Config {
+        &self.cfg
+    }
+
+    /// Load from a llama.cpp GGUF (norm weights there already hold `1 + w`).
+    pub fn from_gguf(file: &mut Gguf) -> Result<Gemma3> {
+        let device = Device::Cpu;
+        let n_layers = file.u32("gemma3.block_count")? as usize;
+        let d_model = file.u32("gemma3.embedding_length")? as usize;
+        let n_heads = file.u32("gemma3.attention.head_count")? as usize;
+        let d_head = if file.has("gemma3.attention.key_length") {
+            file.u32("gemma3.attention.key_length")? as usize
+        } else {
+            d_model / n_heads
+        };
+        let embed = file.tensor("token_embd.weight", &device)?;
+        let vocab_size = embed.dim(0)?;
+        let sliding_window = file.u32("gemma3.attention.sliding_window").unwrap_or(512) as usize;
+        let cfg = Gemma3Config {
+            base: ModelConfig {
+                architecture: "gemma3".into(),
+                n_layers,
+                d_model,
+                n_heads,
+                n_kv_heads: file.u32("gemma3.attention.head_count_kv")? as usize,
+                d_head,
+                d_mlp: file.u32("gemma3.feed_forward_length")? as usize,
+                vocab_size,
+                max_context: file.u32("gemma3.context_length")? as usize,
+                causal: true,
+            },
+            rms_eps: file.f32("gemma3.attention.layer_norm_rms_epsilon")? as f64,
+            rope_global: file.f32("gemma3.rope.freq_base").unwrap_or(1e6) as f64,
+            // llama.cpp and transformers both use 10,000 for the local layers of Gemma 3.
+            rope_local: 10_000.0,
+            sliding_window,
+            // Every sixth layer attends globally (Gemma 3's 5:1 pattern).
+            sliding: (0..n_layers).map(|i| (i + 1) % 6 != 0).collect(),
+            query_pre_attn_scalar: d_head as f64,
+        };
+        let mut get = |name: String| file.tensor(&name, &device);
+        let mut blocks = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            blocks.push(Block {
+                attn_norm: get(p("attn_norm"))?,
+                q: get(p("attn_q"))?,
+                k: get(p("attn_k"))?,
+                v: get(p("attn_v"))?,
+                o: get(p("attn_output"))?,
+                q_norm: get(p("attn_q_norm"))?,
+                k_norm: get(p("attn_k_norm"))?,
+                post_attn_norm: get(p("post_attention_norm"))?,
+                ffn_norm: get(p("ffn_norm"))?,
+                gate: get(p("ffn_gate"))?,
+                up: get(p("ffn_up"))?,
+                down: get(p("ffn_down"))?,
+                post_ffn_norm: get(p("post_ffw_norm"))?,
+            });
+        }
+        let final_norm = get("output_norm.weight".into())?;
+        let model = Gemma3 { cfg, embed, blocks, final_norm, device };
+        model
+            .check_shapes()
+            .with_context(|| format!("{}: unexpected Gemma 3 weights", file.path().display()))?;
+        Ok(model)
+    }
+
+    /// Load from an HF directory (`config.json` + `model.safetensors`); norms there hold `w`.
+    pub fn from_hf_dir(dir: &Path, config: &serde_json::Value) -> Result<Gemma3> {
+        let device = Device::Cpu;
+        let num = |k: &str| config.get(k).and_then(|v| v.as_f64());
+        let need = |k: &str| num(k).with_context(|| format!("{}: config.json has no {k}", dir.display()));
+        let n_layers = need("num_hidden_layers")? as usize;
+        let d_model = need("hidden_size")? as usize;
+        let n_heads = need("num_attention_heads")? as usize;
+        let d_head = num("head_dim").unwrap_or((d_model / n_heads) as f64) as usize;
+        let sliding: Vec<bool> = match config.get("layer_types").and_then(|v| v.as_array()) {
+            Some(types) => types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect(),
+            None => {
+                let pattern = num("sliding_window_pattern").unwrap_or(6.0) as usize;
+                (0..n_layers).map(|i| (i + 1) % pattern != 0).collect()
+            }
+        };
+        let path = dir.join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&path, &device)
+            .with_context(|| format!("cannot read {} (truncated or not safetensors?)", path.display()))?;
+        let get = |name: &str| -> Result<Tensor> {
+            let t = tensors.get(name).with_context(|| format!("{}: no tensor {name}", path.display()))?;
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        let norm = |name: &str| -> Result<Tensor> { Ok((get(name)? + 1.0)?) };
+        let embed = get("model.embed_tokens.weight")?;
+        let mut blocks = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+            blocks.push(Block {
+                attn_norm: norm(&p("input_layernorm"))?,
+                q: get(&p("self_attn.q_proj"))?,
+                k: get(&p("self_attn.k_proj"))?,
+                v: get(&p("self_attn.v_proj"))?,
+                o: get(&p("self_attn.o_proj"))?,
+                q_norm: norm(&p("self_attn.q_norm"))?,
+                k_norm: norm(&p("self_attn.k_norm"))?,
+                post_attn_norm: norm(&p("post_attention_layernorm"))?,
+                ffn_norm: norm(&p("pre_feedforward_layernorm"))?,
+                gate: get(&p("mlp.gate_proj"))?,
+                up: get(&p("mlp.up_proj"))?,
+                down: get(&p("mlp.down_proj"))?,
+                post_ffn_norm: norm(&p("post_feedforward_layernorm"))?,
+            });
+        }
+        let cfg = Gemma3Config {
+            base: ModelConfig {
+                architecture: "gemma3".into(),
+                n_layers,
+                d_model,
+                n_heads,
+                n_kv_heads: need("num_key_value_heads")? as usize,
+                d_head,
+                d_mlp: need("intermediate_size")? as usize,
+                vocab_size: embed.dim(0)?,
+                max_context: num("max_position_embeddings").unwrap_or(32768.0) as usize,
+                causal: true,
+            },
+            rms_eps: num("rms_norm_eps").unwrap_or(1e-6),
+            rope_global: num("rope_theta").unwrap_or(1e6),
+            rope_local: num("rope_local_base_freq").unwrap_or(10_000.0),
+            sliding_window: num("sliding_window").unwrap_or(512.0) as usize,
+            sliding,
+            query_pre_attn_scalar: num("query_pre_attn_scalar").unwrap_or(d_head as f64),
+        };
+        let final_norm = norm("model.norm.weight")?;
+        let model = Gemma3 { cfg, embed, blocks, final_norm, device };
+        model.check_shapes().with_context(|| format!("{}: unexpected Gemma 3 weights", dir.display()))?;
+        Ok(model)
+    }
+
+    fn check_shapes(&self) -> Result<()> {
+        let c = &self.cfg.base;
+        let expect = |t: &Tensor, shape: &[usize], what: &str| -> Result<()> {
+            if t.dims() != shape {
+                bail!("{what} has shape {:?}, expected {shape:?}", t.dims());
+            }
+            Ok(())
+        };
+        expect(&self.embed, &[c.vocab_size, c.d_model], "embedding")?;
+        if self.cfg.sliding.len() != c.n_layers {
+            bail!("layer_types lists {} layers, the model has {}", self.cfg.sliding.len(), c.n_layers);
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            let w = |s: &str| format!("block {i} {s}");
+            expect(&b.q, &[c.n_heads * c.d_head, c.d_model], &w("q"))?;
+            expect(&b.k, &[c.n_kv_heads * c.d_head, c.d_model], &w("k"))?;
+            expect(&b.v, &[c.n_kv_heads * c.d_head, c.d_model], &w("v"))?;
+            expect(&b.o, &[c.d_model, c.n_heads * c.d_head], &w("o"))?;
+            expect(&b.gate, &[c.d_mlp, c.d_model], &w("gate"))?;
+            expect(&b.up, &[c.d_mlp, c.d_model], &w("up"))?;
+            expect(&b.down, &[c.d_model, c.d_mlp], &w("down"))?;
+            expect(&b.q_norm, &[c.d_head], &w("q_norm"))?;
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        i: usize,
+        x: &Tensor,
+        rope_t: &(Tensor, Tensor),
+        mask: &Tensor,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let c = &self.cfg.base;
+        let b = &self.blocks[i];
+        let diff = hooks.wants_grad();
+        let (batch, seq, _) = x.dims3()?;
+        let name = |s: &str| format!("blocks.{i}.attn.{s}");
+        let heads = |t: Tensor, n: usize| t.reshape((batch, seq, n, c.d_head));
+        let q = rms_norm(&heads(linear(x, &b.q, None)?, c.n_heads)?, &b.q_norm, self.cfg.rms_eps, diff)?;
+        let k = rms_norm(&heads(linear(x, &b.k, None)?, c.n_kv_heads)?, &b.k_norm, self.cfg.rms_eps, diff)?;
+        let v = heads(linear(x, &b.v, None)?, c.n_kv_heads)?;
+        let q = hooks.apply(&name("hook_q"), q)?;
+        let k = hooks.apply(&name("hook_k"), k)?;
+        let v = hooks.apply(&name("hook_v"), v)?;
+        // [b, s, h, d] -> [b, h, s, d] for RoPE and the score matmuls.
+        let (cos, sin) = rope_t;
+        let q = rope(&q.transpose(1, 2)?.contiguous()?, cos, sin, diff)?;
+        let k = rope(&k.transpose(1, 2)?.contiguous()?, cos, sin, diff)?;
+        let q = hooks.apply(&name("hook_rot_q"), q.transpose(1, 2)?)?.transpose(1, 2)?;
+        let k = hooks.apply(&name("hook_rot_k"), k.transpose(1, 2)?)?.transpose(1, 2)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        // Grouped KV heads: query head h reads KV head h / (n_heads / n_kv_heads).
+        let group = c.n_heads / c.n_kv_heads;
+        let q = q.contiguous()?.reshape((batch, c.n_kv_heads, group * seq, c.d_head))?;
+        let scale = self.cfg.query_pre_attn_scalar.powf(-0.5);
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let scores = scores.reshape((batch, c.n_heads, seq, seq))?.broadcast_add(mask)?;
+        let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
+        let pattern = hooks.apply(&name("hook_pattern"), pattern)?;
+        let z = pattern.reshape((batch, c.n_kv_heads, group * seq, seq))?.matmul(&v)?;
+        let z = z.reshape((batch, c.n_heads, seq, c.d_head))?.transpose(1, 2)?.contiguous()?;
+        let z = hooks.apply(&name("hook_z"), z)?;
+        if hooks.is_active(&name("hook_result")) {
+            // Per-head output z_h @ W_O[:, h] -> [b, s, h, d_model].
+            let wo = b.o.reshape((c.d_model, c.n_heads, c.d_head))?.transpose(0, 1)?.contiguous()?;
+            let zh = z.transpose(1, 2)?.contiguous()?; // [b, h, s, d_head]
+            let result = zh.broadcast_matmul(&wo.transpose(1, 2)?.unsqueeze(0)?)?; // [b, h, s, d_model]
+            hooks.apply(&name("hook_result"), result.transpose(1, 2)?.contiguous()?)?;
+        }
+        linear(&z.reshape((batch, seq, c.n_heads * c.d_head))?, &b.o, None)
+    }
+}
+
+impl HookedModel for Gemma3 {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg.base
+    }
+
+    fn hook_names(&self) -> Vec<String> {
+        let mut names = vec!["hook_embed".to_string()];
+        for i in 0..self.cfg.base.n_layers {
+            for s in [
+                "hook_resid_pre",
+                "ln1.hook_normalized",
+                "attn.hook_q",
+                "attn.hook_k",
+                "attn.hook_v",
+                "attn.hook_rot_q",
+                "attn.hook_rot_k",
+                "attn.hook_pattern",
+                "attn.hook_z",
+                "attn.hook_result",
+                "hook_attn_out",
+                "hook_resid_mid",
+                "ln2.hook_normalized",
+                "mlp.hook_pre",
+                "mlp.hook_pre_linear",
+                "mlp.hook_post",
+                "hook_mlp_out",
+                "hook_resid_post",
+            ] {
+                names.push(format!("blocks.{i}.{s}"));
+            }
+        }
+        names.push("ln_final.hook_normalized".to_string());
+        names
+    }
+
+    fn forward(&self, tokens: &Tensor, hooks: &mut Hooks) -> Result<Option<Tensor>> {
+        let c = &self.cfg.base;
+        let (_, seq) = tokens.dims2()?;
+        if seq > c.max_context {
+            bail!("context of {seq} tokens exceeds the model's limit of {}", c.max_context);
+        }
+        hooks.validate(&self.hook_names())?;
+        let diff = hooks.wants_grad();
+        let eps = self.cfg.rms_eps;
+        let (batch, _) = tokens.dims2()?;
+        let ids = tokens.flatten_all()?;
+        let x = self.embed.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
+        let mut x = hooks.apply("hook_embed", (x * (c.d_model as f64).sqrt())?)?;
+        let global = rope_tables(seq, c.d_head, self.cfg.rope_global, &self.device)?;
+        let local = rope_tables(seq, c.d_head, self.cfg.rope_local, &self.device)?;
+        let full_mask = causal_mask(seq, None, &self.device)?;
+        let window_mask = causal_mask(seq, Some(self.cfg.sliding_window), &self.device)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let name = |s: &str| format!("blocks.{i}.{s}");
+            x = hooks.apply(&name("hook_resid_pre"), x)?;
+            let h = hooks.apply(&name("ln1.hook_normalized"), rms_norm(&x, &b.attn_norm, eps, diff)?)?;
+            let (rope_t, mask) =
+                if self.cfg.sliding[i] { (&local, &window_mask) } else { (&global, &full_mask) };
+            let attn = self.attention(i, &h, rope_t, mask, hooks)?;
+            let attn = hooks.apply(&name("hook_attn_out"), rms_norm(&attn, &b.post_attn_norm, eps, diff)?)?;
+            x = hooks.apply(&name("hook_resid_mid"), (x + attn)?)?;
+            let h = hooks.apply(&name("ln2.hook_normalized"), rms_norm(&x, &b.ffn_norm, eps, diff)?)?;
+            let gate = hooks.apply(&name("mlp.hook_pre"), linear(&h, &b.gate, None)?)?;
+            let up = hooks.apply(&name("mlp.hook_pre_linear"), linear(&h, &b.up, None)?)?;
+            let act = hooks.apply(&name("mlp.hook_post"), (gate.gelu()? * up)?)?;
+            let mlp = rms_norm(&linear(&act, &b.down, None)?, &b.post_ffn_norm, eps, diff)?;
+            let mlp = hooks.apply(&name("hook_mlp_out"), mlp)?;
+            x = hooks.apply(&name("hook_resid_post"), (x + mlp)?)?;
+            if hooks.stop_layer() == Some(i) {
+                return Ok(None);
+            }
+        }
+        let x = hooks.apply("ln_final.hook_normalized", rms_norm(&x, &self.final_norm, eps, diff)?)?;
+        Ok(Some(linear(&x, &self.embed, None)?))
+    }
+}

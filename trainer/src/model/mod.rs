@@ -1,0 +1,87 @@
+//! Loupe's own transformer implementations with hook points (candle-transformers exposes no
+//! internals). One file per architecture; this module holds what they share: the
+//! [`HookedModel`] trait, loading by path, and the loss whose gradient capture uses.
+
+pub mod gemma3;
+pub mod gguf;
+pub mod hooks;
+pub mod ops;
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{D, Tensor};
+
+pub use hooks::{Hooks, Intervention};
+
+/// Architectures Loupe can run, for error messages.
+pub const SUPPORTED: &str =
+    "gemma3 (GGUF file or HF safetensors directory), gpt2 (HF directory), bert (HF directory)";
+
+/// Shape facts every architecture reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// `gemma3`, `gpt2` or `bert`.
+    pub architecture: String,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub d_head: usize,
+    pub d_mlp: usize,
+    pub vocab_size: usize,
+    /// Longest context the model supports.
+    pub max_context: usize,
+    /// Whether the model predicts the next token (has a next-token loss).
+    pub causal: bool,
+}
+
+/// A transformer whose forward pass goes through [`Hooks`].
+pub trait HookedModel: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+
+    /// Every hook point, in forward order.
+    fn hook_names(&self) -> Vec<String>;
+
+    /// Run on token ids `[batch, seq]` (u32). Returns logits `[batch, seq, vocab]` for causal
+    /// models (the last hidden state for encoders), or `None` when `hooks` stopped the pass early.
+    fn forward(&self, tokens: &Tensor, hooks: &mut Hooks) -> Result<Option<Tensor>>;
+}
+
+/// Load a model from a GGUF file or an HF directory (`config.json` + `model.safetensors`).
+pub fn load(path: &Path) -> Result<Box<dyn HookedModel>> {
+    if !path.exists() {
+        bail!("model not found: {} does not exist", path.display());
+    }
+    if path.is_dir() {
+        let config_path = path.join("config.json");
+        let text = std::fs::read_to_string(&config_path).with_context(|| {
+            format!("{} is not an HF model directory (no readable config.json)", path.display())
+        })?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("(none)");
+        return match model_type {
+            "gemma3_text" | "gemma3" => Ok(Box::new(gemma3::Gemma3::from_hf_dir(path, &config)?)),
+            other => bail!("{}: unsupported architecture {other:?}; supported: {SUPPORTED}", path.display()),
+        };
+    }
+    let mut file = gguf::Gguf::open(path)?;
+    let arch = file.architecture()?;
+    match arch.as_str() {
+        "gemma3" => Ok(Box::new(gemma3::Gemma3::from_gguf(&mut file)?)),
+        other => bail!("{}: unsupported GGUF architecture {other:?}; supported: {SUPPORTED}", path.display()),
+    }
+}
+
+/// Mean next-token cross-entropy over positions `0..seq-1` of every sequence (f32 scalar).
+pub fn next_token_loss(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    let (b, s, v) = logits.dims3()?;
+    if s < 2 {
+        bail!("the next-token loss needs at least 2 tokens per sequence");
+    }
+    let pred = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
+    let target = tokens.narrow(1, 1, s - 1)?.reshape(b * (s - 1))?;
+    let log_probs = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
+    Ok(candle_nn::loss::nll(&log_probs, &target)?)
+}
