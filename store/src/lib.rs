@@ -28,4 +28,4 @@ pub use sampler::{Batch, Epoch, Sampler, SamplerConfig};
 pub use store::Store;
 pub use values::{Element, Values, ValuesRef};
 pub use verify::Report;
-pub use writer::ActivationWriter;
+pub use writer::{ActivationWriter, PendingShard};

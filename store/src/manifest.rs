@@ -130,6 +130,10 @@ pub struct Manifest {
     /// Activation tables by TransformerLens hook name.
     #[serde(default)]
     pub hooks: BTreeMap<String, HookEntry>,
+    /// Settings and progress of the capture that filled `hooks`; opaque to the store (owned by
+    /// loupe-trainer's capture) but committed atomically with the shards it describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<serde_json::Value>,
 }
 
 impl Default for Manifest {
@@ -140,6 +144,7 @@ impl Default for Manifest {
             model: None,
             tokenizer: None,
             hooks: BTreeMap::new(),
+            capture: None,
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct ActivationWriter<'s> {
     hook: String,
     spec: HookSpec,
     shard_rows: usize,
+    /// Index of the next shard file (continues after the listed ones).
+    next_index: u64,
     doc: Vec<u32>,
     pos: Vec<u32>,
     token: Vec<u32>,
@@ -60,6 +62,7 @@ impl Store {
             hook: hook.to_string(),
             spec,
             shard_rows: (DEFAULT_SHARD_BYTES / row_bytes).max(1),
+            next_index: next_shard_index(self.manifest().hooks.get(hook)),
             doc: Vec::new(),
             pos: Vec::new(),
             token: Vec::new(),
@@ -161,24 +164,35 @@ impl<'s> ActivationWriter<'s> {
         self.flush()
     }
 
+    /// Write every buffered row as a shard file *without* listing it; list it (with shards of
+    /// other hooks, atomically) through [`Store::commit_shards`]. `None` when nothing is buffered.
+    pub fn write_pending(&mut self) -> Result<Option<PendingShard>> {
+        match self.doc.len() {
+            0 => Ok(None),
+            rows => self.write_file(rows).map(Some),
+        }
+    }
+
     /// Write the first `rows` buffered rows as the next shard and list it in the manifest.
     fn write_shard(&mut self, rows: usize) -> Result<()> {
+        let shard = self.write_file(rows)?;
+        self.store.commit_shards(vec![shard], |_| Ok(()))
+    }
+
+    fn write_file(&mut self, rows: usize) -> Result<PendingShard> {
         let d = self.spec.d as usize;
         let batch = self.take_batch(rows, d)?;
         let dir = self.store.root().join("activations").join(&self.hook);
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let index = next_shard_index(self.store.manifest().hooks.get(&self.hook));
-        let file_name = format!("{index:05}.arrow");
+        let file_name = format!("{:05}.arrow", self.next_index);
         let path = dir.join(&file_name);
         let (bytes, xxh3) = write_ipc_file(&path, &batch)
             .with_context(|| format!("cannot write shard {}", path.display()))?;
-        let spec = self.spec;
-        let hook = self.hook.clone();
-        self.store.commit(|m| {
-            let entry = m.hooks.entry(hook.clone()).or_insert(HookEntry { spec, shards: Vec::new() });
-            check_same_spec(&hook, &entry.spec, &spec)?;
-            entry.shards.push(ShardEntry { file: file_name, rows: rows as u64, bytes, xxh3 });
-            Ok(())
+        self.next_index += 1;
+        Ok(PendingShard {
+            hook: self.hook.clone(),
+            spec: self.spec,
+            entry: ShardEntry { file: file_name, rows: rows as u64, bytes, xxh3 },
         })
     }
 
@@ -195,6 +209,34 @@ impl<'s> ActivationWriter<'s> {
             columns.push(vector_column(grad, rows, d)?);
         }
         Ok(RecordBatch::try_new(shard_schema(&self.spec), columns)?)
+    }
+}
+
+/// A shard file written but not yet listed in the manifest.
+#[derive(Clone, Debug)]
+pub struct PendingShard {
+    pub hook: String,
+    pub spec: HookSpec,
+    pub entry: ShardEntry,
+}
+
+impl Store {
+    /// List written shards (of any hooks) in one atomic manifest update, together with `change`
+    /// (e.g. progress that must move with the rows).
+    pub fn commit_shards(
+        &self,
+        shards: Vec<PendingShard>,
+        change: impl FnOnce(&mut crate::Manifest) -> Result<()>,
+    ) -> Result<()> {
+        self.commit(|m| {
+            for shard in shards {
+                let entry =
+                    m.hooks.entry(shard.hook.clone()).or_insert(HookEntry { spec: shard.spec, shards: Vec::new() });
+                check_same_spec(&shard.hook, &entry.spec, &shard.spec)?;
+                entry.shards.push(shard.entry);
+            }
+            change(m)
+        })
     }
 }
 

@@ -149,3 +149,18 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     }
     out
 }
+
+/// The default Gemma 3 270M GGUF in the cache; panics with the fix when it is missing.
+pub fn gemma_gguf() -> PathBuf {
+    let cache = std::env::var_os("LOUPE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/loupe"));
+    let path = cache.join("models/gemma-3-270m-q4_k_m.gguf");
+    assert!(path.exists(), "{} is missing: run `loupe fetch` (scripts/test.sh does)", path.display());
+    path
+}
+
+/// A committed fixture file under `tests/fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+}

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 use super::gguf::Gguf;
-use super::ops::{causal_mask, linear, rms_norm, rope, rope_tables};
+use super::ops::{causal_mask, linear, rms_norm, rope, rope_tables, softmax};
 use super::{HookedModel, Hooks, ModelConfig};
 
 /// Gemma 3 hyper-parameters beyond [`ModelConfig`].
@@ -260,7 +260,7 @@ impl Gemma3 {
         let scale = self.cfg.query_pre_attn_scalar.powf(-0.5);
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         let scores = scores.reshape((batch, c.n_heads, seq, seq))?.broadcast_add(mask)?;
-        let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
+        let pattern = softmax(&scores, diff)?;
         let pattern = hooks.apply(&name("hook_pattern"), pattern)?;
         let z = pattern.reshape((batch, c.n_kv_heads, group * seq, seq))?.matmul(&v)?;
         let z = z.reshape((batch, c.n_heads, seq, c.d_head))?.transpose(1, 2)?.contiguous()?;

@@ -30,6 +30,16 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64, diff: bool) -> Result<Tens
     }
 }
 
+/// Softmax over the last dim. candle's fused `softmax_last_dim` has no backward (gradients would
+/// silently stop there), so the differentiable path is built from basic ops.
+pub fn softmax(x: &Tensor, diff: bool) -> Result<Tensor> {
+    if diff {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(x)?)
+    }
+}
+
 /// LayerNorm over the last dim with weight and bias.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
