@@ -4,9 +4,11 @@
 //! public APIs and the store. Errors end as one `error: …` line on stderr and a non-zero exit.
 
 mod bench;
+mod capture_cmd;
 mod demo;
 mod fetch;
 mod store_cmd;
+mod tokenize;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,9 +32,13 @@ enum Command {
     Demo(demo::Args),
     /// Download the default model, embedding model and corpus into the cache (idempotent).
     Fetch(fetch::Args),
+    /// Capture a model's activations (and loss gradients) on a corpus into a store.
+    Capture(capture_cmd::Args),
     /// Inspect and check a store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Show how a model's tokenizer splits a text (one `id<TAB>token` line per token).
+    Tokenize(tokenize::Args),
     /// Benchmarks that print their ratio against a reference measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -63,15 +69,32 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Fetch(args) => fetch::run(&args),
+        Command::Capture(args) => capture_cmd::run(&args),
         Command::Store(StoreCommand::Info { dir }) => store_cmd::info(&dir),
         Command::Store(StoreCommand::Verify { dir }) => store_cmd::verify(&dir),
+        Command::Tokenize(args) => tokenize::run(&args),
         Command::Bench(BenchCommand::Store(args)) => bench::store(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error chain on one line: causes joined with ": ", each cut at its first line (candle
+/// appends a backtrace to its errors when RUST_BACKTRACE is set).
+fn one_line(e: &anyhow::Error) -> String {
+    let parts: Vec<String> =
+        e.chain().map(|c| c.to_string().lines().next().unwrap_or("").to_string()).collect();
+    let mut out: Vec<String> = Vec::new();
+    for part in parts {
+        // anyhow's context often repeats the inner message; keep each piece once.
+        if !out.iter().any(|o| o.contains(&part)) {
+            out.push(part);
+        }
+    }
+    out.join(": ")
 }

@@ -230,8 +230,10 @@ impl Store {
     ) -> Result<()> {
         self.commit(|m| {
             for shard in shards {
-                let entry =
-                    m.hooks.entry(shard.hook.clone()).or_insert(HookEntry { spec: shard.spec, shards: Vec::new() });
+                let entry = m
+                    .hooks
+                    .entry(shard.hook.clone())
+                    .or_insert(HookEntry { spec: shard.spec, shards: Vec::new() });
                 check_same_spec(&shard.hook, &entry.spec, &shard.spec)?;
                 entry.shards.push(shard.entry);
             }

@@ -152,10 +152,20 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 /// The default Gemma 3 270M GGUF in the cache; panics with the fix when it is missing.
 pub fn gemma_gguf() -> PathBuf {
+    cached("models/gemma-3-270m-q4_k_m.gguf")
+}
+
+/// The all-MiniLM-L6-v2 HF directory in the cache; panics with the fix when it is missing.
+pub fn minilm_dir() -> PathBuf {
+    cached("models/all-MiniLM-L6-v2/model.safetensors").parent().expect("model dir").to_path_buf()
+}
+
+/// A file fetched into `$LOUPE_CACHE` (default `~/.cache/loupe`); panics with the fix when missing.
+fn cached(rel: &str) -> PathBuf {
     let cache = std::env::var_os("LOUPE_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/loupe"));
-    let path = cache.join("models/gemma-3-270m-q4_k_m.gguf");
+    let path = cache.join(rel);
     assert!(path.exists(), "{} is missing: run `loupe fetch` (scripts/test.sh does)", path.display());
     path
 }

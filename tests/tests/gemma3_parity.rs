@@ -37,19 +37,29 @@ fn logits_and_residual_stream_match_transformers() {
     let reference = reference();
     for p in 0..3 {
         let tokens = ids(&reference, p);
-        let hooks_at = ["hook_embed", "blocks.0.hook_resid_post", "blocks.6.hook_resid_post", "blocks.17.hook_resid_post"];
+        let hooks_at = [
+            "hook_embed",
+            "blocks.0.hook_resid_post",
+            "blocks.6.hook_resid_post",
+            "blocks.17.hook_resid_post",
+        ];
         let mut hooks = hooks_at.iter().fold(Hooks::new(), |h, name| h.capture(*name));
         let logits = model.forward(&tokens, &mut hooks).unwrap().unwrap().squeeze(0).unwrap();
 
         let subset = reference[&format!("p{p}.vocab_subset")].to_dtype(DType::U32).unwrap();
         let ours = logits.index_select(&subset, 1).unwrap();
         let theirs = &reference[&format!("p{p}.logits_subset")];
-        let max_logit = reference[&format!("p{p}.logits_max_abs")].max_all().unwrap().to_scalar::<f32>().unwrap();
+        let max_logit =
+            reference[&format!("p{p}.logits_max_abs")].max_all().unwrap().to_scalar::<f32>().unwrap();
         let diff = (&ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff <= 1e-3 * max_logit, "prompt {p}: logits differ by {diff} (max |logit| {max_logit})");
         let top1: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
         let ref_top1: Vec<i64> = reference[&format!("p{p}.top10")].i((.., 0)).unwrap().to_vec1().unwrap();
-        assert_eq!(top1.iter().map(|&t| t as i64).collect::<Vec<_>>(), ref_top1, "prompt {p}: top-1 tokens differ");
+        assert_eq!(
+            top1.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+            ref_top1,
+            "prompt {p}: top-1 tokens differ"
+        );
 
         for name in hooks_at {
             let ours = hooks.get(name).unwrap().squeeze(0).unwrap();

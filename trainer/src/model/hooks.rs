@@ -11,6 +11,9 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 use candle_core::{Tensor, Var};
 
+/// A function applied to an activation by [`Intervention::Map`].
+pub type MapFn = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
 /// A change made to an activation as it passes its hook point.
 #[derive(Clone)]
 pub enum Intervention {
@@ -24,7 +27,7 @@ pub enum Intervention {
     /// Zero these heads of a per-head activation `[batch, pos, head, d_head]`.
     ZeroHeads(Vec<usize>),
     /// Any function of the activation, e.g. a dictionary's reconstruction spliced in.
-    Map(Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>),
+    Map(MapFn),
 }
 
 impl Intervention {

@@ -2,8 +2,10 @@
 //! internals). One file per architecture; this module holds what they share: the
 //! [`HookedModel`] trait, loading by path, and the loss whose gradient capture uses.
 
+pub mod bert;
 pub mod gemma3;
 pub mod gguf;
+pub mod gpt2;
 pub mod hooks;
 pub mod ops;
 
@@ -63,6 +65,8 @@ pub fn load(path: &Path) -> Result<Box<dyn HookedModel>> {
         let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("(none)");
         return match model_type {
             "gemma3_text" | "gemma3" => Ok(Box::new(gemma3::Gemma3::from_hf_dir(path, &config)?)),
+            "gpt2" => Ok(Box::new(gpt2::Gpt2::from_hf_dir(path, &config)?)),
+            "bert" => Ok(Box::new(bert::Bert::from_hf_dir(path, &config)?)),
             other => bail!("{}: unsupported architecture {other:?}; supported: {SUPPORTED}", path.display()),
         };
     }

@@ -1,8 +1,11 @@
 //! Layer operations shared by the architectures. Each has a fast path (candle's fused kernels,
-//! which have no backward) and a differentiable path from basic ops, chosen by `diff`.
+//! which have no backward) and a differentiable path from basic ops, chosen by `diff`. Also the
+//! biased multi-head attention and MLP activations that GPT-2 and BERT share.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor};
+
+use super::Hooks;
 
 /// `x @ w.T` for `x` of shape `[.., in]` and `w` of `[out, in]`, plus an optional bias.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -33,11 +36,7 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64, diff: bool) -> Result<Tens
 /// Softmax over the last dim. candle's fused `softmax_last_dim` has no backward (gradients would
 /// silently stop there), so the differentiable path is built from basic ops.
 pub fn softmax(x: &Tensor, diff: bool) -> Result<Tensor> {
-    if diff {
-        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
-    } else {
-        Ok(candle_nn::ops::softmax_last_dim(x)?)
-    }
+    if diff { Ok(candle_nn::ops::softmax(x, D::Minus1)?) } else { Ok(candle_nn::ops::softmax_last_dim(x)?) }
 }
 
 /// LayerNorm over the last dim with weight and bias.
@@ -85,4 +84,109 @@ pub fn causal_mask(seq: usize, window: Option<usize>, device: &Device) -> Result
         })
         .collect();
     Ok(Tensor::from_vec(mask, (seq, seq), device)?)
+}
+
+/// The MLP activations that GPT-2 and BERT configs name (`activation_function`, `hidden_act`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact, erf-based GELU.
+    GeluErf,
+    Relu,
+}
+
+impl Activation {
+    /// The activation an HF config names.
+    pub fn from_hf(name: &str) -> Result<Activation> {
+        Ok(match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "gelu" => Activation::GeluErf,
+            "relu" => Activation::Relu,
+            other => bail!("unsupported activation function {other:?} (supported: gelu_new, gelu, relu)"),
+        })
+    }
+
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::GeluTanh => x.gelu()?,
+            Activation::GeluErf => x.gelu_erf()?,
+            Activation::Relu => x.relu()?,
+        })
+    }
+}
+
+/// Multi-head self-attention with biases (GPT-2, BERT); weights in the nn.Linear layout `[out, in]`.
+pub struct Attention {
+    pub q: Tensor,
+    pub q_bias: Tensor,
+    pub k: Tensor,
+    pub k_bias: Tensor,
+    pub v: Tensor,
+    pub v_bias: Tensor,
+    pub o: Tensor,
+    pub o_bias: Tensor,
+}
+
+impl Attention {
+    /// Attention of block `layer` on `x` `[batch, seq, d_model]`, with scores multiplied by `scale`
+    /// and `mask` added (broadcast to `[batch, head, query, key]`). Goes through the hooks
+    /// `blocks.{layer}.attn.hook_q|k|v|pattern|z|result`; returns the output with its bias.
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        n_heads: usize,
+        scale: f64,
+        mask: &Tensor,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let (batch, seq, _) = x.dims3()?;
+        let d_head = self.q.dim(0)? / n_heads;
+        let diff = hooks.wants_grad();
+        let name = |s: &str| format!("blocks.{layer}.attn.{s}");
+        let heads = |w: &Tensor, b: &Tensor| -> Result<Tensor> {
+            Ok(linear(x, w, Some(b))?.reshape((batch, seq, n_heads, d_head))?)
+        };
+        let q = hooks.apply(&name("hook_q"), heads(&self.q, &self.q_bias)?)?;
+        let k = hooks.apply(&name("hook_k"), heads(&self.k, &self.k_bias)?)?;
+        let v = hooks.apply(&name("hook_v"), heads(&self.v, &self.v_bias)?)?;
+        // [b, s, h, d] -> [b, h, s, d] for the score matmuls.
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+        let pattern = hooks.apply(&name("hook_pattern"), softmax(&scores, diff)?)?;
+        let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?;
+        let z = hooks.apply(&name("hook_z"), z)?;
+        if hooks.is_active(&name("hook_result")) {
+            hooks.apply(&name("hook_result"), per_head_result(&z, &self.o)?)?;
+        }
+        linear(&z.reshape((batch, seq, n_heads * d_head))?, &self.o, Some(&self.o_bias))
+    }
+}
+
+/// Each head's share of the attention output, `z_h @ W_O[:, h]`, as `[batch, pos, head, d_model]`
+/// (no output bias), for `z` `[batch, pos, head, d_head]` and `w_o` `[d_model, head * d_head]`.
+pub fn per_head_result(z: &Tensor, w_o: &Tensor) -> Result<Tensor> {
+    let (_, _, n_heads, d_head) = z.dims4()?;
+    let d_model = w_o.dim(0)?;
+    // [h, d_head, d_model]: head h's slice of W_O, transposed for a right-multiplication.
+    let wo = w_o.reshape((d_model, n_heads, d_head))?.permute((1, 2, 0))?.contiguous()?;
+    let zh = z.transpose(1, 2)?.contiguous()?; // [b, h, s, d_head]
+    let result = zh.broadcast_matmul(&wo.unsqueeze(0)?)?; // [b, h, s, d_model]
+    Ok(result.transpose(1, 2)?.contiguous()?)
+}
+
+/// LayerNorm with its affine parameters and epsilon.
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
 }

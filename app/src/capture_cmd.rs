@@ -1,0 +1,97 @@
+//! `loupe capture`: activations (and loss gradients) of a model on a corpus, into a store.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use loupe_store::DType;
+use loupe_trainer::capture::{CaptureConfig, capture};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model: a GGUF file or an HF directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Corpus: a UTF-8 text file, a folder of them, or JSONL with a "text" field.
+    #[arg(long)]
+    corpus: PathBuf,
+    /// The store to write (created if missing; resumed if it holds this capture unfinished).
+    #[arg(long)]
+    store: PathBuf,
+    /// Hook points to capture (TransformerLens names), e.g. blocks.6.hook_resid_post.
+    #[arg(long = "hook", required = true)]
+    hooks: Vec<String>,
+    /// Tokens per context, BOS included.
+    #[arg(long, default_value_t = 256)]
+    context: usize,
+    /// Tokens between context starts (default: contexts do not overlap).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Do not put a BOS token at the start of each context.
+    #[arg(long)]
+    no_bos: bool,
+    /// Element type stored: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
+    /// Also store the gradient of the next-token loss at each hook.
+    #[arg(long)]
+    with_grads: bool,
+    /// Contexts per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Stop after about this many stored tokens.
+    #[arg(long)]
+    max_tokens: Option<u64>,
+    /// Rows per shard (default: ~128 MiB shards).
+    #[arg(long)]
+    shard_rows: Option<usize>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let cfg = CaptureConfig {
+        model: args.model.clone(),
+        corpus: args.corpus.clone(),
+        store: args.store.clone(),
+        hooks: args.hooks.clone(),
+        context: args.context,
+        stride: args.stride,
+        bos: !args.no_bos,
+        dtype: args.dtype,
+        grads: args.with_grads,
+        batch: args.batch,
+        shard_rows: args.shard_rows,
+        max_tokens: args.max_tokens,
+    };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("capturing {bar:30} {percent}% of corpus  {msg}  [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    let report = capture(&cfg, |p| {
+        bar.set_length(p.corpus_bytes.max(1));
+        bar.set_position(p.corpus_bytes_done);
+        bar.set_message(format!("{} tokens, {:.0} tokens/s", p.tokens, p.tokens_per_second));
+    })?;
+    bar.finish_and_clear();
+    if report.already_complete {
+        println!("capture already complete in {}: {} tokens", args.store.display(), report.tokens);
+        return Ok(());
+    }
+    if let Some(at) = report.resumed_at {
+        println!("resumed at {at} tokens");
+    }
+    if report.skipped.invalid_utf8 > 0 {
+        eprintln!(
+            "note: skipped {} documents that are not valid UTF-8 (first: {})",
+            report.skipped.invalid_utf8,
+            report.skipped.first.as_deref().unwrap_or("?")
+        );
+    }
+    println!(
+        "captured {} tokens in {} contexts into {} ({:.1} s)",
+        report.tokens,
+        report.contexts,
+        args.store.display(),
+        report.seconds
+    );
+    Ok(())
+}
