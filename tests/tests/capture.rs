@@ -149,6 +149,32 @@ fn capture_bad_input() {
     let a = vec!["capture", "--corpus", c, "--store", s, "--hook", "blocks.0.hook_resid_post", "--model", &t];
     expect_error(&a, "truncated");
 
+    // A GGUF of another architecture (a tiny llama-style file written with candle's GGUF writer).
+    let llama = tmp.path().join("llama.gguf");
+    {
+        use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+        let t =
+            candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let arch = gguf_file::Value::String("llama".into());
+        let mut f = std::fs::File::create(&llama).unwrap();
+        gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &q)]).unwrap();
+    }
+    let l = llama.to_str().unwrap().to_string();
+    let a = vec!["capture", "--corpus", c, "--store", s, "--hook", "blocks.0.hook_resid_post", "--model", &l];
+    expect_error(&a, "unsupported GGUF architecture \"llama\"; supported: gemma3");
+
+    // A truncated safetensors file in an HF directory.
+    let gpt2 = tmp.path().join("gpt2-truncated");
+    std::fs::create_dir_all(&gpt2).unwrap();
+    std::fs::copy(loupe_tests::fixture("gpt2-tiny/config.json"), gpt2.join("config.json")).unwrap();
+    let weights = std::fs::read(loupe_tests::fixture("gpt2-tiny/model.safetensors")).unwrap();
+    std::fs::write(gpt2.join("model.safetensors"), &weights[..weights.len() - 1000]).unwrap();
+    let g = gpt2.to_str().unwrap().to_string();
+    let a = vec!["capture", "--corpus", c, "--store", s, "--hook", "blocks.0.hook_resid_post", "--model", &g];
+    expect_error(&a, "model.safetensors");
+    assert!(!store.join("manifest.json").exists(), "a failed capture created a store");
+
     // Invalid UTF-8 in the corpus: skipped and counted.
     std::fs::write(corpus_dir.join("zz-bad.txt"), b"bad \xff\xfe bytes").unwrap();
     let out = loupe(&[

@@ -91,3 +91,52 @@ fn gradient_at_a_hook_matches_autograd() {
         assert!(diff <= 1e-3 * scale, "prompt {p}: gradient differs by {diff} (max |grad| {scale})");
     }
 }
+
+#[test]
+fn chunked_loss_gradients_match_autograd() {
+    let model = model::load(&gemma_gguf()).unwrap();
+    let reference = reference();
+    for p in 0..3 {
+        let tokens = ids(&reference, p);
+        let hook = "blocks.6.hook_resid_post";
+        let mut hooks = Hooks::new().grad(hook);
+        let (loss_sum, grads) = model::loss_gradients(model.as_ref(), &tokens, &mut hooks).unwrap();
+        let targets = (tokens.dim(1).unwrap() - 1) as f64;
+        let ref_loss = reference[&format!("p{p}.loss")].to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (loss_sum / targets - ref_loss).abs() <= 1e-3 * ref_loss,
+            "prompt {p}: loss {} vs {ref_loss}",
+            loss_sum / targets
+        );
+        let grad = grads.get(hooks.var(hook).unwrap().as_tensor()).unwrap().squeeze(0).unwrap();
+        let grad = (grad / targets).unwrap(); // the reference differentiates the mean
+        let theirs = &reference[&format!("p{p}.grad.{hook}")];
+        let scale = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&grad - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-3 * scale, "prompt {p}: gradient differs by {diff} (max |grad| {scale})");
+    }
+}
+
+#[test]
+fn mary_is_the_top_prediction() {
+    // transformers gives p(" Mary") ≈ 0.85 here (tests/fixtures/README.md).
+    let path = gemma_gguf();
+    let model = model::load(&path).unwrap();
+    let tokenizer = loupe_trainer::tokenizer::Tokenizer::load(&path).unwrap();
+    let ids = tokenizer.encode("When Mary and John went to the store, John gave a drink to", true).unwrap();
+    let tokens = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = model.forward(&tokens, &mut Hooks::new()).unwrap().unwrap();
+    let last = logits.i((0, ids.len() - 1)).unwrap();
+    let probs: Vec<f32> = candle_core::Tensor::exp(
+        &(last.clone() - last.max_all().unwrap().to_scalar::<f32>().unwrap() as f64).unwrap(),
+    )
+    .unwrap()
+    .to_vec1()
+    .unwrap();
+    let total: f32 = probs.iter().sum();
+    let (top, p) =
+        probs.iter().enumerate().fold((0, 0f32), |best, (i, &p)| if p > best.1 { (i, p) } else { best });
+    assert_eq!(tokenizer.token_strings(&[top as u32])[0], "▁Mary");
+    let p = p / total;
+    assert!((p - 0.85).abs() < 0.02, "p(Mary) = {p}, transformers gives ~0.85");
+}

@@ -7,7 +7,8 @@
 //! (|x| reaches 6.6e4 in Gemma 3's residual stream) that SAE training must not see.
 //!
 //! With `grads`, each row also holds ∂L/∂x where L is the context's summed next-token
-//! cross-entropy (a sum, so the value does not depend on the batch size).
+//! cross-entropy (a sum, so the value does not depend on the batch size), computed by
+//! [`crate::model::loss_gradients`] without materialising the batch's logits.
 //!
 //! Resume: the settings and the position reached (next document and context) are stored in the
 //! manifest's `capture` field, committed atomically with the shards of every hook. Restarted with
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::corpus::{Corpus, Skipped};
-use crate::model::{self, HookedModel, Hooks, next_token_loss};
+use crate::model::{self, HookedModel, Hooks, loss_gradients};
 use crate::tokenizer::Tokenizer;
 
 /// What to capture. Every field except `store` is part of the resume key.
@@ -334,17 +335,14 @@ impl Runner<'_, '_> {
         for hook in &self.cfg.hooks {
             hooks = if self.cfg.grads { hooks.grad(hook.as_str()) } else { hooks.capture(hook.as_str()) };
         }
-        if let Some(layer) = last_layer(&self.cfg.hooks) {
-            hooks = hooks.stop_after_layer(layer);
-        }
-        let logits = self.model.forward(&tokens, &mut hooks)?;
-        let grads = match (self.cfg.grads, logits) {
-            (true, Some(logits)) => {
-                let targets = (b * (len - 1)) as f64;
-                let loss_sum = (next_token_loss(&logits, &tokens)? * targets)?;
-                Some(loss_sum.backward()?)
+        let grads = if self.cfg.grads {
+            Some(loss_gradients(self.model, &tokens, &mut hooks)?.1)
+        } else {
+            if let Some(layer) = last_layer(&self.cfg.hooks) {
+                hooks = hooks.stop_after_layer(layer);
             }
-            _ => None,
+            self.model.forward(&tokens, &mut hooks)?;
+            None
         };
         for (w, hook) in self.cfg.hooks.iter().enumerate() {
             let act = hooks.get(hook)?;

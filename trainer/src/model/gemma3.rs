@@ -277,6 +277,10 @@ impl Gemma3 {
 }
 
 impl HookedModel for Gemma3 {
+    fn unembedding(&self) -> Option<&Tensor> {
+        Some(&self.embed)
+    }
+
     fn config(&self) -> &ModelConfig {
         &self.cfg.base
     }
@@ -349,6 +353,9 @@ impl HookedModel for Gemma3 {
             }
         }
         let x = hooks.apply("ln_final.hook_normalized", rms_norm(&x, &self.final_norm, eps, diff)?)?;
+        if hooks.skips_unembed() {
+            return Ok(Some(x));
+        }
         Ok(Some(linear(&x, &self.embed, None)?))
     }
 }

@@ -186,6 +186,10 @@ impl Gpt2 {
 }
 
 impl HookedModel for Gpt2 {
+    fn unembedding(&self) -> Option<&Tensor> {
+        Some(&self.unembed)
+    }
+
     fn config(&self) -> &ModelConfig {
         &self.cfg.base
     }
@@ -252,6 +256,9 @@ impl HookedModel for Gpt2 {
             }
         }
         let x = hooks.apply("ln_final.hook_normalized", self.ln_f.forward(&x)?)?;
+        if hooks.skips_unembed() {
+            return Ok(Some(x));
+        }
         Ok(Some(linear(&x, &self.unembed, None)?))
     }
 }

@@ -66,6 +66,7 @@ pub struct Hooks {
     interventions: BTreeMap<String, Vec<Intervention>>,
     grad_at: BTreeSet<String>,
     stop_after_layer: Option<usize>,
+    skip_unembed: bool,
     cache: BTreeMap<String, Tensor>,
     vars: BTreeMap<String, Var>,
 }
@@ -98,6 +99,18 @@ impl Hooks {
     pub fn stop_after_layer(mut self, layer: usize) -> Hooks {
         self.stop_after_layer = Some(layer);
         self
+    }
+
+    /// Return the final normalized hidden state `[batch, seq, d_model]` instead of logits (the
+    /// chunked loss in [`crate::model::loss`] applies the unembedding itself).
+    pub fn skip_unembed(mut self) -> Hooks {
+        self.skip_unembed = true;
+        self
+    }
+
+    /// Whether the model should stop before the unembedding.
+    pub fn skips_unembed(&self) -> bool {
+        self.skip_unembed
     }
 
     /// Whether a gradient will be taken (models then use differentiable ops throughout).

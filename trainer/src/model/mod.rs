@@ -7,14 +7,16 @@ pub mod gemma3;
 pub mod gguf;
 pub mod gpt2;
 pub mod hooks;
+pub mod loss;
 pub mod ops;
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 pub use hooks::{Hooks, Intervention};
+pub use loss::{loss_gradients, next_token_loss};
 
 /// Architectures Loupe can run, for error messages.
 pub const SUPPORTED: &str =
@@ -41,6 +43,11 @@ pub struct ModelConfig {
 /// A transformer whose forward pass goes through [`Hooks`].
 pub trait HookedModel: Send + Sync {
     fn config(&self) -> &ModelConfig;
+
+    /// The unembedding `[vocab, d_model]` of a causal model (logits = final hidden · Wᵀ).
+    fn unembedding(&self) -> Option<&Tensor> {
+        None
+    }
 
     /// Every hook point, in forward order.
     fn hook_names(&self) -> Vec<String>;
@@ -76,16 +83,4 @@ pub fn load(path: &Path) -> Result<Box<dyn HookedModel>> {
         "gemma3" => Ok(Box::new(gemma3::Gemma3::from_gguf(&mut file)?)),
         other => bail!("{}: unsupported GGUF architecture {other:?}; supported: {SUPPORTED}", path.display()),
     }
-}
-
-/// Mean next-token cross-entropy over positions `0..seq-1` of every sequence (f32 scalar).
-pub fn next_token_loss(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
-    let (b, s, v) = logits.dims3()?;
-    if s < 2 {
-        bail!("the next-token loss needs at least 2 tokens per sequence");
-    }
-    let pred = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
-    let target = tokens.narrow(1, 1, s - 1)?.reshape(b * (s - 1))?;
-    let log_probs = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
-    Ok(candle_nn::loss::nll(&log_probs, &target)?)
 }

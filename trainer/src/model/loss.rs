@@ -1,0 +1,77 @@
+//! The next-token loss and its gradient at hook points.
+//!
+//! [`loss_gradients`] never builds the `[tokens, vocab]` logits of a whole batch (2 GiB for
+//! 8 × 256 tokens of Gemma 3's 262,144-token vocabulary), nor their gradient: it runs the model to
+//! the final normalized hidden state `h`, then, a chunk of rows at a time, computes the logits
+//! `h·Wᵀ`, the loss `logsumexp − logit[target]` and `∂L/∂h = softmax·W − W[target]`. The gradient
+//! at the hooks then comes from one backward pass of the surrogate `Σ h ⊙ ∂L/∂h` (same gradient
+//! upstream of `h`), so only the model's blocks are differentiated by candle.
+
+use anyhow::{Context, Result, bail};
+use candle_core::backprop::GradStore;
+use candle_core::{D, DType, Tensor};
+
+use super::{HookedModel, Hooks};
+
+/// Rows of logits computed at once (256 × 262,144 f32 = 256 MiB for Gemma 3).
+const CHUNK_ROWS: usize = 256;
+
+/// Mean next-token cross-entropy over positions `0..seq-1` of every sequence (f32 scalar),
+/// differentiable, from full logits `[batch, seq, vocab]`.
+pub fn next_token_loss(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    let (b, s, v) = logits.dims3()?;
+    if s < 2 {
+        bail!("the next-token loss needs at least 2 tokens per sequence");
+    }
+    let pred = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
+    let target = tokens.narrow(1, 1, s - 1)?.reshape(b * (s - 1))?;
+    let log_probs = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
+    Ok(candle_nn::loss::nll(&log_probs, &target)?)
+}
+
+/// Run `model` on `tokens` `[batch, seq]` and return the *summed* next-token cross-entropy of all
+/// sequences and the gradients of that sum at the `grad` hooks of `hooks` (read them with
+/// `grads.get(hooks.var(hook)?.as_tensor())`). No weight gradient is computed.
+pub fn loss_gradients(
+    model: &dyn HookedModel,
+    tokens: &Tensor,
+    hooks: &mut Hooks,
+) -> Result<(f64, GradStore)> {
+    let w = model.unembedding().context("the model has no unembedding (not a causal language model)")?;
+    let (b, s) = tokens.dims2()?;
+    if s < 2 {
+        bail!("the next-token loss needs at least 2 tokens per sequence");
+    }
+    if !hooks.wants_grad() {
+        bail!("loss_gradients: no hook is marked for a gradient");
+    }
+    let mut run = std::mem::take(hooks).skip_unembed();
+    let hidden = model.forward(tokens, &mut run)?.context("the forward pass stopped early")?;
+    *hooks = run;
+    let d = hidden.dim(2)?;
+    // Rows with a target: positions 0..s-1 of each sequence.
+    let h = hidden.narrow(1, 0, s - 1)?.reshape((b * (s - 1), d))?.detach().contiguous()?;
+    let targets = tokens.narrow(1, 1, s - 1)?.reshape(b * (s - 1))?.contiguous()?;
+    let wt = w.t()?;
+    let mut loss = 0f64;
+    let mut grad_rows = Vec::new();
+    for start in (0..b * (s - 1)).step_by(CHUNK_ROWS) {
+        let n = CHUNK_ROWS.min(b * (s - 1) - start);
+        let hc = h.narrow(0, start, n)?;
+        let tc = targets.narrow(0, start, n)?;
+        let logits = hc.matmul(&wt)?; // [n, vocab]
+        let max = logits.max_keepdim(D::Minus1)?;
+        let exp = logits.broadcast_sub(&max)?.exp()?;
+        let sum = exp.sum_keepdim(D::Minus1)?;
+        let w_target = w.index_select(&tc, 0)?; // [n, d]
+        let target_logit = (&hc * &w_target)?.sum(D::Minus1)?;
+        let lse = (sum.log()? + max)?.squeeze(D::Minus1)?;
+        loss += (lse - target_logit)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        let probs = exp.broadcast_div(&sum)?;
+        grad_rows.push((probs.matmul(w)? - w_target)?);
+    }
+    let grad_h = Tensor::cat(&grad_rows, 0)?.reshape((b, s - 1, d))?;
+    let grad_h = Tensor::cat(&[&grad_h, &Tensor::zeros((b, 1, d), grad_h.dtype(), grad_h.device())?], 1)?;
+    let surrogate = (hidden * grad_h)?.sum_all()?;
+    Ok((loss, surrogate.backward()?))
+}
