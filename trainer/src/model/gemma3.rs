@@ -189,8 +189,11 @@ impl Gemma3 {
                 causal: true,
             },
             rms_eps: num("rms_norm_eps").unwrap_or(1e-6),
-            rope_global: num("rope_theta").unwrap_or(1e6),
-            rope_local: num("rope_local_base_freq").unwrap_or(10_000.0),
+            // transformers 4 writes rope_theta / rope_local_base_freq, transformers 5 rope_parameters.
+            rope_global: rope_param(config, "full_attention").or(num("rope_theta")).unwrap_or(1e6),
+            rope_local: rope_param(config, "sliding_attention")
+                .or(num("rope_local_base_freq"))
+                .unwrap_or(10_000.0),
             sliding_window: num("sliding_window").unwrap_or(512.0) as usize,
             sliding,
             query_pre_attn_scalar: num("query_pre_attn_scalar").unwrap_or(d_head as f64),
@@ -274,6 +277,10 @@ impl Gemma3 {
         }
         linear(&z.reshape((batch, seq, c.n_heads * c.d_head))?, &b.o, None)
     }
+}
+
+fn rope_param(config: &serde_json::Value, kind: &str) -> Option<f64> {
+    config.get("rope_parameters")?.get(kind)?.get("rope_theta")?.as_f64()
 }
 
 impl HookedModel for Gemma3 {
