@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 use super::gguf::Gguf;
-use super::ops::{causal_mask, linear, rms_norm, rope, rope_tables, softmax};
+use super::ops::{causal_mask, geglu, linear, rms_norm, rope, rope_tables, softmax};
 use super::{HookedModel, Hooks, ModelConfig};
 
 /// Gemma 3 hyper-parameters beyond [`ModelConfig`].
@@ -351,7 +351,7 @@ impl HookedModel for Gemma3 {
             let h = hooks.apply(&name("ln2.hook_normalized"), rms_norm(&x, &b.ffn_norm, eps, diff)?)?;
             let gate = hooks.apply(&name("mlp.hook_pre"), linear(&h, &b.gate, None)?)?;
             let up = hooks.apply(&name("mlp.hook_pre_linear"), linear(&h, &b.up, None)?)?;
-            let act = hooks.apply(&name("mlp.hook_post"), (gate.gelu()? * up)?)?;
+            let act = hooks.apply(&name("mlp.hook_post"), geglu(&gate, &up, diff)?)?;
             let mlp = rms_norm(&linear(&act, &b.down, None)?, &b.post_ffn_norm, eps, diff)?;
             let mlp = hooks.apply(&name("hook_mlp_out"), mlp)?;
             x = hooks.apply(&name("hook_resid_post"), (x + mlp)?)?;

@@ -190,3 +190,84 @@ impl LayerNorm {
         layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
+
+/// GeGLU: `gelu_tanh(gate) * up`. The fast path is one fused, vectorizable pass (candle's CPU GELU
+/// calls libm's scalar `tanhf` per element, ~13% of a Gemma 3 forward); the differentiable path
+/// uses candle's ops.
+pub fn geglu(gate: &Tensor, up: &Tensor, diff: bool) -> Result<Tensor> {
+    if diff || gate.dtype() != DType::F32 || gate.device().is_cuda() || gate.device().is_metal() {
+        return Ok((gate.gelu()? * up)?);
+    }
+    Ok(gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &FusedGeglu)?)
+}
+
+struct FusedGeglu;
+
+impl candle_core::CustomOp2 for FusedGeglu {
+    fn name(&self) -> &'static str {
+        "fused-geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else {
+            candle_core::bail!("fused-geglu: f32 only");
+        };
+        let (Some((g0, g1)), Some((u0, u1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("fused-geglu: inputs must be contiguous");
+        };
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("fused-geglu: shapes differ");
+        }
+        let out: Vec<f32> = g[g0..g1].iter().zip(&u[u0..u1]).map(|(&x, &u)| gelu_tanh(x) * u).collect();
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))` with a branch-free exp, so loops vectorize.
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    let z = (0.797_884_6 * (x + 0.044_715 * x * x * x)).clamp(-15.0, 15.0);
+    // 1 + tanh(z) = 2 - 2 / (1 + e^{2z}) = 2 e^{2z} / (1 + e^{2z})
+    let e = fast_exp(2.0 * z);
+    x * e / (1.0 + e)
+}
+
+/// e^y for |y| ≤ 30, relative error ~1e-7: y = n ln2 + f, e^f by its degree-6 Taylor polynomial.
+#[inline(always)]
+fn fast_exp(y: f32) -> f32 {
+    let n = (y * std::f32::consts::LOG2_E).round();
+    let f = y - n * std::f32::consts::LN_2;
+    let p = 1.0
+        + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_geglu_matches_candle() {
+        let dev = Device::Cpu;
+        let gate = (Tensor::randn(0f32, 3.0, (7, 300), &dev).unwrap() * 1.0).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (7, 300), &dev).unwrap();
+        let fast = geglu(&gate, &up, false).unwrap();
+        let slow = geglu(&gate, &up, true).unwrap();
+        let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        let big = Tensor::new(&[-30f32, -8.0, 0.0, 1e-4, 8.0, 30.0], &dev).unwrap();
+        let ones = big.ones_like().unwrap();
+        let fast: Vec<f32> = geglu(&big, &ones, false).unwrap().to_vec1().unwrap();
+        let slow: Vec<f32> = geglu(&big, &ones, true).unwrap().to_vec1().unwrap();
+        for (a, b) in fast.iter().zip(&slow) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+}
