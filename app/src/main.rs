@@ -41,7 +41,7 @@ enum Command {
     Tokenize(tokenize::Args),
     /// Benchmarks that print their ratio against a reference measured in the same run.
     #[command(subcommand)]
-    Bench(BenchCommand),
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Subcommand)]
@@ -58,13 +58,8 @@ enum StoreCommand {
     },
 }
 
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Write ~1 GiB of f16 activations, then compare the shuffled sampler to a raw sequential read.
-    Store(bench::StoreArgs),
-}
-
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
@@ -73,7 +68,7 @@ fn main() -> ExitCode {
         Command::Store(StoreCommand::Info { dir }) => store_cmd::info(&dir),
         Command::Store(StoreCommand::Verify { dir }) => store_cmd::verify(&dir),
         Command::Tokenize(args) => tokenize::run(&args),
-        Command::Bench(BenchCommand::Store(args)) => bench::store(&args),
+        Command::Bench(command) => bench::run(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,4 +92,15 @@ fn one_line(e: &anyhow::Error) -> String {
         }
     }
     out.join(": ")
+}
+
+/// Keep freed tensor buffers in the heap for reuse: by default glibc maps large blocks afresh and
+/// trims the heap eagerly, so every forward pass page-faults its activations in again.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
 }
