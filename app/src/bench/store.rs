@@ -1,6 +1,6 @@
-//! `loupe bench …`: benchmarks that print a ratio against a reference measured in the same run.
+//! `loupe bench store`: the activation store's read path against a raw read of the same files.
 //!
-//! `bench store` writes ~1 GiB of f16 activations, then times one epoch of the shuffled sampler
+//! It writes ~1 GiB of f16 activations, then times one epoch of the shuffled sampler
 //! against a raw sequential `read()` of the same shard files, both with a cold page cache (shards
 //! evicted with `posix_fadvise(DONTNEED)` first) and warm.
 
