@@ -119,7 +119,7 @@ def bench_capture(model, ids, repeats):
         sys.exit(f"error: layer 6 output of the truncated pass differs from the full pass (max {diff})")
 
     tokens = ids.numel()
-    print(f"timing PyTorch first 7 layers ({repeats} passes after a warm-up)", file=sys.stderr)
+    print(f"timing PyTorch first 7 blocks ({repeats} passes after a warm-up)", file=sys.stderr)
     best, mean, x = timed(first7, repeats)
     first = summary(best, mean, tokens)
     print(f"timing PyTorch full model ({repeats} passes after a warm-up)", file=sys.stderr)

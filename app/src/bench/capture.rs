@@ -49,6 +49,11 @@ pub fn run(args: &Args) -> Result<()> {
     let defaults = fetch::defaults();
     let model_path = args.model.clone().unwrap_or(defaults.gemma_gguf);
     let corpus = defaults.corpus_dir.join("moby-dick").join("data.txt");
+    if let Some(model) = &args.model
+        && !model.exists()
+    {
+        bail!("model not found: {} does not exist", model.display());
+    }
     for path in [&model_path, &corpus] {
         if !path.exists() {
             bail!("{} not found: run `loupe fetch` first", path.display());
