@@ -5,17 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-command -v cc >/dev/null || need+=(build-essential)
-command -v python3 >/dev/null || need+=(python3)
-python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
-command -v npm >/dev/null || need+=(npm)
-if ((${#need[@]})); then
-  echo "installing: ${need[*]}" >&2
-  sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq "${need[@]}"
-fi
-command -v cargo >/dev/null || { echo "error: cargo not found: install Rust with rustup (https://rustup.rs)" >&2; exit 1; }
+source scripts/install-deps.sh
 
 cargo build --release --locked -p loupe
 exec ./target/release/loupe demo "$@"

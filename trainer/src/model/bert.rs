@@ -25,6 +25,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 
+use super::hooks;
 use super::ops::{Activation, Attention, LayerNorm, linear};
 use super::{HookedModel, Hooks, ModelConfig};
 
@@ -278,27 +279,22 @@ impl HookedModel for Bert {
     }
 
     fn hook_names(&self) -> Vec<String> {
-        let mut names = vec!["hook_embed".to_string(), "hook_pos_embed".to_string()];
-        for i in 0..self.cfg.base.n_layers {
-            for s in [
-                "hook_resid_pre",
-                "attn.hook_q",
-                "attn.hook_k",
-                "attn.hook_v",
-                "attn.hook_pattern",
-                "attn.hook_z",
-                "attn.hook_result",
-                "hook_attn_out",
-                "hook_resid_mid",
-                "mlp.hook_pre",
-                "mlp.hook_post",
-                "hook_mlp_out",
-                "hook_resid_post",
-            ] {
-                names.push(format!("blocks.{i}.{s}"));
-            }
-        }
-        names
+        let per_block = [
+            "hook_resid_pre",
+            "attn.hook_q",
+            "attn.hook_k",
+            "attn.hook_v",
+            "attn.hook_pattern",
+            "attn.hook_z",
+            "attn.hook_result",
+            "hook_attn_out",
+            "hook_resid_mid",
+            "mlp.hook_pre",
+            "mlp.hook_post",
+            "hook_mlp_out",
+            "hook_resid_post",
+        ];
+        hooks::hook_names(self.cfg.base.n_layers, &["hook_embed", "hook_pos_embed"], &per_block, &[])
     }
 
     /// Every token is real (no padding); see [`Bert::forward_masked`] for padded batches.

@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 use super::gguf::Gguf;
+use super::hooks;
 use super::ops::{causal_mask, geglu, linear, rms_norm, rope, rope_tables, softmax};
 use super::{HookedModel, Hooks, ModelConfig};
 
@@ -293,33 +294,27 @@ impl HookedModel for Gemma3 {
     }
 
     fn hook_names(&self) -> Vec<String> {
-        let mut names = vec!["hook_embed".to_string()];
-        for i in 0..self.cfg.base.n_layers {
-            for s in [
-                "hook_resid_pre",
-                "ln1.hook_normalized",
-                "attn.hook_q",
-                "attn.hook_k",
-                "attn.hook_v",
-                "attn.hook_rot_q",
-                "attn.hook_rot_k",
-                "attn.hook_pattern",
-                "attn.hook_z",
-                "attn.hook_result",
-                "hook_attn_out",
-                "hook_resid_mid",
-                "ln2.hook_normalized",
-                "mlp.hook_pre",
-                "mlp.hook_pre_linear",
-                "mlp.hook_post",
-                "hook_mlp_out",
-                "hook_resid_post",
-            ] {
-                names.push(format!("blocks.{i}.{s}"));
-            }
-        }
-        names.push("ln_final.hook_normalized".to_string());
-        names
+        let per_block = [
+            "hook_resid_pre",
+            "ln1.hook_normalized",
+            "attn.hook_q",
+            "attn.hook_k",
+            "attn.hook_v",
+            "attn.hook_rot_q",
+            "attn.hook_rot_k",
+            "attn.hook_pattern",
+            "attn.hook_z",
+            "attn.hook_result",
+            "hook_attn_out",
+            "hook_resid_mid",
+            "ln2.hook_normalized",
+            "mlp.hook_pre",
+            "mlp.hook_pre_linear",
+            "mlp.hook_post",
+            "hook_mlp_out",
+            "hook_resid_post",
+        ];
+        hooks::hook_names(self.cfg.base.n_layers, &["hook_embed"], &per_block, &["ln_final.hook_normalized"])
     }
 
     fn forward(&self, tokens: &Tensor, hooks: &mut Hooks) -> Result<Option<Tensor>> {

@@ -20,6 +20,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
+use super::hooks;
 use super::ops::{Activation, Attention, LayerNorm, causal_mask, linear};
 use super::{HookedModel, Hooks, ModelConfig};
 
@@ -195,30 +196,29 @@ impl HookedModel for Gpt2 {
     }
 
     fn hook_names(&self) -> Vec<String> {
-        let mut names = vec!["hook_embed".to_string(), "hook_pos_embed".to_string()];
-        for i in 0..self.cfg.base.n_layers {
-            for s in [
-                "hook_resid_pre",
-                "ln1.hook_normalized",
-                "attn.hook_q",
-                "attn.hook_k",
-                "attn.hook_v",
-                "attn.hook_pattern",
-                "attn.hook_z",
-                "attn.hook_result",
-                "hook_attn_out",
-                "hook_resid_mid",
-                "ln2.hook_normalized",
-                "mlp.hook_pre",
-                "mlp.hook_post",
-                "hook_mlp_out",
-                "hook_resid_post",
-            ] {
-                names.push(format!("blocks.{i}.{s}"));
-            }
-        }
-        names.push("ln_final.hook_normalized".to_string());
-        names
+        let per_block = [
+            "hook_resid_pre",
+            "ln1.hook_normalized",
+            "attn.hook_q",
+            "attn.hook_k",
+            "attn.hook_v",
+            "attn.hook_pattern",
+            "attn.hook_z",
+            "attn.hook_result",
+            "hook_attn_out",
+            "hook_resid_mid",
+            "ln2.hook_normalized",
+            "mlp.hook_pre",
+            "mlp.hook_post",
+            "hook_mlp_out",
+            "hook_resid_post",
+        ];
+        hooks::hook_names(
+            self.cfg.base.n_layers,
+            &["hook_embed", "hook_pos_embed"],
+            &per_block,
+            &["ln_final.hook_normalized"],
+        )
     }
 
     fn forward(&self, tokens: &Tensor, hooks: &mut Hooks) -> Result<Option<Tensor>> {

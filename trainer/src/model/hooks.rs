@@ -195,6 +195,13 @@ impl Hooks {
     }
 }
 
+/// A model's hook names in forward order: `first`, then `blocks.{L}.{name}` for every block and
+/// every name in `per_block`, then `last`.
+pub fn hook_names(n_layers: usize, first: &[&str], per_block: &[&str], last: &[&str]) -> Vec<String> {
+    let blocks = (0..n_layers).flat_map(|i| per_block.iter().map(move |s| format!("blocks.{i}.{s}")));
+    first.iter().map(|s| s.to_string()).chain(blocks).chain(last.iter().map(|s| s.to_string())).collect()
+}
+
 /// Levenshtein distance, for "did you mean" suggestions (too small a need for a crate).
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
