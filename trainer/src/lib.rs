@@ -13,5 +13,6 @@
 
 pub mod capture;
 pub mod corpus;
+pub mod dict;
 pub mod model;
 pub mod tokenizer;

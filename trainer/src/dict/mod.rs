@@ -1,0 +1,104 @@
+//! Sparse dictionaries: what every variant shares, and the SAE family.
+//!
+//! - [`Dictionary`]: the one interface the trainer loop, evaluation, analysis and the app use
+//!   (encode a batch to sparse [`Codes`] with the batch-free inference rule, decode, save);
+//! - [`Sae`] ([`sae`]): the weights of every SAE variant, SAELens layout, and their inference rule;
+//! - [`Variant`]: TopK, Mutual Choice (BatchTopK), Feature Choice, g-SAE — how a training batch
+//!   picks its (token, feature) pairs: [`topk`], [`mutual_choice`], [`feature_choice`], [`gsae`];
+//! - [`train`]: the training step shared by the TopK family (sparse backward, fused Adam);
+//! - [`kernels`]: GEMM, partial top-k, sparse codes.
+//!
+//! Layout of the weights (row-major `f32`): `w_enc` `[n_features, d_in]` (row `f` is feature `f`'s
+//! encoder vector), `b_enc` `[n_features]`, `w_dec` `[n_features, d_in]` (row `f` is its decoder
+//! direction, unit norm), `b_dec` `[d_in]`. Saved as SAELens' `W_enc [d_in, d_sae]` (transposed).
+
+pub mod feature_choice;
+pub mod gsae;
+pub mod io;
+pub mod kernels;
+pub mod mutual_choice;
+pub mod sae;
+pub mod topk;
+pub mod train;
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub use kernels::Codes;
+pub use sae::Sae;
+pub use train::{StepStats, TrainConfig, Trainer};
+
+/// The interface shared by every dictionary, whatever its variant.
+pub trait Dictionary: Send + Sync {
+    /// Width of the activations it reads.
+    fn d_in(&self) -> usize;
+    /// Number of features.
+    fn n_features(&self) -> usize;
+    /// Sparse codes of `x` (`[tokens, d_in]`) with the batch-free inference rule.
+    fn encode(&self, x: &[f32]) -> Codes;
+    /// Reconstruction of `codes` into `out` (`[tokens, d_in]`).
+    fn decode(&self, codes: &Codes, out: &mut [f32]);
+    /// Write the dictionary (SAELens layout) into `dir`.
+    fn save(&self, dir: &Path) -> Result<()>;
+}
+
+/// How a training batch chooses which (token, feature) pairs are active.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    /// Each token keeps its k largest pre-activations (Gao et al.).
+    Topk,
+    /// The batch keeps its k·B largest pre-activations (BatchTopK); inference uses a learned
+    /// threshold.
+    MutualChoice,
+    /// Each feature keeps its m_f largest tokens, capacities from a Zipf law; inference uses
+    /// learned per-feature thresholds.
+    FeatureChoice,
+    /// TopK over the pre-activation scaled by the loss gradient's projection on the decoder
+    /// (Olmo et al.); needs the store's `grad` column.
+    Gsae,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 4] =
+        [Variant::Topk, Variant::MutualChoice, Variant::FeatureChoice, Variant::Gsae];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Topk => "topk",
+            Variant::MutualChoice => "mutual_choice",
+            Variant::FeatureChoice => "feature_choice",
+            Variant::Gsae => "gsae",
+        }
+    }
+
+    /// Whether inference uses per-feature thresholds (saved as `threshold`) rather than top-k.
+    pub fn uses_threshold(self) -> bool {
+        matches!(self, Variant::MutualChoice | Variant::FeatureChoice)
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let key = s.to_ascii_lowercase().replace('-', "_");
+        Ok(match key.as_str() {
+            "topk" => Variant::Topk,
+            "mutual_choice" | "batchtopk" | "batch_topk" => Variant::MutualChoice,
+            "feature_choice" => Variant::FeatureChoice,
+            "gsae" | "g_sae" => Variant::Gsae,
+            "jumprelu" | "relu" | "l1" | "standard" => {
+                bail!("variant {s:?} is not built yet (built: topk, mutual_choice, feature_choice, gsae)")
+            }
+            _ => bail!("unknown variant {s:?} (expected topk, mutual_choice, feature_choice or gsae)"),
+        })
+    }
+}

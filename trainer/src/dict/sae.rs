@@ -1,0 +1,196 @@
+//! The weights of an SAE and its batch-free inference rule.
+//!
+//! Inference, per variant: TopK and g-SAE keep each token's k largest positive pre-activations
+//! (g-SAE has no gradient at inference, as in its paper); Mutual Choice and Feature Choice keep the
+//! pre-activations above the thresholds learned in training (`threshold`, one per feature; Mutual
+//! Choice's are all equal). That threshold rule is SAELens' `jumprelu` architecture, so those
+//! variants load in SAELens as JumpReLU SAEs.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+
+use super::kernels::{self, Codes};
+use super::{Dictionary, Variant};
+
+/// Tokens encoded per GEMM at inference (bounds the `[tokens, n_features]` scratch).
+const ENCODE_CHUNK: usize = 1024;
+
+/// What an SAE is, independent of its weights' values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SaeSpec {
+    pub variant: Variant,
+    pub d_in: usize,
+    pub n_features: usize,
+    /// Active features per token (TopK, g-SAE) or mean active features per token (the others).
+    pub k: usize,
+}
+
+/// An SAE's weights; see the module docs of [`super`] for the layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sae {
+    pub spec: SaeSpec,
+    pub w_enc: Vec<f32>,
+    pub b_enc: Vec<f32>,
+    pub w_dec: Vec<f32>,
+    pub b_dec: Vec<f32>,
+    /// Per-feature inference thresholds (Mutual Choice, Feature Choice).
+    pub threshold: Option<Vec<f32>>,
+}
+
+impl Sae {
+    /// Tied initialisation: decoder rows drawn from a Gaussian and normalised to unit length, the
+    /// encoder equal to the decoder, biases zero (b_dec is set from data by the trainer).
+    pub fn init(spec: SaeSpec, seed: u64) -> Sae {
+        let (n, d) = (spec.n_features, spec.d_in);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut w_dec: Vec<f32> = (0..n * d).map(|_| StandardNormal.sample(&mut rng)).collect();
+        w_dec.chunks_mut(d).for_each(normalize);
+        let threshold = spec.variant.uses_threshold().then(|| vec![f32::INFINITY; n]);
+        Sae { w_enc: w_dec.clone(), b_enc: vec![0.0; n], w_dec, b_dec: vec![0.0; d], threshold, spec }
+    }
+
+    /// Check shapes and values (a loaded file may be anything).
+    pub fn validate(&self) -> Result<()> {
+        let (n, d) = (self.spec.n_features, self.spec.d_in);
+        let shapes = [
+            ("W_enc", self.w_enc.len(), n * d),
+            ("b_enc", self.b_enc.len(), n),
+            ("W_dec", self.w_dec.len(), n * d),
+            ("b_dec", self.b_dec.len(), d),
+        ];
+        for (name, got, want) in shapes {
+            if got != want {
+                bail!("{name} has {got} values, expected {want} (d_in {d}, n_features {n})");
+            }
+        }
+        for (name, values) in
+            [("W_enc", &self.w_enc), ("b_enc", &self.b_enc), ("W_dec", &self.w_dec), ("b_dec", &self.b_dec)]
+        {
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                bail!("{name} holds a non-finite value ({}) at flat index {i}", values[i]);
+            }
+        }
+        if let Some(t) = &self.threshold {
+            if t.len() != n {
+                bail!("threshold has {} values, expected {n}", t.len());
+            }
+            if t.iter().any(|v| v.is_nan()) {
+                bail!("threshold holds NaN");
+            }
+        } else if self.spec.variant.uses_threshold() {
+            bail!("a {} SAE needs a threshold tensor", self.spec.variant);
+        }
+        Ok(())
+    }
+
+    /// `pre[t, f] = w_enc[f] · (x[t] − b_dec)` (no b_enc) into `pre` (`[tokens, n]`), with `xc`
+    /// receiving `x − b_dec`.
+    pub fn pre_acts(&self, x: &[f32], xc: &mut Vec<f32>, pre: &mut Vec<f32>) {
+        let d = self.spec.d_in;
+        let tokens = x.len() / d;
+        xc.clear();
+        xc.extend_from_slice(x);
+        xc.par_chunks_mut(d).for_each(|row| row.iter_mut().zip(&self.b_dec).for_each(|(v, b)| *v -= b));
+        pre.resize(tokens * self.spec.n_features, 0.0);
+        kernels::matmul_nt(xc, &self.w_enc, pre, tokens, self.spec.n_features, d, false);
+    }
+
+    /// Inference codes of one chunk's pre-activations (without b_enc).
+    fn select_inference(&self, pre: &[f32], out: &mut Codes) {
+        let n = self.spec.n_features;
+        let rows: Vec<Vec<(u32, f32)>> = pre
+            .par_chunks(n)
+            .map_init(Vec::new, |scratch, row| {
+                let mut sel = Vec::new();
+                match &self.threshold {
+                    Some(th) => {
+                        for (f, ((p, b), t)) in row.iter().zip(&self.b_enc).zip(th).enumerate() {
+                            let v = p + b;
+                            if v > 0.0 && v > *t {
+                                sel.push((f as u32, v));
+                            }
+                        }
+                    }
+                    None => kernels::topk_row(row, Some(&self.b_enc), self.spec.k, &mut sel, scratch),
+                }
+                sel.sort_unstable_by_key(|e| e.0);
+                sel
+            })
+            .collect();
+        for row in &rows {
+            out.push_row(row);
+        }
+    }
+}
+
+impl Dictionary for Sae {
+    fn d_in(&self) -> usize {
+        self.spec.d_in
+    }
+
+    fn n_features(&self) -> usize {
+        self.spec.n_features
+    }
+
+    fn encode(&self, x: &[f32]) -> Codes {
+        let d = self.spec.d_in;
+        assert!(x.len().is_multiple_of(d), "encode: input is not [tokens, d_in]");
+        let mut codes = Codes { offsets: vec![0], ..Codes::default() };
+        let (mut xc, mut pre) = (Vec::new(), Vec::new());
+        for chunk in x.chunks(ENCODE_CHUNK * d) {
+            self.pre_acts(chunk, &mut xc, &mut pre);
+            self.select_inference(&pre, &mut codes);
+        }
+        codes
+    }
+
+    fn decode(&self, codes: &Codes, out: &mut [f32]) {
+        codes.decode_into(&self.w_dec, self.spec.d_in, Some(&self.b_dec), out);
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        super::io::save_sae(self, &super::io::SaeMeta::default(), dir)
+    }
+}
+
+/// Scale `row` to unit length (a zero row stays zero).
+pub fn normalize(row: &mut [f32]) {
+    let norm = kernels::dot(row, row).sqrt();
+    if norm > 0.0 {
+        row.iter_mut().for_each(|v| *v /= norm);
+    }
+}
+
+/// Geometric median of the rows of `x` (`[rows, d]`) by Weiszfeld's iterations, starting at the
+/// mean: at most 100 iterations, stopping when a step moves less than 1e-6 of the estimate's norm.
+pub fn geometric_median(x: &[f32], d: usize) -> Vec<f32> {
+    let rows = x.len() / d;
+    let mut y = vec![0.0f64; d];
+    for row in x.chunks(d) {
+        y.iter_mut().zip(row).for_each(|(a, b)| *a += *b as f64);
+    }
+    y.iter_mut().for_each(|v| *v /= rows.max(1) as f64);
+    for _ in 0..100 {
+        let mut num = vec![0.0f64; d];
+        let mut den = 0.0f64;
+        for row in x.chunks(d) {
+            let dist = row.iter().zip(&y).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>().sqrt();
+            let w = 1.0 / dist.max(1e-8);
+            num.iter_mut().zip(row).for_each(|(n, v)| *n += w * *v as f64);
+            den += w;
+        }
+        let next: Vec<f64> = num.iter().map(|v| v / den).collect();
+        let step = next.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let norm = next.iter().map(|v| v * v).sum::<f64>().sqrt();
+        y = next;
+        if step < 1e-6 * norm.max(1e-12) {
+            break;
+        }
+    }
+    y.into_iter().map(|v| v as f32).collect()
+}

@@ -1,0 +1,707 @@
+//! One training step of a TopK-family SAE, computed sparsely.
+//!
+//! Forward: `pre = W_enc (x − b_dec)` is the one dense GEMM; the variant selects (token, feature)
+//! pairs from `pre + b_enc` ([`super::topk`], [`super::mutual_choice`], [`super::feature_choice`],
+//! [`super::gsae`]); the reconstruction `x̂ = b_dec + Σ z·W_dec[f]` touches only the selected rows.
+//! Loss: FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² over the batch, plus the auxiliaries:
+//! - AuxK (α = `auxk_alpha`, 1/32): features that have not fired for `dead_tokens` tokens
+//!   reconstruct the residual e = x − x̂ (detached) with each token's `k_aux` largest of their
+//!   pre-activations, without b_dec; loss α·‖e − ê‖² / Σ‖x − x̄‖². Feature Choice uses aux_zipf
+//!   (the same over under-used features, see [`super::feature_choice`]).
+//! - Multi-TopK (`multi_topk`): the FVU of the top-4k reconstruction, weighted 1/8.
+//!
+//! Backward, per source of selected pairs (main codes, multi, aux), with upstream `dX = ∂loss/∂x̂`:
+//! `dz = dX·W_dec[f]`, `∂W_dec[f] += z·dX`, `∂b_enc[f] += dz`, `∂W_enc[f] += dz·(x − b_dec)`,
+//! `∂b_dec += Σ dX (reconstructions with b_dec) − Σ dz·W_enc[f]` (through the encoder's input).
+//! Per-token work runs parallel over tokens; per-feature work runs parallel over blocks of
+//! features, each computing its rows' full gradients from the feature-major order of the pairs
+//! and applying Adam (PyTorch's formulas) in the same pass: no `[batch, n_features]` gradient or
+//! decoder product exists, and no weight gradient is stored. Before Adam, the component of each
+//! decoder row's gradient parallel to the row is removed; after it, rows are renormalised.
+
+use anyhow::{Result, bail};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::kernels::{self, Codes, axpy, dot};
+use super::sae::{Sae, SaeSpec, geometric_median, normalize};
+use super::{Variant, feature_choice, gsae, mutual_choice, topk};
+
+const BETA1: f32 = 0.9;
+const BETA2: f32 = 0.999;
+const EPS: f32 = 1e-8;
+/// Features per block of the per-feature pass.
+const BLOCK_FEATURES: usize = 64;
+
+/// Training hyper-parameters (everything but the data).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub variant: Variant,
+    pub d_in: usize,
+    pub n_features: usize,
+    /// Active features per token (mean, for the batch-level variants).
+    pub k: usize,
+    /// Tokens per step.
+    pub batch: usize,
+    /// Adam learning rate.
+    pub lr: f32,
+    pub seed: u64,
+    /// AuxK / aux_zipf weight (0: off).
+    pub auxk_alpha: f32,
+    /// Pairs per token in the auxiliary reconstruction.
+    pub k_aux: usize,
+    /// A feature that has not fired for this many training tokens is dead (for AuxK).
+    pub dead_tokens: u64,
+    /// Add the FVU at 4k weighted 1/8.
+    pub multi_topk: bool,
+    /// Feature Choice: exponent α of the Zipf capacities.
+    pub zipf_exponent: f32,
+    /// g-SAE: weight β of the gradient term.
+    pub gsae_beta: f32,
+    /// Decay of the moving averages (inference thresholds, densities) per step.
+    pub ema_decay: f32,
+}
+
+impl TrainConfig {
+    /// Defaults of the papers and sparsify for a `variant` with these sizes: learning rate
+    /// 2e-4/√(n/2¹⁴), AuxK α 1/32 with k_aux = d/2 and 10M dead tokens (capped by the caller to
+    /// the run's length), Zipf α 0.5, g-SAE β 1.
+    pub fn new(variant: Variant, d_in: usize, n_features: usize, k: usize, batch: usize) -> TrainConfig {
+        TrainConfig {
+            variant,
+            d_in,
+            n_features,
+            k,
+            batch,
+            lr: default_lr(n_features),
+            seed: 0,
+            auxk_alpha: 1.0 / 32.0,
+            k_aux: (d_in / 2).max(1),
+            dead_tokens: 10_000_000,
+            multi_topk: false,
+            zipf_exponent: 0.5,
+            gsae_beta: 1.0,
+            ema_decay: 0.99,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.d_in == 0 || self.n_features == 0 || self.batch == 0 {
+            bail!("d_in, n_features and batch must be at least 1");
+        }
+        if self.k == 0 || self.k > self.n_features {
+            bail!("k = {} must be between 1 and n_features = {}", self.k, self.n_features);
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("learning rate {} must be a positive number", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            bail!("ema_decay {} must be in [0, 1)", self.ema_decay);
+        }
+        if self.n_features > u32::MAX as usize / 2 || self.batch > u32::MAX as usize / 2 {
+            bail!("n_features and batch must fit in 31 bits");
+        }
+        Ok(())
+    }
+}
+
+/// Adam learning rate scaled with the width: 2e-4 / √(n / 2¹⁴).
+pub fn default_lr(n_features: usize) -> f32 {
+    2e-4 / (n_features as f32 / 16384.0).sqrt()
+}
+
+/// What one step measured (on the batch, before the update).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    pub fvu: f32,
+    /// Mean active features per token.
+    pub l0: f32,
+    /// Auxiliary loss (AuxK or aux_zipf), 0 when nothing was dead or under-used.
+    pub aux_loss: f32,
+    /// Multi-TopK FVU at 4k (0 when off).
+    pub multi_fvu: f32,
+    /// Fraction of features that have not fired for `dead_tokens` tokens.
+    pub dead_fraction: f32,
+}
+
+/// The loss of one batch, by term.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Loss {
+    pub fvu: f64,
+    pub multi: f64,
+    pub aux: f64,
+}
+
+impl Loss {
+    /// The optimised total: FVU + Multi-TopK FVU / 8 + auxiliary.
+    pub fn total(&self) -> f64 {
+        self.fvu + self.multi / 8.0 + self.aux
+    }
+}
+
+/// Dense loss gradients (for checks on small SAEs; training never builds them).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients {
+    pub w_enc: Vec<f32>,
+    pub b_enc: Vec<f32>,
+    pub w_dec: Vec<f32>,
+    pub b_dec: Vec<f32>,
+}
+
+/// What a batch's selection tells the inference thresholds.
+enum Observed {
+    None,
+    Min(f32),
+    Picked(Vec<feature_choice::Picked>, Vec<u32>),
+}
+
+/// Adam moments of one parameter.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Moments {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl Moments {
+    fn zeros(len: usize) -> Moments {
+        Moments { m: vec![0.0; len], v: vec![0.0; len] }
+    }
+}
+
+/// Everything a run needs to continue exactly where it stopped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainerState {
+    pub step: u64,
+    pub tokens: u64,
+    pub w_enc: Moments,
+    pub b_enc: Moments,
+    pub w_dec: Moments,
+    pub b_dec: Moments,
+    /// Training tokens since each feature last fired.
+    pub since_fired: Vec<u64>,
+    /// Moving average of each feature's firing frequency per token.
+    pub density: Vec<f32>,
+}
+
+/// A TopK-family SAE being trained, with its optimiser state and scratch buffers.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub sae: Sae,
+    pub state: TrainerState,
+    scratch: Scratch,
+}
+
+#[derive(Default)]
+struct Scratch {
+    xc: Vec<f32>,
+    pre: Vec<f32>,
+    proj: Vec<f32>,
+    xhat: Vec<f32>,
+    /// Per source: codes, upstream gradient `[tokens, d]`, dz per pair.
+    sources: Vec<Source>,
+    dxc: Vec<f32>,
+}
+
+#[derive(Default)]
+struct Source {
+    codes: Codes,
+    dx: Vec<f32>,
+    dz: Vec<f32>,
+    /// Whether the reconstruction includes b_dec (main and multi do; aux does not).
+    with_bias: bool,
+    /// Whether pairs count as firing (main only).
+    fires: bool,
+    active: bool,
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig) -> Result<Trainer> {
+        cfg.validate()?;
+        let spec = SaeSpec { variant: cfg.variant, d_in: cfg.d_in, n_features: cfg.n_features, k: cfg.k };
+        let sae = Sae::init(spec, cfg.seed);
+        let (n, d) = (cfg.n_features, cfg.d_in);
+        let state = TrainerState {
+            step: 0,
+            tokens: 0,
+            w_enc: Moments::zeros(n * d),
+            b_enc: Moments::zeros(n),
+            w_dec: Moments::zeros(n * d),
+            b_dec: Moments::zeros(d),
+            since_fired: vec![0; n],
+            density: vec![0.0; n],
+        };
+        Ok(Trainer { cfg, sae, state, scratch: Scratch::default() })
+    }
+
+    /// A trainer continuing from saved weights and state.
+    pub fn resume(cfg: TrainConfig, sae: Sae, state: TrainerState) -> Result<Trainer> {
+        cfg.validate()?;
+        sae.validate()?;
+        let (n, d) = (cfg.n_features, cfg.d_in);
+        if sae.spec.n_features != n || sae.spec.d_in != d || sae.spec.variant != cfg.variant {
+            bail!("checkpoint holds a different SAE than the configuration asks for");
+        }
+        let lens = [state.w_enc.m.len(), state.w_dec.v.len(), state.b_enc.m.len(), state.b_dec.v.len()];
+        if lens != [n * d, n * d, n, d] || state.since_fired.len() != n || state.density.len() != n {
+            bail!("checkpoint state does not match the SAE's shape");
+        }
+        Ok(Trainer { cfg, sae, state, scratch: Scratch::default() })
+    }
+
+    /// One step on `x` (`[tokens, d_in]`), with `grad` (`∂L/∂x`, same shape) for g-SAE.
+    pub fn step(&mut self, x: &[f32], grad: Option<&[f32]>) -> Result<StepStats> {
+        if self.state.step == 0 {
+            self.check_batch(x, grad)?;
+            self.sae.b_dec = geometric_median(x, self.cfg.d_in);
+        }
+        let (stats, _, observed) = self.forward(x, grad, None)?;
+        self.observe_thresholds(observed);
+        let g_bdec = self.backward_encoder();
+        self.update(&g_bdec, x.len() / self.cfg.d_in, None);
+        self.state.step += 1;
+        self.state.tokens += (x.len() / self.cfg.d_in) as u64;
+        Ok(stats)
+    }
+
+    /// The loss gradients of one batch without changing anything (for gradient checks): the
+    /// same selection and backward as [`Trainer::step`], returned densely. `aux_target` fixes the
+    /// auxiliary loss's (detached) residual; `None` uses this batch's.
+    pub fn gradients(
+        &mut self,
+        x: &[f32],
+        grad: Option<&[f32]>,
+        aux_target: Option<&[f32]>,
+    ) -> Result<(Loss, Gradients)> {
+        let (_, loss, _) = self.forward(x, grad, aux_target)?;
+        let g_bdec = self.backward_encoder();
+        let (n, d) = (self.cfg.n_features, self.cfg.d_in);
+        let mut grads = Gradients {
+            w_enc: vec![0.0; n * d],
+            b_enc: vec![0.0; n],
+            w_dec: vec![0.0; n * d],
+            b_dec: g_bdec,
+        };
+        self.update(&[], x.len() / d, Some(&mut grads));
+        Ok((loss, grads))
+    }
+
+    /// The main codes of the last forward pass.
+    pub fn last_codes(&self) -> &Codes {
+        &self.scratch.sources[0].codes
+    }
+
+    /// The residual `x − x̂` of the main reconstruction of the last forward pass.
+    pub fn last_residual(&self, x: &[f32]) -> Vec<f32> {
+        x.iter().zip(&self.scratch.xhat).map(|(a, b)| a - b).collect()
+    }
+
+    fn check_batch(&self, x: &[f32], grad: Option<&[f32]>) -> Result<()> {
+        let d = self.cfg.d_in;
+        if x.is_empty() || !x.len().is_multiple_of(d) {
+            bail!("batch is not [tokens, {d}]");
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            bail!("batch holds a non-finite activation ({}) at token {} of the batch", x[i], i / d);
+        }
+        match (self.cfg.variant, grad) {
+            (Variant::Gsae, Some(g)) if g.len() == x.len() => {
+                if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+                    bail!("batch holds a non-finite gradient ({}) at token {} of the batch", g[i], i / d);
+                }
+            }
+            (Variant::Gsae, _) => {
+                bail!("g-SAE needs the loss gradient of every token (the store's grad column)")
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Encoder GEMM, selection, reconstructions and upstream gradients into the scratch buffers.
+    fn forward(
+        &mut self,
+        x: &[f32],
+        grad: Option<&[f32]>,
+        aux_target: Option<&[f32]>,
+    ) -> Result<(StepStats, Loss, Observed)> {
+        self.check_batch(x, grad)?;
+        let (n, d) = (self.cfg.n_features, self.cfg.d_in);
+        let tokens = x.len() / d;
+        let s = &mut self.scratch;
+        if s.sources.is_empty() {
+            s.sources = (0..3).map(|_| Source::default()).collect();
+        }
+        s.xc.clear();
+        s.xc.extend_from_slice(x);
+        s.xc.par_chunks_mut(d).for_each(|row| row.iter_mut().zip(&self.sae.b_dec).for_each(|(v, b)| *v -= b));
+        s.pre.resize(tokens * n, 0.0);
+        let feature_major = self.cfg.variant == Variant::FeatureChoice;
+        kernels::matmul_nt(&s.xc, &self.sae.w_enc, &mut s.pre, tokens, n, d, feature_major);
+
+        // Selection.
+        let [main, multi, aux] = &mut s.sources[..] else { unreachable!() };
+        let mut caps = Vec::new();
+        let observed = match self.cfg.variant {
+            Variant::Topk => {
+                let m = self.cfg.multi_topk.then(|| (4 * self.cfg.k, &mut multi.codes));
+                topk::select(&s.pre, &self.sae.b_enc, self.cfg.k, m, &mut main.codes);
+                Observed::None
+            }
+            Variant::Gsae => {
+                let g = grad.expect("checked by check_batch");
+                let (k, beta) = (self.cfg.k, self.cfg.gsae_beta);
+                gsae::select(
+                    &s.pre,
+                    &self.sae.b_enc,
+                    g,
+                    &self.sae.w_dec,
+                    d,
+                    k,
+                    beta,
+                    &mut s.proj,
+                    &mut main.codes,
+                );
+                Observed::None
+            }
+            Variant::MutualChoice => Observed::Min(mutual_choice::select(
+                &mut s.pre,
+                &self.sae.b_enc,
+                self.cfg.k * tokens,
+                &mut main.codes,
+            )),
+            Variant::FeatureChoice => {
+                let budget = self.cfg.k * tokens;
+                caps =
+                    feature_choice::capacities(&self.state.density, budget, tokens, self.cfg.zipf_exponent);
+                let picked =
+                    feature_choice::select(&mut s.pre, &self.sae.b_enc, tokens, &caps, &mut main.codes);
+                Observed::Picked(picked, caps.clone())
+            }
+        };
+        (main.with_bias, main.fires, main.active) = (true, true, true);
+        (multi.with_bias, multi.fires) = (true, false);
+        multi.active = self.cfg.variant == Variant::Topk && self.cfg.multi_topk;
+        (aux.with_bias, aux.fires, aux.active) = (false, false, false);
+
+        // Main reconstruction and its gradient.
+        s.xhat.resize(tokens * d, 0.0);
+        main.codes.decode_into(&self.sae.w_dec, d, Some(&self.sae.b_dec), &mut s.xhat);
+        let denom = total_variance(x, d).max(f64::MIN_POSITIVE);
+        let mut loss = Loss { fvu: sq_dist(&s.xhat, x) / denom, multi: 0.0, aux: 0.0 };
+        upstream(&s.xhat, x, 2.0 / denom as f32, &mut main.dx);
+        let mut stats = StepStats {
+            fvu: loss.fvu as f32,
+            l0: main.codes.nnz() as f32 / tokens as f32,
+            ..StepStats::default()
+        };
+
+        if multi.active {
+            let mut xhat4 = vec![0.0; tokens * d];
+            multi.codes.decode_into(&self.sae.w_dec, d, Some(&self.sae.b_dec), &mut xhat4);
+            loss.multi = sq_dist(&xhat4, x) / denom;
+            stats.multi_fvu = loss.multi as f32;
+            upstream(&xhat4, x, 2.0 / 8.0 / denom as f32, &mut multi.dx);
+        }
+
+        // Auxiliary: AuxK over dead features, or aux_zipf over under-used ones.
+        let dead: Vec<u32> =
+            (0..n as u32).filter(|&f| self.state.since_fired[f as usize] >= self.cfg.dead_tokens).collect();
+        stats.dead_fraction = dead.len() as f32 / n as f32;
+        let aux_set = if self.cfg.variant == Variant::FeatureChoice {
+            feature_choice::underused(&self.state.density, &caps, tokens)
+        } else {
+            dead
+        };
+        if self.cfg.auxk_alpha > 0.0 && !aux_set.is_empty() {
+            // Mutual and Feature Choice have added b_enc to `pre` in place.
+            let bias =
+                matches!(self.cfg.variant, Variant::Topk | Variant::Gsae).then_some(&self.sae.b_enc[..]);
+            select_among(&s.pre, bias, n, tokens, feature_major, &aux_set, self.cfg.k_aux, &mut aux.codes);
+            if aux.codes.nnz() > 0 {
+                // Target: the main residual x − x̂ (detached); ê has no bias.
+                let residual: Vec<f32> = match aux_target {
+                    Some(r) => r.to_vec(),
+                    None => x.iter().zip(&s.xhat).map(|(a, b)| a - b).collect(),
+                };
+                let mut ehat = vec![0.0; tokens * d];
+                aux.codes.decode_into(&self.sae.w_dec, d, None, &mut ehat);
+                let alpha = self.cfg.auxk_alpha;
+                loss.aux = alpha as f64 * sq_dist(&ehat, &residual) / denom;
+                stats.aux_loss = loss.aux as f32;
+                upstream(&ehat, &residual, alpha * 2.0 / denom as f32, &mut aux.dx);
+                aux.active = true;
+            }
+        }
+        Ok((stats, loss, observed))
+    }
+
+    /// Move the inference thresholds towards what this batch selected.
+    fn observe_thresholds(&mut self, observed: Observed) {
+        let decay = self.cfg.ema_decay;
+        let ema =
+            |old: f32, seen: f32| if old.is_finite() { decay * old + (1.0 - decay) * seen } else { seen };
+        let Some(th) = self.sae.threshold.as_mut() else { return };
+        match observed {
+            Observed::None => {}
+            Observed::Min(min) => {
+                if min.is_finite() {
+                    let new = ema(th[0], min);
+                    th.fill(new);
+                }
+            }
+            Observed::Picked(picked, caps) => {
+                for ((t, p), &cap) in th.iter_mut().zip(&picked).zip(&caps) {
+                    if p.count > 0 {
+                        *t = ema(*t, if p.count >= cap { p.min } else { 0.0 });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Backward through the encoder, per token: dz of every pair and ∂(x − b_dec); returns b_dec's
+    /// gradient (Σ dX over reconstructions with the bias, minus Σ ∂(x − b_dec)).
+    fn backward_encoder(&mut self) -> Vec<f32> {
+        let d = self.cfg.d_in;
+        let s = &mut self.scratch;
+        let tokens = s.xc.len() / d;
+        s.dxc.clear();
+        s.dxc.resize(tokens * d, 0.0);
+        for src in s.sources.iter_mut().filter(|s| s.active) {
+            src.dz.resize(src.codes.nnz(), 0.0);
+            let (codes, dx) = (&src.codes, &src.dx);
+            let (w_dec, w_enc) = (&self.sae.w_dec, &self.sae.w_enc);
+            let dz_rows = split_by_offsets(&mut src.dz, &codes.offsets);
+            s.dxc.par_chunks_mut(d).zip(dz_rows.into_par_iter()).enumerate().for_each(|(t, (dxc, dz))| {
+                let (fs, _) = codes.row(t);
+                let dx_t = &dx[t * d..(t + 1) * d];
+                for (&f, dz) in fs.iter().zip(dz.iter_mut()) {
+                    let f = f as usize;
+                    *dz = dot(dx_t, &w_dec[f * d..(f + 1) * d]);
+                    axpy(*dz, &w_enc[f * d..(f + 1) * d], dxc);
+                }
+            });
+        }
+        let mut g_bdec = vec![0.0f32; d];
+        for src in s.sources.iter().filter(|s| s.active && s.with_bias) {
+            sum_rows_into(&src.dx, d, 1.0, &mut g_bdec);
+        }
+        sum_rows_into(&s.dxc, d, -1.0, &mut g_bdec);
+        g_bdec
+    }
+
+    /// The per-feature pass: gradients of every feature row from its pairs, Adam, decoder
+    /// renormalisation, firing counters and densities. Then b_dec.
+    fn update(&mut self, g_bdec: &[f32], tokens: usize, capture: Option<&mut Gradients>) {
+        let (n, d) = (self.cfg.n_features, self.cfg.d_in);
+        let t = (self.state.step + 1) as i32;
+        let adam = AdamStep::new(self.cfg.lr, t);
+        let decay = self.cfg.ema_decay;
+        let s = &self.scratch;
+        struct Order<'a> {
+            src: &'a Source,
+            starts: Vec<u32>,
+            order: Vec<u32>,
+            token: Vec<u32>,
+        }
+        let orders: Vec<Order> = s
+            .sources
+            .iter()
+            .filter(|s| s.active)
+            .map(|src| {
+                let (starts, order) = src.codes.by_feature(n);
+                Order { src, starts, order, token: src.codes.entry_tokens() }
+            })
+            .collect();
+        let xc = &s.xc;
+        let st = &mut self.state;
+        let sae = &mut self.sae;
+        let rows = BLOCK_FEATURES * d;
+        let captured = capture.map(|g| {
+            g.w_enc
+                .chunks_mut(rows)
+                .zip(g.w_dec.chunks_mut(rows))
+                .zip(g.b_enc.chunks_mut(BLOCK_FEATURES))
+                .collect::<Vec<_>>()
+        });
+        let capturing = captured.is_some();
+        let mut captured = captured.map(|v| v.into_iter().map(Some).collect::<Vec<_>>()).unwrap_or_default();
+        captured.resize_with(n.div_ceil(BLOCK_FEATURES), || None);
+        let blocks = sae
+            .w_enc
+            .chunks_mut(rows)
+            .zip(sae.w_dec.chunks_mut(rows))
+            .zip(st.w_enc.m.chunks_mut(rows).zip(st.w_enc.v.chunks_mut(rows)))
+            .zip(st.w_dec.m.chunks_mut(rows).zip(st.w_dec.v.chunks_mut(rows)))
+            .zip(sae.b_enc.chunks_mut(BLOCK_FEATURES))
+            .zip(st.b_enc.m.chunks_mut(BLOCK_FEATURES).zip(st.b_enc.v.chunks_mut(BLOCK_FEATURES)))
+            .zip(st.since_fired.chunks_mut(BLOCK_FEATURES).zip(st.density.chunks_mut(BLOCK_FEATURES)))
+            .zip(captured)
+            .enumerate()
+            .collect::<Vec<_>>();
+        blocks.into_par_iter().for_each(
+            |(bi, (((((((w_enc, w_dec), me), md), b_enc), mb), (since, density)), mut cap))| {
+                let mut g_enc = vec![0.0f32; d];
+                let mut g_dec = vec![0.0f32; d];
+                for r in 0..b_enc.len() {
+                    let f = bi * BLOCK_FEATURES + r;
+                    g_enc.fill(0.0);
+                    g_dec.fill(0.0);
+                    let mut g_b = 0.0f32;
+                    let mut fired = 0u32;
+                    for o in &orders {
+                        for &e in &o.order[o.starts[f] as usize..o.starts[f + 1] as usize] {
+                            let e = e as usize;
+                            let tok = o.token[e] as usize;
+                            let dz = o.src.dz[e];
+                            axpy(o.src.codes.value[e], &o.src.dx[tok * d..(tok + 1) * d], &mut g_dec);
+                            axpy(dz, &xc[tok * d..(tok + 1) * d], &mut g_enc);
+                            g_b += dz;
+                            if o.src.fires {
+                                fired += 1;
+                            }
+                        }
+                    }
+                    let rr = r * d..(r + 1) * d;
+                    if let Some(((ge, gd), gb)) = cap.as_mut() {
+                        ge[rr.clone()].copy_from_slice(&g_enc);
+                        gd[rr.clone()].copy_from_slice(&g_dec);
+                        gb[r] = g_b;
+                        continue;
+                    }
+                    let w = &mut w_dec[rr.clone()];
+                    let parallel = dot(&g_dec, w);
+                    axpy(-parallel, w, &mut g_dec);
+                    adam.apply(w, &g_dec, &mut md.0[rr.clone()], &mut md.1[rr.clone()]);
+                    normalize(w);
+                    adam.apply(&mut w_enc[rr.clone()], &g_enc, &mut me.0[rr.clone()], &mut me.1[rr]);
+                    adam.apply(&mut b_enc[r..r + 1], &[g_b], &mut mb.0[r..r + 1], &mut mb.1[r..r + 1]);
+                    since[r] = if fired > 0 { 0 } else { since[r] + tokens as u64 };
+                    density[r] = decay * density[r] + (1.0 - decay) * fired as f32 / tokens as f32;
+                }
+            },
+        );
+        if !capturing {
+            adam.apply(&mut sae.b_dec, g_bdec, &mut st.b_dec.m, &mut st.b_dec.v);
+        }
+        debug_assert_eq!(sae.b_enc.len(), n);
+    }
+}
+
+/// Adam's per-step constants (PyTorch's formulation).
+struct AdamStep {
+    step_size: f32,
+    inv_sqrt_bc2: f32,
+}
+
+impl AdamStep {
+    fn new(lr: f32, t: i32) -> AdamStep {
+        let bc1 = 1.0 - BETA1.powi(t);
+        let bc2 = 1.0 - BETA2.powi(t);
+        AdamStep { step_size: lr / bc1, inv_sqrt_bc2: 1.0 / bc2.sqrt() }
+    }
+
+    #[inline]
+    fn apply(&self, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *m = BETA1 * *m + (1.0 - BETA1) * g;
+            *v = BETA2 * *v + (1.0 - BETA2) * g * g;
+            *w -= self.step_size * *m / (v.sqrt() * self.inv_sqrt_bc2 + EPS);
+        }
+    }
+}
+
+/// Per token, the `k` largest positive `pre (+ bias)` among the features of `set`.
+#[allow(clippy::too_many_arguments)]
+fn select_among(
+    pre: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    tokens: usize,
+    feature_major: bool,
+    set: &[u32],
+    k: usize,
+    out: &mut Codes,
+) {
+    let rows: Vec<Vec<(u32, f32)>> = (0..tokens)
+        .into_par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(gathered, scratch): &mut (Vec<f32>, Vec<f32>), t| {
+                gathered.clear();
+                gathered.extend(set.iter().map(|&f| {
+                    let f = f as usize;
+                    let p = if feature_major { pre[f * tokens + t] } else { pre[t * n + f] };
+                    p + bias.map_or(0.0, |b| b[f])
+                }));
+                let mut sel = Vec::new();
+                kernels::topk_row(gathered, None, k, &mut sel, scratch);
+                for e in &mut sel {
+                    e.0 = set[e.0 as usize];
+                }
+                sel.sort_unstable_by_key(|e| e.0);
+                sel
+            },
+        )
+        .collect();
+    out.clear();
+    for row in &rows {
+        out.push_row(row);
+    }
+}
+
+/// Σ‖x − x̄‖² over the rows of `x` (x̄: the mean row), in f64.
+pub fn total_variance(x: &[f32], d: usize) -> f64 {
+    let rows = (x.len() / d).max(1);
+    let mut mean = vec![0.0f64; d];
+    for row in x.chunks(d) {
+        mean.iter_mut().zip(row).for_each(|(m, v)| *m += *v as f64);
+    }
+    mean.iter_mut().for_each(|m| *m /= rows as f64);
+    x.chunks(d).map(|row| row.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum()
+}
+
+/// Σ (a − b)², in f64 over fixed chunks.
+pub fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
+    let parts: Vec<f64> = a
+        .par_chunks(1 << 14)
+        .zip(b.par_chunks(1 << 14))
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>())
+        .collect();
+    parts.iter().sum()
+}
+
+/// `out = scale · (xhat − target)`.
+fn upstream(xhat: &[f32], target: &[f32], scale: f32, out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(xhat.iter().zip(target).map(|(a, b)| scale * (a - b)));
+}
+
+/// `out += scale · Σ rows`, summed in a fixed order.
+fn sum_rows_into(x: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+    let parts: Vec<Vec<f32>> = x
+        .par_chunks(256 * d)
+        .map(|block| {
+            let mut acc = vec![0.0f32; d];
+            for row in block.chunks(d) {
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            acc
+        })
+        .collect();
+    for p in parts {
+        out.iter_mut().zip(p).for_each(|(o, v)| *o += scale * v);
+    }
+}
+
+/// Split `values` into the per-token slices that `offsets` describe.
+fn split_by_offsets<'a>(values: &'a mut [f32], offsets: &[u32]) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
+    let mut rest = values;
+    for w in offsets.windows(2) {
+        let (head, tail) = rest.split_at_mut((w[1] - w[0]) as usize);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
