@@ -152,11 +152,16 @@ def geometric_median(x, iters=100, tol=1e-6):
     return y, it
 
 
-def init_params(d, n, seed, first_batch, dtype):
+def init_params(d, n, seed, first_batch, dtype, init_decoder=None):
+    import numpy as np
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
-    W_dec = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    if init_decoder is not None:
+        # The caller's decoder (e.g. Loupe's own init), so both sides start from the same weights.
+        W_dec = torch.from_numpy(np.fromfile(init_decoder, dtype="<f4").reshape(n, d).astype(np.float64))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(n, d, generator=gen, dtype=torch.float64)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     b_dec, iters = geometric_median(first_batch)
     log(f"b_dec: geometric median of the first batch after {iters} Weiszfeld iterations")
@@ -284,6 +289,7 @@ def main():
     parser.add_argument("--impl", default="dense,sparse", help="comma list of: dense, sparse")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    parser.add_argument("--init-decoder", help="raw f32 [n, d] file: the initial W_dec (default: seeded Gaussian)")
     parser.add_argument("--self-check", action="store_true", help="check sparse vs dense gradients, exit")
     args = parser.parse_args()
 
@@ -321,7 +327,7 @@ def main():
     data = np.memmap(args.data, dtype="<f4", mode="r", shape=(rows, args.d))
 
     first = torch.from_numpy(np.array(data[:args.batch]))
-    init = init_params(args.d, args.n, args.seed, first, torch.float32)
+    init = init_params(args.d, args.n, args.seed, first, torch.float32, args.init_decoder)
     results = {}
     for impl in impls:
         log(f"training {impl}: {steps} steps of {args.batch} tokens ({args.warmup_steps} untimed)")

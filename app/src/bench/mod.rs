@@ -4,9 +4,12 @@
 //! - [`store`]: the shuffled sampler against a raw sequential read of the same shard files.
 //! - [`capture`]: activation capture (optionally with loss gradients) against PyTorch, run by the
 //!   committed reference script `benches/reference/capture_reference.py` on the same tokens.
+//! - [`train_sae`]: TopK SAE training against PyTorch (dense SAELens-style and sparse
+//!   sparsify-style), `benches/reference/train_sae_reference.py`, and the encoder-GEMM limit.
 
 mod capture;
 mod store;
+mod train_sae;
 
 use anyhow::Result;
 
@@ -16,11 +19,14 @@ pub enum BenchCommand {
     Store(store::StoreArgs),
     /// Capture blocks.6.hook_resid_post of Gemma 3 270M on 8 × 256 tokens, against PyTorch.
     Capture(capture::Args),
+    /// Train a TopK SAE (d 640, n 16384, k 32, batch 4096) against PyTorch dense and sparse.
+    TrainSae(train_sae::Args),
 }
 
 pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Store(args) => store::store(args),
         BenchCommand::Capture(args) => capture::run(args),
+        BenchCommand::TrainSae(args) => train_sae::run(args),
     }
 }

@@ -11,6 +11,7 @@
 //! Parallel loops split work into fixed ranges and combine partial sums in a fixed order, so a
 //! run is bit-for-bit reproducible for a given thread count (resume relies on it).
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// `c[m, n] = a[m, k] · b[n, k]ᵀ` (row-major, `c` overwritten), or with `c_transposed` written as
@@ -58,9 +59,10 @@ const BLOCK: usize = 64;
 /// The `k` largest entries of `row + bias` that are > 0, appended to `out` as `(feature, value)`
 /// in descending value order (ties: lower feature first). Fewer than `k` when fewer are positive.
 ///
-/// Two streaming passes instead of a sort: the maxima of blocks of 64 give a lower bound of the
-/// k-th largest value (k blocks reach it), then only entries at or above the bound are kept as
-/// candidates and the k best of those are selected.
+/// One streaming pass instead of a sort: the maxima of blocks of 64 give a lower bound of the
+/// k-th largest value (k blocks reach it); then only the few blocks whose maximum reaches the
+/// bound are scanned for candidates, and the k best candidates are selected.
+#[multiversion(targets = "simd")]
 pub fn topk_row(
     row: &[f32],
     bias: Option<&[f32]>,
@@ -72,35 +74,29 @@ pub fn topk_row(
     if k == 0 {
         return;
     }
-    let value = |j: usize| row[j] + bias.map_or(0.0, |b| b[j]);
     let blocks = row.len().div_ceil(BLOCK);
+    scratch.clear();
+    for (bi, chunk) in row.chunks(BLOCK).enumerate() {
+        let b = bias.map(|b| &b[bi * BLOCK..bi * BLOCK + chunk.len()]);
+        scratch.push(block_max(chunk, b));
+    }
     let mut bound = 0.0f32;
     if blocks > k {
-        scratch.clear();
-        for (bi, chunk) in row.chunks(BLOCK).enumerate() {
-            let base = bi * BLOCK;
-            let mut max = f32::NEG_INFINITY;
-            match bias {
-                Some(b) => {
-                    for (x, y) in chunk.iter().zip(&b[base..base + chunk.len()]) {
-                        max = max.max(x + y);
-                    }
-                }
-                None => {
-                    for &x in chunk {
-                        max = max.max(x);
-                    }
-                }
-            }
-            scratch.push(max);
-        }
-        let (_, kth, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        scratch.extend_from_within(..blocks);
+        let (_, kth, _) = scratch[blocks..].select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         bound = bound.max(*kth);
     }
-    for j in 0..row.len() {
-        let v = value(j);
-        if v > 0.0 && v >= bound {
-            out.push((j as u32, v));
+    for bi in 0..blocks {
+        let max = scratch[bi];
+        if !(max > 0.0 && max >= bound) {
+            continue;
+        }
+        let base = bi * BLOCK;
+        for j in base..(base + BLOCK).min(row.len()) {
+            let v = row[j] + bias.map_or(0.0, |b| b[j]);
+            if v > 0.0 && v >= bound {
+                out.push((j as u32, v));
+            }
         }
     }
     let cands = &mut out[start..];
@@ -110,6 +106,39 @@ pub fn topk_row(
         out.truncate(start + k);
     }
     out[start..].sort_unstable_by(by_value);
+}
+
+/// max(x + b) over a block, in 16 lanes (compiles to vector max instructions).
+#[inline(always)]
+fn block_max(x: &[f32], b: Option<&[f32]>) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let (xc, xr) = x.as_chunks::<16>();
+    match b {
+        Some(b) => {
+            let (bc, br) = b.as_chunks::<16>();
+            for (xs, bs) in xc.iter().zip(bc) {
+                for l in 0..16 {
+                    let v = xs[l] + bs[l];
+                    m[l] = if v > m[l] { v } else { m[l] };
+                }
+            }
+            for (l, (x, b)) in xr.iter().zip(br).enumerate() {
+                let v = x + b;
+                m[l] = if v > m[l] { v } else { m[l] };
+            }
+        }
+        None => {
+            for xs in xc {
+                for l in 0..16 {
+                    m[l] = if xs[l] > m[l] { xs[l] } else { m[l] };
+                }
+            }
+            for (l, &x) in xr.iter().enumerate() {
+                m[l] = if x > m[l] { x } else { m[l] };
+            }
+        }
+    }
+    m.into_iter().fold(f32::NEG_INFINITY, |a, v| if v > a { v } else { a })
 }
 
 /// The `rank`-th largest (1-based) positive value of `values`, or 0 when fewer than `rank` are
@@ -212,14 +241,8 @@ impl Codes {
     pub fn decode_into(&self, dictionary: &[f32], d: usize, bias: Option<&[f32]>, out: &mut [f32]) {
         assert_eq!(out.len(), self.tokens() * d);
         out.par_chunks_mut(d).enumerate().for_each(|(t, o)| {
-            match bias {
-                Some(b) => o.copy_from_slice(b),
-                None => o.fill(0.0),
-            }
             let (fs, vs) = self.row(t);
-            for (&f, &v) in fs.iter().zip(vs) {
-                axpy(v, &dictionary[f as usize * d..(f as usize + 1) * d], o);
-            }
+            decode_row(fs, vs, dictionary, d, bias, o);
         });
     }
 
@@ -253,8 +276,20 @@ impl Codes {
     }
 }
 
+/// `out = bias + Σ v · dictionary[f]` over one token's pairs.
+#[multiversion(targets = "simd")]
+fn decode_row(fs: &[u32], vs: &[f32], dictionary: &[f32], d: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+    match bias {
+        Some(b) => out.copy_from_slice(b),
+        None => out.fill(0.0),
+    }
+    for (&f, &v) in fs.iter().zip(vs) {
+        axpy(v, &dictionary[f as usize * d..(f as usize + 1) * d], out);
+    }
+}
+
 /// `y += a · x`.
-#[inline]
+#[inline(always)]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
@@ -262,7 +297,7 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// `x · y`, summed in 8 lanes (vectorises; a fixed order, so reproducible).
-#[inline]
+#[inline(always)]
 pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (xc, xr) = x.as_chunks::<8>();

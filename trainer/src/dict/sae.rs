@@ -159,6 +159,7 @@ impl Dictionary for Sae {
 }
 
 /// Scale `row` to unit length (a zero row stays zero).
+#[inline(always)]
 pub fn normalize(row: &mut [f32]) {
     let norm = kernels::dot(row, row).sqrt();
     if norm > 0.0 {

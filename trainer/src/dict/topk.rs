@@ -7,8 +7,8 @@ use rayon::prelude::*;
 
 use super::kernels::{self, Codes};
 
-/// Per-token top-`k` of `pre + b_enc` (`pre` is `[tokens, n]`) into `main`; with `multi`, also the
-/// top-`multi_k` (≥ k) into the second set.
+/// Per-token top-`k` of `pre + b_enc` (`pre` is `[tokens, n]`) appended to `main`; with `multi`,
+/// also the top-`multi_k` (≥ k) appended to the second set.
 pub fn select(
     pre: &[f32],
     b_enc: &[f32],
@@ -26,12 +26,10 @@ pub fn select(
             sel
         })
         .collect();
-    main.clear();
     for row in &rows {
         main.push_row(&row[..k.min(row.len())]);
     }
     if let Some((_, codes)) = multi.as_mut() {
-        codes.clear();
         for row in &rows {
             codes.push_row(row);
         }

@@ -12,14 +12,16 @@
 //!
 //! Backward, per source of selected pairs (main codes, multi, aux), with upstream `dX = ∂loss/∂x̂`:
 //! `dz = dX·W_dec[f]`, `∂W_dec[f] += z·dX`, `∂b_enc[f] += dz`, `∂W_enc[f] += dz·(x − b_dec)`,
-//! `∂b_dec += Σ dX (reconstructions with b_dec) − Σ dz·W_enc[f]` (through the encoder's input).
-//! Per-token work runs parallel over tokens; per-feature work runs parallel over blocks of
-//! features, each computing its rows' full gradients from the feature-major order of the pairs
-//! and applying Adam (PyTorch's formulas) in the same pass: no `[batch, n_features]` gradient or
-//! decoder product exists, and no weight gradient is stored. Before Adam, the component of each
+//! and `∂b_dec = Σ dX (reconstructions with b_dec) − Σ_f ∂b_enc[f]·W_enc[f]` (through the
+//! encoder's input: Σ over pairs of dz·W_enc[f], grouped by feature). All of it runs in one pass
+//! over blocks of features in parallel: each feature's pairs (feature-major order) give its rows'
+//! full gradients while its weight rows are in cache, and Adam (PyTorch's formulas) is applied in
+//! the same pass: no `[batch, n_features]` gradient or decoder product exists, no weight gradient
+//! is stored, and the weight rows are streamed once. Before Adam, the component of each
 //! decoder row's gradient parallel to the row is removed; after it, rows are renormalised.
 
 use anyhow::{Result, bail};
+use multiversion::multiversion;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +34,8 @@ const BETA2: f32 = 0.999;
 const EPS: f32 = 1e-8;
 /// Features per block of the per-feature pass.
 const BLOCK_FEATURES: usize = 64;
+/// Tokens per encoder GEMM + selection chunk for TopK (their pre-activations stay in cache).
+const TOPK_CHUNK: usize = 512;
 
 /// Training hyper-parameters (everything but the data).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -199,14 +203,12 @@ struct Scratch {
     xhat: Vec<f32>,
     /// Per source: codes, upstream gradient `[tokens, d]`, dz per pair.
     sources: Vec<Source>,
-    dxc: Vec<f32>,
 }
 
 #[derive(Default)]
 struct Source {
     codes: Codes,
     dx: Vec<f32>,
-    dz: Vec<f32>,
     /// Whether the reconstruction includes b_dec (main and multi do; aux does not).
     with_bias: bool,
     /// Whether pairs count as firing (main only).
@@ -256,8 +258,7 @@ impl Trainer {
         }
         let (stats, _, observed) = self.forward(x, grad, None)?;
         self.observe_thresholds(observed);
-        let g_bdec = self.backward_encoder();
-        self.update(&g_bdec, x.len() / self.cfg.d_in, None);
+        self.update(x.len() / self.cfg.d_in, None);
         self.state.step += 1;
         self.state.tokens += (x.len() / self.cfg.d_in) as u64;
         Ok(stats)
@@ -273,15 +274,14 @@ impl Trainer {
         aux_target: Option<&[f32]>,
     ) -> Result<(Loss, Gradients)> {
         let (_, loss, _) = self.forward(x, grad, aux_target)?;
-        let g_bdec = self.backward_encoder();
         let (n, d) = (self.cfg.n_features, self.cfg.d_in);
         let mut grads = Gradients {
             w_enc: vec![0.0; n * d],
             b_enc: vec![0.0; n],
             w_dec: vec![0.0; n * d],
-            b_dec: g_bdec,
+            b_dec: vec![0.0; d],
         };
-        self.update(&[], x.len() / d, Some(&mut grads));
+        self.update(x.len() / d, Some(&mut grads));
         Ok((loss, grads))
     }
 
@@ -334,49 +334,82 @@ impl Trainer {
         s.xc.clear();
         s.xc.extend_from_slice(x);
         s.xc.par_chunks_mut(d).for_each(|row| row.iter_mut().zip(&self.sae.b_dec).for_each(|(v, b)| *v -= b));
-        s.pre.resize(tokens * n, 0.0);
         let feature_major = self.cfg.variant == Variant::FeatureChoice;
-        kernels::matmul_nt(&s.xc, &self.sae.w_enc, &mut s.pre, tokens, n, d, feature_major);
-
-        // Selection.
         let [main, multi, aux] = &mut s.sources[..] else { unreachable!() };
-        let mut caps = Vec::new();
-        let observed = match self.cfg.variant {
-            Variant::Topk => {
-                let m = self.cfg.multi_topk.then(|| (4 * self.cfg.k, &mut multi.codes));
-                topk::select(&s.pre, &self.sae.b_enc, self.cfg.k, m, &mut main.codes);
-                Observed::None
-            }
-            Variant::Gsae => {
-                let g = grad.expect("checked by check_batch");
-                let (k, beta) = (self.cfg.k, self.cfg.gsae_beta);
-                gsae::select(
-                    &s.pre,
-                    &self.sae.b_enc,
-                    g,
-                    &self.sae.w_dec,
-                    d,
-                    k,
-                    beta,
-                    &mut s.proj,
-                    &mut main.codes,
-                );
-                Observed::None
-            }
-            Variant::MutualChoice => Observed::Min(mutual_choice::select(
-                &mut s.pre,
-                &self.sae.b_enc,
-                self.cfg.k * tokens,
-                &mut main.codes,
-            )),
+        main.codes.clear();
+        multi.codes.clear();
+        aux.codes.clear();
+
+        // Which features the auxiliary loss may use: dead ones (AuxK) or under-used ones (aux_zipf).
+        let budget = self.cfg.k * tokens;
+        let caps = match self.cfg.variant {
             Variant::FeatureChoice => {
-                let budget = self.cfg.k * tokens;
-                caps =
-                    feature_choice::capacities(&self.state.density, budget, tokens, self.cfg.zipf_exponent);
-                let picked =
-                    feature_choice::select(&mut s.pre, &self.sae.b_enc, tokens, &caps, &mut main.codes);
-                Observed::Picked(picked, caps.clone())
+                feature_choice::capacities(&self.state.density, budget, tokens, self.cfg.zipf_exponent)
             }
+            _ => Vec::new(),
+        };
+        let dead: Vec<u32> =
+            (0..n as u32).filter(|&f| self.state.since_fired[f as usize] >= self.cfg.dead_tokens).collect();
+        let dead_fraction = dead.len() as f32 / n as f32;
+        let aux_set = match self.cfg.variant {
+            Variant::FeatureChoice => feature_choice::underused(&self.state.density, &caps, tokens),
+            _ => dead,
+        };
+        let use_aux = self.cfg.auxk_alpha > 0.0 && !aux_set.is_empty();
+
+        // Encoder GEMM and selection. TopK selects per token, so it runs in chunks of tokens whose
+        // pre-activations stay in cache; the others need the whole batch's.
+        let observed = if self.cfg.variant == Variant::Topk {
+            let chunk = TOPK_CHUNK.min(tokens);
+            s.pre.resize(chunk * n, 0.0);
+            for c0 in (0..tokens).step_by(chunk) {
+                let rows = chunk.min(tokens - c0);
+                let pre = &mut s.pre[..rows * n];
+                kernels::matmul_nt(&s.xc[c0 * d..(c0 + rows) * d], &self.sae.w_enc, pre, rows, n, d, false);
+                let m = self.cfg.multi_topk.then(|| (4 * self.cfg.k, &mut multi.codes));
+                topk::select(pre, &self.sae.b_enc, self.cfg.k, m, &mut main.codes);
+                if use_aux {
+                    let b = Some(&self.sae.b_enc[..]);
+                    select_among(pre, b, n, rows, false, &aux_set, self.cfg.k_aux, &mut aux.codes);
+                }
+            }
+            Observed::None
+        } else {
+            s.pre.resize(tokens * n, 0.0);
+            kernels::matmul_nt(&s.xc, &self.sae.w_enc, &mut s.pre, tokens, n, d, feature_major);
+            let observed = match self.cfg.variant {
+                Variant::Topk => unreachable!(),
+                Variant::Gsae => {
+                    let g = grad.expect("checked by check_batch");
+                    let (k, beta) = (self.cfg.k, self.cfg.gsae_beta);
+                    let (b_enc, w_dec) = (&self.sae.b_enc, &self.sae.w_dec);
+                    gsae::select(&s.pre, b_enc, g, w_dec, d, k, beta, &mut s.proj, &mut main.codes);
+                    Observed::None
+                }
+                Variant::MutualChoice => {
+                    Observed::Min(mutual_choice::select(&mut s.pre, &self.sae.b_enc, budget, &mut main.codes))
+                }
+                Variant::FeatureChoice => {
+                    let picked =
+                        feature_choice::select(&mut s.pre, &self.sae.b_enc, tokens, &caps, &mut main.codes);
+                    Observed::Picked(picked, caps.clone())
+                }
+            };
+            if use_aux {
+                // Mutual and Feature Choice have added b_enc to `pre` in place.
+                let bias = (self.cfg.variant == Variant::Gsae).then_some(&self.sae.b_enc[..]);
+                select_among(
+                    &s.pre,
+                    bias,
+                    n,
+                    tokens,
+                    feature_major,
+                    &aux_set,
+                    self.cfg.k_aux,
+                    &mut aux.codes,
+                );
+            }
+            observed
         };
         (main.with_bias, main.fires, main.active) = (true, true, true);
         (multi.with_bias, multi.fires) = (true, false);
@@ -403,20 +436,9 @@ impl Trainer {
             upstream(&xhat4, x, 2.0 / 8.0 / denom as f32, &mut multi.dx);
         }
 
-        // Auxiliary: AuxK over dead features, or aux_zipf over under-used ones.
-        let dead: Vec<u32> =
-            (0..n as u32).filter(|&f| self.state.since_fired[f as usize] >= self.cfg.dead_tokens).collect();
-        stats.dead_fraction = dead.len() as f32 / n as f32;
-        let aux_set = if self.cfg.variant == Variant::FeatureChoice {
-            feature_choice::underused(&self.state.density, &caps, tokens)
-        } else {
-            dead
-        };
-        if self.cfg.auxk_alpha > 0.0 && !aux_set.is_empty() {
-            // Mutual and Feature Choice have added b_enc to `pre` in place.
-            let bias =
-                matches!(self.cfg.variant, Variant::Topk | Variant::Gsae).then_some(&self.sae.b_enc[..]);
-            select_among(&s.pre, bias, n, tokens, feature_major, &aux_set, self.cfg.k_aux, &mut aux.codes);
+        // Auxiliary loss on the pairs selected above.
+        stats.dead_fraction = dead_fraction;
+        if use_aux {
             if aux.codes.nnz() > 0 {
                 // Target: the main residual x − x̂ (detached); ê has no bias.
                 let residual: Vec<f32> = match aux_target {
@@ -459,51 +481,14 @@ impl Trainer {
         }
     }
 
-    /// Backward through the encoder, per token: dz of every pair and ∂(x − b_dec); returns b_dec's
-    /// gradient (Σ dX over reconstructions with the bias, minus Σ ∂(x − b_dec)).
-    fn backward_encoder(&mut self) -> Vec<f32> {
-        let d = self.cfg.d_in;
-        let s = &mut self.scratch;
-        let tokens = s.xc.len() / d;
-        s.dxc.clear();
-        s.dxc.resize(tokens * d, 0.0);
-        for src in s.sources.iter_mut().filter(|s| s.active) {
-            src.dz.resize(src.codes.nnz(), 0.0);
-            let (codes, dx) = (&src.codes, &src.dx);
-            let (w_dec, w_enc) = (&self.sae.w_dec, &self.sae.w_enc);
-            let dz_rows = split_by_offsets(&mut src.dz, &codes.offsets);
-            s.dxc.par_chunks_mut(d).zip(dz_rows.into_par_iter()).enumerate().for_each(|(t, (dxc, dz))| {
-                let (fs, _) = codes.row(t);
-                let dx_t = &dx[t * d..(t + 1) * d];
-                for (&f, dz) in fs.iter().zip(dz.iter_mut()) {
-                    let f = f as usize;
-                    *dz = dot(dx_t, &w_dec[f * d..(f + 1) * d]);
-                    axpy(*dz, &w_enc[f * d..(f + 1) * d], dxc);
-                }
-            });
-        }
-        let mut g_bdec = vec![0.0f32; d];
-        for src in s.sources.iter().filter(|s| s.active && s.with_bias) {
-            sum_rows_into(&src.dx, d, 1.0, &mut g_bdec);
-        }
-        sum_rows_into(&s.dxc, d, -1.0, &mut g_bdec);
-        g_bdec
-    }
-
     /// The per-feature pass: gradients of every feature row from its pairs, Adam, decoder
     /// renormalisation, firing counters and densities. Then b_dec.
-    fn update(&mut self, g_bdec: &[f32], tokens: usize, capture: Option<&mut Gradients>) {
+    fn update(&mut self, tokens: usize, capture: Option<&mut Gradients>) {
         let (n, d) = (self.cfg.n_features, self.cfg.d_in);
         let t = (self.state.step + 1) as i32;
         let adam = AdamStep::new(self.cfg.lr, t);
         let decay = self.cfg.ema_decay;
         let s = &self.scratch;
-        struct Order<'a> {
-            src: &'a Source,
-            starts: Vec<u32>,
-            order: Vec<u32>,
-            token: Vec<u32>,
-        }
         let orders: Vec<Order> = s
             .sources
             .iter()
@@ -517,14 +502,17 @@ impl Trainer {
         let st = &mut self.state;
         let sae = &mut self.sae;
         let rows = BLOCK_FEATURES * d;
-        let captured = capture.map(|g| {
-            g.w_enc
+        let (capture, capture_bdec) = match capture {
+            Some(g) => (Some((&mut g.w_enc, &mut g.w_dec, &mut g.b_enc)), Some(&mut g.b_dec)),
+            None => (None, None),
+        };
+        let captured = capture.map(|(w_enc, w_dec, b_enc)| {
+            w_enc
                 .chunks_mut(rows)
-                .zip(g.w_dec.chunks_mut(rows))
-                .zip(g.b_enc.chunks_mut(BLOCK_FEATURES))
+                .zip(w_dec.chunks_mut(rows))
+                .zip(b_enc.chunks_mut(BLOCK_FEATURES))
                 .collect::<Vec<_>>()
         });
-        let capturing = captured.is_some();
         let mut captured = captured.map(|v| v.into_iter().map(Some).collect::<Vec<_>>()).unwrap_or_default();
         captured.resize_with(n.div_ceil(BLOCK_FEATURES), || None);
         let blocks = sae
@@ -538,54 +526,143 @@ impl Trainer {
             .zip(st.since_fired.chunks_mut(BLOCK_FEATURES).zip(st.density.chunks_mut(BLOCK_FEATURES)))
             .zip(captured)
             .enumerate()
+            .map(|(bi, (((((((w_enc, w_dec), me), md), b_enc), mb), (since, density)), capture))| Block {
+                first: bi * BLOCK_FEATURES,
+                w_enc,
+                w_dec,
+                me,
+                md,
+                b_enc,
+                mb,
+                since,
+                density,
+                capture,
+            })
             .collect::<Vec<_>>();
-        blocks.into_par_iter().for_each(
-            |(bi, (((((((w_enc, w_dec), me), md), b_enc), mb), (since, density)), mut cap))| {
-                let mut g_enc = vec![0.0f32; d];
-                let mut g_dec = vec![0.0f32; d];
-                for r in 0..b_enc.len() {
-                    let f = bi * BLOCK_FEATURES + r;
-                    g_enc.fill(0.0);
-                    g_dec.fill(0.0);
-                    let mut g_b = 0.0f32;
-                    let mut fired = 0u32;
-                    for o in &orders {
-                        for &e in &o.order[o.starts[f] as usize..o.starts[f + 1] as usize] {
-                            let e = e as usize;
-                            let tok = o.token[e] as usize;
-                            let dz = o.src.dz[e];
-                            axpy(o.src.codes.value[e], &o.src.dx[tok * d..(tok + 1) * d], &mut g_dec);
-                            axpy(dz, &xc[tok * d..(tok + 1) * d], &mut g_enc);
-                            g_b += dz;
-                            if o.src.fires {
-                                fired += 1;
-                            }
-                        }
-                    }
-                    let rr = r * d..(r + 1) * d;
-                    if let Some(((ge, gd), gb)) = cap.as_mut() {
-                        ge[rr.clone()].copy_from_slice(&g_enc);
-                        gd[rr.clone()].copy_from_slice(&g_dec);
-                        gb[r] = g_b;
-                        continue;
-                    }
-                    let w = &mut w_dec[rr.clone()];
-                    let parallel = dot(&g_dec, w);
-                    axpy(-parallel, w, &mut g_dec);
-                    adam.apply(w, &g_dec, &mut md.0[rr.clone()], &mut md.1[rr.clone()]);
-                    normalize(w);
-                    adam.apply(&mut w_enc[rr.clone()], &g_enc, &mut me.0[rr.clone()], &mut me.1[rr]);
-                    adam.apply(&mut b_enc[r..r + 1], &[g_b], &mut mb.0[r..r + 1], &mut mb.1[r..r + 1]);
-                    since[r] = if fired > 0 { 0 } else { since[r] + tokens as u64 };
-                    density[r] = decay * density[r] + (1.0 - decay) * fired as f32 / tokens as f32;
-                }
-            },
-        );
-        if !capturing {
-            adam.apply(&mut sae.b_dec, g_bdec, &mut st.b_dec.m, &mut st.b_dec.v);
+        let ctx = RowCtx { orders: &orders, xc, d, adam: &adam, decay, tokens };
+        let partials: Vec<Vec<f32>> = blocks.into_par_iter().map(|block| update_block(block, &ctx)).collect();
+        // b_dec: Σ dX over reconstructions with the bias, minus Σ_f ∂b_enc[f]·W_enc[f].
+        let mut g_bdec = vec![0.0f32; d];
+        for src in s.sources.iter().filter(|s| s.active && s.with_bias) {
+            sum_rows_into(&src.dx, d, 1.0, &mut g_bdec);
+        }
+        for p in partials {
+            g_bdec.iter_mut().zip(p).for_each(|(g, v)| *g -= v);
+        }
+        match capture_bdec {
+            Some(out) => out.copy_from_slice(&g_bdec),
+            None => adam.apply(&mut sae.b_dec, &g_bdec, &mut st.b_dec.m, &mut st.b_dec.v),
         }
         debug_assert_eq!(sae.b_enc.len(), n);
     }
+}
+
+/// The pairs of one source in feature-major order.
+struct Order<'a> {
+    src: &'a Source,
+    starts: Vec<u32>,
+    order: Vec<u32>,
+    token: Vec<u32>,
+}
+
+type Pair<'a> = (&'a mut [f32], &'a mut [f32]);
+
+/// The rows of one block of features: weights, Adam moments, counters, and (for gradient checks)
+/// where to put the gradients instead of applying them.
+struct Block<'a> {
+    first: usize,
+    w_enc: &'a mut [f32],
+    w_dec: &'a mut [f32],
+    me: Pair<'a>,
+    md: Pair<'a>,
+    b_enc: &'a mut [f32],
+    mb: Pair<'a>,
+    since: &'a mut [u64],
+    density: &'a mut [f32],
+    capture: Option<(Pair<'a>, &'a mut [f32])>,
+}
+
+/// What every block reads.
+struct RowCtx<'a> {
+    orders: &'a [Order<'a>],
+    xc: &'a [f32],
+    d: usize,
+    adam: &'a AdamStep,
+    decay: f32,
+    tokens: usize,
+}
+
+/// Gradients of each feature row of `b` from its pairs, then Adam, decoder projection and
+/// renormalisation, firing counters and densities. Returns Σ_f ∂b_enc[f]·W_enc[f] over the block
+/// (with the weights before the update): the encoder path's share of b_dec's gradient.
+#[multiversion(targets = "simd")]
+fn update_block(b: Block, ctx: &RowCtx) -> Vec<f32> {
+    let d = ctx.d;
+    let mut g_enc = vec![0.0f32; d];
+    let mut g_dec = vec![0.0f32; d];
+    let mut bdec_part = vec![0.0f32; d];
+    let Block { first, w_enc, w_dec, me, md, b_enc, mb, since, density, mut capture } = b;
+    for r in 0..b_enc.len() {
+        let f = first + r;
+        g_enc.fill(0.0);
+        g_dec.fill(0.0);
+        let mut g_b = 0.0f32;
+        let mut fired = 0u32;
+        let rr = r * d..(r + 1) * d;
+        let w_dec_row = &w_dec[rr.clone()];
+        for o in ctx.orders {
+            for &e in &o.order[o.starts[f] as usize..o.starts[f + 1] as usize] {
+                let e = e as usize;
+                let tok = o.token[e] as usize;
+                let dx = &o.src.dx[tok * d..(tok + 1) * d];
+                let dz = dot_and_axpy(dx, w_dec_row, o.src.codes.value[e], &mut g_dec);
+                axpy(dz, &ctx.xc[tok * d..(tok + 1) * d], &mut g_enc);
+                g_b += dz;
+                if o.src.fires {
+                    fired += 1;
+                }
+            }
+        }
+        axpy(g_b, &w_enc[rr.clone()], &mut bdec_part);
+        if let Some(((ge, gd), gb)) = capture.as_mut() {
+            ge[rr.clone()].copy_from_slice(&g_enc);
+            gd[rr.clone()].copy_from_slice(&g_dec);
+            gb[r] = g_b;
+            continue;
+        }
+        let adam = ctx.adam;
+        let w = &mut w_dec[rr.clone()];
+        let parallel = dot(&g_dec, w);
+        axpy(-parallel, w, &mut g_dec);
+        adam.apply(w, &g_dec, &mut md.0[rr.clone()], &mut md.1[rr.clone()]);
+        normalize(w);
+        adam.apply(&mut w_enc[rr.clone()], &g_enc, &mut me.0[rr.clone()], &mut me.1[rr]);
+        adam.apply(&mut b_enc[r..r + 1], &[g_b], &mut mb.0[r..r + 1], &mut mb.1[r..r + 1]);
+        since[r] = if fired > 0 { 0 } else { since[r] + ctx.tokens as u64 };
+        density[r] = ctx.decay * density[r] + (1.0 - ctx.decay) * fired as f32 / ctx.tokens as f32;
+    }
+    bdec_part
+}
+
+/// `x · w` (8 lanes, fixed order), and `g += a · x` in the same pass over `x`.
+#[inline(always)]
+fn dot_and_axpy(x: &[f32], w: &[f32], a: f32, g: &mut [f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (xc, xr) = x.as_chunks::<8>();
+    let (wc, wr) = w.as_chunks::<8>();
+    let (gc, gr) = g.as_chunks_mut::<8>();
+    for ((xs, ws), gs) in xc.iter().zip(wc).zip(gc) {
+        for l in 0..8 {
+            acc[l] += xs[l] * ws[l];
+            gs[l] += a * xs[l];
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for ((x, w), g) in xr.iter().zip(wr).zip(gr) {
+        sum += x * w;
+        *g += a * x;
+    }
+    sum
 }
 
 /// Adam's per-step constants (PyTorch's formulation).
@@ -601,7 +678,7 @@ impl AdamStep {
         AdamStep { step_size: lr / bc1, inv_sqrt_bc2: 1.0 / bc2.sqrt() }
     }
 
-    #[inline]
+    #[inline(always)]
     fn apply(&self, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
         for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
             *m = BETA1 * *m + (1.0 - BETA1) * g;
@@ -611,7 +688,7 @@ impl AdamStep {
     }
 }
 
-/// Per token, the `k` largest positive `pre (+ bias)` among the features of `set`.
+/// Per token, the `k` largest positive `pre (+ bias)` among the features of `set`, appended to `out`.
 #[allow(clippy::too_many_arguments)]
 fn select_among(
     pre: &[f32],
@@ -644,7 +721,6 @@ fn select_among(
             },
         )
         .collect();
-    out.clear();
     for row in &rows {
         out.push_row(row);
     }
@@ -692,16 +768,4 @@ fn sum_rows_into(x: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     for p in parts {
         out.iter_mut().zip(p).for_each(|(o, v)| *o += scale * v);
     }
-}
-
-/// Split `values` into the per-token slices that `offsets` describe.
-fn split_by_offsets<'a>(values: &'a mut [f32], offsets: &[u32]) -> Vec<&'a mut [f32]> {
-    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
-    let mut rest = values;
-    for w in offsets.windows(2) {
-        let (head, tail) = rest.split_at_mut((w[1] - w[0]) as usize);
-        out.push(head);
-        rest = tail;
-    }
-    out
 }
