@@ -86,8 +86,7 @@ pub fn topk_row(
         let (_, kth, _) = scratch[blocks..].select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         bound = bound.max(*kth);
     }
-    for bi in 0..blocks {
-        let max = scratch[bi];
+    for (bi, &max) in scratch[..blocks].iter().enumerate() {
         if !(max > 0.0 && max >= bound) {
             continue;
         }

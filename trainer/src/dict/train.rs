@@ -438,21 +438,19 @@ impl Trainer {
 
         // Auxiliary loss on the pairs selected above.
         stats.dead_fraction = dead_fraction;
-        if use_aux {
-            if aux.codes.nnz() > 0 {
-                // Target: the main residual x − x̂ (detached); ê has no bias.
-                let residual: Vec<f32> = match aux_target {
-                    Some(r) => r.to_vec(),
-                    None => x.iter().zip(&s.xhat).map(|(a, b)| a - b).collect(),
-                };
-                let mut ehat = vec![0.0; tokens * d];
-                aux.codes.decode_into(&self.sae.w_dec, d, None, &mut ehat);
-                let alpha = self.cfg.auxk_alpha;
-                loss.aux = alpha as f64 * sq_dist(&ehat, &residual) / denom;
-                stats.aux_loss = loss.aux as f32;
-                upstream(&ehat, &residual, alpha * 2.0 / denom as f32, &mut aux.dx);
-                aux.active = true;
-            }
+        if use_aux && aux.codes.nnz() > 0 {
+            // Target: the main residual x − x̂ (detached); ê has no bias.
+            let residual: Vec<f32> = match aux_target {
+                Some(r) => r.to_vec(),
+                None => x.iter().zip(&s.xhat).map(|(a, b)| a - b).collect(),
+            };
+            let mut ehat = vec![0.0; tokens * d];
+            aux.codes.decode_into(&self.sae.w_dec, d, None, &mut ehat);
+            let alpha = self.cfg.auxk_alpha;
+            loss.aux = alpha as f64 * sq_dist(&ehat, &residual) / denom;
+            stats.aux_loss = loss.aux as f32;
+            upstream(&ehat, &residual, alpha * 2.0 / denom as f32, &mut aux.dx);
+            aux.active = true;
         }
         Ok((stats, loss, observed))
     }
