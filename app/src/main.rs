@@ -9,6 +9,7 @@ mod demo;
 mod fetch;
 mod store_cmd;
 mod tokenize;
+mod train_sae_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
     Fetch(fetch::Args),
     /// Capture a model's activations (and loss gradients) on a corpus into a store.
     Capture(capture_cmd::Args),
+    /// Fit an SAE (TopK, Mutual Choice, Feature Choice, g-SAE) to a hook's activations in a store.
+    TrainSae(train_sae_cmd::Args),
     /// Inspect and check a store.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Fetch(args) => fetch::run(&args),
         Command::Capture(args) => capture_cmd::run(&args),
+        Command::TrainSae(args) => train_sae_cmd::run(&args),
         Command::Store(StoreCommand::Info { dir }) => store_cmd::info(&dir),
         Command::Store(StoreCommand::Verify { dir }) => store_cmd::verify(&dir),
         Command::Tokenize(args) => tokenize::run(&args),

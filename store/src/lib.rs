@@ -8,10 +8,12 @@
 //!   read through zero-copy memory maps;
 //! - [`sampler`]: shuffled batches across shards for training, without loading the store;
 //! - [`verify`]: checksums, schemas and row counts against the manifest;
+//! - [`dictionaries`]: trained dictionaries (`dictionaries/<name>/`) and their training logs;
 //! - [`fsutil`]: the temp-file/fsync/rename discipline behind every write.
 //!
 //! Invariant: a reader trusts only what the manifest lists, and the manifest is updated last.
 
+pub mod dictionaries;
 pub mod fsutil;
 pub mod manifest;
 pub mod reader;
@@ -22,6 +24,7 @@ pub mod values;
 pub mod verify;
 pub mod writer;
 
+pub use dictionaries::{DictEntry, FileEntry, TrainLogRow};
 pub use manifest::{DType, HookEntry, HookSpec, Manifest, ModelInfo, ShardEntry, TokenizerInfo};
 pub use reader::{Activations, Shard};
 pub use sampler::{Batch, Epoch, Sampler, SamplerConfig};

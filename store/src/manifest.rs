@@ -134,6 +134,9 @@ pub struct Manifest {
     /// loupe-trainer's capture) but committed atomically with the shards it describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<serde_json::Value>,
+    /// Dictionaries by name (`dictionaries/<name>/`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dictionaries: BTreeMap<String, crate::dictionaries::DictEntry>,
 }
 
 impl Default for Manifest {
@@ -145,6 +148,7 @@ impl Default for Manifest {
             tokenizer: None,
             hooks: BTreeMap::new(),
             capture: None,
+            dictionaries: BTreeMap::new(),
         }
     }
 }
@@ -181,6 +185,16 @@ impl Manifest {
             for shard in &entry.shards {
                 check_file_name(&shard.file)
                     .with_context(|| format!("{} is malformed (hook {hook})", path.display()))?;
+            }
+        }
+        for (name, entry) in &manifest.dictionaries {
+            crate::dictionaries::check_dictionary_name(name)
+                .with_context(|| format!("{} is malformed", path.display()))?;
+            for file in &entry.files {
+                let ok = file.file.split('/').all(|part| check_file_name(part).is_ok());
+                if !ok {
+                    bail!("{} is malformed: dictionary {name} lists file {:?}", path.display(), file.file);
+                }
             }
         }
         Ok(manifest)

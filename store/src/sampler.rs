@@ -36,6 +36,9 @@ pub struct SamplerConfig {
     pub grad: bool,
     /// Skip the last, short batch of an epoch.
     pub drop_last: bool,
+    /// Use only the first this many rows of the hook (in storage order: shard by shard); the rest
+    /// can be held out for evaluation.
+    pub row_limit: Option<u64>,
 }
 
 impl SamplerConfig {
@@ -48,6 +51,7 @@ impl SamplerConfig {
             run_rows: 8,
             grad: false,
             drop_last: false,
+            row_limit: None,
         }
     }
 }
@@ -96,8 +100,10 @@ impl Sampler {
         Ok(Sampler { shards, config, d: acts.spec().d as usize, dtype: acts.spec().dtype })
     }
 
+    /// Rows this sampler delivers per epoch (all of the hook's, or the first `row_limit`).
     pub fn rows(&self) -> u64 {
-        self.shards.iter().map(|s| s.rows() as u64).sum()
+        let all = self.shards.iter().map(|s| s.rows() as u64).sum();
+        self.config.row_limit.map_or(all, |limit| limit.min(all))
     }
 
     /// An empty batch with this sampler's shape, to pass to [`Epoch::next_into`].
@@ -118,9 +124,12 @@ impl Sampler {
         let mut rng = StdRng::seed_from_u64(seed);
         let step = self.config.chunk_rows;
         let mut chunks: Vec<(u32, u32, u32)> = Vec::new();
+        let mut left = self.rows();
         for (s, shard) in self.shards.iter().enumerate() {
-            for start in (0..shard.rows()).step_by(step) {
-                chunks.push((s as u32, start as u32, step.min(shard.rows() - start) as u32));
+            let rows = (shard.rows() as u64).min(left) as usize;
+            left -= rows as u64;
+            for start in (0..rows).step_by(step) {
+                chunks.push((s as u32, start as u32, step.min(rows - start) as u32));
             }
         }
         chunks.shuffle(&mut rng);

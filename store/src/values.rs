@@ -99,6 +99,14 @@ impl<'a> ValuesRef<'a> {
         }
     }
 
+    /// Rows `rows` of a width-`d` table.
+    pub fn rows(&self, rows: std::ops::Range<usize>, d: usize) -> ValuesRef<'a> {
+        match self {
+            ValuesRef::F16(v) => ValuesRef::F16(&v[rows.start * d..rows.end * d]),
+            ValuesRef::F32(v) => ValuesRef::F32(&v[rows.start * d..rows.end * d]),
+        }
+    }
+
     /// The raw bytes (for hashing and bit-exact comparisons).
     pub fn as_bytes(&self) -> &'a [u8] {
         match self {

@@ -1,4 +1,4 @@
-//! `loupe store verify`: check every listed shard against the manifest.
+//! `loupe store verify`: check every listed shard and dictionary file against the manifest.
 //!
 //! For each shard: the file exists, has the listed size and xxh3-128, decodes as Arrow IPC with the
 //! hook's schema, and holds the listed number of rows. Files the manifest does not list (leftovers
@@ -18,6 +18,7 @@ pub struct Report {
     pub shards: usize,
     pub rows: u64,
     pub bytes: u64,
+    pub dictionaries: usize,
     /// One line per problem; empty when the store is sound.
     pub problems: Vec<String>,
     /// Files under `activations/` that no manifest entry names.
@@ -53,6 +54,31 @@ impl Store {
                 }
                 checked += shard.bytes;
                 progress(checked);
+            }
+        }
+        for (name, entry) in &manifest.dictionaries {
+            report.dictionaries += 1;
+            let dir = self.dictionary_dir(name);
+            for file in &entry.files {
+                let path = dir.join(&file.file);
+                let problem = match std::fs::metadata(&path) {
+                    Err(_) => Some(format!("dictionary {name}: {} is missing", path.display())),
+                    Ok(meta) if meta.len() != file.bytes => Some(format!(
+                        "dictionary {name}: {} has {} bytes, the manifest says {}",
+                        path.display(),
+                        meta.len(),
+                        file.bytes
+                    )),
+                    Ok(_) => match file_xxh3(&path) {
+                        Ok(hash) if hash == file.xxh3 => None,
+                        Ok(_) => Some(format!(
+                            "dictionary {name}: {} is corrupt (checksum mismatch)",
+                            path.display()
+                        )),
+                        Err(e) => Some(format!("dictionary {name}: {e:#}")),
+                    },
+                };
+                report.problems.extend(problem);
             }
         }
         report.unlisted = unlisted_files(self);

@@ -56,11 +56,9 @@ pub fn save_sae_with(sae: &Sae, meta: &SaeMeta, train: Option<&TrainConfig>, dir
     if let Some(t) = &sae.threshold {
         tensors.push(("threshold", vec![n], t));
     }
-    let st_meta = HashMap::from([
-        ("model_name".to_string(), meta.model_name.clone()),
-        ("hook_name".to_string(), meta.hook_name.clone()),
-    ]);
-    write_atomic(&dir.join("sae_weights.safetensors"), &serialize(&tensors, Some(st_meta))?)?;
+    // No safetensors metadata: the model and hook names are in cfg.json's `metadata`, and a
+    // metadata map would be written in hash order, making identical weights differ byte-wise.
+    write_atomic(&dir.join("sae_weights.safetensors"), &serialize(&tensors, None)?)?;
     let architecture = if sae.spec.variant.uses_threshold() { "jumprelu" } else { "topk" };
     let mut cfg = json!({
         "architecture": architecture,

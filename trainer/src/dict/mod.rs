@@ -6,15 +6,19 @@
 //! - [`Variant`]: TopK, Mutual Choice (BatchTopK), Feature Choice, g-SAE — how a training batch
 //!   picks its (token, feature) pairs: [`topk`], [`mutual_choice`], [`feature_choice`], [`gsae`];
 //! - [`train`]: the training step shared by the TopK family (sparse backward, fused Adam);
-//! - [`kernels`]: GEMM, partial top-k, sparse codes.
+//! - [`kernels`]: GEMM, partial top-k, sparse codes;
+//! - [`job`]: `train-sae` over a store (checkpoints, resume), [`eval`]: held-out evaluation;
+//! - [`io`]: SAELens and sparsify files, trainer state.
 //!
 //! Layout of the weights (row-major `f32`): `w_enc` `[n_features, d_in]` (row `f` is feature `f`'s
 //! encoder vector), `b_enc` `[n_features]`, `w_dec` `[n_features, d_in]` (row `f` is its decoder
 //! direction, unit norm), `b_dec` `[d_in]`. Saved as SAELens' `W_enc [d_in, d_sae]` (transposed).
 
+pub mod eval;
 pub mod feature_choice;
 pub mod gsae;
 pub mod io;
+pub mod job;
 pub mod kernels;
 pub mod mutual_choice;
 pub mod sae;

@@ -1,0 +1,227 @@
+//! `loupe train-sae`: fit an SAE to a hook's activations in a store, from flags or a TOML config
+//! (`--config`; a flag given on the command line wins over the file).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use loupe_store::Store;
+use loupe_trainer::dict::job::{self, Job};
+use loupe_trainer::dict::{TrainConfig, Variant};
+use serde::Deserialize;
+
+/// Every setting, as flags; the same keys (snake_case) may come from `--config file.toml`.
+#[derive(clap::Args, Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// TOML file with any of these settings (keys as the flags, with '_' for '-').
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// The store holding the activations; the dictionary is written into it.
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// The hook to fit (e.g. blocks.6.hook_resid_post).
+    #[arg(long)]
+    hook: Option<String>,
+    /// Dictionary name in the store (default: <hook>-<variant>-n<n>-k<k>).
+    #[arg(long)]
+    name: Option<String>,
+    /// topk, mutual_choice (batchtopk), feature_choice or gsae.
+    #[arg(long)]
+    variant: Option<Variant>,
+    /// Number of features (or give --expansion).
+    #[arg(long)]
+    n_features: Option<usize>,
+    /// Features per activation dimension (default 32, sparsify's).
+    #[arg(long)]
+    expansion: Option<usize>,
+    /// Active features per token (mean, for mutual and feature choice). Default 32.
+    #[arg(long)]
+    k: Option<usize>,
+    /// Adam learning rate (default 2e-4/√(n/2¹⁴)).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Training tokens (default: one pass over the training rows).
+    #[arg(long)]
+    tokens: Option<u64>,
+    /// Tokens per step (default 4096).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Seed of the initialisation and the shuffle (default 0).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Steps between checkpoints (default 50; 0: only the final files).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Rows at the end of the hook held out for evaluation (default 16384, at most a tenth).
+    #[arg(long)]
+    eval_tokens: Option<u64>,
+    /// Tokens without firing after which a feature is dead for AuxK (default min(10M, tokens/10)).
+    #[arg(long)]
+    dead_tokens: Option<u64>,
+    /// Weight of AuxK / aux_zipf (default 1/32; 0 turns it off).
+    #[arg(long)]
+    auxk_alpha: Option<f32>,
+    /// Features per token in the auxiliary reconstruction (default d/2).
+    #[arg(long)]
+    k_aux: Option<usize>,
+    /// Add the FVU at 4k weighted 1/8 (TopK only).
+    #[arg(long)]
+    #[serde(default)]
+    multi_topk: bool,
+    /// Feature Choice: exponent of the Zipf capacities (default 0.5).
+    #[arg(long)]
+    zipf_exponent: Option<f32>,
+    /// g-SAE: weight of the gradient term (default 1).
+    #[arg(long)]
+    gsae_beta: Option<f32>,
+}
+
+impl Args {
+    /// Flags over the config file.
+    fn merged(&self) -> Result<Args> {
+        let Some(path) = &self.config else { return Ok(self.clone()) };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let file: Args = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config {} is malformed: {}", path.display(), e.message()))?;
+        let f = self.clone();
+        Ok(Args {
+            config: None,
+            store: f.store.or(file.store),
+            hook: f.hook.or(file.hook),
+            name: f.name.or(file.name),
+            variant: f.variant.or(file.variant),
+            n_features: f.n_features.or(file.n_features),
+            expansion: f.expansion.or(file.expansion),
+            k: f.k.or(file.k),
+            lr: f.lr.or(file.lr),
+            tokens: f.tokens.or(file.tokens),
+            batch: f.batch.or(file.batch),
+            seed: f.seed.or(file.seed),
+            checkpoint_every: f.checkpoint_every.or(file.checkpoint_every),
+            eval_tokens: f.eval_tokens.or(file.eval_tokens),
+            dead_tokens: f.dead_tokens.or(file.dead_tokens),
+            auxk_alpha: f.auxk_alpha.or(file.auxk_alpha),
+            k_aux: f.k_aux.or(file.k_aux),
+            multi_topk: f.multi_topk || file.multi_topk,
+            zipf_exponent: f.zipf_exponent.or(file.zipf_exponent),
+            gsae_beta: f.gsae_beta.or(file.gsae_beta),
+        })
+    }
+}
+
+/// Resolve the settings against the store into a job.
+fn job_of(args: &Args) -> Result<Job> {
+    let store_path = args.store.clone().context("no --store given (flag or config)")?;
+    let hook = args.hook.clone().context("no --hook given (flag or config)")?;
+    let variant = args.variant.unwrap_or(Variant::Topk);
+    let store = Store::open(&store_path)?;
+    let manifest = store.manifest();
+    let Some(entry) = manifest.hooks.get(&hook) else {
+        let known: Vec<&String> = manifest.hooks.keys().collect();
+        bail!("store {} has no activations for hook {hook} (it has: {known:?})", store_path.display());
+    };
+    let d = entry.spec.d as usize;
+    let rows = entry.rows();
+    let n = match (args.n_features, args.expansion) {
+        (Some(_), Some(_)) => bail!("give --n-features or --expansion, not both"),
+        (Some(n), None) => n,
+        (None, e) => e.unwrap_or(32) * d,
+    };
+    let k = args.k.unwrap_or(32);
+    let batch = args.batch.unwrap_or(4096);
+    let eval_tokens = args.eval_tokens.unwrap_or((rows / 10).min(16384));
+    let tokens = args.tokens.unwrap_or(rows.saturating_sub(eval_tokens));
+    let mut train = TrainConfig::new(variant, d, n, k, batch);
+    if let Some(lr) = args.lr {
+        train.lr = lr;
+    }
+    train.seed = args.seed.unwrap_or(0);
+    train.dead_tokens = args.dead_tokens.unwrap_or((tokens / 10).clamp(1, 10_000_000));
+    if let Some(a) = args.auxk_alpha {
+        train.auxk_alpha = a;
+    }
+    if let Some(k_aux) = args.k_aux {
+        train.k_aux = k_aux;
+    }
+    if args.multi_topk && variant != Variant::Topk {
+        bail!("--multi-topk applies to the topk variant only");
+    }
+    train.multi_topk = args.multi_topk;
+    if let Some(z) = args.zipf_exponent {
+        train.zipf_exponent = z;
+    }
+    if let Some(b) = args.gsae_beta {
+        train.gsae_beta = b;
+    }
+    train.validate()?;
+    let name = args.name.clone().unwrap_or_else(|| format!("{hook}-{variant}-n{n}-k{k}"));
+    Ok(Job {
+        store: store_path,
+        hook,
+        name,
+        train,
+        tokens,
+        checkpoint_every: args.checkpoint_every.unwrap_or(50),
+        eval_tokens,
+    })
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let job = job_of(&args.merged()?)?;
+    let t = &job.train;
+    let banner = format!(
+        "training {} ({} SAE, d {} → n {}, k {}, batch {}, lr {:e}) on {} of {}: {} tokens, {} held out",
+        job.name,
+        t.variant,
+        t.d_in,
+        t.n_features,
+        t.k,
+        t.batch,
+        t.lr,
+        job.hook,
+        job.store.display(),
+        job.tokens,
+        job.eval_tokens
+    );
+    let bar = ProgressBar::new(job.tokens);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} tokens {per_sec} ETA {eta} {msg}")
+            .expect("valid template"),
+    );
+    // The banner waits for the first step, so that a refused job prints only its error line.
+    let mut banner = Some(banner);
+    let outcome = job::run(&job, |p| {
+        if let Some(b) = banner.take() {
+            bar.println(b);
+        }
+        bar.set_position(p.tokens.min(p.target));
+        let saved = if p.checkpointed { " (checkpoint)" } else { "" };
+        bar.set_message(format!(
+            "step {} FVU {:.4} L0 {:.1} dead {:.1}%{saved}",
+            p.step,
+            p.stats.fvu,
+            p.stats.l0,
+            100.0 * p.stats.dead_fraction
+        ));
+    })?;
+    bar.finish();
+    if let Some(step) = outcome.resumed_from {
+        eprintln!("resumed from the checkpoint at step {step}");
+    }
+    let e = &outcome.eval;
+    eprintln!(
+        "done: {} steps, {} tokens → {}\nheld-out ({} tokens): FVU {:.4}, L0 {:.2}, dead {:.2}%, dense {:.2}%",
+        outcome.steps,
+        outcome.tokens,
+        outcome.dir.display(),
+        e.tokens,
+        e.fvu,
+        e.l0,
+        100.0 * e.dead_fraction,
+        100.0 * e.dense_fraction
+    );
+    Ok(())
+}

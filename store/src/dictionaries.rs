@@ -1,0 +1,192 @@
+//! Dictionaries in a store: `dictionaries/<name>/`, listed in the manifest with their files'
+//! sizes and checksums, plus the training log table.
+//!
+//! The trainer writes a dictionary's files (each atomically) and then calls
+//! [`Store::commit_dictionary`], which hashes them and lists them in the manifest in one atomic
+//! update; files a manifest does not list are not part of the store. While training, the listed
+//! files are the latest checkpoint (`checkpoints/step-NNNNNNNN/…`, status `training`); when
+//! training ends they are the final SAELens-layout files at the top of the folder (status `done`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use arrow_array::{Array, Float32Array, RecordBatch, UInt64Array};
+use arrow_schema::{DataType, Field, Schema};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+use crate::manifest::check_hook_name;
+use crate::store::Store;
+
+/// Folder of all dictionaries, inside the store.
+pub const DICTIONARIES_DIR: &str = "dictionaries";
+
+/// One file of a dictionary, relative to `dictionaries/<name>/`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub file: String,
+    pub bytes: u64,
+    /// xxh3-128, 32 lowercase hex digits.
+    pub xxh3: String,
+}
+
+/// A dictionary's manifest entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DictEntry {
+    /// The hook it reads (for a transcoder: its input hook).
+    pub hook: String,
+    /// `sae` or `monet`.
+    pub kind: String,
+    /// e.g. `topk`, `mutual_choice`, `feature_choice`, `gsae`.
+    pub variant: String,
+    pub d_in: u32,
+    pub n_features: u32,
+    /// `training` (the files are the latest checkpoint) or `done`.
+    pub status: String,
+    pub step: u64,
+    pub tokens: u64,
+    pub files: Vec<FileEntry>,
+}
+
+impl DictEntry {
+    pub fn is_done(&self) -> bool {
+        self.status == "done"
+    }
+}
+
+/// Dictionary names become folder names: TransformerLens-style characters plus `-`.
+pub fn check_dictionary_name(name: &str) -> Result<()> {
+    let plain = name.replace('-', "_");
+    check_hook_name(&plain).map_err(|_| {
+        anyhow::anyhow!("invalid dictionary name {name:?} (use letters, digits, '_', '-' and '.')")
+    })
+}
+
+impl Store {
+    /// `dictionaries/<name>/` (whether or not it exists).
+    pub fn dictionary_dir(&self, name: &str) -> PathBuf {
+        self.root().join(DICTIONARIES_DIR).join(name)
+    }
+
+    /// The manifest entry of dictionary `name`, if it is listed.
+    pub fn dictionary(&self, name: &str) -> Option<DictEntry> {
+        self.manifest().dictionaries.get(name).cloned()
+    }
+
+    /// List dictionary `name` with `files` (paths relative to its folder, already written and
+    /// fsynced), hashing them now. `entry.files` is replaced. The manifest update is atomic.
+    pub fn commit_dictionary(&self, name: &str, mut entry: DictEntry, files: &[&str]) -> Result<()> {
+        check_dictionary_name(name)?;
+        let dir = self.dictionary_dir(name);
+        entry.files = files
+            .iter()
+            .map(|file| {
+                let path = dir.join(file);
+                let bytes = std::fs::metadata(&path)
+                    .with_context(|| format!("cannot stat {}", path.display()))?
+                    .len();
+                Ok(FileEntry { file: file.to_string(), bytes, xxh3: fsutil::file_xxh3(&path)? })
+            })
+            .collect::<Result<_>>()?;
+        for parent in files.iter().filter_map(|f| dir.join(f).parent().map(Path::to_path_buf)) {
+            fsutil::sync_dir(&parent)?;
+        }
+        fsutil::sync_dir(&dir)?;
+        self.commit(|m| {
+            m.dictionaries.insert(name.to_string(), entry);
+            Ok(())
+        })
+    }
+
+    /// Remove dictionary `name` from the manifest, then its folder.
+    pub fn remove_dictionary(&self, name: &str) -> Result<()> {
+        check_dictionary_name(name)?;
+        self.commit(|m| {
+            if m.dictionaries.remove(name).is_none() {
+                bail!("no dictionary named {name:?} in {}", self.root().display());
+            }
+            Ok(())
+        })?;
+        let dir = self.dictionary_dir(name);
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
+    }
+}
+
+/// One row of a training log: what a step measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TrainLogRow {
+    pub step: u64,
+    pub tokens: u64,
+    pub fvu: f32,
+    pub l0: f32,
+    pub aux_loss: f32,
+    pub dead_fraction: f32,
+}
+
+fn train_log_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("step", DataType::UInt64, false),
+        Field::new("tokens", DataType::UInt64, false),
+        Field::new("fvu", DataType::Float32, false),
+        Field::new("l0", DataType::Float32, false),
+        Field::new("aux_loss", DataType::Float32, false),
+        Field::new("dead_fraction", DataType::Float32, false),
+    ]))
+}
+
+/// Write a training log as an Arrow IPC file, atomically.
+pub fn write_train_log(path: &Path, rows: &[TrainLogRow]) -> Result<()> {
+    let u64s = |f: fn(&TrainLogRow) -> u64| Arc::new(UInt64Array::from_iter_values(rows.iter().map(f)));
+    let f32s = |f: fn(&TrainLogRow) -> f32| Arc::new(Float32Array::from_iter_values(rows.iter().map(f)));
+    let batch = RecordBatch::try_new(
+        train_log_schema(),
+        vec![
+            u64s(|r| r.step),
+            u64s(|r| r.tokens),
+            f32s(|r| r.fvu),
+            f32s(|r| r.l0),
+            f32s(|r| r.aux_loss),
+            f32s(|r| r.dead_fraction),
+        ],
+    )?;
+    let mut bytes = Vec::new();
+    {
+        let mut writer = arrow_ipc::writer::FileWriter::try_new(&mut bytes, &batch.schema())?;
+        writer.write(&batch)?;
+        writer.finish()?;
+    }
+    fsutil::write_atomic(path, &bytes)
+}
+
+/// Read a training log written by [`write_train_log`].
+pub fn read_train_log(path: &Path) -> Result<Vec<TrainLogRow>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = arrow_ipc::reader::FileReader::try_new(file, None)
+        .with_context(|| format!("{} is not an Arrow IPC file", path.display()))?;
+    if reader.schema() != train_log_schema() {
+        bail!("{} does not have the training log's schema", path.display());
+    }
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("cannot read {}", path.display()))?;
+        let u = |i: usize| {
+            batch.column(i).as_any().downcast_ref::<UInt64Array>().expect("schema checked").clone()
+        };
+        let f = |i: usize| {
+            batch.column(i).as_any().downcast_ref::<Float32Array>().expect("schema checked").clone()
+        };
+        let (step, tokens, fvu, l0, aux, dead) = (u(0), u(1), f(2), f(3), f(4), f(5));
+        for i in 0..batch.num_rows() {
+            rows.push(TrainLogRow {
+                step: step.value(i),
+                tokens: tokens.value(i),
+                fvu: fvu.value(i),
+                l0: l0.value(i),
+                aux_loss: aux.value(i),
+                dead_fraction: dead.value(i),
+            });
+        }
+    }
+    Ok(rows)
+}

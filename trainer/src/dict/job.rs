@@ -1,0 +1,282 @@
+//! `train-sae` as a resumable batch job over a store.
+//!
+//! The hook's rows are split in storage order: the last `eval_tokens` are held out, the rest are
+//! drawn by the store's shuffled sampler (seeded, full batches only), epoch after epoch, until
+//! `tokens` training tokens have been seen. Every `checkpoint_every` steps the weights (SAELens
+//! layout), the trainer state, the sampler position and the training log are written to
+//! `dictionaries/<name>/checkpoints/step-N/` and listed in the manifest (status `training`).
+//! Restarted with the same settings, the job loads the listed checkpoint, replays the sampler to
+//! the same position and continues: it ends with the same weights as an uninterrupted run (every
+//! kernel sums in a fixed order). At the end the final files are written at the top of the folder,
+//! evaluated on the held-out rows (`eval.json`), and listed with status `done`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use loupe_store::dictionaries::{TrainLogRow, write_train_log};
+use loupe_store::{DictEntry, SamplerConfig, Store};
+use serde_json::{Value, json};
+
+use super::eval::{EvalStats, eval_reconstruction};
+use super::io::{SaeMeta, load_sae, load_state, save_sae_with, save_state};
+use super::train::{StepStats, TrainConfig, Trainer};
+use super::{Dictionary, Variant};
+
+/// Everything `train-sae` needs.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub store: PathBuf,
+    pub hook: String,
+    pub name: String,
+    pub train: TrainConfig,
+    /// Training tokens to see in total.
+    pub tokens: u64,
+    /// Steps between checkpoints (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Rows at the end of the hook held out for evaluation.
+    pub eval_tokens: u64,
+}
+
+/// Reported after every step.
+pub struct Progress<'a> {
+    pub step: u64,
+    pub tokens: u64,
+    pub target: u64,
+    pub stats: &'a StepStats,
+    /// Set when this step wrote a checkpoint.
+    pub checkpointed: bool,
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub dir: PathBuf,
+    pub steps: u64,
+    pub tokens: u64,
+    /// The step a resumed run continued from.
+    pub resumed_from: Option<u64>,
+    pub eval: EvalStats,
+}
+
+/// Where the sampler stands: batches already drawn from epoch `epoch`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Position {
+    epoch: u64,
+    batch: u64,
+}
+
+pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
+    let store = Store::open_rw(&job.store)?;
+    let manifest = store.manifest();
+    let Some(hook) = manifest.hooks.get(&job.hook) else {
+        let known: Vec<&String> = manifest.hooks.keys().collect();
+        bail!("store {} has no activations for hook {} (it has: {known:?})", job.store.display(), job.hook);
+    };
+    let d = hook.spec.d as usize;
+    if job.train.d_in != d {
+        bail!("hook {} has width {d}, the configuration says d_in {}", job.hook, job.train.d_in);
+    }
+    if job.train.variant == Variant::Gsae && !hook.spec.grad {
+        bail!("g-SAE needs loss gradients: capture {} with --with-grads first", job.hook);
+    }
+    let rows = hook.rows();
+    if job.eval_tokens >= rows {
+        bail!(
+            "hook {} has {rows} rows; --eval-tokens {} leaves nothing to train on",
+            job.hook,
+            job.eval_tokens
+        );
+    }
+    let train_rows = rows - job.eval_tokens;
+    if train_rows < job.train.batch as u64 {
+        bail!(
+            "hook {} has {train_rows} training rows, fewer than one batch of {}",
+            job.hook,
+            job.train.batch
+        );
+    }
+    job.train.validate()?;
+    let meta = meta_of(&manifest, &job.hook);
+    let dir = store.dictionary_dir(&job.name);
+
+    // Fresh start or resume.
+    let (mut trainer, mut log, mut pos, resumed_from) = match store.dictionary(&job.name) {
+        Some(entry) if entry.is_done() => bail!(
+            "dictionary {} is already trained in {} (choose another --name, or remove it)",
+            job.name,
+            job.store.display()
+        ),
+        Some(entry) => {
+            let ckpt = entry
+                .files
+                .iter()
+                .find_map(|f| f.file.strip_suffix("/state.json"))
+                .context("the listed checkpoint has no state.json")?;
+            let ckpt = dir.join(ckpt);
+            let (cfg, state, resume) = load_state(&ckpt)?;
+            if cfg != job.train || entry.hook != job.hook {
+                bail!(
+                    "dictionary {} was started with other settings (hook {}, {}); use the same settings to \
+                     resume, or another --name",
+                    job.name,
+                    entry.hook,
+                    serde_json::to_string(&cfg)?
+                );
+            }
+            let (sae, _) = load_sae(&ckpt)?;
+            let log = loupe_store::dictionaries::read_train_log(&ckpt.join("train_log.arrow"))?;
+            let pos = Position {
+                epoch: resume["epoch"].as_u64().context("state.json has no resume.epoch")?,
+                batch: resume["batch"].as_u64().context("state.json has no resume.batch")?,
+            };
+            let step = state.step;
+            (Trainer::resume(cfg, sae, state)?, log, pos, Some(step))
+        }
+        None => {
+            if dir.exists() {
+                // Files of a run that never reached its first checkpoint: not part of the store.
+                std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+            }
+            (Trainer::new(job.train.clone())?, Vec::new(), Position::default(), None)
+        }
+    };
+
+    let config = SamplerConfig {
+        seed: job.train.seed,
+        grad: job.train.variant == Variant::Gsae,
+        drop_last: true,
+        row_limit: Some(train_rows),
+        ..SamplerConfig::new(job.train.batch)
+    };
+    let acts = store.activations(&job.hook)?;
+    let sampler = loupe_store::Sampler::new(&acts, config)?;
+    let mut epoch = sampler.epoch(pos.epoch);
+    let mut batch = sampler.empty_batch();
+    for _ in 0..pos.batch {
+        if !epoch.next_into(&mut batch) {
+            bail!("the checkpoint's sampler position is past the end of its epoch (was the store changed?)");
+        }
+    }
+    let (mut x, mut g) = (Vec::new(), Vec::new());
+    while trainer.state.tokens < job.tokens {
+        if !epoch.next_into(&mut batch) {
+            pos = Position { epoch: pos.epoch + 1, batch: 0 };
+            epoch = sampler.epoch(pos.epoch);
+            if !epoch.next_into(&mut batch) {
+                bail!("the sampler delivered no batch (store has {train_rows} training rows)");
+            }
+        }
+        pos.batch += 1;
+        batch.act.as_ref().to_f32_into(&mut x);
+        let grad = match &batch.grad {
+            Some(values) => {
+                values.as_ref().to_f32_into(&mut g);
+                Some(&g[..])
+            }
+            None => None,
+        };
+        let stats = trainer.step(&x, grad).with_context(|| format!("step {}", trainer.state.step + 1))?;
+        log.push(TrainLogRow {
+            step: trainer.state.step,
+            tokens: trainer.state.tokens,
+            fvu: stats.fvu,
+            l0: stats.l0,
+            aux_loss: stats.aux_loss,
+            dead_fraction: stats.dead_fraction,
+        });
+        if !stats.fvu.is_finite() {
+            bail!("training diverged at step {} (FVU {}); try a lower --lr", trainer.state.step, stats.fvu);
+        }
+        let done = trainer.state.tokens >= job.tokens;
+        let checkpointed =
+            !done && job.checkpoint_every > 0 && trainer.state.step % job.checkpoint_every == 0;
+        if checkpointed {
+            checkpoint(&store, job, &trainer, &meta, &log, pos)?;
+        }
+        progress(&Progress {
+            step: trainer.state.step,
+            tokens: trainer.state.tokens,
+            target: job.tokens,
+            stats: &stats,
+            checkpointed,
+        });
+    }
+
+    // Final files, evaluation, listing.
+    let eval = eval_reconstruction(&trainer.sae, &acts, train_rows..rows)?;
+    save_sae_with(&trainer.sae, &meta, Some(&trainer.cfg), &dir)?;
+    write_train_log(&dir.join("train_log.arrow"), &log)?;
+    let eval_json =
+        serde_json::to_string_pretty(&json!({ "held_out": eval, "held_out_rows": [train_rows, rows] }))?;
+    loupe_store::fsutil::write_atomic(&dir.join("eval.json"), (eval_json + "\n").as_bytes())?;
+    let entry = entry(job, &trainer, "done");
+    store.commit_dictionary(
+        &job.name,
+        entry,
+        &["cfg.json", "sae_weights.safetensors", "train_log.arrow", "eval.json"],
+    )?;
+    let checkpoints = dir.join("checkpoints");
+    if checkpoints.exists() {
+        std::fs::remove_dir_all(&checkpoints)
+            .with_context(|| format!("cannot remove {}", checkpoints.display()))?;
+    }
+    Ok(Outcome { dir, steps: trainer.state.step, tokens: trainer.state.tokens, resumed_from, eval })
+}
+
+fn entry(job: &Job, trainer: &Trainer, status: &str) -> DictEntry {
+    DictEntry {
+        hook: job.hook.clone(),
+        kind: "sae".to_string(),
+        variant: trainer.cfg.variant.name().to_string(),
+        d_in: trainer.cfg.d_in as u32,
+        n_features: trainer.sae.n_features() as u32,
+        status: status.to_string(),
+        step: trainer.state.step,
+        tokens: trainer.state.tokens,
+        files: Vec::new(),
+    }
+}
+
+/// Write checkpoint `step-N`, list it, then remove older checkpoint folders.
+fn checkpoint(
+    store: &Store,
+    job: &Job,
+    trainer: &Trainer,
+    meta: &SaeMeta,
+    log: &[TrainLogRow],
+    pos: Position,
+) -> Result<()> {
+    let rel = format!("checkpoints/step-{:08}", trainer.state.step);
+    let root = store.dictionary_dir(&job.name);
+    let dir = root.join(&rel);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    save_sae_with(&trainer.sae, meta, Some(&trainer.cfg), &dir)?;
+    save_state(&trainer.cfg, &trainer.state, &json!({ "epoch": pos.epoch, "batch": pos.batch }), &dir)?;
+    write_train_log(&dir.join("train_log.arrow"), log)?;
+    let files: Vec<String> =
+        ["cfg.json", "sae_weights.safetensors", "state.safetensors", "state.json", "train_log.arrow"]
+            .iter()
+            .map(|f| format!("{rel}/{f}"))
+            .collect();
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    store.commit_dictionary(&job.name, entry(job, trainer, "training"), &files)?;
+    for old in std::fs::read_dir(root.join("checkpoints"))?.flatten() {
+        if old.path() != dir {
+            std::fs::remove_dir_all(old.path())
+                .with_context(|| format!("cannot remove {}", old.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// SAELens metadata from the store: model name, hook, and the capture's context settings.
+fn meta_of(manifest: &loupe_store::Manifest, hook: &str) -> SaeMeta {
+    let settings = manifest.capture.as_ref().map(|c| &c["settings"]).cloned().unwrap_or(Value::Null);
+    SaeMeta {
+        model_name: manifest.model.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+        hook_name: hook.to_string(),
+        context_size: settings["context"].as_u64().map(|v| v as usize),
+        prepend_bos: settings["bos"].as_bool(),
+        dataset_path: settings["corpus"].as_str().map(str::to_string),
+    }
+}
