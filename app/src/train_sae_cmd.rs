@@ -57,6 +57,10 @@ pub struct Args {
     /// Rows at the end of the hook held out for evaluation (default 16384, at most a tenth).
     #[arg(long)]
     eval_tokens: Option<u64>,
+    /// Held-out contexts run through the model with the SAE spliced in, for CE-loss recovered and
+    /// KL (default 8; 0 skips it).
+    #[arg(long)]
+    eval_contexts: Option<usize>,
     /// Tokens without firing after which a feature is dead for AuxK (default min(10M, tokens/10)).
     #[arg(long)]
     dead_tokens: Option<u64>,
@@ -102,6 +106,7 @@ impl Args {
             seed: f.seed.or(file.seed),
             checkpoint_every: f.checkpoint_every.or(file.checkpoint_every),
             eval_tokens: f.eval_tokens.or(file.eval_tokens),
+            eval_contexts: f.eval_contexts.or(file.eval_contexts),
             dead_tokens: f.dead_tokens.or(file.dead_tokens),
             auxk_alpha: f.auxk_alpha.or(file.auxk_alpha),
             k_aux: f.k_aux.or(file.k_aux),
@@ -166,6 +171,7 @@ fn job_of(args: &Args) -> Result<Job> {
         tokens,
         checkpoint_every: args.checkpoint_every.unwrap_or(50),
         eval_tokens,
+        eval_contexts: args.eval_contexts.unwrap_or(8),
     })
 }
 
@@ -223,5 +229,13 @@ pub fn run(args: &Args) -> Result<()> {
         100.0 * e.dead_fraction,
         100.0 * e.dense_fraction
     );
+    match &outcome.splice {
+        Ok(s) => eprintln!(
+            "spliced into the model ({} contexts, {} predictions): CE clean {:.4}, spliced {:.4}, zero-ablated {:.4} \
+             → CE-loss recovered {:.4}, KL {:.4}",
+            s.contexts, s.tokens, s.ce_clean, s.ce_spliced, s.ce_zero_ablation, s.ce_loss_recovered, s.kl
+        ),
+        Err(why) => eprintln!("CE-loss recovered: not measured: {why}"),
+    }
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! evaluated on the held-out rows (`eval.json`), and listed with status `done`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use loupe_store::dictionaries::{TrainLogRow, write_train_log};
@@ -19,6 +20,7 @@ use serde_json::{Value, json};
 
 use super::eval::{EvalStats, eval_reconstruction};
 use super::io::{SaeMeta, load_sae, load_state, save_sae_with, save_state};
+use super::splice::{SpliceStats, contexts_from_rows, eval_splice};
 use super::train::{StepStats, TrainConfig, Trainer};
 use super::{Dictionary, Variant};
 
@@ -35,6 +37,8 @@ pub struct Job {
     pub checkpoint_every: u64,
     /// Rows at the end of the hook held out for evaluation.
     pub eval_tokens: u64,
+    /// Held-out contexts run through the model with the dictionary spliced in (0: skip).
+    pub eval_contexts: usize,
 }
 
 /// Reported after every step.
@@ -56,6 +60,8 @@ pub struct Outcome {
     /// The step a resumed run continued from.
     pub resumed_from: Option<u64>,
     pub eval: EvalStats,
+    /// CE-loss recovered and KL, or why they were not measured.
+    pub splice: std::result::Result<SpliceStats, String>,
 }
 
 /// Where the sampler stands: batches already drawn from epoch `epoch`.
@@ -204,10 +210,21 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
 
     // Final files, evaluation, listing.
     let eval = eval_reconstruction(&trainer.sae, &acts, train_rows..rows)?;
+    let splice = if job.eval_contexts == 0 {
+        Err("skipped (--eval-contexts 0)".to_string())
+    } else {
+        let sae: Arc<dyn Dictionary> = Arc::new(trainer.sae.clone());
+        splice_held_out(&store, &acts, &job.hook, sae, train_rows..rows, job.eval_contexts)
+    };
     save_sae_with(&trainer.sae, &meta, Some(&trainer.cfg), &dir)?;
     write_train_log(&dir.join("train_log.arrow"), &log)?;
-    let eval_json =
-        serde_json::to_string_pretty(&json!({ "held_out": eval, "held_out_rows": [train_rows, rows] }))?;
+    let splice_json = match &splice {
+        Ok(s) => json!(s),
+        Err(why) => json!({ "skipped": why }),
+    };
+    let eval_json = serde_json::to_string_pretty(
+        &json!({ "held_out": eval, "held_out_rows": [train_rows, rows], "splice": splice_json }),
+    )?;
     loupe_store::fsutil::write_atomic(&dir.join("eval.json"), (eval_json + "\n").as_bytes())?;
     let entry = entry(job, &trainer, "done");
     store.commit_dictionary(
@@ -220,7 +237,45 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
         std::fs::remove_dir_all(&checkpoints)
             .with_context(|| format!("cannot remove {}", checkpoints.display()))?;
     }
-    Ok(Outcome { dir, steps: trainer.state.step, tokens: trainer.state.tokens, resumed_from, eval })
+    Ok(Outcome { dir, steps: trainer.state.step, tokens: trainer.state.tokens, resumed_from, eval, splice })
+}
+
+/// CE-loss recovered and KL on the first `max` held-out contexts, with the store's model; an
+/// `Err` says why it could not be measured (the model file is gone, changed, or unreadable).
+fn splice_held_out(
+    store: &Store,
+    acts: &loupe_store::Activations,
+    hook: &str,
+    dict: Arc<dyn Dictionary>,
+    rows: std::ops::Range<u64>,
+    max: usize,
+) -> std::result::Result<SpliceStats, String> {
+    let manifest = store.manifest();
+    let model_info = manifest.model.as_ref().ok_or("the store records no model")?;
+    let path = std::path::Path::new(&model_info.path);
+    if !path.exists() {
+        return Err(format!("the store's model {} is not on this machine", path.display()));
+    }
+    let bos = manifest.tokenizer.as_ref().and_then(|t| t.bos).ok_or("the store records no BOS token")?;
+    let context =
+        manifest.capture.as_ref().and_then(|c| c["settings"]["context"].as_u64()).unwrap_or(256) as usize;
+    let (mut doc, mut pos, mut token) = (Vec::new(), Vec::new(), Vec::new());
+    let mut offset = 0u64;
+    for i in 0..acts.num_shards() {
+        let shard = acts.open_shard(i).map_err(|e| format!("{e:#}"))?;
+        let n = shard.rows() as u64;
+        let (lo, hi) = (rows.start.max(offset), rows.end.min(offset + n));
+        if lo < hi {
+            let r = (lo - offset) as usize..(hi - offset) as usize;
+            doc.extend_from_slice(&shard.doc()[r.clone()]);
+            pos.extend_from_slice(&shard.pos()[r.clone()]);
+            token.extend_from_slice(&shard.token()[r]);
+        }
+        offset += n;
+    }
+    let contexts = contexts_from_rows(&doc, &pos, &token, bos, context, max);
+    let model = crate::model::load(path).map_err(|e| format!("cannot load the store's model: {e:#}"))?;
+    eval_splice(model.as_ref(), dict, hook, &contexts).map_err(|e| format!("splicing failed: {e:#}"))
 }
 
 fn entry(job: &Job, trainer: &Trainer, status: &str) -> DictEntry {

@@ -7,7 +7,8 @@
 //!   picks its (token, feature) pairs: [`topk`], [`mutual_choice`], [`feature_choice`], [`gsae`];
 //! - [`train`]: the training step shared by the TopK family (sparse backward, fused Adam);
 //! - [`kernels`]: GEMM, partial top-k, sparse codes;
-//! - [`job`]: `train-sae` over a store (checkpoints, resume), [`eval`]: held-out evaluation;
+//! - [`job`]: `train-sae` over a store (checkpoints, resume), [`eval`]: held-out evaluation,
+//!   [`splice`]: CE-loss recovered and KL with the dictionary spliced into the model;
 //! - [`io`]: SAELens and sparsify files, trainer state.
 //!
 //! Layout of the weights (row-major `f32`): `w_enc` `[n_features, d_in]` (row `f` is feature `f`'s
@@ -22,6 +23,7 @@ pub mod job;
 pub mod kernels;
 pub mod mutual_choice;
 pub mod sae;
+pub mod splice;
 pub mod topk;
 pub mod train;
 
