@@ -37,6 +37,20 @@ enum Command {
     Capture(capture_cmd::Args),
     /// Fit an SAE (TopK, Mutual Choice, Feature Choice, g-SAE) to a hook's activations in a store.
     TrainSae(train_sae_cmd::Args),
+    /// Import an SAELens or sparsify dictionary folder into a store.
+    Import {
+        /// The dictionary folder (cfg.json + sae_weights.safetensors or sae.safetensors).
+        path: PathBuf,
+        /// The store to add it to.
+        #[arg(long)]
+        store: PathBuf,
+        /// Name in the store (default: the folder's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The TransformerLens hook it reads (default: the checkpoint's metadata.hook_name).
+        #[arg(long)]
+        hook: Option<String>,
+    },
     /// Inspect and check a store.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -69,6 +83,11 @@ fn main() -> ExitCode {
         Command::Fetch(args) => fetch::run(&args),
         Command::Capture(args) => capture_cmd::run(&args),
         Command::TrainSae(args) => train_sae_cmd::run(&args),
+        Command::Import { path, store, name, hook } => {
+            loupe_trainer::dict::import::import(&store, &path, name.as_deref(), hook.as_deref()).map(|name| {
+                println!("imported {} into {} as dictionary {name}", path.display(), store.display());
+            })
+        }
         Command::Store(StoreCommand::Info { dir }) => store_cmd::info(&dir),
         Command::Store(StoreCommand::Verify { dir }) => store_cmd::verify(&dir),
         Command::Tokenize(args) => tokenize::run(&args),

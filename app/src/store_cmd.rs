@@ -62,6 +62,26 @@ pub fn info(dir: &Path) -> Result<()> {
             }
         }
     }
+    println!("dictionaries {}", m.dictionaries.len());
+    for (name, d) in &m.dictionaries {
+        println!(
+            "  {name}  {} {} on {}  d {} → {} features  {} (step {}, {} tokens)",
+            d.kind, d.variant, d.hook, d.d_in, d.n_features, d.status, d.step, d.tokens
+        );
+        for file in &d.files {
+            let path = store.dictionary_dir(name).join(&file.file);
+            match std::fs::metadata(&path) {
+                Err(_) => missing.push(format!("{} is listed in the manifest but missing", path.display())),
+                Ok(meta) if meta.len() != file.bytes => missing.push(format!(
+                    "{} is {} bytes but the manifest says {}",
+                    path.display(),
+                    meta.len(),
+                    file.bytes
+                )),
+                Ok(_) => {}
+            }
+        }
+    }
     if let Some(first) = missing.first() {
         bail!("{first}{}", more(missing.len()));
     }
@@ -94,12 +114,13 @@ pub fn verify(dir: &Path) -> Result<()> {
         bail!("{}", report.problems.last().expect("not ok means at least one problem"));
     }
     println!(
-        "ok: {} verified: {} hooks, {} shards, {} rows, {}",
+        "ok: {} verified: {} hooks, {} shards, {} rows, {}, {} dictionaries",
         dir.display(),
         report.hooks,
         report.shards,
         report.rows,
-        bytes(report.bytes)
+        bytes(report.bytes),
+        report.dictionaries
     );
     Ok(())
 }

@@ -59,7 +59,11 @@ pub fn save_sae_with(sae: &Sae, meta: &SaeMeta, train: Option<&TrainConfig>, dir
     // No safetensors metadata: the model and hook names are in cfg.json's `metadata`, and a
     // metadata map would be written in hash order, making identical weights differ byte-wise.
     write_atomic(&dir.join("sae_weights.safetensors"), &serialize(&tensors, None)?)?;
-    let architecture = if sae.spec.variant.uses_threshold() { "jumprelu" } else { "topk" };
+    let architecture = match sae.spec.variant {
+        Variant::Relu => "standard",
+        v if v.uses_threshold() => "jumprelu",
+        _ => "topk",
+    };
     let mut cfg = json!({
         "architecture": architecture,
         "d_in": d,
@@ -121,10 +125,11 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
     let variant = match (loupe_variant, architecture) {
         (Some(v), _) => v.parse()?,
         (None, "topk") => Variant::Topk,
-        (None, "jumprelu") | (None, "batchtopk") => Variant::MutualChoice,
-        (None, other) => bail!(
-            "SAELens architecture {other:?} is not supported yet (supported: topk, jumprelu, batchtopk)"
-        ),
+        (None, "jumprelu") => Variant::Jumprelu,
+        (None, "standard") => Variant::Relu,
+        (None, other) => {
+            bail!("SAELens architecture {other:?} is not supported yet (supported: topk, jumprelu, standard)")
+        }
     };
     let k = cfg["loupe"]["k"].as_u64().or(cfg["k"].as_u64()).unwrap_or(0) as usize;
     let w_enc_t = tensor(&st, "W_enc", &[d, n])?;
@@ -137,7 +142,7 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
         b_dec: tensor(&st, "b_dec", &[d])?,
         threshold,
     };
-    if !variant.uses_threshold() && k == 0 {
+    if matches!(variant, Variant::Topk | Variant::Gsae) && k == 0 {
         bail!("cfg.json has no k for a TopK SAE");
     }
     sae.validate()?;

@@ -9,7 +9,7 @@
 //! - [`kernels`]: GEMM, partial top-k, sparse codes;
 //! - [`job`]: `train-sae` over a store (checkpoints, resume), [`eval`]: held-out evaluation,
 //!   [`splice`]: CE-loss recovered and KL with the dictionary spliced into the model;
-//! - [`io`]: SAELens and sparsify files, trainer state.
+//! - [`io`]: SAELens and sparsify files, trainer state; [`import`]: such files into a store.
 //!
 //! Layout of the weights (row-major `f32`): `w_enc` `[n_features, d_in]` (row `f` is feature `f`'s
 //! encoder vector), `b_enc` `[n_features]`, `w_dec` `[n_features, d_in]` (row `f` is its decoder
@@ -18,6 +18,7 @@
 pub mod eval;
 pub mod feature_choice;
 pub mod gsae;
+pub mod import;
 pub mod io;
 pub mod job;
 pub mod kernels;
@@ -65,10 +66,16 @@ pub enum Variant {
     /// TopK over the pre-activation scaled by the loss gradient's projection on the decoder
     /// (Olmo et al.); needs the store's `grad` column.
     Gsae,
+    /// JumpReLU (Rajamanoharan et al.): active above a learned per-feature threshold. Imported
+    /// SAELens dictionaries only; Loupe does not train it yet.
+    Jumprelu,
+    /// Standard ReLU SAE (trained with an L1 penalty). Imported only; not trained by Loupe yet.
+    Relu,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 4] =
+    /// The variants Loupe trains.
+    pub const TRAINABLE: [Variant; 4] =
         [Variant::Topk, Variant::MutualChoice, Variant::FeatureChoice, Variant::Gsae];
 
     pub fn name(self) -> &'static str {
@@ -77,12 +84,18 @@ impl Variant {
             Variant::MutualChoice => "mutual_choice",
             Variant::FeatureChoice => "feature_choice",
             Variant::Gsae => "gsae",
+            Variant::Jumprelu => "jumprelu",
+            Variant::Relu => "relu",
         }
     }
 
     /// Whether inference uses per-feature thresholds (saved as `threshold`) rather than top-k.
     pub fn uses_threshold(self) -> bool {
-        matches!(self, Variant::MutualChoice | Variant::FeatureChoice)
+        matches!(self, Variant::MutualChoice | Variant::FeatureChoice | Variant::Jumprelu)
+    }
+
+    pub fn is_trainable(self) -> bool {
+        Variant::TRAINABLE.contains(&self)
     }
 }
 
@@ -101,10 +114,11 @@ impl std::str::FromStr for Variant {
             "mutual_choice" | "batchtopk" | "batch_topk" => Variant::MutualChoice,
             "feature_choice" => Variant::FeatureChoice,
             "gsae" | "g_sae" => Variant::Gsae,
-            "jumprelu" | "relu" | "l1" | "standard" => {
-                bail!("variant {s:?} is not built yet (built: topk, mutual_choice, feature_choice, gsae)")
-            }
-            _ => bail!("unknown variant {s:?} (expected topk, mutual_choice, feature_choice or gsae)"),
+            "jumprelu" => Variant::Jumprelu,
+            "relu" | "l1" | "standard" => Variant::Relu,
+            _ => bail!(
+                "unknown variant {s:?} (expected topk, mutual_choice, feature_choice, gsae, jumprelu or relu)"
+            ),
         })
     }
 }

@@ -4,7 +4,8 @@
 //! (g-SAE has no gradient at inference, as in its paper); Mutual Choice and Feature Choice keep the
 //! pre-activations above the thresholds learned in training (`threshold`, one per feature; Mutual
 //! Choice's are all equal). That threshold rule is SAELens' `jumprelu` architecture, so those
-//! variants load in SAELens as JumpReLU SAEs.
+//! variants load in SAELens as JumpReLU SAEs. Imported JumpReLU SAEs use the same rule, imported
+//! standard (ReLU) SAEs keep every positive pre-activation.
 
 use std::path::Path;
 
@@ -113,6 +114,13 @@ impl Sae {
                             let v = p + b;
                             if v > 0.0 && v > *t {
                                 sel.push((f as u32, v));
+                            }
+                        }
+                    }
+                    None if self.spec.variant == Variant::Relu => {
+                        for (f, (p, b)) in row.iter().zip(&self.b_enc).enumerate() {
+                            if p + b > 0.0 {
+                                sel.push((f as u32, p + b));
                             }
                         }
                     }

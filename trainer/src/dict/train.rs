@@ -90,6 +90,14 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if !self.variant.is_trainable() {
+            bail!(
+                "training {} SAEs is not built yet (Loupe trains topk, mutual_choice, feature_choice and gsae; \
+                 {} dictionaries can be imported)",
+                self.variant,
+                self.variant
+            );
+        }
         if self.d_in == 0 || self.n_features == 0 || self.batch == 0 {
             bail!("d_in, n_features and batch must be at least 1");
         }
@@ -378,7 +386,7 @@ impl Trainer {
             s.pre.resize(tokens * n, 0.0);
             kernels::matmul_nt(&s.xc, &self.sae.w_enc, &mut s.pre, tokens, n, d, feature_major);
             let observed = match self.cfg.variant {
-                Variant::Topk => unreachable!(),
+                Variant::Topk | Variant::Jumprelu | Variant::Relu => unreachable!("not trained here"),
                 Variant::Gsae => {
                     let g = grad.expect("checked by check_batch");
                     let (k, beta) = (self.cfg.k, self.cfg.gsae_beta);

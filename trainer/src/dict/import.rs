@@ -1,0 +1,76 @@
+//! `loupe import`: bring an SAELens or sparsify dictionary into a store, so that analysis and the
+//! app treat it like one Loupe trained.
+//!
+//! The folder is read and checked in full ([`super::io::load_sae`]), then written back in Loupe's
+//! SAELens layout under `dictionaries/<name>/` and listed (status `done`). The hook is the
+//! checkpoint's `metadata.hook_name` unless given (sparsify names hooks after modules, e.g.
+//! `layers.6`, which are not TransformerLens names); when the store has activations at that hook,
+//! their width must match.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use loupe_store::{DictEntry, Store};
+
+use super::Dictionary;
+use super::io::{load_sae, save_sae};
+
+/// Import the dictionary in `src` into the store at `store_path`; returns its name.
+pub fn import(store_path: &Path, src: &Path, name: Option<&str>, hook: Option<&str>) -> Result<String> {
+    if !src.is_dir() {
+        bail!("{} is not a dictionary folder (expected cfg.json + safetensors weights)", src.display());
+    }
+    let (sae, mut meta) = load_sae(src)?;
+    let hook = match hook {
+        Some(h) => h.to_string(),
+        None if meta.hook_name.contains("hook_") => meta.hook_name.clone(),
+        None => bail!(
+            "{} names no TransformerLens hook (metadata says {:?}); give --hook",
+            src.display(),
+            meta.hook_name
+        ),
+    };
+    let store = Store::open_rw(store_path)?;
+    let manifest = store.manifest();
+    if let Some(entry) = manifest.hooks.get(&hook)
+        && entry.spec.d as usize != sae.d_in()
+    {
+        bail!(
+            "the dictionary reads width {}, but hook {hook} in the store has width {}",
+            sae.d_in(),
+            entry.spec.d
+        );
+    }
+    let name = name.map(str::to_string).unwrap_or_else(|| {
+        src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "imported".to_string())
+    });
+    loupe_store::dictionaries::check_dictionary_name(&name)?;
+    if manifest.dictionaries.contains_key(&name) {
+        bail!("the store already has a dictionary named {name} (give another --name)");
+    }
+    let dir = store.dictionary_dir(&name);
+    if dir.exists() {
+        // Unlisted leftovers of an interrupted import: not part of the store.
+        std::fs::remove_dir_all(&dir)?;
+    }
+    meta.hook_name = hook.clone();
+    if meta.model_name.is_empty()
+        && let Some(model) = &manifest.model
+    {
+        meta.model_name = model.name.clone();
+    }
+    save_sae(&sae, &meta, &dir)?;
+    let entry = DictEntry {
+        hook,
+        kind: "sae".to_string(),
+        variant: sae.spec.variant.name().to_string(),
+        d_in: sae.d_in() as u32,
+        n_features: sae.n_features() as u32,
+        status: "done".to_string(),
+        step: 0,
+        tokens: 0,
+        files: Vec::new(),
+    };
+    store.commit_dictionary(&name, entry, &["cfg.json", "sae_weights.safetensors"])?;
+    Ok(name)
+}
