@@ -26,6 +26,10 @@ use super::Variant;
 use super::sae::{Sae, SaeSpec};
 use super::train::{Moments, TrainConfig, TrainerState};
 
+/// The SAELens config format Loupe writes (`metadata.sae_lens_version`): 6.0 introduced the
+/// nested `metadata` block and the per-architecture configs.
+pub const SAELENS_FORMAT_VERSION: &str = "6.0.0";
+
 /// What a dictionary was trained on (SAELens' `metadata`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SaeMeta {
@@ -80,6 +84,10 @@ pub fn save_sae_with(sae: &Sae, meta: &SaeMeta, train: Option<&TrainConfig>, dir
             "context_size": meta.context_size,
             "prepend_bos": meta.prepend_bos,
             "dataset_path": meta.dataset_path,
+            // SAELens >= 6 reads this block only when it names a 6.x format version; without it,
+            // `handle_pre_6_0_config` rebuilds `metadata` from top-level keys and drops ours.
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": null,
         },
         "loupe": {
             "variant": sae.spec.variant,
@@ -146,7 +154,16 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
         bail!("cfg.json has no k for a TopK SAE");
     }
     sae.validate()?;
-    let meta: SaeMeta = serde_json::from_value(cfg["metadata"].clone()).unwrap_or_default();
+    // SAELens < 6 kept these at the top level, with no `metadata` block.
+    let meta_block = if cfg["metadata"].is_object() { &cfg["metadata"] } else { cfg };
+    let text = |key: &str| meta_block[key].as_str().unwrap_or_default().to_string();
+    let meta = SaeMeta {
+        model_name: text("model_name"),
+        hook_name: text("hook_name"),
+        context_size: meta_block["context_size"].as_u64().map(|v| v as usize),
+        prepend_bos: meta_block["prepend_bos"].as_bool(),
+        dataset_path: meta_block["dataset_path"].as_str().map(str::to_string),
+    };
     Ok((sae, meta))
 }
 

@@ -34,8 +34,10 @@ const BETA2: f32 = 0.999;
 const EPS: f32 = 1e-8;
 /// Features per block of the per-feature pass.
 const BLOCK_FEATURES: usize = 64;
-/// Tokens per encoder GEMM + selection chunk for TopK (their pre-activations stay in cache).
-const TOPK_CHUNK: usize = 512;
+/// Tokens per encoder GEMM + selection chunk for TopK: bounds the `[chunk, n]` pre-activation
+/// buffer. Smaller chunks keep it in cache but make the GEMM repack W_enc once per chunk, which
+/// costs more than it saves at d 640, n 16384 (BENCHMARKS.md).
+const TOPK_CHUNK: usize = 4096;
 
 /// Training hyper-parameters (everything but the data).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -365,8 +367,8 @@ impl Trainer {
         };
         let use_aux = self.cfg.auxk_alpha > 0.0 && !aux_set.is_empty();
 
-        // Encoder GEMM and selection. TopK selects per token, so it runs in chunks of tokens whose
-        // pre-activations stay in cache; the others need the whole batch's.
+        // Encoder GEMM and selection. TopK selects per token, so it can run in chunks of tokens;
+        // the others need the whole batch's pre-activations.
         let observed = if self.cfg.variant == Variant::Topk {
             let chunk = TOPK_CHUNK.min(tokens);
             s.pre.resize(chunk * n, 0.0);
