@@ -11,40 +11,40 @@ use loupe_trainer::capture::{CaptureConfig, capture};
 pub struct Args {
     /// Model: a GGUF file or an HF directory.
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// Corpus: a UTF-8 text file, a folder of them, or JSONL with a "text" field.
     #[arg(long)]
-    corpus: PathBuf,
+    pub(crate) corpus: PathBuf,
     /// The store to write (created if missing; resumed if it holds this capture unfinished).
     #[arg(long)]
-    store: PathBuf,
+    pub(crate) store: PathBuf,
     /// Hook points to capture (TransformerLens names), e.g. blocks.6.hook_resid_post.
     #[arg(long = "hook", required = true)]
-    hooks: Vec<String>,
+    pub(crate) hooks: Vec<String>,
     /// Tokens per context, BOS included.
     #[arg(long, default_value_t = 256)]
-    context: usize,
+    pub(crate) context: usize,
     /// Tokens between context starts (default: contexts do not overlap).
     #[arg(long)]
-    stride: Option<usize>,
+    pub(crate) stride: Option<usize>,
     /// Do not put a BOS token at the start of each context.
     #[arg(long)]
-    no_bos: bool,
+    pub(crate) no_bos: bool,
     /// Element type stored: f32 or f16.
     #[arg(long, default_value = "f32")]
-    dtype: DType,
+    pub(crate) dtype: DType,
     /// Also store the gradient of the next-token loss at each hook.
     #[arg(long)]
-    with_grads: bool,
+    pub(crate) with_grads: bool,
     /// Contexts per forward pass.
     #[arg(long, default_value_t = 8)]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Stop after about this many stored tokens.
     #[arg(long)]
-    max_tokens: Option<u64>,
+    pub(crate) max_tokens: Option<u64>,
     /// Rows per shard (default: ~128 MiB shards).
     #[arg(long)]
-    shard_rows: Option<usize>,
+    pub(crate) shard_rows: Option<usize>,
 }
 
 pub fn run(args: &Args) -> Result<()> {

@@ -1,15 +1,17 @@
 //! `loupe demo`: the whole pipeline on the embedded defaults.
 //!
-//! Today the pipeline ends after its first stage: fetch the defaults and create the demo store with
-//! the model's identity. Capture, training, analysis, explanations and the app are not built yet;
-//! the command says so instead of pretending.
+//! Built so far: fetch the defaults, capture `blocks.6.hook_resid_post` of Gemma 3 270M on the
+//! start of Moby-Dick into the demo store, and train a TopK SAE on it (with its held-out
+//! evaluation, CE-loss recovered included). Every stage resumes or skips what the store already
+//! holds, so a second run is quick. Analysis, explanations and the app are not built yet; the
+//! command says so instead of pretending.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use loupe_store::{ModelInfo, Store};
+use loupe_store::{DType, Store};
 
-use crate::fetch;
+use crate::{capture_cmd, fetch, train_sae_cmd};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,24 +23,54 @@ pub struct Args {
     headless: bool,
 }
 
+/// The demo's hook, dictionary and sizes.
+const HOOK: &str = "blocks.6.hook_resid_post";
+const DICTIONARY: &str = "demo-topk";
+const TOKENS: u64 = 60_000;
+
 pub fn run(args: &Args) -> Result<()> {
     let defaults = fetch::fetch(false)?;
-    let store = Store::create(&args.store)?;
-    store.set_model(
-        ModelInfo {
-            name: "gemma-3-270m".into(),
-            architecture: "gemma3".into(),
-            path: defaults.gemma_gguf.display().to_string(),
-            sha256: fetch::GEMMA_SHA256.into(),
-        },
-        None,
-    )?;
-    println!("demo store: {} (model gemma-3-270m recorded)", args.store.display());
     println!("model:      {}", defaults.gemma_gguf.display());
     println!("embeddings: {}", defaults.minilm_dir.display());
     println!("corpus:     {}", defaults.corpus_dir.display());
+
     println!(
-        "not built yet, so the demo stops here: capture, train-sae, train-monet, analyze, explain, score, export{}",
+        "\n[1/2] capture {HOOK} on the start of Moby-Dick ({TOKENS} tokens) into {}",
+        args.store.display()
+    );
+    capture_cmd::run(&capture_cmd::Args {
+        model: defaults.gemma_gguf.clone(),
+        corpus: defaults.corpus_dir.join("moby-dick").join("data.txt"),
+        store: args.store.clone(),
+        hooks: vec![HOOK.to_string()],
+        context: 256,
+        stride: None,
+        no_bos: false,
+        dtype: DType::F16,
+        with_grads: false,
+        batch: 8,
+        max_tokens: Some(TOKENS),
+        shard_rows: None,
+    })?;
+
+    println!("\n[2/2] train a TopK SAE ({DICTIONARY}: 4096 features, k 32) on it");
+    let trained = Store::open(&args.store)?.dictionary(DICTIONARY).is_some_and(|d| d.is_done());
+    if trained {
+        println!("already trained: {}", args.store.join("dictionaries").join(DICTIONARY).display());
+    } else {
+        train_sae_cmd::run(&train_sae_cmd::Args {
+            store: Some(args.store.clone()),
+            hook: Some(HOOK.to_string()),
+            name: Some(DICTIONARY.to_string()),
+            n_features: Some(4096),
+            k: Some(32),
+            batch: Some(1024),
+            eval_contexts: Some(4),
+            ..Default::default()
+        })?;
+    }
+    println!(
+        "\nnot built yet, so the demo stops here: analyze, explain, score, export{}",
         if args.headless { "" } else { ", gui" }
     );
     Ok(())

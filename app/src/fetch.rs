@@ -16,9 +16,6 @@ const SCRIPT: &str = include_str!("../../assets/fetch-defaults.sh");
 const SUMS: &str = include_str!("../../assets/defaults.sha256");
 const ERROR_PREFIX: &str = "loupe fetch: error: ";
 
-/// sha256 of the default GGUF (also pinned in `assets/defaults.sha256`).
-pub const GEMMA_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
-
 #[derive(clap::Args)]
 pub struct Args {
     /// Only check that the defaults are present and intact; download nothing.

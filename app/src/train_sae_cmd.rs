@@ -17,69 +17,69 @@ pub struct Args {
     /// TOML file with any of these settings (keys as the flags, with '_' for '-').
     #[arg(long)]
     #[serde(skip)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// The store holding the activations; the dictionary is written into it.
     #[arg(long)]
-    store: Option<PathBuf>,
+    pub(crate) store: Option<PathBuf>,
     /// The hook to fit (e.g. blocks.6.hook_resid_post).
     #[arg(long)]
-    hook: Option<String>,
+    pub(crate) hook: Option<String>,
     /// Dictionary name in the store (default: <hook>-<variant>-n<n>-k<k>).
     #[arg(long)]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     /// topk, mutual_choice (batchtopk), feature_choice or gsae.
     #[arg(long)]
-    variant: Option<Variant>,
+    pub(crate) variant: Option<Variant>,
     /// Number of features (or give --expansion).
     #[arg(long)]
-    n_features: Option<usize>,
+    pub(crate) n_features: Option<usize>,
     /// Features per activation dimension (default 32, sparsify's).
     #[arg(long)]
-    expansion: Option<usize>,
+    pub(crate) expansion: Option<usize>,
     /// Active features per token (mean, for mutual and feature choice). Default 32.
     #[arg(long)]
-    k: Option<usize>,
+    pub(crate) k: Option<usize>,
     /// Adam learning rate (default 2e-4/√(n/2¹⁴)).
     #[arg(long)]
-    lr: Option<f32>,
+    pub(crate) lr: Option<f32>,
     /// Training tokens (default: one pass over the training rows).
     #[arg(long)]
-    tokens: Option<u64>,
+    pub(crate) tokens: Option<u64>,
     /// Tokens per step (default 4096).
     #[arg(long)]
-    batch: Option<usize>,
+    pub(crate) batch: Option<usize>,
     /// Seed of the initialisation and the shuffle (default 0).
     #[arg(long)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Steps between checkpoints (default 50; 0: only the final files).
     #[arg(long)]
-    checkpoint_every: Option<u64>,
+    pub(crate) checkpoint_every: Option<u64>,
     /// Rows at the end of the hook held out for evaluation (default 16384, at most a tenth).
     #[arg(long)]
-    eval_tokens: Option<u64>,
+    pub(crate) eval_tokens: Option<u64>,
     /// Held-out contexts run through the model with the SAE spliced in, for CE-loss recovered and
     /// KL (default 8; 0 skips it).
     #[arg(long)]
-    eval_contexts: Option<usize>,
+    pub(crate) eval_contexts: Option<usize>,
     /// Tokens without firing after which a feature is dead for AuxK (default min(10M, tokens/10)).
     #[arg(long)]
-    dead_tokens: Option<u64>,
+    pub(crate) dead_tokens: Option<u64>,
     /// Weight of AuxK / aux_zipf (default 1/32; 0 turns it off).
     #[arg(long)]
-    auxk_alpha: Option<f32>,
+    pub(crate) auxk_alpha: Option<f32>,
     /// Features per token in the auxiliary reconstruction (default d/2).
     #[arg(long)]
-    k_aux: Option<usize>,
+    pub(crate) k_aux: Option<usize>,
     /// Add the FVU at 4k weighted 1/8 (TopK only).
     #[arg(long)]
     #[serde(default)]
-    multi_topk: bool,
+    pub(crate) multi_topk: bool,
     /// Feature Choice: exponent of the Zipf capacities (default 0.5).
     #[arg(long)]
-    zipf_exponent: Option<f32>,
+    pub(crate) zipf_exponent: Option<f32>,
     /// g-SAE: weight of the gradient term (default 1).
     #[arg(long)]
-    gsae_beta: Option<f32>,
+    pub(crate) gsae_beta: Option<f32>,
 }
 
 impl Args {
@@ -201,7 +201,7 @@ pub fn run(args: &Args) -> Result<()> {
     let mut banner = Some(banner);
     let outcome = job::run(&job, |p| {
         if let Some(b) = banner.take() {
-            bar.println(b);
+            if bar.is_hidden() { eprintln!("{b}") } else { bar.println(b) }
         }
         bar.set_position(p.tokens.min(p.target));
         let saved = if p.checkpointed { " (checkpoint)" } else { "" };
