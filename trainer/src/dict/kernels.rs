@@ -62,7 +62,11 @@ const BLOCK: usize = 64;
 /// One streaming pass instead of a sort: the maxima of blocks of 64 give a lower bound of the
 /// k-th largest value (k blocks reach it); then only the few blocks whose maximum reaches the
 /// bound are scanned for candidates, and the k best candidates are selected.
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 pub fn topk_row(
     row: &[f32],
     bias: Option<&[f32]>,
@@ -245,6 +249,48 @@ impl Codes {
         });
     }
 
+    /// [`Codes::decode_into`] walking the pairs feature by feature (`starts`/`order` from
+    /// [`Codes::by_feature`], `entry_tokens` from [`Codes::entry_tokens`]): each dictionary row is
+    /// read once and the output rows, which stay in cache, are scattered to. The features are cut
+    /// into `parts` fixed ranges summed into separate buffers (in parallel), then added in order,
+    /// so the result does not depend on the thread count. `scratch` holds the buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_by_feature(
+        &self,
+        starts: &[u32],
+        order: &[u32],
+        entry_tokens: &[u32],
+        dictionary: &[f32],
+        d: usize,
+        bias: &[f32],
+        out: &mut [f32],
+        parts: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        let tokens = self.tokens();
+        let n = starts.len() - 1;
+        assert_eq!(out.len(), tokens * d);
+        scratch.clear();
+        scratch.resize(parts * tokens * d, 0.0);
+        let per = n.div_ceil(parts);
+        scratch.par_chunks_mut(tokens * d).enumerate().for_each(|(p, buf)| {
+            for f in p * per..((p + 1) * per).min(n) {
+                let row = &dictionary[f * d..(f + 1) * d];
+                for &e in &order[starts[f] as usize..starts[f + 1] as usize] {
+                    let t = entry_tokens[e as usize] as usize;
+                    axpy_mv(self.value[e as usize], row, &mut buf[t * d..(t + 1) * d]);
+                }
+            }
+        });
+        out.par_chunks_mut(d).enumerate().for_each(|(t, o)| {
+            o.copy_from_slice(bias);
+            for p in 0..parts {
+                let b = &scratch[p * tokens * d + t * d..p * tokens * d + (t + 1) * d];
+                o.iter_mut().zip(b).for_each(|(o, v)| *o += v);
+            }
+        });
+    }
+
     /// Feature-major order of the entries: `(starts, order)` where the entries of feature `f` are
     /// `order[starts[f]..starts[f + 1]]` (indices into `feature`/`value`), in token order.
     pub fn by_feature(&self, n_features: usize) -> (Vec<u32>, Vec<u32>) {
@@ -276,7 +322,11 @@ impl Codes {
 }
 
 /// `out = bias + Σ v · dictionary[f]` over one token's pairs.
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn decode_row(fs: &[u32], vs: &[f32], dictionary: &[f32], d: usize, bias: Option<&[f32]>, out: &mut [f32]) {
     match bias {
         Some(b) => out.copy_from_slice(b),
@@ -285,6 +335,16 @@ fn decode_row(fs: &[u32], vs: &[f32], dictionary: &[f32], d: usize, bias: Option
     for (&f, &v) in fs.iter().zip(vs) {
         axpy(v, &dictionary[f as usize * d..(f as usize + 1) * d], out);
     }
+}
+
+/// [`axpy`], compiled for the best SIMD the CPU has.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn axpy_mv(a: f32, x: &[f32], y: &mut [f32]) {
+    axpy(a, x, y)
 }
 
 /// `y += a · x`.

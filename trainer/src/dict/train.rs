@@ -34,6 +34,8 @@ const BETA2: f32 = 0.999;
 const EPS: f32 = 1e-8;
 /// Features per block of the per-feature pass.
 const BLOCK_FEATURES: usize = 64;
+/// Feature ranges of the feature-major decode (fixed, so results do not depend on threads).
+const DECODE_PARTS: usize = 2;
 /// Tokens per encoder GEMM + selection chunk for TopK: bounds the `[chunk, n]` pre-activation
 /// buffer. Smaller chunks keep it in cache but make the GEMM repack W_enc once per chunk, which
 /// costs more than it saves at d 640, n 16384 (BENCHMARKS.md).
@@ -211,6 +213,8 @@ struct Scratch {
     pre: Vec<f32>,
     proj: Vec<f32>,
     xhat: Vec<f32>,
+    /// Per-part buffers of the feature-major decode.
+    partials: Vec<f32>,
     /// Per source: codes, upstream gradient `[tokens, d]`, dz per pair.
     sources: Vec<Source>,
 }
@@ -428,7 +432,19 @@ impl Trainer {
 
         // Main reconstruction and its gradient.
         s.xhat.resize(tokens * d, 0.0);
-        main.codes.decode_into(&self.sae.w_dec, d, Some(&self.sae.b_dec), &mut s.xhat);
+        let (starts, order) = main.codes.by_feature(n);
+        let entry_tokens = main.codes.entry_tokens();
+        main.codes.decode_by_feature(
+            &starts,
+            &order,
+            &entry_tokens,
+            &self.sae.w_dec,
+            d,
+            &self.sae.b_dec,
+            &mut s.xhat,
+            DECODE_PARTS,
+            &mut s.partials,
+        );
         let denom = total_variance(x, d).max(f64::MIN_POSITIVE);
         let mut loss = Loss { fvu: sq_dist(&s.xhat, x) / denom, multi: 0.0, aux: 0.0 };
         upstream(&s.xhat, x, 2.0 / denom as f32, &mut main.dx);
@@ -603,7 +619,11 @@ struct RowCtx<'a> {
 /// Gradients of each feature row of `b` from its pairs, then Adam, decoder projection and
 /// renormalisation, firing counters and densities. Returns Σ_f ∂b_enc[f]·W_enc[f] over the block
 /// (with the weights before the update): the encoder path's share of b_dec's gradient.
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn update_block(b: Block, ctx: &RowCtx) -> Vec<f32> {
     let d = ctx.d;
     let mut g_enc = vec![0.0f32; d];
