@@ -249,3 +249,61 @@ fn resuming_from_saved_files_is_exact() {
         assert!(resumed.sae == straight.sae, "{variant}: resumed weights differ");
     }
 }
+
+/// Features whose firing density is below a quarter of the Zipf target their rank gives them.
+fn underused_count(t: &Trainer, batch: usize) -> usize {
+    let caps = loupe_trainer::dict::feature_choice::capacities(
+        &t.state.density,
+        t.cfg.k * batch,
+        batch,
+        t.cfg.zipf_exponent,
+    );
+    loupe_trainer::dict::feature_choice::underused(&t.state.density, &caps, batch).len()
+}
+
+/// aux_zipf revives under-used features: Feature Choice trained with it ends with fewer
+/// under-used features than without it, from the same start on the same data. The start is made
+/// hard: a third of the features get a bias so negative that they are never positive, which
+/// Feature Choice alone (and AuxK, which uses ReLU'd values) cannot undo.
+#[test]
+fn aux_zipf_revives_underused_features() {
+    let (d, m, n, active, batch) = (32, 48, 96, 3, 256);
+    let mut results = Vec::new();
+    for alpha in [0.0, 1.0 / 32.0] {
+        let mut rng = StdRng::seed_from_u64(21);
+        let atoms = unit_rows(&mut rng, m, d);
+        let offset = gaussian(&mut rng, d, 0.5);
+        let mut cfg = TrainConfig::new(Variant::FeatureChoice, d, n, active, batch);
+        cfg.lr = 3e-3;
+        cfg.auxk_alpha = alpha;
+        cfg.k_aux = 8;
+        let mut t = Trainer::new(cfg).unwrap();
+        let first = planted(&mut rng, &atoms, d, active, batch, &offset);
+        t.step(&first, None).unwrap();
+        // Sabotage: features 0..32 start never positive.
+        for f in 0..32 {
+            t.sae.b_enc[f] = -6.0;
+        }
+        let mut aux_seen = 0.0f32;
+        for _ in 0..800 {
+            let x = planted(&mut rng, &atoms, d, active, batch, &offset);
+            aux_seen += t.step(&x, None).unwrap().aux_loss;
+        }
+        let x = planted(&mut rng, &atoms, d, active, 4096, &offset);
+        let codes = loupe_trainer::dict::Dictionary::encode(&t.sae, &x);
+        let mut fired = vec![0u32; n];
+        codes.feature.iter().for_each(|&f| fired[f as usize] += 1);
+        let never = fired.iter().filter(|&&c| c == 0).count();
+        let sabotaged_firing = (0..32).filter(|&f| fired[f] > 0).count();
+        results.push((alpha, underused_count(&t, batch), never, sabotaged_firing, aux_seen));
+    }
+    eprintln!(
+        "(alpha, under-used, never fire at inference, sabotaged features firing, Σ aux loss): {results:?}"
+    );
+    let (without, with) = (results[0], results[1]);
+    assert_eq!(without.4, 0.0, "alpha 0 must not add an auxiliary loss");
+    assert!(with.4 > 0.0, "aux_zipf never engaged");
+    assert!(with.1 < without.1, "aux_zipf left {} under-used features vs {} without", with.1, without.1);
+    assert_eq!(without.3, 0, "without aux_zipf the sabotaged features cannot come back");
+    assert!(with.3 > without.3, "aux_zipf revived {} sabotaged features vs {} without", with.3, without.3);
+}

@@ -8,12 +8,18 @@
 //! densities, the fit adapts as features specialise.
 //!
 //! aux_zipf (the auxiliary loss of this variant; the paper does not publish one): AuxK generalised
-//! from dead features to *under-used* ones. A feature is under-used when its density is below a
-//! quarter of its Zipf target m_f/B (dead features, which never fire, are the extreme case). Each
-//! token reconstructs the main reconstruction's residual with its k_aux largest positive
-//! pre-activations among the under-used features; the loss is α·‖e − ê‖²/Σ‖x − x̄‖² as in AuxK.
-//! Its gradient pulls the encoder and decoder of exactly those features towards the error the
-//! others leave, so they win tokens again (tests/…: dictionary training revives them).
+//! from dead features to *under-used* ones, and from positive to raw pre-activations. A feature is
+//! under-used when its density is below a quarter of its Zipf target m_f/B (dead features, which
+//! never fire, are the extreme case). Each token reconstructs the main reconstruction's residual
+//! e = x − x̂ (detached) with its k_aux largest pre-activations among the under-used features,
+//! *whatever their sign*: ê = Σ pre_f · W_dec[f]; the loss is α·‖e − ê‖²/Σ‖x − x̄‖² as in AuxK.
+//! Using raw values is the difference that matters: Feature Choice already makes every feature
+//! with some positive pre-activation fire (it takes its best tokens), so the features left behind
+//! are exactly those whose pre-activation is never positive, which AuxK's ReLU'd values would give
+//! no gradient. The raw values do: the loss pulls each such feature's pre-activation towards the
+//! coefficient that explains the residual along its decoder direction (and the direction towards
+//! the residual), so the feature climbs back above zero and starts winning tokens
+//! (`aux_zipf_revives_underused_features` in trainer/tests/sae_train.rs).
 //!
 //! Inference: each feature keeps a threshold, the moving average of the smallest value it selected
 //! in batches where it filled its capacity (0 when it took every positive token it had).

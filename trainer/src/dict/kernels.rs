@@ -58,6 +58,19 @@ const BLOCK: usize = 64;
 
 /// The `k` largest entries of `row + bias` that are > 0, appended to `out` as `(feature, value)`
 /// in descending value order (ties: lower feature first). Fewer than `k` when fewer are positive.
+#[inline]
+pub fn topk_row(
+    row: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    out: &mut Vec<(u32, f32)>,
+    scratch: &mut Vec<f32>,
+) {
+    topk_row_above(row, bias, 0.0, k, out, scratch)
+}
+
+/// The `k` largest entries of `row + bias` that are > `floor` (`f32::NEG_INFINITY`: any value),
+/// appended as [`topk_row`] does.
 ///
 /// One streaming pass instead of a sort: the maxima of blocks of 64 give a lower bound of the
 /// k-th largest value (k blocks reach it); then only the few blocks whose maximum reaches the
@@ -67,9 +80,10 @@ const BLOCK: usize = 64;
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-pub fn topk_row(
+pub fn topk_row_above(
     row: &[f32],
     bias: Option<&[f32]>,
+    floor: f32,
     k: usize,
     out: &mut Vec<(u32, f32)>,
     scratch: &mut Vec<f32>,
@@ -84,20 +98,20 @@ pub fn topk_row(
         let b = bias.map(|b| &b[bi * BLOCK..bi * BLOCK + chunk.len()]);
         scratch.push(block_max(chunk, b));
     }
-    let mut bound = 0.0f32;
+    let mut bound = floor;
     if blocks > k {
         scratch.extend_from_within(..blocks);
         let (_, kth, _) = scratch[blocks..].select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         bound = bound.max(*kth);
     }
     for (bi, &max) in scratch[..blocks].iter().enumerate() {
-        if !(max > 0.0 && max >= bound) {
+        if !(max > floor && max >= bound) {
             continue;
         }
         let base = bi * BLOCK;
         for j in base..(base + BLOCK).min(row.len()) {
             let v = row[j] + bias.map_or(0.0, |b| b[j]);
-            if v > 0.0 && v >= bound {
+            if v > floor && v >= bound {
                 out.push((j as u32, v));
             }
         }
@@ -412,6 +426,21 @@ mod tests {
                 assert_eq!(out, brute_topk(&row, &bias, k), "n {n} k {k}");
             }
         }
+    }
+
+    #[test]
+    fn topk_row_above_a_floor_keeps_negative_values() {
+        let row = [-3.0f32, -1.0, -2.0, -0.5, -4.0];
+        let mut out = Vec::new();
+        topk_row_above(&row, None, f32::NEG_INFINITY, 2, &mut out, &mut Vec::new());
+        assert_eq!(out, vec![(3, -0.5), (1, -1.0)]);
+        out.clear();
+        topk_row(&row, None, 2, &mut out, &mut Vec::new());
+        assert!(out.is_empty());
+        let long: Vec<f32> = (0..1000).map(|i| -(i as f32)).collect();
+        out.clear();
+        topk_row_above(&long, None, f32::NEG_INFINITY, 3, &mut out, &mut Vec::new());
+        assert_eq!(out, vec![(0, 0.0), (1, -1.0), (2, -2.0)]);
     }
 
     #[test]

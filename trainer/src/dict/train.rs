@@ -384,7 +384,7 @@ impl Trainer {
                 topk::select(pre, &self.sae.b_enc, self.cfg.k, m, &mut main.codes);
                 if use_aux {
                     let b = Some(&self.sae.b_enc[..]);
-                    select_among(pre, b, n, rows, false, &aux_set, self.cfg.k_aux, &mut aux.codes);
+                    select_among(pre, b, 0.0, n, rows, false, &aux_set, self.cfg.k_aux, &mut aux.codes);
                 }
             }
             Observed::None
@@ -412,16 +412,11 @@ impl Trainer {
             if use_aux {
                 // Mutual and Feature Choice have added b_enc to `pre` in place.
                 let bias = (self.cfg.variant == Variant::Gsae).then_some(&self.sae.b_enc[..]);
-                select_among(
-                    &s.pre,
-                    bias,
-                    n,
-                    tokens,
-                    feature_major,
-                    &aux_set,
-                    self.cfg.k_aux,
-                    &mut aux.codes,
-                );
+                // AuxK uses ReLU'd pre-activations (as its papers); aux_zipf uses raw ones, so even
+                // a feature that is never positive gets a gradient (see feature_choice.rs).
+                let floor = if feature_major { f32::NEG_INFINITY } else { 0.0 };
+                let (k_aux, out) = (self.cfg.k_aux, &mut aux.codes);
+                select_among(&s.pre, bias, floor, n, tokens, feature_major, &aux_set, k_aux, out);
             }
             observed
         };
@@ -716,11 +711,13 @@ impl AdamStep {
     }
 }
 
-/// Per token, the `k` largest positive `pre (+ bias)` among the features of `set`, appended to `out`.
+/// Per token, the `k` largest `pre (+ bias)` above `floor` among the features of `set`, appended
+/// to `out`.
 #[allow(clippy::too_many_arguments)]
 fn select_among(
     pre: &[f32],
     bias: Option<&[f32]>,
+    floor: f32,
     n: usize,
     tokens: usize,
     feature_major: bool,
@@ -740,7 +737,7 @@ fn select_among(
                     p + bias.map_or(0.0, |b| b[f])
                 }));
                 let mut sel = Vec::new();
-                kernels::topk_row(gathered, None, k, &mut sel, scratch);
+                kernels::topk_row_above(gathered, None, floor, k, &mut sel, scratch);
                 for e in &mut sel {
                     e.0 = set[e.0 as usize];
                 }
