@@ -73,6 +73,13 @@ enum StoreCommand {
         /// The store folder.
         dir: PathBuf,
     },
+    /// Remove a dictionary (its manifest entry, then its folder).
+    RemoveDictionary {
+        /// The store folder.
+        dir: PathBuf,
+        /// The dictionary's name.
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +97,9 @@ fn main() -> ExitCode {
         }
         Command::Store(StoreCommand::Info { dir }) => store_cmd::info(&dir),
         Command::Store(StoreCommand::Verify { dir }) => store_cmd::verify(&dir),
+        Command::Store(StoreCommand::RemoveDictionary { dir, name }) => {
+            loupe_store::Store::open_rw(&dir).and_then(|s| s.remove_dictionary(&name))
+        }
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Bench(command) => bench::run(&command),
     };

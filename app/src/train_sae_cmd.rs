@@ -77,6 +77,11 @@ pub struct Args {
     /// Feature Choice: exponent of the Zipf capacities (default 0.5).
     #[arg(long)]
     pub(crate) zipf_exponent: Option<f32>,
+    /// Train on raw activations instead of ones scaled to mean norm √d (the final files read raw
+    /// activations either way).
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) no_normalize: bool,
     /// g-SAE: weight of the gradient term (default 1).
     #[arg(long)]
     pub(crate) gsae_beta: Option<f32>,
@@ -111,6 +116,7 @@ impl Args {
             auxk_alpha: f.auxk_alpha.or(file.auxk_alpha),
             k_aux: f.k_aux.or(file.k_aux),
             multi_topk: f.multi_topk || file.multi_topk,
+            no_normalize: f.no_normalize || file.no_normalize,
             zipf_exponent: f.zipf_exponent.or(file.zipf_exponent),
             gsae_beta: f.gsae_beta.or(file.gsae_beta),
         })
@@ -172,6 +178,7 @@ fn job_of(args: &Args) -> Result<Job> {
         checkpoint_every: args.checkpoint_every.unwrap_or(50),
         eval_tokens,
         eval_contexts: args.eval_contexts.unwrap_or(8),
+        normalize: !args.no_normalize,
     })
 }
 

@@ -7,7 +7,14 @@
 //! `dictionaries/<name>/checkpoints/step-N/` and listed in the manifest (status `training`).
 //! Restarted with the same settings, the job loads the listed checkpoint, replays the sampler to
 //! the same position and continues: it ends with the same weights as an uninterrupted run (every
-//! kernel sums in a fixed order). At the end the final files are written at the top of the folder,
+//! kernel sums in a fixed order).
+//!
+//! With `normalize` (the default), activations are multiplied by a constant that makes their mean
+//! norm √d (from the first training batch) before training, so that the learning rate and the
+//! biases work at the scale the papers assume (Gemma 3's residual stream has norms in the
+//! thousands). Checkpoints hold the weights in that scaled space (`loupe.train.input_scale` in
+//! their cfg.json); the final files are folded back ([`super::sae::Sae::folded`]) and read raw
+//! activations. At the end the final files are written at the top of the folder,
 //! evaluated on the held-out rows (`eval.json`), and listed with status `done`.
 
 use std::path::PathBuf;
@@ -39,6 +46,9 @@ pub struct Job {
     pub eval_tokens: u64,
     /// Held-out contexts run through the model with the dictionary spliced in (0: skip).
     pub eval_contexts: usize,
+    /// Scale activations so that their mean norm is √d while training (the final files are
+    /// folded back to raw activations).
+    pub normalize: bool,
 }
 
 /// Reported after every step.
@@ -104,6 +114,19 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
     job.train.validate()?;
     let meta = meta_of(&manifest, &job.hook);
     let dir = store.dictionary_dir(&job.name);
+    let config = SamplerConfig {
+        seed: job.train.seed,
+        grad: job.train.variant == Variant::Gsae,
+        drop_last: true,
+        row_limit: Some(train_rows),
+        ..SamplerConfig::new(job.train.batch)
+    };
+    let acts = store.activations(&job.hook)?;
+    let sampler = loupe_store::Sampler::new(&acts, config)?;
+    let mut train = job.train.clone();
+    if job.normalize {
+        train.input_scale = input_scale(&sampler, d)?;
+    }
 
     // Fresh start or resume.
     let (mut trainer, mut log, mut pos, resumed_from) = match store.dictionary(&job.name) {
@@ -120,7 +143,7 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
                 .context("the listed checkpoint has no state.json")?;
             let ckpt = dir.join(ckpt);
             let (cfg, state, resume) = load_state(&ckpt)?;
-            if cfg != job.train || entry.hook != job.hook {
+            if cfg != train || entry.hook != job.hook {
                 bail!(
                     "dictionary {} was started with other settings (hook {}, {}); use the same settings to \
                      resume, or another --name",
@@ -143,19 +166,11 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
                 // Files of a run that never reached its first checkpoint: not part of the store.
                 std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
             }
-            (Trainer::new(job.train.clone())?, Vec::new(), Position::default(), None)
+            (Trainer::new(train.clone())?, Vec::new(), Position::default(), None)
         }
     };
 
-    let config = SamplerConfig {
-        seed: job.train.seed,
-        grad: job.train.variant == Variant::Gsae,
-        drop_last: true,
-        row_limit: Some(train_rows),
-        ..SamplerConfig::new(job.train.batch)
-    };
-    let acts = store.activations(&job.hook)?;
-    let sampler = loupe_store::Sampler::new(&acts, config)?;
+    let scale = train.input_scale;
     let mut epoch = sampler.epoch(pos.epoch);
     let mut batch = sampler.empty_batch();
     for _ in 0..pos.batch {
@@ -174,6 +189,9 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
         }
         pos.batch += 1;
         batch.act.as_ref().to_f32_into(&mut x);
+        if scale != 1.0 {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
         let grad = match &batch.grad {
             Some(values) => {
                 values.as_ref().to_f32_into(&mut g);
@@ -208,15 +226,16 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
         });
     }
 
-    // Final files, evaluation, listing.
-    let eval = eval_reconstruction(&trainer.sae, &acts, train_rows..rows)?;
+    // Final files (raw-activation space), evaluation, listing.
+    let raw = trainer.sae.folded(scale);
+    let eval = eval_reconstruction(&raw, &acts, train_rows..rows)?;
     let splice = if job.eval_contexts == 0 {
         Err("skipped (--eval-contexts 0)".to_string())
     } else {
-        let sae: Arc<dyn Dictionary> = Arc::new(trainer.sae.clone());
+        let sae: Arc<dyn Dictionary> = Arc::new(raw.clone());
         splice_held_out(&store, &acts, &job.hook, sae, train_rows..rows, job.eval_contexts)
     };
-    save_sae_with(&trainer.sae, &meta, Some(&trainer.cfg), &dir)?;
+    save_sae_with(&raw, &meta, Some(&trainer.cfg), &dir)?;
     write_train_log(&dir.join("train_log.arrow"), &log)?;
     let splice_json = match &splice {
         Ok(s) => json!(s),
@@ -276,6 +295,21 @@ fn splice_held_out(
     let contexts = contexts_from_rows(&doc, &pos, &token, bos, context, max);
     let model = crate::model::load(path).map_err(|e| format!("cannot load the store's model: {e:#}"))?;
     eval_splice(model.as_ref(), dict, hook, &contexts).map_err(|e| format!("splicing failed: {e:#}"))
+}
+
+/// √d over the mean norm of the first training batch (of epoch 0: the same on every run).
+fn input_scale(sampler: &loupe_store::Sampler, d: usize) -> Result<f32> {
+    let mut batch = sampler.empty_batch();
+    if !sampler.epoch(0).next_into(&mut batch) {
+        bail!("the sampler delivered no batch");
+    }
+    let x = batch.act.as_ref().to_f32();
+    let mean = x.chunks(d).map(|r| r.iter().map(|v| (v * v) as f64).sum::<f64>().sqrt()).sum::<f64>()
+        / (x.len() / d).max(1) as f64;
+    if !(mean.is_finite() && mean > 0.0) {
+        bail!("cannot normalise: the activations' mean norm is {mean}");
+    }
+    Ok(((d as f64).sqrt() / mean) as f32)
 }
 
 fn entry(job: &Job, trainer: &Trainer, status: &str) -> DictEntry {

@@ -55,6 +55,20 @@ impl Sae {
         Sae { w_enc: w_dec.clone(), b_enc: vec![0.0; n], w_dec, b_dec: vec![0.0; d], threshold, spec }
     }
 
+    /// The same SAE for activations `scale` times smaller than the ones it was trained on: it
+    /// encodes raw `x` exactly as this one encodes `scale·x` (same codes) and decodes to
+    /// 1/`scale` of this one's reconstruction. Decoder rows are then no longer unit norm.
+    pub fn folded(&self, scale: f32) -> Sae {
+        if scale == 1.0 {
+            return self.clone();
+        }
+        let mut out = self.clone();
+        out.w_enc.iter_mut().for_each(|w| *w *= scale);
+        out.w_dec.iter_mut().for_each(|w| *w /= scale);
+        out.b_dec.iter_mut().for_each(|b| *b /= scale);
+        out
+    }
+
     /// Check shapes and values (a loaded file may be anything).
     pub fn validate(&self) -> Result<()> {
         let (n, d) = (self.spec.n_features, self.spec.d_in);

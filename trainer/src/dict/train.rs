@@ -68,6 +68,15 @@ pub struct TrainConfig {
     pub gsae_beta: f32,
     /// Decay of the moving averages (inference thresholds, densities) per step.
     pub ema_decay: f32,
+    /// Factor the activations are multiplied by before training (the job sets it so that their
+    /// mean norm is √d, as SAELens' `expected_average_only_in`; 1: raw). The trainer works in
+    /// this scaled space; [`super::sae::Sae::folded`] turns its weights into raw-space ones.
+    #[serde(default = "one")]
+    pub input_scale: f32,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 impl TrainConfig {
@@ -90,6 +99,7 @@ impl TrainConfig {
             zipf_exponent: 0.5,
             gsae_beta: 1.0,
             ema_decay: 0.99,
+            input_scale: 1.0,
         }
     }
 
@@ -110,6 +120,9 @@ impl TrainConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("learning rate {} must be a positive number", self.lr);
+        }
+        if !(self.input_scale.is_finite() && self.input_scale > 0.0) {
+            bail!("input_scale {} must be a positive number", self.input_scale);
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
             bail!("ema_decay {} must be in [0, 1)", self.ema_decay);
