@@ -307,3 +307,33 @@ fn aux_zipf_revives_underused_features() {
     assert_eq!(without.3, 0, "without aux_zipf the sabotaged features cannot come back");
     assert!(with.3 > without.3, "aux_zipf revived {} sabotaged features vs {} without", with.3, without.3);
 }
+
+/// A folded SAE reads raw activations exactly as the trained one reads scaled ones.
+#[test]
+fn folded_sae_reads_raw_activations() {
+    use loupe_trainer::dict::Dictionary;
+    for variant in [Variant::Topk, Variant::MutualChoice] {
+        let (d, n, scale) = (16, 48, 0.01f32);
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut t = Trainer::new(TrainConfig::new(variant, d, n, 4, 64)).unwrap();
+        for _ in 0..5 {
+            let x = gaussian(&mut rng, 64 * d, 1.0);
+            t.step(&x, None).unwrap();
+        }
+        let raw = gaussian(&mut rng, 32 * d, 100.0);
+        let scaled: Vec<f32> = raw.iter().map(|v| v * scale).collect();
+        let folded = t.sae.folded(scale);
+        let (a, b) = (t.sae.encode(&scaled), folded.encode(&raw));
+        assert_eq!(a.feature, b.feature, "{variant}: same features");
+        assert!(a.nnz() > 0);
+        for (x, y) in a.value.iter().zip(&b.value) {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{variant}: {x} vs {y}");
+        }
+        let (mut ra, mut rb) = (vec![0.0; scaled.len()], vec![0.0; raw.len()]);
+        t.sae.decode(&a, &mut ra);
+        folded.decode(&b, &mut rb);
+        for (x, y) in ra.iter().zip(&rb) {
+            assert!((x / scale - y).abs() <= 1e-3 * (1.0 + y.abs()), "{variant}: {x}/scale vs {y}");
+        }
+    }
+}
