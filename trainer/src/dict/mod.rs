@@ -5,7 +5,8 @@
 //! - [`Sae`] ([`sae`]): the weights of every SAE variant, SAELens layout, and their inference rule;
 //! - [`Variant`]: TopK, Mutual Choice (BatchTopK), Feature Choice, g-SAE — how a training batch
 //!   picks its (token, feature) pairs: [`topk`], [`mutual_choice`], [`feature_choice`], [`gsae`];
-//! - [`train`]: the training step shared by the TopK family (sparse backward, fused Adam);
+//! - [`train`]: the training step shared by the TopK family (sparse backward, fused Adam), with
+//!   its per-feature gradient + Adam pass in `update.rs`;
 //! - [`kernels`]: GEMM, partial top-k, sparse codes;
 //! - [`job`]: `train-sae` over a store (checkpoints, resume), [`eval`]: held-out evaluation,
 //!   [`splice`]: CE-loss recovered and KL with the dictionary spliced into the model;
@@ -27,6 +28,7 @@ pub mod sae;
 pub mod splice;
 pub mod topk;
 pub mod train;
+mod update;
 
 use std::path::Path;
 
