@@ -59,10 +59,7 @@ pub fn run(args: &Args) -> Result<()> {
             bail!("{} not found: run `loupe fetch` first", path.display());
         }
     }
-    let python = match std::env::var_os("LOUPE_PYTHON") {
-        Some(path) => PathBuf::from(path),
-        None => fetch::cache_dir().join("pyenv").join("bin").join("python"),
-    };
+    let python = super::reference_python();
     if !python.exists() {
         bail!(
             "no Python reference environment ({} is missing): run benches/reference/setup-env.sh \
@@ -203,14 +200,8 @@ fn run_reference(
         .arg(&ids)
         .args(["--mode", mode, "--repeats", &repeats.to_string(), "--threads", &threads.to_string()])
         .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot run {}: run benches/reference/setup-env.sh", python.display()))?;
-    if !output.status.success() {
-        bail!("the PyTorch reference failed ({}); its messages are above", output.status);
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().last().context("the PyTorch reference printed nothing")?;
-    serde_json::from_str(line).with_context(|| format!("the PyTorch reference printed {line:?}, not JSON"))
+        .output();
+    super::reference_report(output, python)
 }
 
 /// One warm-up call of `pass`, then `repeats` timed calls: (best, mean) seconds.

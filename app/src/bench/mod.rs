@@ -11,7 +11,11 @@ mod capture;
 mod store;
 mod train_sae;
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
@@ -29,4 +33,25 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::Capture(args) => capture::run(args),
         BenchCommand::TrainSae(args) => train_sae::run(args),
     }
+}
+
+/// The Python that runs the reference scripts: `$LOUPE_PYTHON`, or the venv of
+/// `benches/reference/setup-env.sh`.
+fn reference_python() -> PathBuf {
+    match std::env::var_os("LOUPE_PYTHON") {
+        Some(path) => PathBuf::from(path),
+        None => crate::fetch::cache_dir().join("pyenv").join("bin").join("python"),
+    }
+}
+
+/// A reference script's one-line JSON report from its finished run.
+fn reference_report(output: std::io::Result<Output>, python: &Path) -> Result<Value> {
+    let output = output
+        .with_context(|| format!("cannot run {}: run benches/reference/setup-env.sh", python.display()))?;
+    if !output.status.success() {
+        bail!("the PyTorch reference failed ({}); its messages are above", output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().context("the PyTorch reference printed nothing")?;
+    serde_json::from_str(line).with_context(|| format!("the PyTorch reference printed {line:?}, not JSON"))
 }

@@ -13,11 +13,11 @@
 //! The limit set by the encoder GEMM is `rate / (2·d·n)` tokens/s, where `rate` is the FLOP/s of
 //! Loupe's GEMM at the training shape (`[batch, d] × [d, n]`), measured in this run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use loupe_trainer::dict::kernels::matmul_nt;
 use loupe_trainer::dict::train::{default_lr, sq_dist, total_variance};
 use loupe_trainer::dict::{Dictionary, TrainConfig, Trainer, Variant};
@@ -27,8 +27,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde_json::Value;
-
-use crate::fetch;
 
 const REFERENCE_SCRIPT: &str = include_str!("../../../benches/reference/train_sae_reference.py");
 
@@ -67,7 +65,7 @@ pub fn run(args: &Args) -> Result<()> {
     if args.k == 0 || args.k > args.n || args.d == 0 || args.batch == 0 || args.eval_tokens == 0 {
         bail!("bench train-sae: need 1 <= k <= n and d, batch, eval-tokens >= 1");
     }
-    let python = reference_python()?;
+    let python = super::reference_python();
     let (d, n, k, batch) = (args.d, args.n, args.k, args.batch);
     let lr = args.lr.unwrap_or(default_lr(n));
     let train_rows = args.steps * batch;
@@ -208,14 +206,6 @@ fn gemm_rate(d: usize, n: usize, batch: usize) -> f64 {
     2.0 * (batch * d * n) as f64 / best
 }
 
-fn reference_python() -> Result<PathBuf> {
-    let python = match std::env::var_os("LOUPE_PYTHON") {
-        Some(path) => PathBuf::from(path),
-        None => fetch::cache_dir().join("pyenv").join("bin").join("python"),
-    };
-    Ok(python)
-}
-
 /// Write the data and the initial decoder to files, run the reference, return its JSON report.
 fn run_reference(
     python: &Path,
@@ -256,12 +246,6 @@ fn run_reference(
         .args(["--threads", &threads.to_string(), "--seed", &args.seed.to_string()])
         .args(["--warmup-steps", &args.warmup_steps.to_string(), "--impl", "dense,sparse"])
         .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot run {}: run benches/reference/setup-env.sh", python.display()))?;
-    if !output.status.success() {
-        bail!("the PyTorch reference failed ({}); its messages are above", output.status);
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().last().context("the PyTorch reference printed nothing")?;
-    serde_json::from_str(line).with_context(|| format!("the PyTorch reference printed {line:?}, not JSON"))
+        .output();
+    super::reference_report(output, python)
 }
