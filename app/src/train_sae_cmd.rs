@@ -77,6 +77,12 @@ pub struct Args {
     /// Feature Choice: exponent of the Zipf capacities (default 0.5).
     #[arg(long)]
     pub(crate) zipf_exponent: Option<f32>,
+    /// Mutual and Feature Choice: rank by raw pre-activations with absolute inference thresholds,
+    /// as the papers (the result loads in SAELens as jumprelu), instead of Loupe's scale-free
+    /// ranking by pre-activation / ‖x − b_dec‖ with relative thresholds.
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) absolute_thresholds: bool,
     /// Train on raw activations instead of ones scaled to mean norm √d (the final files read raw
     /// activations either way).
     #[arg(long)]
@@ -117,6 +123,7 @@ impl Args {
             k_aux: f.k_aux.or(file.k_aux),
             multi_topk: f.multi_topk || file.multi_topk,
             no_normalize: f.no_normalize || file.no_normalize,
+            absolute_thresholds: f.absolute_thresholds || file.absolute_thresholds,
             zipf_exponent: f.zipf_exponent.or(file.zipf_exponent),
             gsae_beta: f.gsae_beta.or(file.gsae_beta),
         })
@@ -161,6 +168,10 @@ fn job_of(args: &Args) -> Result<Job> {
         bail!("--multi-topk applies to the topk variant only");
     }
     train.multi_topk = args.multi_topk;
+    if args.absolute_thresholds && !matches!(variant, Variant::MutualChoice | Variant::FeatureChoice) {
+        bail!("--absolute-thresholds applies to mutual_choice and feature_choice only");
+    }
+    train.scale_free = !args.absolute_thresholds;
     if let Some(z) = args.zipf_exponent {
         train.zipf_exponent = z;
     }

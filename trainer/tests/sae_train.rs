@@ -18,9 +18,14 @@ fn gaussian(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
 /// Central differences of the total loss (selection and the auxiliary target held fixed) against
 /// the analytic gradients, for a sample of every parameter tensor.
 fn check_gradients(variant: Variant, multi_topk: bool) {
+    check_gradients_with(variant, multi_topk, true)
+}
+
+fn check_gradients_with(variant: Variant, multi_topk: bool, scale_free: bool) {
     let (d, n, k, tokens) = (12, 40, 4, 32);
     let mut rng = StdRng::seed_from_u64(7);
     let mut cfg = TrainConfig::new(variant, d, n, k, tokens);
+    cfg.scale_free = scale_free;
     cfg.dead_tokens = 0; // every feature counts as dead: AuxK is active
     cfg.multi_topk = multi_topk;
     cfg.k_aux = 3;
@@ -101,11 +106,13 @@ fn topk_backward_matches_finite_differences() {
 #[test]
 fn mutual_choice_backward_matches_finite_differences() {
     check_gradients(Variant::MutualChoice, false);
+    check_gradients_with(Variant::MutualChoice, false, false);
 }
 
 #[test]
 fn feature_choice_backward_matches_finite_differences() {
     check_gradients(Variant::FeatureChoice, false);
+    check_gradients_with(Variant::FeatureChoice, false, false);
 }
 
 #[test]
@@ -312,7 +319,7 @@ fn aux_zipf_revives_underused_features() {
 #[test]
 fn folded_sae_reads_raw_activations() {
     use loupe_trainer::dict::Dictionary;
-    for variant in [Variant::Topk, Variant::MutualChoice] {
+    for variant in [Variant::Topk, Variant::MutualChoice, Variant::FeatureChoice] {
         let (d, n, scale) = (16, 48, 0.01f32);
         let mut rng = StdRng::seed_from_u64(9);
         let mut t = Trainer::new(TrainConfig::new(variant, d, n, 4, 64)).unwrap();
@@ -334,6 +341,43 @@ fn folded_sae_reads_raw_activations() {
         folded.decode(&b, &mut rb);
         for (x, y) in ra.iter().zip(&rb) {
             assert!((x / scale - y).abs() <= 1e-3 * (1.0 + y.abs()), "{variant}: {x}/scale vs {y}");
+        }
+    }
+}
+
+/// Relative thresholds make inference scale-free: moving x away from b_dec by any factor keeps
+/// the same features active (values scale with it; exactly so with b_enc = 0, the one term that
+/// does not scale); absolute ones do not.
+#[test]
+fn relative_thresholds_are_scale_free() {
+    use loupe_trainer::dict::Dictionary;
+    let (d, n) = (16, 48);
+    let mut rng = StdRng::seed_from_u64(11);
+    for scale_free in [true, false] {
+        let mut cfg = TrainConfig::new(Variant::MutualChoice, d, n, 4, 64);
+        cfg.scale_free = scale_free;
+        let mut t = Trainer::new(cfg).unwrap();
+        for _ in 0..5 {
+            t.step(&gaussian(&mut rng, 64 * d, 1.0), None).unwrap();
+        }
+        assert_eq!(t.sae.threshold_relative, scale_free);
+        t.sae.b_enc.fill(0.0);
+        let x = gaussian(&mut rng, 32 * d, 1.0);
+        let far: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let b = t.sae.b_dec[i % d];
+                b + 20.0 * (v - b)
+            })
+            .collect();
+        let (a, b) = (t.sae.encode(&x), t.sae.encode(&far));
+        assert!(a.nnz() > 0);
+        if scale_free {
+            assert_eq!(a.feature, b.feature);
+            assert_eq!(a.offsets, b.offsets);
+        } else {
+            assert!(b.nnz() > a.nnz(), "absolute thresholds let more features through at 20× the norm");
         }
     }
 }

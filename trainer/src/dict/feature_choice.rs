@@ -21,7 +21,10 @@
 //! the residual), so the feature climbs back above zero and starts winning tokens
 //! (`aux_zipf_revives_underused_features` in trainer/tests/sae_train.rs).
 //!
-//! Inference: each feature keeps a threshold, the moving average of the smallest value it selected
+//! Scale-free selection (default, as in [`super::mutual_choice`]): a feature ranks its tokens by
+//! `pre / ‖x − b_dec‖`, so a token with a huge norm does not win every feature's capacity.
+//!
+//! Inference: each feature keeps a threshold, the moving average of the smallest key it selected
 //! in batches where it filled its capacity (0 when it took every positive token it had).
 
 use rayon::prelude::*;
@@ -52,15 +55,33 @@ pub struct Picked {
 }
 
 /// Per-feature selection. `pre_t` is `[n, tokens]` (feature-major), b_enc is added in place.
-/// Writes token-major codes into `out`.
-pub fn select(pre_t: &mut [f32], b_enc: &[f32], tokens: usize, caps: &[u32], out: &mut Codes) -> Vec<Picked> {
+/// Each feature ranks its tokens by the key `pre · scale[t]` (`scale`: per-token factors, `None`
+/// for 1); [`Picked::min`] is the smallest selected key. Writes token-major codes (raw values)
+/// into `out`.
+pub fn select(
+    pre_t: &mut [f32],
+    b_enc: &[f32],
+    scale: Option<&[f32]>,
+    tokens: usize,
+    caps: &[u32],
+    out: &mut Codes,
+) -> Vec<Picked> {
     let per_feature: Vec<Vec<(u32, f32)>> = pre_t
         .par_chunks_mut(tokens)
         .zip(b_enc.par_iter().zip(caps.par_iter()))
         .map_init(Vec::new, |scratch, (row, (b, &cap))| {
             row.iter_mut().for_each(|v| *v += b);
             let mut sel = Vec::with_capacity(cap as usize);
-            kernels::topk_row(row, None, cap as usize, &mut sel, scratch);
+            match scale {
+                None => kernels::topk_row(row, None, cap as usize, &mut sel, scratch),
+                Some(s) => {
+                    let keys: Vec<f32> = row.iter().zip(s).map(|(v, s)| v * s).collect();
+                    kernels::topk_row(&keys, None, cap as usize, &mut sel, scratch);
+                    for e in &mut sel {
+                        e.1 = keys[e.0 as usize];
+                    }
+                }
+            }
             sel
         })
         .collect();
@@ -85,10 +106,10 @@ pub fn select(pre_t: &mut [f32], b_enc: &[f32], tokens: usize, caps: &[u32], out
     out.value.clear();
     out.value.resize(nnz, 0.0);
     for (f, s) in per_feature.iter().enumerate() {
-        for &(t, v) in s {
+        for &(t, _) in s {
             let slot = &mut fill[t as usize];
             out.feature[*slot as usize] = f as u32;
-            out.value[*slot as usize] = v;
+            out.value[*slot as usize] = pre_t[f * tokens + t as usize];
             *slot += 1;
         }
     }
@@ -126,7 +147,7 @@ mod tests {
         // 2 features, 4 tokens; feature-major pre-activations.
         let mut pre_t = vec![0.5, -1.0, 0.9, 0.1, /* f1 */ 0.2, 0.3, -0.5, 0.7];
         let mut codes = Codes::default();
-        let picked = select(&mut pre_t, &[0.0, 0.0], 4, &[2, 4], &mut codes);
+        let picked = select(&mut pre_t, &[0.0, 0.0], None, 4, &[2, 4], &mut codes);
         assert_eq!(picked[0].count, 2);
         assert_eq!(picked[1].count, 3); // only 3 positive
         assert_eq!(codes.offsets, vec![0, 2, 3, 4, 5]);

@@ -4,7 +4,9 @@
 //! SAELens layout (a folder): `cfg.json` + `sae_weights.safetensors` with `W_enc [d_in, d_sae]`,
 //! `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]` and, for threshold variants,
 //! `threshold [d_sae]`. `cfg.json` carries SAELens' keys (`architecture` is `topk` for TopK and
-//! g-SAE, `jumprelu` for Mutual and Feature Choice, whose inference is a per-feature threshold),
+//! g-SAE, `jumprelu` for JumpReLU and for Mutual and Feature Choice with absolute thresholds,
+//! `standard` for ReLU; scale-free Mutual and Feature Choice, whose thresholds are relative to
+//! ‖x − b_dec‖, get Loupe's own `relative_jumprelu`, which SAELens cannot load),
 //! the `metadata` block (model and hook names), and a `loupe` block with the variant and the
 //! training configuration. sparsify layout: `cfg.json` + `sae.safetensors` with `encoder.weight
 //! [n, d]`, `encoder.bias`, `W_dec [n, d]`, `b_dec`.
@@ -65,6 +67,7 @@ pub fn save_sae_with(sae: &Sae, meta: &SaeMeta, train: Option<&TrainConfig>, dir
     write_atomic(&dir.join("sae_weights.safetensors"), &serialize(&tensors, None)?)?;
     let architecture = match sae.spec.variant {
         Variant::Relu => "standard",
+        _ if sae.threshold_relative => "relative_jumprelu",
         v if v.uses_threshold() => "jumprelu",
         _ => "topk",
     };
@@ -149,6 +152,7 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
         w_dec: tensor(&st, "W_dec", &[n, d])?,
         b_dec: tensor(&st, "b_dec", &[d])?,
         threshold,
+        threshold_relative: architecture == "relative_jumprelu",
     };
     if matches!(variant, Variant::Topk | Variant::Gsae) && k == 0 {
         bail!("cfg.json has no k for a TopK SAE");
@@ -181,6 +185,7 @@ fn load_sparsify(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
         w_dec: tensor(&st, "W_dec", &[n, d])?,
         b_dec: tensor(&st, "b_dec", &[d])?,
         threshold: None,
+        threshold_relative: false,
     };
     sae.validate()?;
     let hook = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();

@@ -3,8 +3,11 @@
 //! Inference, per variant: TopK and g-SAE keep each token's k largest positive pre-activations
 //! (g-SAE has no gradient at inference, as in its paper); Mutual Choice and Feature Choice keep the
 //! pre-activations above the thresholds learned in training (`threshold`, one per feature; Mutual
-//! Choice's are all equal). That threshold rule is SAELens' `jumprelu` architecture, so those
-//! variants load in SAELens as JumpReLU SAEs. Imported JumpReLU SAEs use the same rule, imported
+//! Choice's are all equal). Trained with scale-free selection (the default), their thresholds are
+//! *relative*: feature f is active when `pre_f > θ_f · ‖x − b_dec‖`; SAELens has no such rule, so
+//! those SAEs are saved with Loupe's own architecture name `relative_jumprelu`. With absolute
+//! thresholds (`pre_f > θ_f`, trained with `scale_free = false`) the rule is SAELens' `jumprelu`
+//! and the SAE loads in SAELens. JumpReLU SAEs (trained or imported) use the absolute rule;
 //! standard (ReLU) SAEs keep every positive pre-activation.
 
 use std::path::Path;
@@ -39,8 +42,10 @@ pub struct Sae {
     pub b_enc: Vec<f32>,
     pub w_dec: Vec<f32>,
     pub b_dec: Vec<f32>,
-    /// Per-feature inference thresholds (Mutual Choice, Feature Choice).
+    /// Per-feature inference thresholds (Mutual Choice, Feature Choice, JumpReLU).
     pub threshold: Option<Vec<f32>>,
+    /// Whether `threshold` is relative to ‖x − b_dec‖ (scale-free Mutual and Feature Choice).
+    pub threshold_relative: bool,
 }
 
 impl Sae {
@@ -52,12 +57,14 @@ impl Sae {
         let mut w_dec: Vec<f32> = (0..n * d).map(|_| StandardNormal.sample(&mut rng)).collect();
         w_dec.chunks_mut(d).for_each(normalize);
         let threshold = spec.variant.uses_threshold().then(|| vec![f32::INFINITY; n]);
-        Sae { w_enc: w_dec.clone(), b_enc: vec![0.0; n], w_dec, b_dec: vec![0.0; d], threshold, spec }
+        let (w_enc, b_enc, b_dec) = (w_dec.clone(), vec![0.0; n], vec![0.0; d]);
+        Sae { w_enc, b_enc, w_dec, b_dec, threshold, threshold_relative: false, spec }
     }
 
     /// The same SAE for activations `scale` times smaller than the ones it was trained on: it
     /// encodes raw `x` exactly as this one encodes `scale·x` (same codes) and decodes to
     /// 1/`scale` of this one's reconstruction. Decoder rows are then no longer unit norm.
+    /// (Relative thresholds scale too: ‖scale·x − b_dec‖ = scale·‖x − b_dec/scale‖.)
     pub fn folded(&self, scale: f32) -> Sae {
         if scale == 1.0 {
             return self.clone();
@@ -66,6 +73,9 @@ impl Sae {
         out.w_enc.iter_mut().for_each(|w| *w *= scale);
         out.w_dec.iter_mut().for_each(|w| *w /= scale);
         out.b_dec.iter_mut().for_each(|b| *b /= scale);
+        if let Some(t) = out.threshold.as_mut().filter(|_| self.threshold_relative) {
+            t.iter_mut().for_each(|t| *t *= scale);
+        }
         out
     }
 
@@ -97,7 +107,7 @@ impl Sae {
             if t.iter().any(|v| v.is_nan()) {
                 bail!("threshold holds NaN");
             }
-        } else if self.spec.variant.uses_threshold() {
+        } else if self.spec.variant.uses_threshold() || self.threshold_relative {
             bail!("a {} SAE needs a threshold tensor", self.spec.variant);
         }
         Ok(())
@@ -115,18 +125,20 @@ impl Sae {
         kernels::matmul_nt(xc, &self.w_enc, pre, tokens, self.spec.n_features, d, false);
     }
 
-    /// Inference codes of one chunk's pre-activations (without b_enc).
-    fn select_inference(&self, pre: &[f32], out: &mut Codes) {
-        let n = self.spec.n_features;
+    /// Inference codes of one chunk's pre-activations (without b_enc); `xc` is `x − b_dec`.
+    fn select_inference(&self, pre: &[f32], xc: &[f32], out: &mut Codes) {
+        let (n, d) = (self.spec.n_features, self.spec.d_in);
         let rows: Vec<Vec<(u32, f32)>> = pre
             .par_chunks(n)
-            .map_init(Vec::new, |scratch, row| {
+            .zip(xc.par_chunks(d))
+            .map_init(Vec::new, |scratch, (row, xc)| {
                 let mut sel = Vec::new();
                 match &self.threshold {
                     Some(th) => {
+                        let unit = if self.threshold_relative { kernels::dot(xc, xc).sqrt() } else { 1.0 };
                         for (f, ((p, b), t)) in row.iter().zip(&self.b_enc).zip(th).enumerate() {
                             let v = p + b;
-                            if v > 0.0 && v > *t {
+                            if v > 0.0 && v > *t * unit {
                                 sel.push((f as u32, v));
                             }
                         }
@@ -166,7 +178,7 @@ impl Dictionary for Sae {
         let (mut xc, mut pre) = (Vec::new(), Vec::new());
         for chunk in x.chunks(ENCODE_CHUNK * d) {
             self.pre_acts(chunk, &mut xc, &mut pre);
-            self.select_inference(&pre, &mut codes);
+            self.select_inference(&pre, &xc, &mut codes);
         }
         codes
     }

@@ -68,10 +68,19 @@ pub struct TrainConfig {
     /// this scaled space; [`super::sae::Sae::folded`] turns its weights into raw-space ones.
     #[serde(default = "one")]
     pub input_scale: f32,
+    /// Mutual and Feature Choice: rank pairs by `pre / ‖x − b_dec‖` and learn thresholds relative
+    /// to that norm (Loupe's default, see [`super::mutual_choice`]); `false`: by raw `pre` with
+    /// absolute thresholds, as the papers (and loadable by SAELens).
+    #[serde(default = "yes")]
+    pub scale_free: bool,
 }
 
 fn one() -> f32 {
     1.0
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl TrainConfig {
@@ -95,6 +104,7 @@ impl TrainConfig {
             gsae_beta: 1.0,
             ema_decay: 0.99,
             input_scale: 1.0,
+            scale_free: true,
         }
     }
 
@@ -126,6 +136,13 @@ impl TrainConfig {
             bail!("n_features and batch must fit in 31 bits");
         }
         Ok(())
+    }
+}
+
+impl TrainConfig {
+    /// Whether the trained SAE's inference thresholds are relative to ‖x − b_dec‖.
+    pub fn relative_thresholds(&self) -> bool {
+        self.scale_free && matches!(self.variant, Variant::MutualChoice | Variant::FeatureChoice)
     }
 }
 
@@ -242,7 +259,8 @@ impl Trainer {
     pub fn new(cfg: TrainConfig) -> Result<Trainer> {
         cfg.validate()?;
         let spec = SaeSpec { variant: cfg.variant, d_in: cfg.d_in, n_features: cfg.n_features, k: cfg.k };
-        let sae = Sae::init(spec, cfg.seed);
+        let mut sae = Sae::init(spec, cfg.seed);
+        sae.threshold_relative = cfg.relative_thresholds();
         let (n, d) = (cfg.n_features, cfg.d_in);
         let state = TrainerState {
             step: 0,
@@ -262,7 +280,11 @@ impl Trainer {
         cfg.validate()?;
         sae.validate()?;
         let (n, d) = (cfg.n_features, cfg.d_in);
-        if sae.spec.n_features != n || sae.spec.d_in != d || sae.spec.variant != cfg.variant {
+        if sae.spec.n_features != n
+            || sae.spec.d_in != d
+            || sae.spec.variant != cfg.variant
+            || sae.threshold_relative != cfg.relative_thresholds()
+        {
             bail!("checkpoint holds a different SAE than the configuration asks for");
         }
         let lens = [state.w_enc.m.len(), state.w_dec.v.len(), state.b_enc.m.len(), state.b_dec.v.len()];
@@ -399,6 +421,13 @@ impl Trainer {
         } else {
             s.pre.resize(tokens * n, 0.0);
             kernels::matmul_nt(&s.xc, &self.sae.w_enc, &mut s.pre, tokens, n, d, feature_major);
+            // Scale-free ranking: keys pre / ‖x − b_dec‖.
+            let scale: Option<Vec<f32>> = self.cfg.relative_thresholds().then(|| {
+                s.xc.par_chunks(d)
+                    .map(|row| 1.0 / kernels::dot(row, row).sqrt().max(f32::MIN_POSITIVE))
+                    .collect()
+            });
+            let scale = scale.as_deref();
             let observed = match self.cfg.variant {
                 Variant::Topk | Variant::Jumprelu | Variant::Relu => unreachable!("not trained here"),
                 Variant::Gsae => {
@@ -409,11 +438,18 @@ impl Trainer {
                     Observed::None
                 }
                 Variant::MutualChoice => {
-                    Observed::Min(mutual_choice::select(&mut s.pre, &self.sae.b_enc, budget, &mut main.codes))
+                    let b_enc = &self.sae.b_enc;
+                    Observed::Min(mutual_choice::select(&mut s.pre, b_enc, scale, budget, &mut main.codes))
                 }
                 Variant::FeatureChoice => {
-                    let picked =
-                        feature_choice::select(&mut s.pre, &self.sae.b_enc, tokens, &caps, &mut main.codes);
+                    let picked = feature_choice::select(
+                        &mut s.pre,
+                        &self.sae.b_enc,
+                        scale,
+                        tokens,
+                        &caps,
+                        &mut main.codes,
+                    );
                     Observed::Picked(picked, caps.clone())
                 }
             };
