@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use loupe_store::Store;
 use loupe_trainer::dict::job::{self, Job};
+use loupe_trainer::dict::jumprelu::L0Penalty;
 use loupe_trainer::dict::{TrainConfig, Variant};
 use serde::Deserialize;
 
@@ -27,7 +28,7 @@ pub struct Args {
     /// Dictionary name in the store (default: <hook>-<variant>-n<n>-k<k>).
     #[arg(long)]
     pub(crate) name: Option<String>,
-    /// topk, mutual_choice (batchtopk), feature_choice or gsae.
+    /// topk, mutual_choice (batchtopk), feature_choice, gsae, jumprelu or relu.
     #[arg(long)]
     pub(crate) variant: Option<Variant>,
     /// Number of features (or give --expansion).
@@ -36,7 +37,8 @@ pub struct Args {
     /// Features per activation dimension (default 32, sparsify's).
     #[arg(long)]
     pub(crate) expansion: Option<usize>,
-    /// Active features per token (mean, for mutual and feature choice). Default 32.
+    /// Active features per token (mean, for mutual and feature choice; JumpReLU's target with
+    /// the quadratic penalty; unused by relu). Default 32.
     #[arg(long)]
     pub(crate) k: Option<usize>,
     /// Adam learning rate (default 2e-4/√(n/2¹⁴)).
@@ -91,6 +93,18 @@ pub struct Args {
     /// g-SAE: weight of the gradient term (default 1).
     #[arg(long)]
     pub(crate) gsae_beta: Option<f32>,
+    /// relu: weight of the L1 penalty; jumprelu: of the L0 penalty (SAELens' units; default 1).
+    #[arg(long)]
+    pub(crate) sparsity_coefficient: Option<f32>,
+    /// jumprelu: bandwidth of the straight-through estimator (default 0.05).
+    #[arg(long)]
+    pub(crate) jumprelu_bandwidth: Option<f32>,
+    /// jumprelu: initial threshold (default 0.01).
+    #[arg(long)]
+    pub(crate) jumprelu_init_threshold: Option<f32>,
+    /// jumprelu: step (penalise L0) or quadratic (steer each token's L0 towards k). Default step.
+    #[arg(long)]
+    pub(crate) jumprelu_sparsity: Option<L0Penalty>,
 }
 
 impl Args {
@@ -126,6 +140,10 @@ impl Args {
             absolute_thresholds: f.absolute_thresholds || file.absolute_thresholds,
             zipf_exponent: f.zipf_exponent.or(file.zipf_exponent),
             gsae_beta: f.gsae_beta.or(file.gsae_beta),
+            sparsity_coefficient: f.sparsity_coefficient.or(file.sparsity_coefficient),
+            jumprelu_bandwidth: f.jumprelu_bandwidth.or(file.jumprelu_bandwidth),
+            jumprelu_init_threshold: f.jumprelu_init_threshold.or(file.jumprelu_init_threshold),
+            jumprelu_sparsity: f.jumprelu_sparsity.or(file.jumprelu_sparsity),
         })
     }
 }
@@ -177,6 +195,18 @@ fn job_of(args: &Args) -> Result<Job> {
     }
     if let Some(b) = args.gsae_beta {
         train.gsae_beta = b;
+    }
+    if let Some(l) = args.sparsity_coefficient {
+        train.sparsity_coefficient = l;
+    }
+    if let Some(e) = args.jumprelu_bandwidth {
+        train.jumprelu_bandwidth = e;
+    }
+    if let Some(t) = args.jumprelu_init_threshold {
+        train.jumprelu_init_threshold = t;
+    }
+    if let Some(p) = args.jumprelu_sparsity {
+        train.jumprelu_sparsity = p;
     }
     train.validate()?;
     let name = args.name.clone().unwrap_or_else(|| format!("{hook}-{variant}-n{n}-k{k}"));

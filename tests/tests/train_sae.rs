@@ -166,8 +166,8 @@ fn config_file_and_bad_settings() {
     std::fs::write(
         &config,
         format!(
-            "store = {s:?}\nhook = {HOOK:?}\nname = \"from-toml\"\nvariant = \"mutual_choice\"\nn_features = 64\n\
-             k = 4\nbatch = 100\ntokens = 1000\neval_tokens = 500\n"
+            "store = {s:?}\nhook = {HOOK:?}\nname = \"from-toml\"\nvariant = \"jumprelu\"\nn_features = 64\n\
+             k = 4\nbatch = 100\ntokens = 1000\neval_tokens = 500\njumprelu_sparsity = \"quadratic\"\n"
         ),
     )
     .unwrap();
@@ -178,7 +178,8 @@ fn config_file_and_bad_settings() {
             .unwrap();
     assert_eq!(cfg["architecture"], "jumprelu");
     assert_eq!(cfg["d_sae"], 64);
-    assert_eq!(cfg["loupe"]["variant"], "mutual_choice");
+    assert_eq!(cfg["loupe"]["variant"], "jumprelu");
+    assert_eq!(cfg["loupe"]["train"]["jumprelu_sparsity"], "quadratic");
     assert_eq!(cfg["metadata"]["hook_name"], HOOK);
 
     let one_error = |args: &[&str], needle: &str| {
@@ -208,7 +209,14 @@ fn config_file_and_bad_settings() {
         &[&base[..], &["--hook", HOOK, "--k", "4", "--eval-tokens", "3000"]].concat(),
         "leaves nothing to train on",
     );
-    one_error(&[&base[..], &["--hook", HOOK, "--k", "4", "--variant", "jumprelu"]].concat(), "not built yet");
+    one_error(
+        &[&base[..], &["--hook", HOOK, "--variant", "jumprelu", "--jumprelu-bandwidth", "0"]].concat(),
+        "jumprelu_bandwidth 0 must be a positive number",
+    );
+    one_error(
+        &[&base[..], &["--hook", HOOK, "--absolute-thresholds"]].concat(),
+        "applies to mutual_choice and feature_choice only",
+    );
     one_error(
         &["train-sae", "--store", tmp.path().join("nope").to_str().unwrap(), "--hook", HOOK],
         "no store at",

@@ -30,17 +30,29 @@ fn check_gradients_with(variant: Variant, multi_topk: bool, scale_free: bool) {
     cfg.multi_topk = multi_topk;
     cfg.k_aux = 3;
     cfg.auxk_alpha = 0.5;
+    cfg.sparsity_coefficient = 0.5;
+    let penalised = matches!(variant, Variant::Jumprelu | Variant::Relu);
     let mut t = Trainer::new(cfg).unwrap();
     t.state.step = 1; // keep b_dec as set here (step 0 replaces it by the geometric median)
     t.sae.w_enc.iter_mut().zip(gaussian(&mut rng, n * d, 0.3)).for_each(|(w, e)| *w += e);
     t.sae.b_enc = gaussian(&mut rng, n, 0.1);
     t.sae.b_dec = gaussian(&mut rng, d, 0.2);
+    if variant == Variant::Jumprelu {
+        t.sae.threshold = Some((0..n).map(|_| rng.random_range(0.2..0.8)).collect());
+    }
     let x = gaussian(&mut rng, tokens * d, 1.0);
     let g = gaussian(&mut rng, tokens * d, 1.0);
     let grad = (variant == Variant::Gsae).then_some(&g[..]);
 
     let (loss0, an) = t.gradients(&x, grad, None).unwrap();
-    assert!(loss0.fvu > 0.0 && loss0.aux > 0.0, "{variant}: the auxiliary loss must be active: {loss0:?}");
+    if penalised {
+        assert!(loss0.fvu > 0.0 && loss0.sparsity > 0.0, "{variant}: the penalty must be active: {loss0:?}");
+    } else {
+        assert!(
+            loss0.fvu > 0.0 && loss0.aux > 0.0,
+            "{variant}: the auxiliary loss must be active: {loss0:?}"
+        );
+    }
     if multi_topk {
         assert!(loss0.multi > 0.0);
     }
@@ -120,6 +132,100 @@ fn gsae_backward_matches_finite_differences() {
     check_gradients(Variant::Gsae, false);
 }
 
+/// ReLU + L1: every parameter's gradient, the penalty included, is a true gradient.
+#[test]
+fn relu_backward_matches_finite_differences() {
+    check_gradients(Variant::Relu, false);
+}
+
+/// JumpReLU: the weights' and biases' gradients are true gradients (H is locally constant); the
+/// thresholds' are straight-through pseudo-gradients, checked below.
+#[test]
+fn jumprelu_backward_matches_finite_differences() {
+    check_gradients(Variant::Jumprelu, false);
+}
+
+/// JumpReLU's threshold pseudo-gradients equal a dense evaluation of the paper's formulas over
+/// every (token, feature) pair: Σ over |v − θ| < ε/2 of −(θ/ε)·∂loss/∂z − λ·P'(L0_t)/(Σ‖x − x̄‖²·ε),
+/// for both penalties.
+#[test]
+fn jumprelu_threshold_gradient_follows_the_straight_through_formulas() {
+    use loupe_trainer::dict::jumprelu::L0Penalty;
+    for penalty in [L0Penalty::Step, L0Penalty::Quadratic] {
+        check_threshold_gradient(penalty);
+    }
+}
+
+#[allow(clippy::needless_range_loop)] // dense reference: indices read as the formulas
+fn check_threshold_gradient(penalty: loupe_trainer::dict::jumprelu::L0Penalty) {
+    use loupe_trainer::dict::jumprelu::L0Penalty;
+    let (d, n, tokens) = (12, 40, 64);
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut cfg = TrainConfig::new(Variant::Jumprelu, d, n, 4, tokens);
+    cfg.jumprelu_bandwidth = 0.2;
+    cfg.sparsity_coefficient = 0.3;
+    cfg.jumprelu_sparsity = penalty;
+    let mut t = Trainer::new(cfg.clone()).unwrap();
+    t.state.step = 1;
+    t.sae.w_enc.iter_mut().zip(gaussian(&mut rng, n * d, 0.3)).for_each(|(w, e)| *w += e);
+    t.sae.b_enc = gaussian(&mut rng, n, 0.1);
+    t.sae.b_dec = gaussian(&mut rng, d, 0.2);
+    let theta: Vec<f32> = (0..n).map(|_| rng.random_range(0.2..0.8)).collect();
+    t.sae.threshold = Some(theta.clone());
+    let x = gaussian(&mut rng, tokens * d, 1.0);
+    let (_, g) = t.gradients(&x, None, None).unwrap();
+
+    // Dense reference: v, z, x̂ and ∂loss/∂x̂ for every pair.
+    let sae = &t.sae;
+    let v = |tk: usize, f: usize| {
+        let row = &x[tk * d..(tk + 1) * d];
+        let w = &sae.w_enc[f * d..(f + 1) * d];
+        row.iter().zip(w).zip(&sae.b_dec).map(|((a, w), b)| (a - b) * w).sum::<f32>() + sae.b_enc[f]
+    };
+    let mut xhat = vec![0.0f32; tokens * d];
+    let mut l0 = vec![0.0f32; tokens];
+    for tk in 0..tokens {
+        xhat[tk * d..(tk + 1) * d].copy_from_slice(&sae.b_dec);
+        for f in 0..n {
+            let vf = v(tk, f);
+            if vf > theta[f] {
+                l0[tk] += 1.0;
+                for j in 0..d {
+                    xhat[tk * d + j] += vf * sae.w_dec[f * d + j];
+                }
+            }
+        }
+    }
+    let denom = loupe_trainer::dict::train::total_variance(&x, d) as f32;
+    let eps = cfg.jumprelu_bandwidth;
+    let mut band_pairs = 0;
+    for f in 0..n {
+        let mut want = 0.0f32;
+        for tk in 0..tokens {
+            let vf = v(tk, f);
+            if (vf - theta[f]).abs() < eps / 2.0 {
+                band_pairs += 1;
+                let dz: f32 = (0..d)
+                    .map(|j| 2.0 / denom * (xhat[tk * d + j] - x[tk * d + j]) * sae.w_dec[f * d + j])
+                    .sum();
+                let k = cfg.k as f32;
+                let p_prime = match penalty {
+                    L0Penalty::Step => 1.0,
+                    L0Penalty::Quadratic => 4.0 / k * (l0[tk] - k),
+                };
+                want += -(theta[f] / eps) * dz - cfg.sparsity_coefficient * p_prime / denom / eps;
+            }
+        }
+        let scale = 1e-3 * (1.0 + want.abs());
+        assert!(
+            (g.threshold[f] - want).abs() < scale,
+            "{penalty:?} feature {f}: {} vs {want}",
+            g.threshold[f]
+        );
+    }
+    assert!(band_pairs > 50, "only {band_pairs} band pairs: the check is too weak");
+}
+
 /// Tokens made of `active` planted unit atoms each (magnitudes in [0.5, 1.5]) plus an offset.
 /// Atom `a` is drawn with probability ∝ (a + 1)^(−1/2): a Zipf-like spread of densities, as real
 /// features have.
@@ -175,6 +281,10 @@ fn recovers_planted(variant: Variant) {
     let mut cfg = TrainConfig::new(variant, d, n, active, batch);
     cfg.lr = 3e-3;
     cfg.dead_tokens = 20_000;
+    // The penalised variants: an L1 weight small enough for little shrinkage, and JumpReLU's L0
+    // steered to the planted 3 per token.
+    cfg.sparsity_coefficient = 0.1;
+    cfg.jumprelu_sparsity = loupe_trainer::dict::jumprelu::L0Penalty::Quadratic;
     let mut t = Trainer::new(cfg).unwrap();
     let mut last = None;
     for step in 0..1500 {
@@ -222,12 +332,22 @@ fn gsae_recovers_a_planted_dictionary() {
     recovers_planted(Variant::Gsae);
 }
 
+#[test]
+fn relu_recovers_a_planted_dictionary() {
+    recovers_planted(Variant::Relu);
+}
+
+#[test]
+fn jumprelu_recovers_a_planted_dictionary() {
+    recovers_planted(Variant::Jumprelu);
+}
+
 /// Saving the trainer after some steps and continuing from the files gives the same weights as
 /// never stopping.
 #[test]
 fn resuming_from_saved_files_is_exact() {
     use loupe_trainer::dict::io::{SaeMeta, load_sae, load_state, save_sae, save_state};
-    for variant in Variant::TRAINABLE {
+    for variant in Variant::ALL {
         let (d, n, batch) = (16, 64, 64);
         let mut rng = StdRng::seed_from_u64(3);
         let data: Vec<Vec<f32>> = (0..12).map(|_| gaussian(&mut rng, batch * d, 1.0)).collect();

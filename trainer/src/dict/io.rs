@@ -197,7 +197,7 @@ fn load_sparsify(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
 pub fn save_state(cfg: &TrainConfig, state: &TrainerState, extra: &Value, dir: &Path) -> Result<()> {
     let since_bytes: Vec<u8> = state.since_fired.iter().flat_map(|v| v.to_le_bytes()).collect();
     let (n, d) = (cfg.n_features, cfg.d_in);
-    let f32s: Vec<(&str, Vec<usize>, &[f32])> = vec![
+    let mut f32s: Vec<(&str, Vec<usize>, &[f32])> = vec![
         ("w_enc.m", vec![n, d], &state.w_enc.m),
         ("w_enc.v", vec![n, d], &state.w_enc.v),
         ("b_enc.m", vec![n], &state.b_enc.m),
@@ -208,6 +208,10 @@ pub fn save_state(cfg: &TrainConfig, state: &TrainerState, extra: &Value, dir: &
         ("b_dec.v", vec![d], &state.b_dec.v),
         ("density", vec![n], &state.density),
     ];
+    if !state.threshold.m.is_empty() {
+        f32s.push(("threshold.m", vec![n], &state.threshold.m));
+        f32s.push(("threshold.v", vec![n], &state.threshold.v));
+    }
     let mut views: Vec<(String, TensorView)> = Vec::new();
     for (name, shape, values) in &f32s {
         views.push((
@@ -256,6 +260,11 @@ pub fn load_state(dir: &Path) -> Result<(TrainConfig, TrainerState, Value)> {
             .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
             .collect(),
         density: tensor(&st, "density", &[n])?,
+        threshold: if cfg.variant == Variant::Jumprelu {
+            moments("threshold", &[n])?
+        } else {
+            Moments::default()
+        },
     };
     Ok((cfg, state, json["resume"].clone()))
 }

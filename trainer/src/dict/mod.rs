@@ -5,6 +5,8 @@
 //! - [`Sae`] ([`sae`]): the weights of every SAE variant, SAELens layout, and their inference rule;
 //! - [`Variant`]: TopK, Mutual Choice (BatchTopK), Feature Choice, g-SAE — how a training batch
 //!   picks its (token, feature) pairs: [`topk`], [`mutual_choice`], [`feature_choice`], [`gsae`];
+//!   JumpReLU and ReLU + L1, sparse by a penalty instead: [`jumprelu`];
+//! - [`config`]: a run's hyper-parameters;
 //! - [`train`]: the training step shared by the TopK family (sparse backward, fused Adam), with
 //!   its per-feature gradient + Adam pass in `update.rs`;
 //! - [`kernels`]: GEMM, partial top-k, sparse codes;
@@ -16,12 +18,14 @@
 //! encoder vector), `b_enc` `[n_features]`, `w_dec` `[n_features, d_in]` (row `f` is its decoder
 //! direction, unit norm), `b_dec` `[d_in]`. Saved as SAELens' `W_enc [d_in, d_sae]` (transposed).
 
+pub mod config;
 pub mod eval;
 pub mod feature_choice;
 pub mod gsae;
 pub mod import;
 pub mod io;
 pub mod job;
+pub mod jumprelu;
 pub mod kernels;
 pub mod mutual_choice;
 pub mod sae;
@@ -68,17 +72,23 @@ pub enum Variant {
     /// TopK over the pre-activation scaled by the loss gradient's projection on the decoder
     /// (Olmo et al.); needs the store's `grad` column.
     Gsae,
-    /// JumpReLU (Rajamanoharan et al.): active above a learned per-feature threshold. Imported
-    /// SAELens dictionaries only; Loupe does not train it yet.
+    /// JumpReLU (Rajamanoharan et al.): active above a learned per-feature threshold, trained
+    /// with an L0 penalty through straight-through estimators.
     Jumprelu,
-    /// Standard ReLU SAE (trained with an L1 penalty). Imported only; not trained by Loupe yet.
+    /// Standard ReLU SAE, trained with an L1 penalty (SAELens' `standard`).
     Relu,
 }
 
 impl Variant {
-    /// The variants Loupe trains.
-    pub const TRAINABLE: [Variant; 4] =
-        [Variant::Topk, Variant::MutualChoice, Variant::FeatureChoice, Variant::Gsae];
+    /// Every variant (Loupe trains them all).
+    pub const ALL: [Variant; 6] = [
+        Variant::Topk,
+        Variant::MutualChoice,
+        Variant::FeatureChoice,
+        Variant::Gsae,
+        Variant::Jumprelu,
+        Variant::Relu,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -94,10 +104,6 @@ impl Variant {
     /// Whether inference uses per-feature thresholds (saved as `threshold`) rather than top-k.
     pub fn uses_threshold(self) -> bool {
         matches!(self, Variant::MutualChoice | Variant::FeatureChoice | Variant::Jumprelu)
-    }
-
-    pub fn is_trainable(self) -> bool {
-        Variant::TRAINABLE.contains(&self)
     }
 }
 

@@ -9,6 +9,8 @@
 //!   pre-activations, without b_dec; loss α·‖e − ê‖² / Σ‖x − x̄‖². Feature Choice uses aux_zipf
 //!   (the same over under-used features, see [`super::feature_choice`]).
 //! - Multi-TopK (`multi_topk`): the FVU of the top-4k reconstruction, weighted 1/8.
+//! - ReLU and JumpReLU: their L1 / L0 penalty, with JumpReLU's threshold pseudo-gradients from
+//!   the band pairs ([`super::jumprelu`]).
 //!
 //! Backward, per source of selected pairs (main codes, multi, aux), with upstream `dX = ∂loss/∂x̂`:
 //! `dz = dX·W_dec[f]`, `∂W_dec[f] += z·dX`, `∂b_enc[f] += dz`, `∂W_enc[f] += dz·(x − b_dec)`,
@@ -24,10 +26,11 @@ use anyhow::{Result, bail};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub use super::config::{TrainConfig, default_lr};
 use super::kernels::{self, Codes};
 use super::sae::{Sae, SaeSpec, geometric_median};
-use super::update::{AdamStep, BLOCK_FEATURES, Block, Order, RowCtx, update_block};
-use super::{Variant, feature_choice, gsae, mutual_choice, topk};
+use super::update::{AdamStep, BLOCK_FEATURES, Band, Block, Order, RowCtx, Theta, update_block};
+use super::{Variant, feature_choice, gsae, jumprelu, mutual_choice, topk};
 
 /// Feature ranges of the feature-major decode (fixed, so results do not depend on threads).
 const DECODE_PARTS: usize = 2;
@@ -36,128 +39,14 @@ const DECODE_PARTS: usize = 2;
 /// costs more than it saves at d 640, n 16384 (BENCHMARKS.md).
 const TOPK_CHUNK: usize = 4096;
 
-/// Training hyper-parameters (everything but the data).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    pub variant: Variant,
-    pub d_in: usize,
-    pub n_features: usize,
-    /// Active features per token (mean, for the batch-level variants).
-    pub k: usize,
-    /// Tokens per step.
-    pub batch: usize,
-    /// Adam learning rate.
-    pub lr: f32,
-    pub seed: u64,
-    /// AuxK / aux_zipf weight (0: off).
-    pub auxk_alpha: f32,
-    /// Pairs per token in the auxiliary reconstruction.
-    pub k_aux: usize,
-    /// A feature that has not fired for this many training tokens is dead (for AuxK).
-    pub dead_tokens: u64,
-    /// Add the FVU at 4k weighted 1/8.
-    pub multi_topk: bool,
-    /// Feature Choice: exponent α of the Zipf capacities.
-    pub zipf_exponent: f32,
-    /// g-SAE: weight β of the gradient term.
-    pub gsae_beta: f32,
-    /// Decay of the moving averages (inference thresholds, densities) per step.
-    pub ema_decay: f32,
-    /// Factor the activations are multiplied by before training (the job sets it so that their
-    /// mean norm is √d, as SAELens' `expected_average_only_in`; 1: raw). The trainer works in
-    /// this scaled space; [`super::sae::Sae::folded`] turns its weights into raw-space ones.
-    #[serde(default = "one")]
-    pub input_scale: f32,
-    /// Mutual and Feature Choice: rank pairs by `pre / ‖x − b_dec‖` and learn thresholds relative
-    /// to that norm (Loupe's default, see [`super::mutual_choice`]); `false`: by raw `pre` with
-    /// absolute thresholds, as the papers (and loadable by SAELens).
-    #[serde(default = "yes")]
-    pub scale_free: bool,
-}
-
-fn one() -> f32 {
-    1.0
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl TrainConfig {
-    /// Defaults of the papers and sparsify for a `variant` with these sizes: learning rate
-    /// 2e-4/√(n/2¹⁴), AuxK α 1/32 with k_aux = d/2 and 10M dead tokens (capped by the caller to
-    /// the run's length), Zipf α 0.5, g-SAE β 1.
-    pub fn new(variant: Variant, d_in: usize, n_features: usize, k: usize, batch: usize) -> TrainConfig {
-        TrainConfig {
-            variant,
-            d_in,
-            n_features,
-            k,
-            batch,
-            lr: default_lr(n_features),
-            seed: 0,
-            auxk_alpha: 1.0 / 32.0,
-            k_aux: (d_in / 2).max(1),
-            dead_tokens: 10_000_000,
-            multi_topk: false,
-            zipf_exponent: 0.5,
-            gsae_beta: 1.0,
-            ema_decay: 0.99,
-            input_scale: 1.0,
-            scale_free: true,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if !self.variant.is_trainable() {
-            bail!(
-                "training {} SAEs is not built yet (Loupe trains topk, mutual_choice, feature_choice and gsae; \
-                 {} dictionaries can be imported)",
-                self.variant,
-                self.variant
-            );
-        }
-        if self.d_in == 0 || self.n_features == 0 || self.batch == 0 {
-            bail!("d_in, n_features and batch must be at least 1");
-        }
-        if self.k == 0 || self.k > self.n_features {
-            bail!("k = {} must be between 1 and n_features = {}", self.k, self.n_features);
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("learning rate {} must be a positive number", self.lr);
-        }
-        if !(self.input_scale.is_finite() && self.input_scale > 0.0) {
-            bail!("input_scale {} must be a positive number", self.input_scale);
-        }
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            bail!("ema_decay {} must be in [0, 1)", self.ema_decay);
-        }
-        if self.n_features > u32::MAX as usize / 2 || self.batch > u32::MAX as usize / 2 {
-            bail!("n_features and batch must fit in 31 bits");
-        }
-        Ok(())
-    }
-}
-
-impl TrainConfig {
-    /// Whether the trained SAE's inference thresholds are relative to ‖x − b_dec‖.
-    pub fn relative_thresholds(&self) -> bool {
-        self.scale_free && matches!(self.variant, Variant::MutualChoice | Variant::FeatureChoice)
-    }
-}
-
-/// Adam learning rate scaled with the width: 2e-4 / √(n / 2¹⁴).
-pub fn default_lr(n_features: usize) -> f32 {
-    2e-4 / (n_features as f32 / 16384.0).sqrt()
-}
-
 /// What one step measured (on the batch, before the update).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepStats {
     pub fvu: f32,
     /// Mean active features per token.
     pub l0: f32,
-    /// Auxiliary loss (AuxK or aux_zipf), 0 when nothing was dead or under-used.
+    /// Auxiliary loss (AuxK or aux_zipf; 0 when nothing was dead or under-used), or for ReLU and
+    /// JumpReLU the sparsity penalty (L1 or L0).
     pub aux_loss: f32,
     /// Multi-TopK FVU at 4k (0 when off).
     pub multi_fvu: f32,
@@ -171,12 +60,14 @@ pub struct Loss {
     pub fvu: f64,
     pub multi: f64,
     pub aux: f64,
+    /// ReLU's L1 or JumpReLU's L0 penalty.
+    pub sparsity: f64,
 }
 
 impl Loss {
-    /// The optimised total: FVU + Multi-TopK FVU / 8 + auxiliary.
+    /// The optimised total: FVU + Multi-TopK FVU / 8 + auxiliary + sparsity penalty.
     pub fn total(&self) -> f64 {
-        self.fvu + self.multi / 8.0 + self.aux
+        self.fvu + self.multi / 8.0 + self.aux + self.sparsity
     }
 }
 
@@ -187,6 +78,8 @@ pub struct Gradients {
     pub b_enc: Vec<f32>,
     pub w_dec: Vec<f32>,
     pub b_dec: Vec<f32>,
+    /// JumpReLU: the straight-through pseudo-gradient of each threshold θ_f (empty otherwise).
+    pub threshold: Vec<f32>,
 }
 
 /// What a batch's selection tells the inference thresholds.
@@ -222,6 +115,8 @@ pub struct TrainerState {
     pub since_fired: Vec<u64>,
     /// Moving average of each feature's firing frequency per token.
     pub density: Vec<f32>,
+    /// JumpReLU: moments of the log-thresholds (empty for the other variants).
+    pub threshold: Moments,
 }
 
 /// A TopK-family SAE being trained, with its optimiser state and scratch buffers.
@@ -242,6 +137,10 @@ struct Scratch {
     partials: Vec<f32>,
     /// Per source: codes, upstream gradient `[tokens, d]`, dz per pair.
     sources: Vec<Source>,
+    /// JumpReLU: the pairs within ε/2 of their threshold.
+    band: Codes,
+    /// JumpReLU: ∂loss/∂H of the L0 term for each token's pairs.
+    l0_weight: Vec<f32>,
 }
 
 #[derive(Default)]
@@ -253,6 +152,8 @@ pub(super) struct Source {
     /// Whether pairs count as firing (main only).
     pub(super) fires: bool,
     pub(super) active: bool,
+    /// Added to every pair's dz (ReLU's L1 penalty: λ / Σ‖x − x̄‖²).
+    pub(super) dz_extra: f32,
 }
 
 impl Trainer {
@@ -262,6 +163,10 @@ impl Trainer {
         let mut sae = Sae::init(spec, cfg.seed);
         sae.threshold_relative = cfg.relative_thresholds();
         let (n, d) = (cfg.n_features, cfg.d_in);
+        let jump = cfg.variant == Variant::Jumprelu;
+        if jump {
+            sae.threshold = Some(vec![cfg.jumprelu_init_threshold; n]);
+        }
         let state = TrainerState {
             step: 0,
             tokens: 0,
@@ -271,6 +176,7 @@ impl Trainer {
             b_dec: Moments::zeros(d),
             since_fired: vec![0; n],
             density: vec![0.0; n],
+            threshold: Moments::zeros(if jump { n } else { 0 }),
         };
         Ok(Trainer { cfg, sae, state, scratch: Scratch::default() })
     }
@@ -288,7 +194,12 @@ impl Trainer {
             bail!("checkpoint holds a different SAE than the configuration asks for");
         }
         let lens = [state.w_enc.m.len(), state.w_dec.v.len(), state.b_enc.m.len(), state.b_dec.v.len()];
-        if lens != [n * d, n * d, n, d] || state.since_fired.len() != n || state.density.len() != n {
+        let theta_len = if cfg.variant == Variant::Jumprelu { n } else { 0 };
+        if lens != [n * d, n * d, n, d]
+            || state.since_fired.len() != n
+            || state.density.len() != n
+            || state.threshold.m.len() != theta_len
+        {
             bail!("checkpoint state does not match the SAE's shape");
         }
         Ok(Trainer { cfg, sae, state, scratch: Scratch::default() })
@@ -324,6 +235,7 @@ impl Trainer {
             b_enc: vec![0.0; n],
             w_dec: vec![0.0; n * d],
             b_dec: vec![0.0; d],
+            threshold: vec![0.0; if self.cfg.variant == Variant::Jumprelu { n } else { 0 }],
         };
         self.update(x.len() / d, Some(&mut grads));
         Ok((loss, grads))
@@ -399,17 +311,24 @@ impl Trainer {
             Variant::FeatureChoice => feature_choice::underused(&self.state.density, &caps, tokens),
             _ => dead,
         };
-        let use_aux = self.cfg.auxk_alpha > 0.0 && !aux_set.is_empty();
+        let penalised = matches!(self.cfg.variant, Variant::Jumprelu | Variant::Relu);
+        let use_aux = self.cfg.auxk_alpha > 0.0 && !aux_set.is_empty() && !penalised;
+        s.band.clear();
 
-        // Encoder GEMM and selection. TopK selects per token, so it can run in chunks of tokens;
-        // the others need the whole batch's pre-activations.
-        let observed = if self.cfg.variant == Variant::Topk {
+        // Encoder GEMM and selection. TopK, JumpReLU and ReLU select per token, so they run in
+        // chunks of tokens; the others need the whole batch's pre-activations.
+        let observed = if matches!(self.cfg.variant, Variant::Topk | Variant::Jumprelu | Variant::Relu) {
             let chunk = TOPK_CHUNK.min(tokens);
             s.pre.resize(chunk * n, 0.0);
             for c0 in (0..tokens).step_by(chunk) {
                 let rows = chunk.min(tokens - c0);
                 let pre = &mut s.pre[..rows * n];
                 kernels::matmul_nt(&s.xc[c0 * d..(c0 + rows) * d], &self.sae.w_enc, pre, rows, n, d, false);
+                if penalised {
+                    let th = self.sae.threshold.as_deref().map(|t| (t, self.cfg.jumprelu_bandwidth));
+                    jumprelu::select(pre, &self.sae.b_enc, th, &mut main.codes, &mut s.band);
+                    continue;
+                }
                 let m = self.cfg.multi_topk.then(|| (4 * self.cfg.k, &mut multi.codes));
                 topk::select(pre, &self.sae.b_enc, self.cfg.k, m, &mut main.codes);
                 if use_aux {
@@ -468,6 +387,7 @@ impl Trainer {
         (multi.with_bias, multi.fires) = (true, false);
         multi.active = self.cfg.variant == Variant::Topk && self.cfg.multi_topk;
         (aux.with_bias, aux.fires, aux.active) = (false, false, false);
+        (main.dz_extra, multi.dz_extra, aux.dz_extra) = (0.0, 0.0, 0.0);
 
         // Main reconstruction and its gradient.
         s.xhat.resize(tokens * d, 0.0);
@@ -485,13 +405,30 @@ impl Trainer {
             &mut s.partials,
         );
         let denom = total_variance(x, d).max(f64::MIN_POSITIVE);
-        let mut loss = Loss { fvu: sq_dist(&s.xhat, x) / denom, multi: 0.0, aux: 0.0 };
+        let mut loss = Loss { fvu: sq_dist(&s.xhat, x) / denom, multi: 0.0, aux: 0.0, sparsity: 0.0 };
         upstream(&s.xhat, x, 2.0 / denom as f32, &mut main.dx);
         let mut stats = StepStats {
             fvu: loss.fvu as f32,
             l0: main.codes.nnz() as f32 / tokens as f32,
             ..StepStats::default()
         };
+        // ReLU's L1 and JumpReLU's L0 penalties.
+        let lambda = self.cfg.sparsity_coefficient as f64 / denom;
+        s.l0_weight.clear();
+        match self.cfg.variant {
+            Variant::Relu => {
+                loss.sparsity = lambda * main.codes.value.iter().map(|v| *v as f64).sum::<f64>();
+                main.dz_extra = lambda as f32;
+            }
+            Variant::Jumprelu => {
+                let (l0_loss, weights) =
+                    jumprelu::l0_penalty(&main.codes, self.cfg.jumprelu_sparsity, self.cfg.k);
+                loss.sparsity = lambda * l0_loss;
+                s.l0_weight = weights.into_iter().map(|w| (lambda * w) as f32).collect();
+            }
+            _ => {}
+        }
+        stats.aux_loss = loss.sparsity as f32;
 
         if multi.active {
             let mut xhat4 = vec![0.0; tokens * d];
@@ -565,10 +502,36 @@ impl Trainer {
         let st = &mut self.state;
         let sae = &mut self.sae;
         let rows = BLOCK_FEATURES * d;
-        let (capture, capture_bdec) = match capture {
-            Some(g) => (Some((&mut g.w_enc, &mut g.w_dec, &mut g.b_enc)), Some(&mut g.b_dec)),
-            None => (None, None),
+        let (capture, capture_bdec, capture_theta) = match capture {
+            Some(g) => {
+                (Some((&mut g.w_enc, &mut g.w_dec, &mut g.b_enc)), Some(&mut g.b_dec), Some(&mut g.threshold))
+            }
+            None => (None, None, None),
         };
+        let band = (self.cfg.variant == Variant::Jumprelu).then(|| {
+            let (starts, order) = s.band.by_feature(n);
+            let token = s.band.entry_tokens();
+            let (dx, eps, l0_weight) =
+                (&s.sources[0].dx[..], self.cfg.jumprelu_bandwidth, s.l0_weight.clone());
+            Band { starts, order, token, dx, eps, l0_weight }
+        });
+        // JumpReLU's thresholds, their moments, and where a gradient check wants their gradients.
+        let blocks_n = n.div_ceil(BLOCK_FEATURES);
+        let mut thetas: Vec<Option<Theta>> = match sae.threshold.as_mut().filter(|_| band.is_some()) {
+            Some(th) => th
+                .chunks_mut(BLOCK_FEATURES)
+                .zip(st.threshold.m.chunks_mut(BLOCK_FEATURES).zip(st.threshold.v.chunks_mut(BLOCK_FEATURES)))
+                .map(|(theta, moments)| Some(Theta { theta, moments, capture: None }))
+                .collect(),
+            None => (0..blocks_n).map(|_| None).collect(),
+        };
+        if let (Some(g), true) = (capture_theta, band.is_some()) {
+            for (t, c) in thetas.iter_mut().zip(g.chunks_mut(BLOCK_FEATURES)) {
+                if let Some(t) = t {
+                    t.capture = Some(c);
+                }
+            }
+        }
         let captured = capture.map(|(w_enc, w_dec, b_enc)| {
             w_enc
                 .chunks_mut(rows)
@@ -577,7 +540,7 @@ impl Trainer {
                 .collect::<Vec<_>>()
         });
         let mut captured = captured.map(|v| v.into_iter().map(Some).collect::<Vec<_>>()).unwrap_or_default();
-        captured.resize_with(n.div_ceil(BLOCK_FEATURES), || None);
+        captured.resize_with(blocks_n, || None);
         let blocks = sae
             .w_enc
             .chunks_mut(rows)
@@ -587,22 +550,25 @@ impl Trainer {
             .zip(sae.b_enc.chunks_mut(BLOCK_FEATURES))
             .zip(st.b_enc.m.chunks_mut(BLOCK_FEATURES).zip(st.b_enc.v.chunks_mut(BLOCK_FEATURES)))
             .zip(st.since_fired.chunks_mut(BLOCK_FEATURES).zip(st.density.chunks_mut(BLOCK_FEATURES)))
-            .zip(captured)
+            .zip(captured.into_iter().zip(thetas))
             .enumerate()
-            .map(|(bi, (((((((w_enc, w_dec), me), md), b_enc), mb), (since, density)), capture))| Block {
-                first: bi * BLOCK_FEATURES,
-                w_enc,
-                w_dec,
-                me,
-                md,
-                b_enc,
-                mb,
-                since,
-                density,
-                capture,
+            .map(|(bi, (((((((w_enc, w_dec), me), md), b_enc), mb), (since, density)), (capture, theta)))| {
+                Block {
+                    first: bi * BLOCK_FEATURES,
+                    w_enc,
+                    w_dec,
+                    me,
+                    md,
+                    b_enc,
+                    mb,
+                    since,
+                    density,
+                    capture,
+                    theta,
+                }
             })
             .collect::<Vec<_>>();
-        let ctx = RowCtx { orders: &orders, xc, d, adam: &adam, decay, tokens };
+        let ctx = RowCtx { orders: &orders, band: band.as_ref(), xc, d, adam: &adam, decay, tokens };
         let partials: Vec<Vec<f32>> = blocks.into_par_iter().map(|block| update_block(block, &ctx)).collect();
         // b_dec: Σ dX over reconstructions with the bias, minus Σ_f ∂b_enc[f]·W_enc[f].
         let mut g_bdec = vec![0.0f32; d];

@@ -25,6 +25,27 @@ pub(super) struct Order<'a> {
 
 pub(super) type Pair<'a> = (&'a mut [f32], &'a mut [f32]);
 
+/// JumpReLU's band pairs (|v − θ_f| < ε/2) in feature-major order, and what their threshold
+/// pseudo-gradients need (see [`super::jumprelu`]).
+pub(super) struct Band<'a> {
+    pub(super) starts: Vec<u32>,
+    pub(super) order: Vec<u32>,
+    pub(super) token: Vec<u32>,
+    /// The main reconstruction's upstream gradient `[tokens, d]`.
+    pub(super) dx: &'a [f32],
+    pub(super) eps: f32,
+    /// ∂loss/∂H of the L0 term, per token.
+    pub(super) l0_weight: Vec<f32>,
+}
+
+/// A block's JumpReLU thresholds θ_f, their Adam moments, and (for gradient checks) where to put
+/// ∂loss/∂θ_f instead of applying it.
+pub(super) struct Theta<'a> {
+    pub(super) theta: &'a mut [f32],
+    pub(super) moments: Pair<'a>,
+    pub(super) capture: Option<&'a mut [f32]>,
+}
+
 /// The rows of one block of features: weights, Adam moments, counters, and (for gradient checks)
 /// where to put the gradients instead of applying them.
 pub(super) struct Block<'a> {
@@ -38,11 +59,13 @@ pub(super) struct Block<'a> {
     pub(super) since: &'a mut [u64],
     pub(super) density: &'a mut [f32],
     pub(super) capture: Option<(Pair<'a>, &'a mut [f32])>,
+    pub(super) theta: Option<Theta<'a>>,
 }
 
 /// What every block reads.
 pub(super) struct RowCtx<'a> {
     pub(super) orders: &'a [Order<'a>],
+    pub(super) band: Option<&'a Band<'a>>,
     pub(super) xc: &'a [f32],
     pub(super) d: usize,
     pub(super) adam: &'a AdamStep,
@@ -63,7 +86,7 @@ pub(super) fn update_block(b: Block, ctx: &RowCtx) -> Vec<f32> {
     let mut g_enc = vec![0.0f32; d];
     let mut g_dec = vec![0.0f32; d];
     let mut bdec_part = vec![0.0f32; d];
-    let Block { first, w_enc, w_dec, me, md, b_enc, mb, since, density, mut capture } = b;
+    let Block { first, w_enc, w_dec, me, md, b_enc, mb, since, density, mut capture, mut theta } = b;
     for r in 0..b_enc.len() {
         let f = first + r;
         g_enc.fill(0.0);
@@ -77,7 +100,7 @@ pub(super) fn update_block(b: Block, ctx: &RowCtx) -> Vec<f32> {
                 let e = e as usize;
                 let tok = o.token[e] as usize;
                 let dx = &o.src.dx[tok * d..(tok + 1) * d];
-                let dz = dot_and_axpy(dx, w_dec_row, o.src.codes.value[e], &mut g_dec);
+                let dz = dot_and_axpy(dx, w_dec_row, o.src.codes.value[e], &mut g_dec) + o.src.dz_extra;
                 axpy(dz, &ctx.xc[tok * d..(tok + 1) * d], &mut g_enc);
                 g_b += dz;
                 if o.src.fires {
@@ -86,6 +109,24 @@ pub(super) fn update_block(b: Block, ctx: &RowCtx) -> Vec<f32> {
             }
         }
         axpy(g_b, &w_enc[rr.clone()], &mut bdec_part);
+        // JumpReLU: the threshold's pseudo-gradient from the band pairs, then Adam (θ ≥ 0).
+        if let (Some(band), Some(th)) = (ctx.band, theta.as_mut()) {
+            let t = th.theta[r];
+            let mut g_t = 0.0f32;
+            for &e in &band.order[band.starts[f] as usize..band.starts[f + 1] as usize] {
+                let tok = band.token[e as usize] as usize;
+                let dz = dot(&band.dx[tok * d..(tok + 1) * d], w_dec_row);
+                g_t -= (t * dz + band.l0_weight[tok]) / band.eps;
+            }
+            match th.capture.as_mut() {
+                Some(c) => c[r] = g_t,
+                None => {
+                    let (m, v) = (&mut th.moments.0[r..r + 1], &mut th.moments.1[r..r + 1]);
+                    ctx.adam.apply(&mut th.theta[r..r + 1], &[g_t], m, v);
+                    th.theta[r] = th.theta[r].max(0.0);
+                }
+            }
+        }
         if let Some(((ge, gd), gb)) = capture.as_mut() {
             ge[rr.clone()].copy_from_slice(&g_enc);
             gd[rr.clone()].copy_from_slice(&g_dec);
