@@ -27,6 +27,7 @@ pub mod io;
 pub mod job;
 pub mod jumprelu;
 pub mod kernels;
+pub mod monet;
 pub mod mutual_choice;
 pub mod sae;
 pub mod splice;

@@ -1,0 +1,274 @@
+//! Monet-style product-key experts (Park et al., ICLR 2025) fitted to captured activations.
+//!
+//! N = E² experts share √N-sized weights. Two sub-routers score E sub-experts per head
+//! ([`router`]); expert (i, j) gets the gate Σ_h g1[h,i]·g2[h,j]. Its computation depends on the
+//! decomposition (ψ = ReLU², `m` the expert width):
+//! - horizontal (HD): expert (i, j) = v_j·ψ(u_i·x + c_i) + b_j — bottom layer of sub-expert i, top
+//!   layer of sub-expert j;
+//! - vertical (VD): input and output are split in halves; expert (i, j) =
+//!   [v11_i·ψ(u1_i x) + v12_i·ψ(u2_j x) + b1_i ; v21_j·ψ(u1_i x) + v22_j·ψ(u2_j x) + b2_j], i.e. sub-
+//!   expert i owns the left half of the hidden units and the top half of the output, j the rest.
+//!
+//! [`Monet::forward`] computes Σ_{i,j} gate(i,j)·expert_ij(x) without ever forming an expert:
+//! because each softmax sums to one, the sum factorises into per-sub-expert products and two small
+//! batched matmuls over the heads (the formulas are in the code); [`explicit`] evaluates the same sum
+//! expert by expert for the tests. Every expert (i, j) is a feature (id i·E + j) whose activation
+//! on a token is its gate ([`Monet::codes`]).
+//!
+//! Two modes ([`Mode`]): an autoencoder on one hook (d_out = d_in), or a transcoder from an MLP's
+//! input to its output.
+
+pub mod aux;
+pub mod explicit;
+pub mod router;
+
+use anyhow::{Result, bail};
+use candle_core::{D, DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+use super::kernels::Codes;
+pub use router::Router;
+
+/// How expert weights are split between the two sub-experts of an expert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decomposition {
+    Horizontal,
+    Vertical,
+}
+
+impl std::str::FromStr for Decomposition {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "hd" | "horizontal" => Ok(Decomposition::Horizontal),
+            "vd" | "vertical" => Ok(Decomposition::Vertical),
+            _ => bail!("unknown decomposition {s:?} (expected hd or vd)"),
+        }
+    }
+}
+
+/// What the experts map: a hook to itself, or an MLP's input to its output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Autoencoder,
+    Transcoder,
+}
+
+/// The shape of a Monet layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MonetSpec {
+    pub decomposition: Decomposition,
+    pub d_in: usize,
+    pub d_out: usize,
+    /// Sub-experts per side, E (N = E² experts).
+    pub experts: usize,
+    /// Router heads, H.
+    pub heads: usize,
+    /// Sub-experts each head keeps (on average): σ = Φ⁻¹(1 − topk/E).
+    pub topk: usize,
+    /// Hidden width of an expert, m (even for VD).
+    pub dim: usize,
+}
+
+impl MonetSpec {
+    pub fn validate(&self) -> Result<()> {
+        let s = self;
+        if s.d_in == 0 || s.d_out == 0 || s.experts < 2 || s.heads == 0 || s.dim == 0 {
+            bail!("Monet needs d_in, d_out, heads and dim ≥ 1 and at least 2 experts per side");
+        }
+        if s.topk == 0 || s.topk >= s.experts {
+            bail!("topk = {} must be between 1 and experts − 1 = {}", s.topk, s.experts - 1);
+        }
+        if s.decomposition == Decomposition::Vertical
+            && (!s.dim.is_multiple_of(2) || !s.d_out.is_multiple_of(2))
+        {
+            bail!(
+                "the vertical decomposition needs an even expert dim and an even d_out (got {} and {})",
+                s.dim,
+                s.d_out
+            );
+        }
+        Ok(())
+    }
+
+    /// Number of experts (features), E².
+    pub fn n_experts(&self) -> usize {
+        self.experts * self.experts
+    }
+
+    /// Trainable parameters (the router's included).
+    pub fn parameters(&self) -> usize {
+        let (d, o, e, m, h) = (self.d_in, self.d_out, self.experts, self.dim, self.heads);
+        let router = 2 * d * h * e;
+        router
+            + match self.decomposition {
+                Decomposition::Horizontal => d * e * m + e * m + e * m * o + e * o,
+                Decomposition::Vertical => {
+                    2 * (d * e * m / 2 + e * m / 2) + 4 * (e * m / 2) * (o / 2) + e * o
+                }
+            }
+    }
+}
+
+/// The expert weights of either decomposition (row-major; `x @ w` convention).
+pub enum Experts {
+    /// `u [d_in, E·m]`, `c [E·m]`, `v [E·m, d_out]`, `b [E, d_out]`.
+    Horizontal { u: Var, c: Var, v: Var, b: Var },
+    /// `u1, u2 [d_in, E·m/2]`, `c1, c2 [E·m/2]`, `v11 … v22 [E·m/2, d_out/2]`, `b1, b2 [E, d_out/2]`.
+    Vertical { u: [Var; 2], c: [Var; 2], v: [Var; 4], b: [Var; 2] },
+}
+
+/// A Monet layer: router + experts.
+pub struct Monet {
+    pub spec: MonetSpec,
+    pub router: Router,
+    pub experts: Experts,
+}
+
+fn randn(rng: &mut StdRng, shape: &[usize], std: f64) -> Result<Var> {
+    let normal = Normal::new(0.0, std).expect("positive std");
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| normal.sample(rng) as f32).collect();
+    Ok(Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu)?)?)
+}
+
+fn zeros(shape: &[usize]) -> Result<Var> {
+    Ok(Var::zeros(shape, DType::F32, &Device::Cpu)?)
+}
+
+impl Monet {
+    /// Random initialisation: Gaussian weights with std 1/√fan_in, zero biases.
+    pub fn init(spec: MonetSpec, seed: u64) -> Result<Monet> {
+        spec.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (d, o, e, m) = (spec.d_in, spec.d_out, spec.experts, spec.dim);
+        let router = Router::init(d, spec.heads, e, spec.topk, &mut rng)?;
+        let experts = match spec.decomposition {
+            Decomposition::Horizontal => Experts::Horizontal {
+                u: randn(&mut rng, &[d, e * m], 1.0 / (d as f64).sqrt())?,
+                c: zeros(&[e * m])?,
+                v: randn(&mut rng, &[e * m, o], 1.0 / (m as f64).sqrt())?,
+                b: zeros(&[e, o])?,
+            },
+            Decomposition::Vertical => {
+                let h = e * m / 2;
+                let std_v = 1.0 / (m as f64).sqrt();
+                Experts::Vertical {
+                    u: [
+                        randn(&mut rng, &[d, h], 1.0 / (d as f64).sqrt())?,
+                        randn(&mut rng, &[d, h], 1.0 / (d as f64).sqrt())?,
+                    ],
+                    c: [zeros(&[h])?, zeros(&[h])?],
+                    v: [
+                        randn(&mut rng, &[h, o / 2], std_v)?,
+                        randn(&mut rng, &[h, o / 2], std_v)?,
+                        randn(&mut rng, &[h, o / 2], std_v)?,
+                        randn(&mut rng, &[h, o / 2], std_v)?,
+                    ],
+                    b: [zeros(&[e, o / 2])?, zeros(&[e, o / 2])?],
+                }
+            }
+        };
+        Ok(Monet { spec, router, experts })
+    }
+
+    /// Every trainable variable (for the optimiser), router first.
+    pub fn vars(&self) -> Vec<Var> {
+        let mut out = self.router.vars();
+        match &self.experts {
+            Experts::Horizontal { u, c, v, b } => out.extend([u, c, v, b].into_iter().cloned()),
+            Experts::Vertical { u, c, v, b } => {
+                out.extend(u.iter().chain(c).chain(v).chain(b).cloned());
+            }
+        }
+        out
+    }
+
+    /// The output for `x` (`[B, d_in]`) given the gates' factors `g1`, `g2` (`[B, H, E]`), by the
+    /// factorised sums (never forming an expert).
+    pub fn forward_with(&self, x: &Tensor, g1: &Tensor, g2: &Tensor) -> Result<Tensor> {
+        let (bsz, e) = (x.dim(0)?, self.spec.experts);
+        // Σ_h g[b,h,i]: each sub-expert's total weight.
+        let (s1, s2) = (g1.sum(1)?, g2.sum(1)?);
+        // hidden[b, i, :] = ψ(x·u_i + c_i).
+        let hidden = |u: &Var, c: &Var| -> Result<Tensor> {
+            let pre = x.matmul(u.as_tensor())?.broadcast_add(c.as_tensor())?;
+            let k = pre.dim(1)? / e;
+            Ok(pre.relu()?.sqr()?.reshape((bsz, e, k))?)
+        };
+        // Σ_{i,j} Σ_h ga[b,h,i]·gb[b,h,j]·h[b,i,:] arranged by j: gbᵀ·(ga·h) over the heads.
+        let cross = |h: &Tensor, ga: &Tensor, gb: &Tensor| -> Result<Tensor> {
+            let per_head = ga.matmul(h)?; // [B, H, k]
+            Ok(gb.transpose(1, 2)?.contiguous()?.matmul(&per_head)?) // [B, E, k]
+        };
+        let flat = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((bsz, ()))?) };
+        let y = match &self.experts {
+            Experts::Horizontal { u, c, v, b } => {
+                let h = hidden(u, c)?;
+                let mixed = flat(cross(&h, g1, g2)?)?;
+                (mixed.matmul(v.as_tensor())? + s2.matmul(b.as_tensor())?)?
+            }
+            Experts::Vertical { u, c, v, b } => {
+                let h1 = hidden(&u[0], &c[0])?;
+                let h2 = hidden(&u[1], &c[1])?;
+                let own = |h: &Tensor, s: &Tensor| -> Result<Tensor> {
+                    flat(h.broadcast_mul(&s.unsqueeze(D::Minus1)?)?)
+                };
+                // Top half, indexed by i: v11 on h1 (own side), v12 on h2 routed j → i.
+                let top = (own(&h1, &s1)?.matmul(v[0].as_tensor())?
+                    + flat(cross(&h2, g2, g1)?)?.matmul(v[1].as_tensor())?
+                    + s1.matmul(b[0].as_tensor())?)?;
+                // Bottom half, indexed by j: v21 on h1 routed i → j, v22 on h2 (own side).
+                let bottom = (flat(cross(&h1, g1, g2)?)?.matmul(v[2].as_tensor())?
+                    + own(&h2, &s2)?.matmul(v[3].as_tensor())?
+                    + s2.matmul(b[1].as_tensor())?)?;
+                Tensor::cat(&[&top, &bottom], 1)?
+            }
+        };
+        Ok(y)
+    }
+
+    /// Route with the running BatchNorm statistics (inference) and compute the output.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (g1, g2) = self.router.route(x, false)?;
+        self.forward_with(x, &g1, &g2)
+    }
+
+    /// The experts active on each token and their gates, as sparse codes over the E² features:
+    /// feature i·E + j with value Σ_h g1[h,i]·g2[h,j], for every pair some head keeps.
+    pub fn codes(&self, g1: &Tensor, g2: &Tensor) -> Result<Codes> {
+        let (bsz, heads, e) = g1.dims3()?;
+        let (a, b) = (g1.flatten_all()?.to_vec1::<f32>()?, g2.flatten_all()?.to_vec1::<f32>()?);
+        let mut codes = Codes { offsets: vec![0], ..Codes::default() };
+        let mut gate = vec![0.0f32; e * e];
+        let mut touched: Vec<u32> = Vec::new();
+        for t in 0..bsz {
+            for h in 0..heads {
+                let row1 = &a[(t * heads + h) * e..(t * heads + h + 1) * e];
+                let row2 = &b[(t * heads + h) * e..(t * heads + h + 1) * e];
+                for (i, &p) in row1.iter().enumerate().filter(|(_, p)| **p > 0.0) {
+                    for (j, &q) in row2.iter().enumerate().filter(|(_, q)| **q > 0.0) {
+                        let f = i * e + j;
+                        if gate[f] == 0.0 {
+                            touched.push(f as u32);
+                        }
+                        gate[f] += p * q;
+                    }
+                }
+            }
+            touched.sort_unstable();
+            let row: Vec<(u32, f32)> = touched.iter().map(|&f| (f, gate[f as usize])).collect();
+            codes.push_row(&row);
+            for &f in &touched {
+                gate[f as usize] = 0.0;
+            }
+            touched.clear();
+        }
+        Ok(codes)
+    }
+}
