@@ -28,31 +28,59 @@ pub struct EvalStats {
     pub dense_fraction: f64,
 }
 
-/// Evaluate `dict` on rows `rows` (storage order, across shards) of `acts`.
-pub fn eval_reconstruction(dict: &dyn Dictionary, acts: &Activations, rows: Range<u64>) -> Result<EvalStats> {
+/// Evaluate `dict` on rows `rows` (storage order, across shards) of `acts`: how well it
+/// reconstructs them, or with `target`, the same rows of another hook captured with them (a
+/// transcoder's output).
+pub fn eval_reconstruction(
+    dict: &dyn Dictionary,
+    acts: &Activations,
+    target: Option<&Activations>,
+    rows: Range<u64>,
+) -> Result<EvalStats> {
     let d = acts.spec().d as usize;
     if dict.d_in() != d {
         bail!("dictionary reads width {}, hook {} has width {d}", dict.d_in(), acts.hook());
     }
+    let d_out = target.map_or(d, |t| t.spec().d as usize);
+    if dict.d_out() != d_out {
+        bail!("dictionary writes width {}, the target has width {d_out}", dict.d_out());
+    }
     let n = dict.n_features();
     let mut fires = vec![0u64; n];
     let (mut err, mut sum_sq, mut nnz, mut tokens) = (0.0f64, 0.0f64, 0u64, 0u64);
-    let mut sum = vec![0.0f64; d];
-    let (mut x, mut xhat) = (Vec::new(), Vec::new());
+    let mut sum = vec![0.0f64; d_out];
+    let (mut x, mut y) = (Vec::new(), Vec::new());
     let mut offset = 0u64;
     for i in 0..acts.num_shards() {
         let shard = acts.open_shard(i)?;
         let shard_rows = shard.rows() as u64;
+        let target_shard = match target {
+            Some(t) if i < t.num_shards() => Some(t.open_shard(i)?),
+            Some(t) => {
+                bail!("hook {} has fewer shards than {}: not captured together", t.hook(), acts.hook())
+            }
+            None => None,
+        };
+        if let Some(ts) = &target_shard
+            && ts.rows() != shard.rows()
+        {
+            bail!("shard {i} of the two hooks holds different rows: not captured together");
+        }
         let (lo, hi) = (rows.start.max(offset), rows.end.min(offset + shard_rows));
         let mut start = lo;
         while start < hi {
             let end = (start + EVAL_CHUNK as u64).min(hi);
             let local = (start - offset) as usize..(end - offset) as usize;
-            shard.act().rows(local, d).to_f32_into(&mut x);
-            let codes = dict.encode(&x);
-            xhat.resize(x.len(), 0.0);
-            dict.decode(&codes, &mut xhat);
-            for (row, rec) in x.chunks(d).zip(xhat.chunks(d)) {
+            shard.act().rows(local.clone(), d).to_f32_into(&mut x);
+            let (codes, xhat) = dict.reconstruct(&x);
+            let want = match &target_shard {
+                Some(ts) => {
+                    ts.act().rows(local, d_out).to_f32_into(&mut y);
+                    &y
+                }
+                None => &x,
+            };
+            for (row, rec) in want.chunks(d_out).zip(xhat.chunks(d_out)) {
                 for ((v, r), s) in row.iter().zip(rec).zip(sum.iter_mut()) {
                     err += ((v - r) as f64).powi(2);
                     sum_sq += (*v as f64).powi(2);

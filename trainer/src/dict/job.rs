@@ -228,7 +228,7 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
 
     // Final files (raw-activation space), evaluation, listing.
     let raw = trainer.sae.folded(scale);
-    let eval = eval_reconstruction(&raw, &acts, train_rows..rows)?;
+    let eval = eval_reconstruction(&raw, &acts, None, train_rows..rows)?;
     let splice = if job.eval_contexts == 0 {
         Err("skipped (--eval-contexts 0)".to_string())
     } else {
@@ -294,7 +294,7 @@ fn splice_held_out(
     }
     let contexts = contexts_from_rows(&doc, &pos, &token, bos, context, max);
     let model = crate::model::load(path).map_err(|e| format!("cannot load the store's model: {e:#}"))?;
-    eval_splice(model.as_ref(), dict, hook, &contexts).map_err(|e| format!("splicing failed: {e:#}"))
+    eval_splice(model.as_ref(), dict, hook, None, &contexts).map_err(|e| format!("splicing failed: {e:#}"))
 }
 
 /// √d over the mean norm of the first training batch (of epoch 0: the same on every run).

@@ -1,7 +1,8 @@
 //! Sparse dictionaries: what every variant shares, and the SAE family.
 //!
-//! - [`Dictionary`]: the one interface the trainer loop, evaluation, analysis and the app use
-//!   (encode a batch to sparse [`Codes`] with the batch-free inference rule, decode, save);
+//! - [`Dictionary`]: the one interface evaluation, splicing, analysis and the app use (encode a
+//!   batch to sparse [`Codes`] with the batch-free inference rule, reconstruct, save), for SAEs
+//!   and Monet experts ([`monet`]) alike;
 //! - [`Sae`] ([`sae`]): the weights of every SAE variant, SAELens layout, and their inference rule;
 //! - [`Variant`]: TopK, Mutual Choice (BatchTopK), Feature Choice, g-SAE — how a training batch
 //!   picks its (token, feature) pairs: [`topk`], [`mutual_choice`], [`feature_choice`], [`gsae`];
@@ -50,10 +51,16 @@ pub trait Dictionary: Send + Sync {
     fn d_in(&self) -> usize;
     /// Number of features.
     fn n_features(&self) -> usize;
+    /// Width of what it reconstructs (d_in, except for transcoders).
+    fn d_out(&self) -> usize {
+        self.d_in()
+    }
     /// Sparse codes of `x` (`[tokens, d_in]`) with the batch-free inference rule.
     fn encode(&self, x: &[f32]) -> Codes;
-    /// Reconstruction of `codes` into `out` (`[tokens, d_in]`).
-    fn decode(&self, codes: &Codes, out: &mut [f32]);
+    /// The codes of `x` and its reconstruction (`[tokens, d_out]`): what splicing writes back.
+    /// (An SAE decodes its codes; Monet's experts also read `x`, so there is no decode from codes
+    /// alone in this interface.)
+    fn reconstruct(&self, x: &[f32]) -> (Codes, Vec<f32>);
     /// Write the dictionary (SAELens layout) into `dir`.
     fn save(&self, dir: &Path) -> Result<()>;
 }

@@ -162,6 +162,13 @@ impl Sae {
     }
 }
 
+impl Sae {
+    /// Reconstruction of `codes` into `out` (`[tokens, d_in]`): b_dec + Σ z·W_dec[f].
+    pub fn decode(&self, codes: &Codes, out: &mut [f32]) {
+        codes.decode_into(&self.w_dec, self.spec.d_in, Some(&self.b_dec), out);
+    }
+}
+
 impl Dictionary for Sae {
     fn d_in(&self) -> usize {
         self.spec.d_in
@@ -183,8 +190,11 @@ impl Dictionary for Sae {
         codes
     }
 
-    fn decode(&self, codes: &Codes, out: &mut [f32]) {
-        codes.decode_into(&self.w_dec, self.spec.d_in, Some(&self.b_dec), out);
+    fn reconstruct(&self, x: &[f32]) -> (Codes, Vec<f32>) {
+        let codes = self.encode(x);
+        let mut out = vec![0.0; x.len()];
+        self.decode(&codes, &mut out);
+        (codes, out)
     }
 
     fn save(&self, dir: &Path) -> Result<()> {

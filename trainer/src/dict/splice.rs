@@ -30,36 +30,49 @@ pub struct SpliceStats {
     pub kl: f64,
 }
 
-/// Splice `dict` at `hook` of `model` on `contexts` (token ids, BOS first).
+/// Splice `dict` at `hook` of `model` on `contexts` (token ids, BOS first). With `input`, `dict`
+/// is a transcoder: it reads that hook (earlier in the same forward pass) and its output replaces
+/// `hook`.
 pub fn eval_splice(
     model: &dyn HookedModel,
     dict: Arc<dyn Dictionary>,
     hook: &str,
+    input: Option<&str>,
     contexts: &[Vec<u32>],
 ) -> Result<SpliceStats> {
     if !model.config().causal {
         bail!("CE-loss recovered needs a causal model; {} is not one", model.config().architecture);
     }
-    if !model.hook_names().iter().any(|h| h == hook) {
-        bail!("the model has no hook {hook}");
+    for h in std::iter::once(hook).chain(input) {
+        if !model.hook_names().iter().any(|n| n == h) {
+            bail!("the model has no hook {h}");
+        }
     }
-    let d = dict.d_in();
+    let (d, d_out) = (dict.d_in(), dict.d_out());
+    // The transcoder's input, stashed when the forward pass reaches its hook.
+    let stash: Arc<std::sync::Mutex<Vec<f32>>> = Arc::default();
+    let keep = stash.clone();
+    let stash_input: crate::model::hooks::MapFn = Arc::new(move |x: &Tensor| {
+        *keep.lock().expect("stash") = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(x.clone())
+    });
+    let transcoder = input.is_some();
     let splice: crate::model::hooks::MapFn = Arc::new(move |x: &Tensor| {
         let dims = x.dims().to_vec();
         let flat = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        if flat.len() % d != 0 || dims.len() != 3 {
-            return Err(candle_core::Error::Msg(format!("activation {dims:?} is not [batch, pos, {d}]")));
+        let source = if transcoder { stash.lock().expect("stash").clone() } else { flat.clone() };
+        if flat.len() % d_out != 0 || dims.len() != 3 || source.len() / d != flat.len() / d_out {
+            return Err(candle_core::Error::Msg(format!("activation {dims:?} is not [batch, pos, {d_out}]")));
         }
         let seq = dims[1];
         let mut out = flat.clone();
         // Every position but 0 of each sequence.
-        let rows: Vec<usize> = (0..flat.len() / d).filter(|r| r % seq != 0).collect();
-        let x_rows: Vec<f32> = rows.iter().flat_map(|&r| flat[r * d..(r + 1) * d].iter().copied()).collect();
-        let codes = dict.encode(&x_rows);
-        let mut rec = vec![0.0; x_rows.len()];
-        dict.decode(&codes, &mut rec);
+        let rows: Vec<usize> = (0..flat.len() / d_out).filter(|r| r % seq != 0).collect();
+        let x_rows: Vec<f32> =
+            rows.iter().flat_map(|&r| source[r * d..(r + 1) * d].iter().copied()).collect();
+        let (_, rec) = dict.reconstruct(&x_rows);
         for (i, &r) in rows.iter().enumerate() {
-            out[r * d..(r + 1) * d].copy_from_slice(&rec[i * d..(i + 1) * d]);
+            out[r * d_out..(r + 1) * d_out].copy_from_slice(&rec[i * d_out..(i + 1) * d_out]);
         }
         Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())
     });
@@ -84,7 +97,11 @@ pub fn eval_splice(
             Ok(candle_nn::ops::log_softmax(&logits.narrow(1, 1, n)?.squeeze(0)?, D::Minus1)?)
         };
         let clean = run(&mut Hooks::new())?;
-        let spliced = run(&mut Hooks::new().intervene(hook, Intervention::Map(splice.clone())))?;
+        let mut splicing = Hooks::new().intervene(hook, Intervention::Map(splice.clone()));
+        if let Some(input) = input {
+            splicing = splicing.intervene(input, Intervention::Map(stash_input.clone()));
+        }
+        let spliced = run(&mut splicing)?;
         let zeroed = run(&mut Hooks::new().intervene(hook, Intervention::Map(zero.clone())))?;
         let targets = Tensor::from_vec(ctx[2..].to_vec(), ctx.len() - 2, &Device::Cpu)?;
         let nll = |lp: &Tensor| -> Result<f64> {
