@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use loupe_store::Store;
 use loupe_trainer::dict::job::{self, Job};
 use loupe_trainer::dict::jumprelu::L0Penalty;
-use loupe_trainer::dict::{TrainConfig, Variant};
+use loupe_trainer::dict::{TrainConfig, Trainer, Variant};
 use serde::Deserialize;
 
 /// Every setting, as flags; the same keys (snake_case) may come from `--config file.toml`.
@@ -149,7 +149,7 @@ impl Args {
 }
 
 /// Resolve the settings against the store into a job.
-fn job_of(args: &Args) -> Result<Job> {
+fn job_of(args: &Args) -> Result<Job<TrainConfig>> {
     let store_path = args.store.clone().context("no --store given (flag or config)")?;
     let hook = args.hook.clone().context("no --hook given (flag or config)")?;
     let variant = args.variant.unwrap_or(Variant::Topk);
@@ -213,6 +213,7 @@ fn job_of(args: &Args) -> Result<Job> {
     Ok(Job {
         store: store_path,
         hook,
+        input_hook: None,
         name,
         train,
         tokens,
@@ -247,7 +248,7 @@ pub fn run(args: &Args) -> Result<()> {
     );
     // The banner waits for the first step, so that a refused job prints only its error line.
     let mut banner = Some(banner);
-    let outcome = job::run(&job, |p| {
+    let outcome = job::run::<Trainer>(&job, |p| {
         if let Some(b) = banner.take() {
             if bar.is_hidden() { eprintln!("{b}") } else { bar.println(b) }
         }

@@ -138,6 +138,7 @@ fn fixture_meta() -> SaeMeta {
     SaeMeta {
         model_name: MODEL.into(),
         hook_name: HOOK.into(),
+        input_hook: None,
         context_size: Some(1024),
         prepend_bos: Some(true),
         dataset_path: Some("moby-dick".into()),

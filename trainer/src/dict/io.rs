@@ -37,6 +37,9 @@ pub const SAELENS_FORMAT_VERSION: &str = "6.0.0";
 pub struct SaeMeta {
     pub model_name: String,
     pub hook_name: String,
+    /// A transcoder's input hook (Loupe's key; SAELens has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_hook: Option<String>,
     pub context_size: Option<usize>,
     pub prepend_bos: Option<bool>,
     pub dataset_path: Option<String>,
@@ -164,6 +167,7 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
     let meta = SaeMeta {
         model_name: text("model_name"),
         hook_name: text("hook_name"),
+        input_hook: None,
         context_size: meta_block["context_size"].as_u64().map(|v| v as usize),
         prepend_bos: meta_block["prepend_bos"].as_bool(),
         dataset_path: meta_block["dataset_path"].as_str().map(str::to_string),

@@ -1,4 +1,6 @@
-//! `train-sae` as a resumable batch job over a store.
+//! `train-sae` and `train-monet` as resumable batch jobs over a store: the loop, held-out split,
+//! checkpoints, resume, evaluation and listing are shared; what trains is a [`Fit`] (the SAE
+//! [`Trainer`], or [`super::monet::train::MonetTrainer`]).
 //!
 //! The hook's rows are split in storage order: the last `eval_tokens` are held out, the rest are
 //! drawn by the store's shuffled sampler (seeded, full batches only), epoch after epoch, until
@@ -16,28 +18,72 @@
 //! their cfg.json); the final files are folded back ([`super::sae::Sae::folded`]) and read raw
 //! activations. At the end the final files are written at the top of the folder,
 //! evaluated on the held-out rows (`eval.json`), and listed with status `done`.
+//!
+//! A transcoder (`input_hook`) reads one hook and reconstructs another (`hook`): both were captured
+//! together, so two samplers with the same seed draw the same rows (checked batch by batch).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use loupe_store::dictionaries::{TrainLogRow, write_train_log};
 use loupe_store::{DictEntry, SamplerConfig, Store};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use super::Dictionary;
 use super::eval::{EvalStats, eval_reconstruction};
 use super::io::{SaeMeta, load_sae, load_state, save_sae_with, save_state};
 use super::splice::{SpliceStats, contexts_from_rows, eval_splice};
 use super::train::{StepStats, TrainConfig, Trainer};
-use super::{Dictionary, Variant};
 
-/// Everything `train-sae` needs.
+/// What a job needs to know of a configuration to feed it.
+pub struct Needs {
+    pub d_in: usize,
+    pub d_out: usize,
+    pub batch: usize,
+    pub seed: u64,
+    /// Whether steps read the store's loss gradients (g-SAE).
+    pub grad: bool,
+}
+
+/// A dictionary being trained, as a job drives it.
+pub trait Fit: Sized {
+    /// Every hyper-parameter (recorded in checkpoints; a resume must match it).
+    type Config: Clone + PartialEq + Serialize + DeserializeOwned;
+    /// Files of a checkpoint folder (besides `train_log.arrow`).
+    const CHECKPOINT_FILES: &'static [&'static str];
+    /// Files of the final dictionary (besides `train_log.arrow` and `eval.json`).
+    const FINAL_FILES: &'static [&'static str];
+    fn needs(cfg: &Self::Config) -> Needs;
+    /// `cfg` for activations multiplied by `input` and targets by `output` while training.
+    fn with_scales(cfg: Self::Config, input: f32, output: f32) -> Self::Config;
+    fn start(cfg: Self::Config) -> Result<Self>;
+    fn config(&self) -> &Self::Config;
+    /// One step on `x`; `second` is the gradient (g-SAE) or the target (transcoders).
+    fn step(&mut self, x: &[f32], second: Option<&[f32]>) -> Result<StepStats>;
+    fn steps(&self) -> u64;
+    fn tokens(&self) -> u64;
+    fn save_checkpoint(&self, dir: &Path, meta: &SaeMeta, resume: &Value) -> Result<()>;
+    /// The trainer and the `resume` value saved with it.
+    fn load_checkpoint(dir: &Path) -> Result<(Self, Value)>;
+    /// Write the final files (reading raw activations) into `dir` and return that dictionary.
+    fn finish(&self, meta: &SaeMeta, dir: &Path) -> Result<Arc<dyn Dictionary>>;
+    /// The manifest's `kind` and `variant`, and the number of features.
+    fn listing(&self) -> (&'static str, String, usize);
+}
+
+/// Everything a training job needs; `train` is the [`Fit`]'s configuration.
 #[derive(Clone, Debug)]
-pub struct Job {
+pub struct Job<C> {
     pub store: PathBuf,
+    /// The hook the dictionary reconstructs (and is spliced at).
     pub hook: String,
+    /// A transcoder's input hook (None: the dictionary reads `hook`).
+    pub input_hook: Option<String>,
     pub name: String,
-    pub train: TrainConfig,
+    pub train: C,
     /// Training tokens to see in total.
     pub tokens: u64,
     /// Steps between checkpoints (0: only at the end).
@@ -81,19 +127,34 @@ struct Position {
     batch: u64,
 }
 
-pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
+pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
     let store = Store::open_rw(&job.store)?;
     let manifest = store.manifest();
-    let Some(hook) = manifest.hooks.get(&job.hook) else {
-        let known: Vec<&String> = manifest.hooks.keys().collect();
-        bail!("store {} has no activations for hook {} (it has: {known:?})", job.store.display(), job.hook);
+    let needs = F::needs(&job.train);
+    let find = |name: &str| {
+        manifest.hooks.get(name).with_context(|| {
+            let known: Vec<&String> = manifest.hooks.keys().collect();
+            format!("store {} has no activations for hook {name} (it has: {known:?})", job.store.display())
+        })
     };
-    let d = hook.spec.d as usize;
-    if job.train.d_in != d {
-        bail!("hook {} has width {d}, the configuration says d_in {}", job.hook, job.train.d_in);
+    let hook = find(&job.hook)?;
+    let input = match &job.input_hook {
+        Some(name) => find(name)?,
+        None => hook,
+    };
+    let input_name = job.input_hook.as_deref().unwrap_or(&job.hook);
+    let (d, d_out) = (input.spec.d as usize, hook.spec.d as usize);
+    if needs.d_in != d {
+        bail!("hook {input_name} has width {d}, the configuration says d_in {}", needs.d_in);
     }
-    if job.train.variant == Variant::Gsae && !hook.spec.grad {
+    if needs.d_out != d_out {
+        bail!("hook {} has width {d_out}, the configuration says d_out {}", job.hook, needs.d_out);
+    }
+    if needs.grad && !hook.spec.grad {
         bail!("g-SAE needs loss gradients: capture {} with --with-grads first", job.hook);
+    }
+    if job.input_hook.is_some() && input.rows() != hook.rows() {
+        bail!("hooks {input_name} and {} hold different rows: capture them together", job.hook);
     }
     let rows = hook.rows();
     if job.eval_tokens >= rows {
@@ -104,29 +165,40 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
         );
     }
     let train_rows = rows - job.eval_tokens;
-    if train_rows < job.train.batch as u64 {
-        bail!(
-            "hook {} has {train_rows} training rows, fewer than one batch of {}",
-            job.hook,
-            job.train.batch
-        );
+    if train_rows < needs.batch as u64 {
+        bail!("hook {} has {train_rows} training rows, fewer than one batch of {}", job.hook, needs.batch);
     }
-    job.train.validate()?;
-    let meta = meta_of(&manifest, &job.hook);
+    let meta = meta_of(&manifest, &job.hook, job.input_hook.as_deref());
     let dir = store.dictionary_dir(&job.name);
     let config = SamplerConfig {
-        seed: job.train.seed,
-        grad: job.train.variant == Variant::Gsae,
+        seed: needs.seed,
+        grad: needs.grad,
         drop_last: true,
         row_limit: Some(train_rows),
-        ..SamplerConfig::new(job.train.batch)
+        ..SamplerConfig::new(needs.batch)
     };
     let acts = store.activations(&job.hook)?;
-    let sampler = loupe_store::Sampler::new(&acts, config)?;
-    let mut train = job.train.clone();
-    if job.normalize {
-        train.input_scale = input_scale(&sampler, d)?;
-    }
+    let input_acts = match &job.input_hook {
+        Some(name) => Some(store.activations(name)?),
+        None => None,
+    };
+    let sampler = loupe_store::Sampler::new(input_acts.as_ref().unwrap_or(&acts), config.clone())?;
+    // A transcoder's targets: the same rows of the output hook, drawn in the same order.
+    let target_sampler = match &input_acts {
+        Some(_) => Some(loupe_store::Sampler::new(&acts, config)?),
+        None => None,
+    };
+    let train = if job.normalize {
+        let s_in = input_scale(&sampler, d)?;
+        let s_out = match &target_sampler {
+            Some(t) => input_scale(t, d_out)?,
+            None => s_in,
+        };
+        F::with_scales(job.train.clone(), s_in, s_out)
+    } else {
+        F::with_scales(job.train.clone(), 1.0, 1.0)
+    };
+    F::start(train.clone())?; // validates the settings before anything is written
 
     // Fresh start or resume.
     let (mut trainer, mut log, mut pos, resumed_from) = match store.dictionary(&job.name) {
@@ -142,84 +214,74 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
                 .find_map(|f| f.file.strip_suffix("/state.json"))
                 .context("the listed checkpoint has no state.json")?;
             let ckpt = dir.join(ckpt);
-            let (cfg, state, resume) = load_state(&ckpt)?;
-            if cfg != train || entry.hook != job.hook {
+            let (trainer, resume) = F::load_checkpoint(&ckpt)?;
+            if *trainer.config() != train || entry.hook != job.hook {
                 bail!(
                     "dictionary {} was started with other settings (hook {}, {}); use the same settings to \
                      resume, or another --name",
                     job.name,
                     entry.hook,
-                    serde_json::to_string(&cfg)?
+                    serde_json::to_string(trainer.config())?
                 );
             }
-            let (sae, _) = load_sae(&ckpt)?;
             let log = loupe_store::dictionaries::read_train_log(&ckpt.join("train_log.arrow"))?;
             let pos = Position {
                 epoch: resume["epoch"].as_u64().context("state.json has no resume.epoch")?,
                 batch: resume["batch"].as_u64().context("state.json has no resume.batch")?,
             };
-            let step = state.step;
-            (Trainer::resume(cfg, sae, state)?, log, pos, Some(step))
+            let step = trainer.steps();
+            (trainer, log, pos, Some(step))
         }
         None => {
             if dir.exists() {
                 // Files of a run that never reached its first checkpoint: not part of the store.
                 std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
             }
-            (Trainer::new(train.clone())?, Vec::new(), Position::default(), None)
+            (F::start(train.clone())?, Vec::new(), Position::default(), None)
         }
     };
 
-    let scale = train.input_scale;
-    let mut epoch = sampler.epoch(pos.epoch);
-    let mut batch = sampler.empty_batch();
-    for _ in 0..pos.batch {
-        if !epoch.next_into(&mut batch) {
-            bail!("the checkpoint's sampler position is past the end of its epoch (was the store changed?)");
-        }
-    }
+    let mut epochs = Epochs::new(&sampler, target_sampler.as_ref(), pos)?;
     let (mut x, mut g) = (Vec::new(), Vec::new());
-    while trainer.state.tokens < job.tokens {
-        if !epoch.next_into(&mut batch) {
-            pos = Position { epoch: pos.epoch + 1, batch: 0 };
-            epoch = sampler.epoch(pos.epoch);
-            if !epoch.next_into(&mut batch) {
-                bail!("the sampler delivered no batch (store has {train_rows} training rows)");
-            }
-        }
-        pos.batch += 1;
+    while trainer.tokens() < job.tokens {
+        let (batch, target) = epochs.next(train_rows)?;
+        // The trainer scales inputs and targets itself (`with_scales`).
         batch.act.as_ref().to_f32_into(&mut x);
-        if scale != 1.0 {
-            x.iter_mut().for_each(|v| *v *= scale);
-        }
-        let grad = match &batch.grad {
-            Some(values) => {
+        let second = match (&batch.grad, target) {
+            (_, Some(t)) => {
+                if t.doc != batch.doc || t.pos != batch.pos {
+                    bail!("the two hooks' samplers drew different rows: were they captured together?");
+                }
+                t.act.as_ref().to_f32_into(&mut g);
+                Some(&g[..])
+            }
+            (Some(values), None) => {
                 values.as_ref().to_f32_into(&mut g);
                 Some(&g[..])
             }
-            None => None,
+            (None, None) => None,
         };
-        let stats = trainer.step(&x, grad).with_context(|| format!("step {}", trainer.state.step + 1))?;
+        let stats = trainer.step(&x, second).with_context(|| format!("step {}", trainer.steps() + 1))?;
+        pos = epochs.pos;
         log.push(TrainLogRow {
-            step: trainer.state.step,
-            tokens: trainer.state.tokens,
+            step: trainer.steps(),
+            tokens: trainer.tokens(),
             fvu: stats.fvu,
             l0: stats.l0,
             aux_loss: stats.aux_loss,
             dead_fraction: stats.dead_fraction,
         });
         if !stats.fvu.is_finite() {
-            bail!("training diverged at step {} (FVU {}); try a lower --lr", trainer.state.step, stats.fvu);
+            bail!("training diverged at step {} (FVU {}); try a lower --lr", trainer.steps(), stats.fvu);
         }
-        let done = trainer.state.tokens >= job.tokens;
-        let checkpointed =
-            !done && job.checkpoint_every > 0 && trainer.state.step % job.checkpoint_every == 0;
+        let done = trainer.tokens() >= job.tokens;
+        let checkpointed = !done && job.checkpoint_every > 0 && trainer.steps() % job.checkpoint_every == 0;
         if checkpointed {
             checkpoint(&store, job, &trainer, &meta, &log, pos)?;
         }
         progress(&Progress {
-            step: trainer.state.step,
-            tokens: trainer.state.tokens,
+            step: trainer.steps(),
+            tokens: trainer.tokens(),
             target: job.tokens,
             stats: &stats,
             checkpointed,
@@ -227,15 +289,17 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
     }
 
     // Final files (raw-activation space), evaluation, listing.
-    let raw = trainer.sae.folded(scale);
-    let eval = eval_reconstruction(&raw, &acts, None, train_rows..rows)?;
+    let dict = trainer.finish(&meta, &dir)?;
+    let eval = match &input_acts {
+        Some(input) => eval_reconstruction(dict.as_ref(), input, Some(&acts), train_rows..rows)?,
+        None => eval_reconstruction(dict.as_ref(), &acts, None, train_rows..rows)?,
+    };
     let splice = if job.eval_contexts == 0 {
         Err("skipped (--eval-contexts 0)".to_string())
     } else {
-        let sae: Arc<dyn Dictionary> = Arc::new(raw.clone());
-        splice_held_out(&store, &acts, &job.hook, sae, train_rows..rows, job.eval_contexts)
+        let spliced = Spliced { hook: &job.hook, input: job.input_hook.as_deref(), dict };
+        splice_held_out(&store, &acts, spliced, train_rows..rows, job.eval_contexts)
     };
-    save_sae_with(&raw, &meta, Some(&trainer.cfg), &dir)?;
     write_train_log(&dir.join("train_log.arrow"), &log)?;
     let splice_json = match &splice {
         Ok(s) => json!(s),
@@ -246,17 +310,81 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
     )?;
     loupe_store::fsutil::write_atomic(&dir.join("eval.json"), (eval_json + "\n").as_bytes())?;
     let entry = entry(job, &trainer, "done");
-    store.commit_dictionary(
-        &job.name,
-        entry,
-        &["cfg.json", "sae_weights.safetensors", "train_log.arrow", "eval.json"],
-    )?;
+    let files: Vec<&str> = F::FINAL_FILES.iter().copied().chain(["train_log.arrow", "eval.json"]).collect();
+    store.commit_dictionary(&job.name, entry, &files)?;
     let checkpoints = dir.join("checkpoints");
     if checkpoints.exists() {
         std::fs::remove_dir_all(&checkpoints)
             .with_context(|| format!("cannot remove {}", checkpoints.display()))?;
     }
-    Ok(Outcome { dir, steps: trainer.state.step, tokens: trainer.state.tokens, resumed_from, eval, splice })
+    Ok(Outcome { dir, steps: trainer.steps(), tokens: trainer.tokens(), resumed_from, eval, splice })
+}
+
+/// The sampler's epochs, continued across their ends, with a transcoder's target sampler in step.
+struct Epochs<'a> {
+    sampler: &'a loupe_store::Sampler,
+    target: Option<&'a loupe_store::Sampler>,
+    epoch: loupe_store::Epoch<'a>,
+    target_epoch: Option<loupe_store::Epoch<'a>>,
+    batch: loupe_store::Batch,
+    target_batch: loupe_store::Batch,
+    pos: Position,
+}
+
+impl<'a> Epochs<'a> {
+    /// Positioned after `pos.batch` batches of epoch `pos.epoch` (a resumed run replays them).
+    fn new(
+        sampler: &'a loupe_store::Sampler,
+        target: Option<&'a loupe_store::Sampler>,
+        pos: Position,
+    ) -> Result<Epochs<'a>> {
+        let mut e = Epochs {
+            sampler,
+            target,
+            epoch: sampler.epoch(pos.epoch),
+            target_epoch: target.map(|t| t.epoch(pos.epoch)),
+            batch: sampler.empty_batch(),
+            target_batch: target.unwrap_or(sampler).empty_batch(),
+            pos,
+        };
+        for _ in 0..pos.batch {
+            if !e.draw() {
+                bail!(
+                    "the checkpoint's sampler position is past the end of its epoch (was the store changed?)"
+                );
+            }
+        }
+        Ok(e)
+    }
+
+    fn draw(&mut self) -> bool {
+        let got = self.epoch.next_into(&mut self.batch);
+        if let Some(t) = self.target_epoch.as_mut() {
+            t.next_into(&mut self.target_batch);
+        }
+        got
+    }
+
+    /// The next batch (and target batch), starting a new epoch when one ends.
+    fn next(&mut self, train_rows: u64) -> Result<(&loupe_store::Batch, Option<&loupe_store::Batch>)> {
+        if !self.draw() {
+            self.pos = Position { epoch: self.pos.epoch + 1, batch: 0 };
+            self.epoch = self.sampler.epoch(self.pos.epoch);
+            self.target_epoch = self.target.map(|t| t.epoch(self.pos.epoch));
+            if !self.draw() {
+                bail!("the sampler delivered no batch (store has {train_rows} training rows)");
+            }
+        }
+        self.pos.batch += 1;
+        Ok((&self.batch, self.target.map(|_| &self.target_batch)))
+    }
+}
+
+/// What is spliced where.
+struct Spliced<'a> {
+    hook: &'a str,
+    input: Option<&'a str>,
+    dict: Arc<dyn Dictionary>,
 }
 
 /// CE-loss recovered and KL on the first `max` held-out contexts, with the store's model; an
@@ -264,8 +392,7 @@ pub fn run(job: &Job, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
 fn splice_held_out(
     store: &Store,
     acts: &loupe_store::Activations,
-    hook: &str,
-    dict: Arc<dyn Dictionary>,
+    spliced: Spliced,
     rows: std::ops::Range<u64>,
     max: usize,
 ) -> std::result::Result<SpliceStats, String> {
@@ -294,7 +421,8 @@ fn splice_held_out(
     }
     let contexts = contexts_from_rows(&doc, &pos, &token, bos, context, max);
     let model = crate::model::load(path).map_err(|e| format!("cannot load the store's model: {e:#}"))?;
-    eval_splice(model.as_ref(), dict, hook, None, &contexts).map_err(|e| format!("splicing failed: {e:#}"))
+    eval_splice(model.as_ref(), spliced.dict, spliced.hook, spliced.input, &contexts)
+        .map_err(|e| format!("splicing failed: {e:#}"))
 }
 
 /// √d over the mean norm of the first training batch (of epoch 0: the same on every run).
@@ -312,41 +440,38 @@ fn input_scale(sampler: &loupe_store::Sampler, d: usize) -> Result<f32> {
     Ok(((d as f64).sqrt() / mean) as f32)
 }
 
-fn entry(job: &Job, trainer: &Trainer, status: &str) -> DictEntry {
+fn entry<F: Fit>(job: &Job<F::Config>, trainer: &F, status: &str) -> DictEntry {
+    let (kind, variant, n_features) = trainer.listing();
     DictEntry {
         hook: job.hook.clone(),
-        kind: "sae".to_string(),
-        variant: trainer.cfg.variant.name().to_string(),
-        d_in: trainer.cfg.d_in as u32,
-        n_features: trainer.sae.n_features() as u32,
+        kind: kind.to_string(),
+        variant,
+        d_in: F::needs(trainer.config()).d_in as u32,
+        n_features: n_features as u32,
         status: status.to_string(),
-        step: trainer.state.step,
-        tokens: trainer.state.tokens,
+        step: trainer.steps(),
+        tokens: trainer.tokens(),
         files: Vec::new(),
     }
 }
 
 /// Write checkpoint `step-N`, list it, then remove older checkpoint folders.
-fn checkpoint(
+fn checkpoint<F: Fit>(
     store: &Store,
-    job: &Job,
-    trainer: &Trainer,
+    job: &Job<F::Config>,
+    trainer: &F,
     meta: &SaeMeta,
     log: &[TrainLogRow],
     pos: Position,
 ) -> Result<()> {
-    let rel = format!("checkpoints/step-{:08}", trainer.state.step);
+    let rel = format!("checkpoints/step-{:08}", trainer.steps());
     let root = store.dictionary_dir(&job.name);
     let dir = root.join(&rel);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    save_sae_with(&trainer.sae, meta, Some(&trainer.cfg), &dir)?;
-    save_state(&trainer.cfg, &trainer.state, &json!({ "epoch": pos.epoch, "batch": pos.batch }), &dir)?;
+    trainer.save_checkpoint(&dir, meta, &json!({ "epoch": pos.epoch, "batch": pos.batch }))?;
     write_train_log(&dir.join("train_log.arrow"), log)?;
     let files: Vec<String> =
-        ["cfg.json", "sae_weights.safetensors", "state.safetensors", "state.json", "train_log.arrow"]
-            .iter()
-            .map(|f| format!("{rel}/{f}"))
-            .collect();
+        F::CHECKPOINT_FILES.iter().chain(&["train_log.arrow"]).map(|f| format!("{rel}/{f}")).collect();
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
     store.commit_dictionary(&job.name, entry(job, trainer, "training"), &files)?;
     for old in std::fs::read_dir(root.join("checkpoints"))?.flatten() {
@@ -358,14 +483,80 @@ fn checkpoint(
     Ok(())
 }
 
-/// SAELens metadata from the store: model name, hook, and the capture's context settings.
-fn meta_of(manifest: &loupe_store::Manifest, hook: &str) -> SaeMeta {
+/// SAELens metadata from the store: model name, hook (and a transcoder's input hook), and the
+/// capture's context settings.
+fn meta_of(manifest: &loupe_store::Manifest, hook: &str, input_hook: Option<&str>) -> SaeMeta {
     let settings = manifest.capture.as_ref().map(|c| &c["settings"]).cloned().unwrap_or(Value::Null);
     SaeMeta {
         model_name: manifest.model.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
         hook_name: hook.to_string(),
+        input_hook: input_hook.map(str::to_string),
         context_size: settings["context"].as_u64().map(|v| v as usize),
         prepend_bos: settings["bos"].as_bool(),
         dataset_path: settings["corpus"].as_str().map(str::to_string),
+    }
+}
+
+/// The SAE trainer as a job drives it.
+impl Fit for Trainer {
+    type Config = TrainConfig;
+    const CHECKPOINT_FILES: &'static [&'static str] =
+        &["cfg.json", "sae_weights.safetensors", "state.safetensors", "state.json"];
+    const FINAL_FILES: &'static [&'static str] = &["cfg.json", "sae_weights.safetensors"];
+
+    fn needs(cfg: &TrainConfig) -> Needs {
+        let grad = cfg.variant == super::Variant::Gsae;
+        Needs { d_in: cfg.d_in, d_out: cfg.d_in, batch: cfg.batch, seed: cfg.seed, grad }
+    }
+
+    fn with_scales(mut cfg: TrainConfig, input: f32, _output: f32) -> TrainConfig {
+        cfg.input_scale = input;
+        cfg
+    }
+
+    fn start(cfg: TrainConfig) -> Result<Trainer> {
+        Trainer::new(cfg)
+    }
+
+    fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    fn step(&mut self, x: &[f32], grad: Option<&[f32]>) -> Result<StepStats> {
+        let scale = self.cfg.input_scale;
+        if scale == 1.0 {
+            return Trainer::step(self, x, grad);
+        }
+        let scaled: Vec<f32> = x.iter().map(|v| v * scale).collect();
+        Trainer::step(self, &scaled, grad)
+    }
+
+    fn steps(&self) -> u64 {
+        self.state.step
+    }
+
+    fn tokens(&self) -> u64 {
+        self.state.tokens
+    }
+
+    fn save_checkpoint(&self, dir: &Path, meta: &SaeMeta, resume: &Value) -> Result<()> {
+        save_sae_with(&self.sae, meta, Some(&self.cfg), dir)?;
+        save_state(&self.cfg, &self.state, resume, dir)
+    }
+
+    fn load_checkpoint(dir: &Path) -> Result<(Trainer, Value)> {
+        let (cfg, state, resume) = load_state(dir)?;
+        let (sae, _) = load_sae(dir)?;
+        Ok((Trainer::resume(cfg, sae, state)?, resume))
+    }
+
+    fn finish(&self, meta: &SaeMeta, dir: &Path) -> Result<Arc<dyn Dictionary>> {
+        let raw = self.sae.folded(self.cfg.input_scale);
+        save_sae_with(&raw, meta, Some(&self.cfg), dir)?;
+        Ok(Arc::new(raw))
+    }
+
+    fn listing(&self) -> (&'static str, String, usize) {
+        ("sae", self.cfg.variant.name().to_string(), self.sae.spec.n_features)
     }
 }
