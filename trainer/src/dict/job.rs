@@ -182,7 +182,7 @@ pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) ->
         Some(name) => Some(store.activations(name)?),
         None => None,
     };
-    let sampler = loupe_store::Sampler::new(input_acts.as_ref().unwrap_or(&acts), config.clone())?;
+    let sampler = loupe_store::Sampler::new(input_acts.as_ref().unwrap_or(&acts), config)?;
     // A transcoder's targets: the same rows of the output hook, drawn in the same order.
     let target_sampler = match &input_acts {
         Some(_) => Some(loupe_store::Sampler::new(&acts, config)?),
