@@ -130,3 +130,77 @@ fn uniformity_and_ambiguity_do_what_their_names_say() {
     eprintln!("ambiguity: mean 1 − max gate {a0:.3} → {a1:.3}");
     assert!(a0 > 0.2 && a1 < 0.3 * a0, "ambiguity did not sharpen the routes: {a0} → {a1}");
 }
+
+fn batch(rng: &mut StdRng, teacher: &Monet, b: usize) -> (Vec<f32>, Vec<f32>) {
+    let d = teacher.spec.d_in;
+    let x = gaussian(rng, b * d);
+    let xt = Tensor::from_vec(x.clone(), (b, d), &Device::Cpu).unwrap();
+    let (g1, g2) = teacher.router.route(&xt, true).unwrap();
+    let y = teacher.forward_with(&xt, &g1, &g2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    (x, y)
+}
+
+/// A transcoder learns a teacher Monet's map; saved and resumed, it continues exactly.
+#[test]
+fn training_fits_a_teacher_and_resumes_exactly() {
+    use loupe_trainer::dict::io::SaeMeta;
+    use loupe_trainer::dict::job::Fit;
+    use loupe_trainer::dict::monet::train::{MonetTrainConfig, MonetTrainer};
+    for decomposition in [Decomposition::Horizontal, Decomposition::Vertical] {
+        let mut rng = StdRng::seed_from_u64(8);
+        let teacher = Monet::init(spec(decomposition), 99).unwrap();
+        let data: Vec<(Vec<f32>, Vec<f32>)> = (0..12).map(|_| batch(&mut rng, &teacher, 128)).collect();
+        let mut cfg = MonetTrainConfig::new(spec(decomposition), 128);
+        cfg.lr = 1e-2;
+        let mut straight = MonetTrainer::new(cfg.clone()).unwrap();
+        let first = straight.train_step(&data[0].0, Some(&data[0].1)).unwrap();
+        let mut last = first;
+        for _ in 0..20 {
+            for (x, y) in &data {
+                last = straight.train_step(x, Some(y)).unwrap();
+            }
+        }
+        eprintln!("{decomposition:?}: FVU {} → {}, {} experts per token", first.fvu, last.fvu, last.l0);
+        assert!(last.fvu < 0.5 * first.fvu, "{decomposition:?}: FVU {} → {}", first.fvu, last.fvu);
+
+        // Stop after 5 steps, save, load, continue: the same weights as 10 straight steps.
+        let mut a = MonetTrainer::new(cfg.clone()).unwrap();
+        let mut b = MonetTrainer::new(cfg.clone()).unwrap();
+        for (x, y) in &data[..5] {
+            a.train_step(x, Some(y)).unwrap();
+            b.train_step(x, Some(y)).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        b.save_checkpoint(dir.path(), &SaeMeta::default(), &serde_json::json!({})).unwrap();
+        let (mut b, _) = MonetTrainer::load_checkpoint(dir.path()).unwrap();
+        for (x, y) in &data[5..10] {
+            a.train_step(x, Some(y)).unwrap();
+            b.train_step(x, Some(y)).unwrap();
+        }
+        for ((na, va), (_, vb)) in a.monet.named().iter().zip(b.monet.named()) {
+            let (va, vb): (Vec<f32>, Vec<f32>) = (
+                va.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+                vb.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(va, vb, "{decomposition:?}: {na} differs after resuming");
+        }
+        assert_eq!(a.monet.router.running_var, b.monet.router.running_var);
+    }
+}
+
+/// The folded layer reads raw activations as the trained one reads scaled ones.
+#[test]
+fn folded_monet_reads_raw_activations() {
+    use loupe_trainer::dict::Dictionary;
+    let mut rng = StdRng::seed_from_u64(12);
+    let monet = Monet::init(spec(Decomposition::Vertical), 3).unwrap();
+    let (s_in, s_out) = (0.01f32, 0.5f32);
+    let raw = gaussian(&mut rng, 32 * 12).iter().map(|v| v * 100.0).collect::<Vec<f32>>();
+    let scaled: Vec<f32> = raw.iter().map(|v| v * s_in).collect();
+    let (ca, ya) = monet.reconstruct(&scaled);
+    let (cb, yb) = monet.folded(s_in, s_out).unwrap().reconstruct(&raw);
+    assert_eq!(ca.feature, cb.feature);
+    for (a, b) in ya.iter().zip(&yb) {
+        assert!((a / s_out - b).abs() <= 1e-3 * (1.0 + b.abs()), "{a}/s_out vs {b}");
+    }
+}

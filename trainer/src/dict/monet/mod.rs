@@ -15,12 +15,14 @@
 //! expert by expert for the tests. Every expert (i, j) is a feature (id i·E + j) whose activation
 //! on a token is its gate ([`Monet::codes`]).
 //!
-//! Two modes ([`Mode`]): an autoencoder on one hook (d_out = d_in), or a transcoder from an MLP's
-//! input to its output.
+//! Two modes: an autoencoder on one hook (d_out = d_in), or a transcoder from an MLP's input to
+//! its output (the job's `input_hook`). [`train`] fits it, [`io`] stores it.
 
 pub mod aux;
 pub mod explicit;
+pub mod io;
 pub mod router;
+pub mod train;
 
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
@@ -49,14 +51,6 @@ impl std::str::FromStr for Decomposition {
             _ => bail!("unknown decomposition {s:?} (expected hd or vd)"),
         }
     }
-}
-
-/// What the experts map: a hook to itself, or an MLP's input to its output.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    Autoencoder,
-    Transcoder,
 }
 
 /// The shape of a Monet layer.
@@ -179,14 +173,7 @@ impl Monet {
 
     /// Every trainable variable (for the optimiser), router first.
     pub fn vars(&self) -> Vec<Var> {
-        let mut out = self.router.vars();
-        match &self.experts {
-            Experts::Horizontal { u, c, v, b } => out.extend([u, c, v, b].into_iter().cloned()),
-            Experts::Vertical { u, c, v, b } => {
-                out.extend(u.iter().chain(c).chain(v).chain(b).cloned());
-            }
-        }
-        out
+        self.named().into_iter().map(|(_, v)| v.clone()).collect()
     }
 
     /// The output for `x` (`[B, d_in]`) given the gates' factors `g1`, `g2` (`[B, H, E]`), by the
@@ -239,6 +226,61 @@ impl Monet {
         self.forward_with(x, &g1, &g2)
     }
 
+    /// The same layer for inputs `input` times smaller and outputs `output` times smaller than the
+    /// ones it was trained on (the job's activation scaling, folded back): ψ's input and the
+    /// router's logits are unchanged, the output is divided by `output`.
+    pub fn folded(&self, input: f32, output: f32) -> Result<Monet> {
+        let scaled = |v: &Var, by: f32| -> Result<Var> {
+            Ok(Var::from_tensor(&v.as_tensor().affine(by as f64, 0.0)?)?)
+        };
+        let copy = |v: &Var| -> Result<Var> { Ok(Var::from_tensor(&v.as_tensor().copy()?)?) };
+        let router = Router {
+            w: [scaled(&self.router.w[0], input)?, scaled(&self.router.w[1], input)?],
+            running_mean: self.router.running_mean.clone(),
+            running_var: self.router.running_var.clone(),
+            heads: self.router.heads,
+            experts: self.router.experts,
+            sigma: self.router.sigma,
+        };
+        let out = 1.0 / output;
+        let experts = match &self.experts {
+            Experts::Horizontal { u, c, v, b } => Experts::Horizontal {
+                u: scaled(u, input)?,
+                c: copy(c)?,
+                v: scaled(v, out)?,
+                b: scaled(b, out)?,
+            },
+            Experts::Vertical { u, c, v, b } => Experts::Vertical {
+                u: [scaled(&u[0], input)?, scaled(&u[1], input)?],
+                c: [copy(&c[0])?, copy(&c[1])?],
+                v: [scaled(&v[0], out)?, scaled(&v[1], out)?, scaled(&v[2], out)?, scaled(&v[3], out)?],
+                b: [scaled(&b[0], out)?, scaled(&b[1], out)?],
+            },
+        };
+        Ok(Monet { spec: self.spec.clone(), router, experts })
+    }
+
+    /// Named weights, in a fixed order (the file layout of [`io`]).
+    pub fn named(&self) -> Vec<(&'static str, &Var)> {
+        let mut out = vec![("router.w1", &self.router.w[0]), ("router.w2", &self.router.w[1])];
+        match &self.experts {
+            Experts::Horizontal { u, c, v, b } => out.extend([("u", u), ("c", c), ("v", v), ("b", b)]),
+            Experts::Vertical { u, c, v, b } => out.extend([
+                ("u1", &u[0]),
+                ("u2", &u[1]),
+                ("c1", &c[0]),
+                ("c2", &c[1]),
+                ("v11", &v[0]),
+                ("v12", &v[1]),
+                ("v21", &v[2]),
+                ("v22", &v[3]),
+                ("b1", &b[0]),
+                ("b2", &b[1]),
+            ]),
+        }
+        out
+    }
+
     /// The experts active on each token and their gates, as sparse codes over the E² features:
     /// feature i·E + j with value Σ_h g1[h,i]·g2[h,j], for every pair some head keeps.
     pub fn codes(&self, g1: &Tensor, g2: &Tensor) -> Result<Codes> {
@@ -270,5 +312,53 @@ impl Monet {
             touched.clear();
         }
         Ok(codes)
+    }
+}
+
+/// Tokens routed per batch at inference (bounds the `[tokens, E·m]` hidden buffers).
+const ENCODE_CHUNK: usize = 1024;
+
+impl super::Dictionary for Monet {
+    fn d_in(&self) -> usize {
+        self.spec.d_in
+    }
+
+    fn d_out(&self) -> usize {
+        self.spec.d_out
+    }
+
+    fn n_features(&self) -> usize {
+        self.spec.n_experts()
+    }
+
+    fn encode(&self, x: &[f32]) -> Codes {
+        self.reconstruct(x).0
+    }
+
+    fn reconstruct(&self, x: &[f32]) -> (Codes, Vec<f32>) {
+        let d = self.spec.d_in;
+        let mut codes = Codes { offsets: vec![0], ..Codes::default() };
+        let mut out = Vec::with_capacity(x.len() / d * self.spec.d_out);
+        for chunk in x.chunks(ENCODE_CHUNK * d) {
+            let run = || -> Result<(Codes, Vec<f32>)> {
+                let xt = Tensor::from_slice(chunk, (chunk.len() / d, d), &Device::Cpu)?;
+                let (g1, g2) = self.router.route(&xt, false)?;
+                let y = self.forward_with(&xt, &g1, &g2)?;
+                Ok((self.codes(&g1, &g2)?, y.flatten_all()?.to_vec1()?))
+            };
+            // Shapes are checked by the callers; a failure here is a bug, not bad input.
+            let (c, y) = run().expect("Monet forward on a well-shaped chunk");
+            for t in 0..c.tokens() {
+                let (f, v) = c.row(t);
+                let row: Vec<(u32, f32)> = f.iter().copied().zip(v.iter().copied()).collect();
+                codes.push_row(&row);
+            }
+            out.extend(y);
+        }
+        (codes, out)
+    }
+
+    fn save(&self, dir: &std::path::Path) -> Result<()> {
+        io::save(self, &super::io::SaeMeta::default(), None, dir)
     }
 }
