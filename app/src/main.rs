@@ -9,6 +9,8 @@ mod demo;
 mod fetch;
 mod store_cmd;
 mod tokenize;
+mod train_job;
+mod train_monet_cmd;
 mod train_sae_cmd;
 
 use std::path::PathBuf;
@@ -35,8 +37,10 @@ enum Command {
     Fetch(fetch::Args),
     /// Capture a model's activations (and loss gradients) on a corpus into a store.
     Capture(capture_cmd::Args),
-    /// Fit an SAE (TopK, Mutual Choice, Feature Choice, g-SAE) to a hook's activations in a store.
+    /// Fit an SAE (TopK, Mutual Choice, Feature Choice, g-SAE, JumpReLU, ReLU) to a hook's activations in a store.
     TrainSae(train_sae_cmd::Args),
+    /// Fit Monet product-key experts (autoencoder on a hook, or transcoder between two hooks).
+    TrainMonet(train_monet_cmd::Args),
     /// Import an SAELens or sparsify dictionary folder into a store.
     Import {
         /// The dictionary folder (cfg.json + sae_weights.safetensors or sae.safetensors).
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Command::Fetch(args) => fetch::run(&args),
         Command::Capture(args) => capture_cmd::run(&args),
         Command::TrainSae(args) => train_sae_cmd::run(&args),
+        Command::TrainMonet(args) => train_monet_cmd::run(&args),
         Command::Import { path, store, name, hook } => {
             loupe_trainer::dict::import::import(&store, &path, name.as_deref(), hook.as_deref()).map(|name| {
                 println!("imported {} into {} as dictionary {name}", path.display(), store.display());

@@ -4,15 +4,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use loupe_store::Store;
-use loupe_trainer::dict::job::{self, Job};
+use loupe_trainer::dict::job::Job;
 use loupe_trainer::dict::jumprelu::L0Penalty;
 use loupe_trainer::dict::{TrainConfig, Trainer, Variant};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Every setting, as flags; the same keys (snake_case) may come from `--config file.toml`.
-#[derive(clap::Args, Deserialize, Default, Debug, Clone)]
+#[derive(clap::Args, Serialize, Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Args {
     /// TOML file with any of these settings (keys as the flags, with '_' for '-').
@@ -107,47 +106,6 @@ pub struct Args {
     pub(crate) jumprelu_sparsity: Option<L0Penalty>,
 }
 
-impl Args {
-    /// Flags over the config file.
-    fn merged(&self) -> Result<Args> {
-        let Some(path) = &self.config else { return Ok(self.clone()) };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
-        let file: Args = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config {} is malformed: {}", path.display(), e.message()))?;
-        let f = self.clone();
-        Ok(Args {
-            config: None,
-            store: f.store.or(file.store),
-            hook: f.hook.or(file.hook),
-            name: f.name.or(file.name),
-            variant: f.variant.or(file.variant),
-            n_features: f.n_features.or(file.n_features),
-            expansion: f.expansion.or(file.expansion),
-            k: f.k.or(file.k),
-            lr: f.lr.or(file.lr),
-            tokens: f.tokens.or(file.tokens),
-            batch: f.batch.or(file.batch),
-            seed: f.seed.or(file.seed),
-            checkpoint_every: f.checkpoint_every.or(file.checkpoint_every),
-            eval_tokens: f.eval_tokens.or(file.eval_tokens),
-            eval_contexts: f.eval_contexts.or(file.eval_contexts),
-            dead_tokens: f.dead_tokens.or(file.dead_tokens),
-            auxk_alpha: f.auxk_alpha.or(file.auxk_alpha),
-            k_aux: f.k_aux.or(file.k_aux),
-            multi_topk: f.multi_topk || file.multi_topk,
-            no_normalize: f.no_normalize || file.no_normalize,
-            absolute_thresholds: f.absolute_thresholds || file.absolute_thresholds,
-            zipf_exponent: f.zipf_exponent.or(file.zipf_exponent),
-            gsae_beta: f.gsae_beta.or(file.gsae_beta),
-            sparsity_coefficient: f.sparsity_coefficient.or(file.sparsity_coefficient),
-            jumprelu_bandwidth: f.jumprelu_bandwidth.or(file.jumprelu_bandwidth),
-            jumprelu_init_threshold: f.jumprelu_init_threshold.or(file.jumprelu_init_threshold),
-            jumprelu_sparsity: f.jumprelu_sparsity.or(file.jumprelu_sparsity),
-        })
-    }
-}
-
 /// Resolve the settings against the store into a job.
 fn job_of(args: &Args) -> Result<Job<TrainConfig>> {
     let store_path = args.store.clone().context("no --store given (flag or config)")?;
@@ -225,7 +183,7 @@ fn job_of(args: &Args) -> Result<Job<TrainConfig>> {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let job = job_of(&args.merged()?)?;
+    let job = job_of(&crate::train_job::merged(args, args.config.as_deref())?)?;
     let t = &job.train;
     let banner = format!(
         "training {} ({} SAE, d {} → n {}, k {}, batch {}, lr {:e}) on {} of {}: {} tokens, {} held out",
@@ -241,50 +199,5 @@ pub fn run(args: &Args) -> Result<()> {
         job.tokens,
         job.eval_tokens
     );
-    let bar = ProgressBar::new(job.tokens);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} tokens {per_sec} ETA {eta} {msg}")
-            .expect("valid template"),
-    );
-    // The banner waits for the first step, so that a refused job prints only its error line.
-    let mut banner = Some(banner);
-    let outcome = job::run::<Trainer>(&job, |p| {
-        if let Some(b) = banner.take() {
-            if bar.is_hidden() { eprintln!("{b}") } else { bar.println(b) }
-        }
-        bar.set_position(p.tokens.min(p.target));
-        let saved = if p.checkpointed { " (checkpoint)" } else { "" };
-        bar.set_message(format!(
-            "step {} FVU {:.4} L0 {:.1} dead {:.1}%{saved}",
-            p.step,
-            p.stats.fvu,
-            p.stats.l0,
-            100.0 * p.stats.dead_fraction
-        ));
-    })?;
-    bar.finish();
-    if let Some(step) = outcome.resumed_from {
-        eprintln!("resumed from the checkpoint at step {step}");
-    }
-    let e = &outcome.eval;
-    eprintln!(
-        "done: {} steps, {} tokens → {}\nheld-out ({} tokens): FVU {:.4}, L0 {:.2}, dead {:.2}%, dense {:.2}%",
-        outcome.steps,
-        outcome.tokens,
-        outcome.dir.display(),
-        e.tokens,
-        e.fvu,
-        e.l0,
-        100.0 * e.dead_fraction,
-        100.0 * e.dense_fraction
-    );
-    match &outcome.splice {
-        Ok(s) => eprintln!(
-            "spliced into the model ({} contexts, {} predictions): CE clean {:.4}, spliced {:.4}, zero-ablated {:.4} \
-             → CE-loss recovered {:.4}, KL {:.4}",
-            s.contexts, s.tokens, s.ce_clean, s.ce_spliced, s.ce_zero_ablation, s.ce_loss_recovered, s.kl
-        ),
-        Err(why) => eprintln!("CE-loss recovered: not measured: {why}"),
-    }
-    Ok(())
+    crate::train_job::run::<Trainer>(&job, banner, "L0")
 }

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use half::f16;
 use loupe_store::{DType, HookSpec, Store, Values};
@@ -173,4 +174,43 @@ fn cached(rel: &str) -> PathBuf {
 /// A committed fixture file under `tests/fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+}
+
+/// The listed step and status of dictionary `name` in `store` (None before its first listing).
+pub fn dictionary_step(store: &Path, name: &str) -> Option<(u64, String)> {
+    let text = std::fs::read_to_string(store.join("manifest.json")).ok()?;
+    let manifest: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let entry = &manifest["dictionaries"][name];
+    Some((entry["step"].as_u64()?, entry["status"].as_str()?.to_string()))
+}
+
+/// Run `loupe args` once per entry of `kill_at`, SIGKILLing it as soon as dictionary `name` is
+/// listed as training at that step or later; after each kill the store must pass `store verify`.
+/// Returns how many runs were killed (a run may finish first).
+pub fn kill_while_training(args: &[&str], store: &Path, name: &str, kill_at: &[u64]) -> usize {
+    let mut kills = 0;
+    for &at in kill_at {
+        let mut child =
+            Command::new(loupe_bin()).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let start = Instant::now();
+        loop {
+            match dictionary_step(store, name) {
+                Some((step, status)) if status == "training" && step >= at => {
+                    child.kill().unwrap();
+                    kills += 1;
+                    break;
+                }
+                Some((_, status)) if status == "done" => break,
+                _ => {}
+            }
+            if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.wait().unwrap();
+        let verify = loupe(&["store", "verify", store.to_str().unwrap()]);
+        assert!(verify.status.success(), "killed run left a store that fails verify: {}", stderr(&verify));
+    }
+    kills
 }

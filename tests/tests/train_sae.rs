@@ -2,11 +2,9 @@
 //! an uninterrupted one; configs from TOML; bad settings get one clear error line.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use loupe_store::{DType, HookSpec, Store};
-use loupe_tests::{loupe, loupe_bin, stderr};
+use loupe_tests::{dictionary_step, kill_while_training, loupe, stderr};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -67,13 +65,6 @@ fn train_args<'a>(store: &'a str, variant: &'a str) -> Vec<&'a str> {
     ]
 }
 
-fn dictionary_step(store: &Path) -> Option<(u64, String)> {
-    let text = std::fs::read_to_string(store.join("manifest.json")).ok()?;
-    let manifest: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let entry = &manifest["dictionaries"]["sae"];
-    Some((entry["step"].as_u64()?, entry["status"].as_str()?.to_string()))
-}
-
 fn files(store: &Path) -> Vec<(String, Vec<u8>)> {
     ["cfg.json", "sae_weights.safetensors", "train_log.arrow", "eval.json"]
         .iter()
@@ -91,34 +82,7 @@ fn killed_and_resumed_matches_uninterrupted(variant: &str) {
     assert!(out.status.success(), "uninterrupted run failed: {}", stderr(&out));
 
     // Kill the second run twice while it trains, then let it finish.
-    let mut kills = 0;
-    for kill_at in [5u64, 30] {
-        let mut child = Command::new(loupe_bin())
-            .args(train_args(b.to_str().unwrap(), variant))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        loop {
-            match dictionary_step(&b) {
-                Some((step, status)) if status == "training" && step >= kill_at => {
-                    child.kill().unwrap();
-                    kills += 1;
-                    break;
-                }
-                Some((_, status)) if status == "done" => break,
-                _ => {}
-            }
-            if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        child.wait().unwrap();
-        let verify = loupe(&["store", "verify", b.to_str().unwrap()]);
-        assert!(verify.status.success(), "killed run left a store that fails verify: {}", stderr(&verify));
-    }
+    let kills = kill_while_training(&train_args(b.to_str().unwrap(), variant), &b, "sae", &[5, 30]);
     assert!(
         kills >= 1,
         "{variant}: the run finished before it could be killed; the test did not test resume"
@@ -126,7 +90,7 @@ fn killed_and_resumed_matches_uninterrupted(variant: &str) {
     let out = loupe(&train_args(b.to_str().unwrap(), variant));
     assert!(out.status.success(), "resumed run failed: {}", stderr(&out));
     assert!(stderr(&out).contains("resumed from the checkpoint"), "{}", stderr(&out));
-    assert_eq!(dictionary_step(&b).unwrap().1, "done");
+    assert_eq!(dictionary_step(&b, "sae").unwrap().1, "done");
     let log = |s: &Path| {
         loupe_store::dictionaries::read_train_log(&s.join("dictionaries/sae/train_log.arrow")).unwrap()
     };
