@@ -6,9 +6,11 @@
 //!   committed reference script `benches/reference/capture_reference.py` on the same tokens.
 //! - [`train_sae`]: TopK SAE training against PyTorch (dense SAELens-style and sparse
 //!   sparsify-style), `benches/reference/train_sae_reference.py`, and the encoder-GEMM limit.
+//! - [`train_monet`]: Monet training against a TopK SAE of equal parameters; memory as E doubles.
 
 mod capture;
 mod store;
+mod train_monet;
 mod train_sae;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +27,8 @@ pub enum BenchCommand {
     Capture(capture::Args),
     /// Train a TopK SAE (d 640, n 16384, k 32, batch 4096) against PyTorch dense and sparse.
     TrainSae(train_sae::Args),
+    /// Train Monet VD (E 256, H 4) against a TopK SAE of equal parameters; memory at E and 2E.
+    TrainMonet(train_monet::Args),
 }
 
 pub fn run(command: &BenchCommand) -> Result<()> {
@@ -32,6 +36,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::Store(args) => store::store(args),
         BenchCommand::Capture(args) => capture::run(args),
         BenchCommand::TrainSae(args) => train_sae::run(args),
+        BenchCommand::TrainMonet(args) => train_monet::run(args),
     }
 }
 

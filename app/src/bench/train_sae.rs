@@ -164,7 +164,7 @@ pub fn run(args: &Args) -> Result<()> {
 
 /// Tokens that are sums of `k` of `n` planted unit directions (Zipf frequencies, magnitudes in
 /// [0.5, 1.5]) plus Gaussian noise (σ 0.05 per dimension) and a fixed offset.
-fn synthetic(d: usize, n: usize, k: usize, rows: usize, seed: u64) -> Vec<f32> {
+pub(super) fn synthetic(d: usize, n: usize, k: usize, rows: usize, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x05ae_5eed);
     let mut atoms: Vec<f32> = (0..n * d).map(|_| StandardNormal.sample(&mut rng)).collect();
     for row in atoms.chunks_mut(d) {
