@@ -47,6 +47,9 @@ pub struct Args {
     memory_probe: Option<usize>,
 }
 
+/// One training step on a batch, returning its FVU.
+type Step<'a> = dyn FnMut(&[f32]) -> Result<f32> + 'a;
+
 fn spec(args: &Args, experts: usize) -> MonetSpec {
     MonetSpec {
         decomposition: args.decomposition,
@@ -83,7 +86,7 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let data = synthetic(d, 4096, 32, b * args.steps, 0);
     let batches: Vec<&[f32]> = data.chunks(b * d).collect();
-    let timed = |mut step: Box<dyn FnMut(&[f32]) -> Result<f32> + '_>| -> Result<(f64, f32)> {
+    let timed = |mut step: Box<Step<'_>>| -> Result<(f64, f32)> {
         let mut fvu = 0.0;
         for x in &batches[..args.warmup_steps] {
             fvu = step(x)?;
