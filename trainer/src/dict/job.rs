@@ -59,6 +59,7 @@ pub trait Fit: Sized {
     fn needs(cfg: &Self::Config) -> Needs;
     /// `cfg` for activations multiplied by `input` and targets by `output` while training.
     fn with_scales(cfg: Self::Config, input: f32, output: f32) -> Self::Config;
+    fn validate(cfg: &Self::Config) -> Result<()>;
     fn start(cfg: Self::Config) -> Result<Self>;
     fn config(&self) -> &Self::Config;
     /// One step on `x`; `second` is the gradient (g-SAE) or the target (transcoders).
@@ -198,7 +199,7 @@ pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) ->
     } else {
         F::with_scales(job.train.clone(), 1.0, 1.0)
     };
-    F::start(train.clone())?; // validates the settings before anything is written
+    F::validate(&train)?;
 
     // Fresh start or resume.
     let (mut trainer, mut log, mut pos, resumed_from) = match store.dictionary(&job.name) {
@@ -512,6 +513,10 @@ impl Fit for Trainer {
     fn with_scales(mut cfg: TrainConfig, input: f32, _output: f32) -> TrainConfig {
         cfg.input_scale = input;
         cfg
+    }
+
+    fn validate(cfg: &TrainConfig) -> Result<()> {
+        cfg.validate()
     }
 
     fn start(cfg: TrainConfig) -> Result<Trainer> {

@@ -197,6 +197,10 @@ impl Fit for MonetTrainer {
         cfg
     }
 
+    fn validate(cfg: &MonetTrainConfig) -> Result<()> {
+        cfg.validate()
+    }
+
     fn start(cfg: MonetTrainConfig) -> Result<MonetTrainer> {
         MonetTrainer::new(cfg)
     }
