@@ -18,6 +18,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: training allocates and frees tensors of tens of MiB
+/// every step, which glibc serves with fresh mmaps (page faults and zeroing each time); mimalloc
+/// reuses them (BENCHMARKS.md, Monet).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "loupe",

@@ -105,7 +105,10 @@ pub fn run(args: &Args) -> Result<()> {
     let mut sae = Trainer::new(TrainConfig::new(Variant::Topk, d, n, 32, b))?;
     let (sae_tps, sae_fvu) = timed(Box::new(|x| Ok(sae.step(x, None)?.fvu)))?;
     println!("  {:<40}{:>10.0} tokens/s  (last batch FVU {monet_fvu:.4})", "Monet", monet_tps);
-    println!("  {:<40}{:>10.0} tokens/s  (last batch FVU {sae_fvu:.4})", "TopK SAE, equal parameters", sae_tps);
+    println!(
+        "  {:<40}{:>10.0} tokens/s  (last batch FVU {sae_fvu:.4})",
+        "TopK SAE, equal parameters", sae_tps
+    );
     if !args.no_memory {
         let (e1, e2) = (args.experts, 2 * args.experts);
         let (m1, m2) = (child_peak(args, e1)?, child_peak(args, e2)?);
@@ -116,7 +119,10 @@ pub fn run(args: &Args) -> Result<()> {
             m2 / m1
         );
     }
-    println!("train-monet: {monet_tps:.0} tokens/s, ratio {:.2} vs topk-sae-equal-parameters", monet_tps / sae_tps);
+    println!(
+        "train-monet: {monet_tps:.0} tokens/s, ratio {:.2} vs topk-sae-equal-parameters",
+        monet_tps / sae_tps
+    );
     Ok(())
 }
 
@@ -126,7 +132,14 @@ fn child_peak(args: &Args, experts: usize) -> Result<f64> {
     let dec = if args.decomposition == Decomposition::Vertical { "vd" } else { "hd" };
     let out = Command::new(exe)
         .args(["bench", "train-monet", "--memory-probe", &experts.to_string(), "--decomposition", dec])
-        .args(["--d", &args.d.to_string(), "--heads", &args.heads.to_string(), "--topk", &args.topk.to_string()])
+        .args([
+            "--d",
+            &args.d.to_string(),
+            "--heads",
+            &args.heads.to_string(),
+            "--topk",
+            &args.topk.to_string(),
+        ])
         .args(["--dim", &args.dim.to_string(), "--batch", &args.batch.to_string()])
         .output()
         .context("cannot run the memory probe")?;

@@ -32,8 +32,13 @@ pub struct TrainConfig {
     pub zipf_exponent: f32,
     /// g-SAE: weight β of the gradient term.
     pub gsae_beta: f32,
-    /// Decay of the moving averages (inference thresholds, densities) per step.
+    /// Decay per step of the firing densities' moving averages (Feature Choice's ranking).
     pub ema_decay: f32,
+    /// Decay per step of the inference thresholds' moving averages (Mutual and Feature Choice).
+    /// Shorter than `ema_decay`: the thresholds must follow the encoder as it trains, and a run of
+    /// ~130 steps with 0.99 still weighs its first batch by 0.28 (RESULTS.md).
+    #[serde(default = "default_threshold_decay")]
+    pub threshold_decay: f32,
     /// Factor the activations are multiplied by before training (the job sets it so that their
     /// mean norm is √d, as SAELens' `expected_average_only_in`; 1: raw). The trainer works in
     /// this scaled space; [`super::sae::Sae::folded`] turns its weights into raw-space ones.
@@ -58,6 +63,10 @@ pub struct TrainConfig {
     /// JumpReLU: the penalty on each token's L0 (`step`, or `quadratic` around k).
     #[serde(default)]
     pub jumprelu_sparsity: L0Penalty,
+}
+
+fn default_threshold_decay() -> f32 {
+    0.9
 }
 
 fn default_sparsity() -> f32 {
@@ -100,6 +109,7 @@ impl TrainConfig {
             zipf_exponent: 0.5,
             gsae_beta: 1.0,
             ema_decay: 0.99,
+            threshold_decay: default_threshold_decay(),
             input_scale: 1.0,
             scale_free: true,
             sparsity_coefficient: default_sparsity(),
@@ -131,8 +141,12 @@ impl TrainConfig {
         if !(self.jumprelu_init_threshold.is_finite() && self.jumprelu_init_threshold > 0.0) {
             bail!("jumprelu_init_threshold {} must be a positive number", self.jumprelu_init_threshold);
         }
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            bail!("ema_decay {} must be in [0, 1)", self.ema_decay);
+        if !(0.0..1.0).contains(&self.ema_decay) || !(0.0..1.0).contains(&self.threshold_decay) {
+            bail!(
+                "ema_decay {} and threshold_decay {} must be in [0, 1)",
+                self.ema_decay,
+                self.threshold_decay
+            );
         }
         if self.n_features > u32::MAX as usize / 2 || self.batch > u32::MAX as usize / 2 {
             bail!("n_features and batch must fit in 31 bits");

@@ -459,7 +459,7 @@ impl Trainer {
 
     /// Move the inference thresholds towards what this batch selected.
     fn observe_thresholds(&mut self, observed: Observed) {
-        let decay = self.cfg.ema_decay;
+        let decay = self.cfg.threshold_decay;
         let ema =
             |old: f32, seen: f32| if old.is_finite() { decay * old + (1.0 - decay) * seen } else { seen };
         let Some(th) = self.sae.threshold.as_mut() else { return };
