@@ -32,7 +32,8 @@ grad_flag=()
 
 for variant in $variants; do
   name="l6-$variant"
-  if "$loupe" store info "$store" | grep -q "^  $name .* done "; then
+  # (grep reads all of the output: with -q it would stop early and, under pipefail, fail the pipe.)
+  if "$loupe" store info "$store" | grep "^  $name .* done " > /dev/null; then
     echo "$name: already trained"
     continue
   fi

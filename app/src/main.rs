@@ -94,6 +94,13 @@ enum StoreCommand {
 
 fn main() -> ExitCode {
     tune_allocator();
+    #[cfg(unix)]
+    // SAFETY: restores the default action of SIGPIPE before any other thread exists, so that
+    // `loupe store info … | head` ends quietly like other Unix tools instead of panicking in
+    // println! (Rust ignores SIGPIPE by default). Store writes are atomic, so a kill loses nothing.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
