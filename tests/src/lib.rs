@@ -214,3 +214,17 @@ pub fn kill_while_training(args: &[&str], store: &Path, name: &str, kill_at: &[u
     }
     kills
 }
+
+/// `loupe args` must fail with exactly one error line that mentions `needle` (clap's "For more
+/// information" hint aside), leaving `store`'s manifest as it was.
+pub fn assert_one_error(store: &Path, args: &[&str], needle: &str) {
+    let before = std::fs::read(store.join("manifest.json")).unwrap();
+    let out = loupe(args);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{args:?} should fail");
+    let lines =
+        err.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("For more information")).count();
+    assert_eq!(lines, 1, "{args:?}: expected one error line, got {err}");
+    assert!(err.contains(needle), "{args:?}: {err:?} does not mention {needle:?}");
+    assert_eq!(before, std::fs::read(store.join("manifest.json")).unwrap(), "{args:?} changed the manifest");
+}

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use loupe_store::{DType, HookSpec, Store};
-use loupe_tests::{dictionary_step, kill_while_training, loupe, stderr};
+use loupe_tests::{assert_one_error, dictionary_step, kill_while_training, loupe, stderr};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -137,21 +137,7 @@ fn autoencoder_from_toml_and_bad_settings() {
     assert_eq!(cfg["spec"]["decomposition"], "horizontal");
     assert_eq!(cfg["metadata"]["hook_name"], INPUT);
 
-    let one_error = |args: &[&str], needle: &str| {
-        let before = std::fs::read(store.join("manifest.json")).unwrap();
-        let out = loupe(args);
-        let err = stderr(&out);
-        assert!(!out.status.success(), "{args:?} should fail");
-        let lines =
-            err.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("For more information")).count();
-        assert_eq!(lines, 1, "{args:?}: expected one error line, got {err}");
-        assert!(err.contains(needle), "{args:?}: {err:?} does not mention {needle:?}");
-        assert_eq!(
-            before,
-            std::fs::read(store.join("manifest.json")).unwrap(),
-            "{args:?} changed the manifest"
-        );
-    };
+    let one_error = |args: &[&str], needle: &str| assert_one_error(&store, args, needle);
     let base =
         ["train-monet", "--store", s, "--experts", "8", "--heads", "2", "--dim", "8", "--batch", "100"];
     one_error(

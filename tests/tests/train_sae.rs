@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use loupe_store::{DType, HookSpec, Store};
-use loupe_tests::{dictionary_step, kill_while_training, loupe, stderr};
+use loupe_tests::{assert_one_error, dictionary_step, kill_while_training, loupe, stderr};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -146,22 +146,7 @@ fn config_file_and_bad_settings() {
     assert_eq!(cfg["loupe"]["train"]["jumprelu_sparsity"], "quadratic");
     assert_eq!(cfg["metadata"]["hook_name"], HOOK);
 
-    let one_error = |args: &[&str], needle: &str| {
-        let before = std::fs::read(store.join("manifest.json")).unwrap();
-        let out = loupe(args);
-        let err = stderr(&out);
-        assert!(!out.status.success(), "{args:?} should fail");
-        // (clap's own argument errors add a "For more information, try '--help'." hint.)
-        let lines =
-            err.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("For more information")).count();
-        assert_eq!(lines, 1, "{args:?}: expected one error line, got {err}");
-        assert!(err.contains(needle), "{args:?}: {err:?} does not mention {needle:?}");
-        assert_eq!(
-            before,
-            std::fs::read(store.join("manifest.json")).unwrap(),
-            "{args:?} changed the manifest"
-        );
-    };
+    let one_error = |args: &[&str], needle: &str| assert_one_error(&store, args, needle);
     let base = ["train-sae", "--store", s, "--n-features", "64", "--batch", "100", "--tokens", "500"];
     one_error(
         &[&base[..], &["--hook", "blocks.9.hook_resid_post", "--k", "4"]].concat(),
