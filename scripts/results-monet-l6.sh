@@ -26,7 +26,8 @@ cargo build --release -p loupe --manifest-path "$root/Cargo.toml"
   --store "$store" --hook "$resid" --hook "$mlp_in" --hook "$mlp_out" --context 256 --dtype f16 \
   --max-tokens 1064960
 
-trained() { "$loupe" store info "$store" | grep -q "^  $1 .* done "; }
+# (grep reads all of the output: with -q it would stop early and, under pipefail, fail the pipe.)
+trained() { "$loupe" store info "$store" | grep "^  $1 .* done " > /dev/null; }
 common=(--batch 4096 --eval-tokens 16384 --eval-contexts 16 --checkpoint-every 20)
 # Monet E 256, H 4, topk 8, dim 16 has 6,721,536 parameters (either decomposition); a TopK SAE
 # with n 5,248 has 6,723,328.

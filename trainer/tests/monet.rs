@@ -162,6 +162,8 @@ fn training_fits_a_teacher_and_resumes_exactly() {
         }
         eprintln!("{decomposition:?}: FVU {} → {}, {} experts per token", first.fvu, last.fvu, last.l0);
         assert!(last.fvu < 0.5 * first.fvu, "{decomposition:?}: FVU {} → {}", first.fvu, last.fvu);
+        // Optimiser state must not keep the autograd graph alive (it would chain every step's).
+        assert!(straight.state.moments.iter().all(|(m, v)| !m.track_op() && !v.track_op()));
 
         // Stop after 5 steps, save, load, continue: the same weights as 10 straight steps.
         let mut a = MonetTrainer::new(cfg.clone()).unwrap();

@@ -150,13 +150,16 @@ impl MonetTrainer {
         let t = (self.state.step + 1) as i32;
         let (bc1, bc2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
         let lr = self.cfg.lr as f64;
+        // Detached throughout: a gradient still refers to the forward graph, and moments built
+        // from it would chain every step's graph to the next (memory grows without bound).
         for (var, (m, v)) in self.monet.vars().iter().zip(self.state.moments.iter_mut()) {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
-            *m = ((&*m * BETA1)? + (g * (1.0 - BETA1))?)?;
-            *v = ((&*v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
+            let g = g.detach();
+            *m = ((&*m * BETA1)? + (&g * (1.0 - BETA1))?)?.detach();
+            *v = ((&*v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?.detach();
             let denom = ((&*v / bc2)?.sqrt()? + EPS)?;
             let update = ((&*m / bc1)? / denom)?.affine(lr, 0.0)?;
-            var.set(&(var.as_tensor() - update)?)?;
+            var.set(&(var.as_tensor() - update)?.detach())?;
         }
         self.monet.router.update_stats(&xt)?;
 
