@@ -1,16 +1,20 @@
 //! loupe-trainer: from a model to dictionaries and feature analysis.
 //!
-//! - [`model`]: Loupe's own hooked transformers (Gemma 3 from GGUF or HF safetensors; GPT-2 and
-//!   BERT to come), with TransformerLens hook points for caching, interventions and gradients.
+//! - [`model`]: Loupe's own hooked transformers (Gemma 3 from GGUF or HF safetensors, GPT-2 and
+//!   BERT from HF folders), with TransformerLens hook points for caching, interventions and
+//!   gradients.
 //! - [`tokenizer`]: tokenizers from an HF `tokenizer.json` or rebuilt from a GGUF's vocabulary
 //!   (Gemma 3's matches transformers id for id).
 //! - [`corpus`]: text files, folders and JSONL as numbered documents.
 //! - [`capture`]: corpus → contexts → activations (and loss gradients) at hooks → store, resumable.
+//! - [`dict`]: sparse dictionaries (the SAE variants and Monet experts), their training jobs and
+//!   evaluation.
+//! - [`analysis`]: what each feature responds to (in progress).
 //!
-//! Still to come, in folders named after the pipeline: `dict/` (TopK, Mutual/Feature Choice,
-//! g-SAE, JumpReLU, L1, Monet), the training loop and evaluation, and `analysis/`. The crate talks to the other stages only through
-//! [`loupe_store`]; the README's status table says what works.
+//! The crate talks to the other stages only through [`loupe_store`]; the README's status table
+//! says what works.
 
+pub mod analysis;
 pub mod capture;
 pub mod corpus;
 pub mod dict;

@@ -1,0 +1,77 @@
+//! Feature analysis accumulators against brute force.
+
+use loupe_trainer::analysis::accumulate::{FeatureStats, HIST_BINS, TopExamples, bin_lower_edge, bin_of};
+use loupe_trainer::dict::Codes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// `tokens` rows of random sparse codes over `n` features; values drawn from a few levels so that
+/// ties occur.
+fn random_rows(rng: &mut StdRng, n: usize, tokens: usize) -> Vec<Vec<(u32, f32)>> {
+    (0..tokens)
+        .map(|_| {
+            let mut row = Vec::new();
+            for f in 0..n as u32 {
+                if rng.random_bool(0.2) {
+                    let level = [0.25f32, 0.5, 1.0, 3.0, 1e-6, 7e4][rng.random_range(0..6)];
+                    row.push((f, level * rng.random_range(1..4) as f32));
+                }
+            }
+            row
+        })
+        .collect()
+}
+
+fn feed(rows: &[Vec<(u32, f32)>], n: usize, k: usize, chunk: usize) -> (FeatureStats, Vec<Vec<(f32, u64)>>) {
+    let (mut stats, mut top) = (FeatureStats::new(n), TopExamples::new(n, k));
+    for (i, part) in rows.chunks(chunk).enumerate() {
+        let codes = Codes::from_rows(part.iter().map(Vec::as_slice));
+        stats.add(&codes);
+        top.add(&codes, (i * chunk) as u64);
+    }
+    (stats, top.into_sorted())
+}
+
+#[test]
+fn stats_and_top_examples_equal_brute_force_whatever_the_chunking() {
+    let (n, tokens, k) = (12, 700, 5);
+    let mut rng = StdRng::seed_from_u64(1);
+    let rows = random_rows(&mut rng, n, tokens);
+    let (stats, top) = feed(&rows, n, k, 64);
+    for f in 0..n as u32 {
+        let mut all: Vec<(f32, u64)> = rows
+            .iter()
+            .enumerate()
+            .flat_map(|(t, r)| r.iter().filter(|e| e.0 == f).map(move |e| (e.1, t as u64)))
+            .collect();
+        let fi = f as usize;
+        assert_eq!(stats.count[fi], all.len() as u64);
+        let sum: f64 = all.iter().map(|e| e.0 as f64).sum();
+        assert!((stats.sum[fi] - sum).abs() < 1e-6 * sum.max(1.0));
+        assert_eq!(stats.max[fi], all.iter().map(|e| e.0).fold(0.0, f32::max));
+        let mut hist = vec![0u32; HIST_BINS];
+        all.iter().for_each(|e| hist[bin_of(e.0)] += 1);
+        assert_eq!(&stats.hist[fi * HIST_BINS..(fi + 1) * HIST_BINS], &hist[..]);
+        // Brute force: sort by value descending, earlier row first among equals.
+        all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        all.truncate(k);
+        assert_eq!(top[fi], all, "feature {f}");
+    }
+    assert_eq!(stats.tokens, tokens as u64);
+    // Another chunking gives the same result, bit for bit.
+    let (stats2, top2) = feed(&rows, n, k, 7);
+    assert_eq!(top, top2);
+    assert_eq!(stats.count, stats2.count);
+    assert_eq!(stats.hist, stats2.hist);
+    assert_eq!(stats.max, stats2.max);
+}
+
+#[test]
+fn histogram_bins_are_half_octaves() {
+    assert_eq!(bin_of(bin_lower_edge(10)), 10);
+    assert_eq!(bin_of(bin_lower_edge(11) * 0.999), 10);
+    assert_eq!(bin_of(1.0), 32);
+    assert_eq!(bin_of(1.5), 33);
+    assert_eq!(bin_of(1e-30), 0);
+    assert_eq!(bin_of(1e30), HIST_BINS - 1);
+}
