@@ -59,13 +59,16 @@ pub fn run(args: &Args) -> Result<()> {
         println!("already trained: {}", args.store.join("dictionaries").join(DICTIONARY).display());
     } else {
         train_sae_cmd::run(&train_sae_cmd::Args {
-            store: Some(args.store.clone()),
-            hook: Some(HOOK.to_string()),
-            name: Some(DICTIONARY.to_string()),
+            job: crate::train_job::JobFlags {
+                store: Some(args.store.clone()),
+                hook: Some(HOOK.to_string()),
+                name: Some(DICTIONARY.to_string()),
+                batch: Some(1024),
+                eval_contexts: Some(4),
+                ..Default::default()
+            },
             n_features: Some(4096),
             k: Some(32),
-            batch: Some(1024),
-            eval_contexts: Some(4),
             ..Default::default()
         })?;
     }

@@ -1,22 +1,129 @@
 //! What `train-sae` and `train-monet` share: settings from flags over a TOML file, and running a
 //! training job with a progress bar and a report of its evaluation.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use loupe_trainer::dict::job::{self, Fit, Job};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+/// The settings of every training job, as flags (flattened into each command's) or TOML keys.
+#[derive(clap::Args, Serialize, serde::Deserialize, Default, Debug, Clone)]
+pub struct JobFlags {
+    /// TOML file with any of these settings (keys as the flags, with '_' for '-').
+    #[arg(long)]
+    #[serde(skip)]
+    pub(crate) config: Option<PathBuf>,
+    /// The store holding the activations; the dictionary is written into it.
+    #[arg(long)]
+    pub(crate) store: Option<PathBuf>,
+    /// The hook the dictionary reconstructs and is spliced at (e.g. blocks.6.hook_resid_post).
+    #[arg(long)]
+    pub(crate) hook: Option<String>,
+    /// Dictionary name in the store (default: made from the hook and the settings).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Training tokens (default: one pass over the training rows).
+    #[arg(long)]
+    pub(crate) tokens: Option<u64>,
+    /// Tokens per step (default 4096).
+    #[arg(long)]
+    pub(crate) batch: Option<usize>,
+    /// Seed of the initialisation and the shuffle (default 0).
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Steps between checkpoints (default 50; 0: only the final files).
+    #[arg(long)]
+    pub(crate) checkpoint_every: Option<u64>,
+    /// Rows at the end of the hook held out for evaluation (default 16384, at most a tenth).
+    #[arg(long)]
+    pub(crate) eval_tokens: Option<u64>,
+    /// Held-out contexts run through the model with the dictionary spliced in, for CE-loss
+    /// recovered and KL (default 8; 0 skips it).
+    #[arg(long)]
+    pub(crate) eval_contexts: Option<usize>,
+    /// Train on raw activations instead of ones scaled to mean norm √d (the final files read raw
+    /// activations either way).
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) no_normalize: bool,
+}
+
+impl JobFlags {
+    pub fn store(&self) -> Result<PathBuf> {
+        self.store.clone().context("no --store given (flag or config)")
+    }
+
+    pub fn hook(&self) -> Result<String> {
+        self.hook.clone().context("no --hook given (flag or config)")
+    }
+
+    /// Width and rows of `hook` in the store.
+    pub fn shape_of(&self, hook: &str) -> Result<(usize, u64)> {
+        let path = self.store()?;
+        let store = loupe_store::Store::open(&path)?;
+        let manifest = store.manifest();
+        let Some(entry) = manifest.hooks.get(hook) else {
+            let known: Vec<&String> = manifest.hooks.keys().collect();
+            bail!("store {} has no activations for hook {hook} (it has: {known:?})", path.display());
+        };
+        Ok((entry.spec.d as usize, entry.rows()))
+    }
+
+    /// Training and held-out tokens for a hook of `rows` rows.
+    pub fn split(&self, rows: u64) -> (u64, u64) {
+        let eval_tokens = self.eval_tokens.unwrap_or((rows / 10).min(16384));
+        (self.tokens.unwrap_or(rows.saturating_sub(eval_tokens)), eval_tokens)
+    }
+
+    /// The job, with `train` and the dictionary name `default_name` unless --name was given.
+    pub fn job<C>(
+        &self,
+        train: C,
+        rows: u64,
+        input_hook: Option<String>,
+        default_name: String,
+    ) -> Result<Job<C>> {
+        let (tokens, eval_tokens) = self.split(rows);
+        Ok(Job {
+            store: self.store()?,
+            hook: self.hook()?,
+            input_hook,
+            name: self.name.clone().unwrap_or(default_name),
+            train,
+            tokens,
+            checkpoint_every: self.checkpoint_every.unwrap_or(50),
+            eval_tokens,
+            eval_contexts: self.eval_contexts.unwrap_or(8),
+            normalize: !self.no_normalize,
+        })
+    }
+}
+
 /// `flags` over the settings of the TOML file `config` (when given): a flag that was given (not
 /// absent, not a `false` switch) wins. `A`'s fields are the flags, with the same snake_case keys
-/// as the file.
-pub fn merged<A: Serialize + DeserializeOwned + Clone>(flags: &A, config: Option<&Path>) -> Result<A> {
+/// as the file; a key that is not one of them is an error.
+pub fn merged<A: Serialize + DeserializeOwned + Clone + Default>(
+    flags: &A,
+    config: Option<&Path>,
+) -> Result<A> {
     let Some(path) = config else { return Ok(flags.clone()) };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("config {} is malformed: {}", path.display(), e.message()))?;
+    // (serde's deny_unknown_fields does not work with the flattened JobFlags, so check here.)
+    let Value::Object(known) = serde_json::to_value(A::default())? else {
+        unreachable!("flags are a struct")
+    };
+    if let Some(key) = table.keys().find(|k| !known.contains_key(*k)) {
+        let mut names: Vec<&String> = known.keys().collect();
+        names.sort();
+        bail!("config {} has an unknown field `{key}` (known: {names:?})", path.display());
+    }
     let file: A = toml::from_str(&text)
         .map_err(|e| anyhow::anyhow!("config {} is malformed: {}", path.display(), e.message()))?;
     let mut out = serde_json::to_value(file)?;

@@ -1,32 +1,20 @@
 //! `loupe train-sae`: fit an SAE to a hook's activations in a store, from flags or a TOML config
 //! (`--config`; a flag given on the command line wins over the file).
 
-use std::path::PathBuf;
-
-use anyhow::{Context, Result, bail};
-use loupe_store::Store;
+use anyhow::{Result, bail};
 use loupe_trainer::dict::job::Job;
 use loupe_trainer::dict::jumprelu::L0Penalty;
 use loupe_trainer::dict::{TrainConfig, Trainer, Variant};
 use serde::{Deserialize, Serialize};
 
+use crate::train_job::JobFlags;
+
 /// Every setting, as flags; the same keys (snake_case) may come from `--config file.toml`.
 #[derive(clap::Args, Serialize, Deserialize, Default, Debug, Clone)]
-#[serde(deny_unknown_fields)]
 pub struct Args {
-    /// TOML file with any of these settings (keys as the flags, with '_' for '-').
-    #[arg(long)]
-    #[serde(skip)]
-    pub(crate) config: Option<PathBuf>,
-    /// The store holding the activations; the dictionary is written into it.
-    #[arg(long)]
-    pub(crate) store: Option<PathBuf>,
-    /// The hook to fit (e.g. blocks.6.hook_resid_post).
-    #[arg(long)]
-    pub(crate) hook: Option<String>,
-    /// Dictionary name in the store (default: <hook>-<variant>-n<n>-k<k>).
-    #[arg(long)]
-    pub(crate) name: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) job: JobFlags,
     /// topk, mutual_choice (batchtopk), feature_choice, gsae, jumprelu or relu.
     #[arg(long)]
     pub(crate) variant: Option<Variant>,
@@ -43,25 +31,6 @@ pub struct Args {
     /// Adam learning rate (default 2e-4/√(n/2¹⁴)).
     #[arg(long)]
     pub(crate) lr: Option<f32>,
-    /// Training tokens (default: one pass over the training rows).
-    #[arg(long)]
-    pub(crate) tokens: Option<u64>,
-    /// Tokens per step (default 4096).
-    #[arg(long)]
-    pub(crate) batch: Option<usize>,
-    /// Seed of the initialisation and the shuffle (default 0).
-    #[arg(long)]
-    pub(crate) seed: Option<u64>,
-    /// Steps between checkpoints (default 50; 0: only the final files).
-    #[arg(long)]
-    pub(crate) checkpoint_every: Option<u64>,
-    /// Rows at the end of the hook held out for evaluation (default 16384, at most a tenth).
-    #[arg(long)]
-    pub(crate) eval_tokens: Option<u64>,
-    /// Held-out contexts run through the model with the SAE spliced in, for CE-loss recovered and
-    /// KL (default 8; 0 skips it).
-    #[arg(long)]
-    pub(crate) eval_contexts: Option<usize>,
     /// Tokens without firing after which a feature is dead for AuxK (default min(10M, tokens/10)).
     #[arg(long)]
     pub(crate) dead_tokens: Option<u64>,
@@ -84,11 +53,6 @@ pub struct Args {
     #[arg(long)]
     #[serde(default)]
     pub(crate) absolute_thresholds: bool,
-    /// Train on raw activations instead of ones scaled to mean norm √d (the final files read raw
-    /// activations either way).
-    #[arg(long)]
-    #[serde(default)]
-    pub(crate) no_normalize: bool,
     /// g-SAE: weight of the gradient term (default 1).
     #[arg(long)]
     pub(crate) gsae_beta: Option<f32>,
@@ -108,31 +72,23 @@ pub struct Args {
 
 /// Resolve the settings against the store into a job.
 fn job_of(args: &Args) -> Result<Job<TrainConfig>> {
-    let store_path = args.store.clone().context("no --store given (flag or config)")?;
-    let hook = args.hook.clone().context("no --hook given (flag or config)")?;
+    let flags = &args.job;
+    let hook = flags.hook()?;
     let variant = args.variant.unwrap_or(Variant::Topk);
-    let store = Store::open(&store_path)?;
-    let manifest = store.manifest();
-    let Some(entry) = manifest.hooks.get(&hook) else {
-        let known: Vec<&String> = manifest.hooks.keys().collect();
-        bail!("store {} has no activations for hook {hook} (it has: {known:?})", store_path.display());
-    };
-    let d = entry.spec.d as usize;
-    let rows = entry.rows();
+    let (d, rows) = flags.shape_of(&hook)?;
     let n = match (args.n_features, args.expansion) {
         (Some(_), Some(_)) => bail!("give --n-features or --expansion, not both"),
         (Some(n), None) => n,
         (None, e) => e.unwrap_or(32) * d,
     };
     let k = args.k.unwrap_or(32);
-    let batch = args.batch.unwrap_or(4096);
-    let eval_tokens = args.eval_tokens.unwrap_or((rows / 10).min(16384));
-    let tokens = args.tokens.unwrap_or(rows.saturating_sub(eval_tokens));
+    let batch = flags.batch.unwrap_or(4096);
+    let (tokens, _) = flags.split(rows);
     let mut train = TrainConfig::new(variant, d, n, k, batch);
     if let Some(lr) = args.lr {
         train.lr = lr;
     }
-    train.seed = args.seed.unwrap_or(0);
+    train.seed = flags.seed.unwrap_or(0);
     train.dead_tokens = args.dead_tokens.unwrap_or((tokens / 10).clamp(1, 10_000_000));
     if let Some(a) = args.auxk_alpha {
         train.auxk_alpha = a;
@@ -167,23 +123,11 @@ fn job_of(args: &Args) -> Result<Job<TrainConfig>> {
         train.jumprelu_sparsity = p;
     }
     train.validate()?;
-    let name = args.name.clone().unwrap_or_else(|| format!("{hook}-{variant}-n{n}-k{k}"));
-    Ok(Job {
-        store: store_path,
-        hook,
-        input_hook: None,
-        name,
-        train,
-        tokens,
-        checkpoint_every: args.checkpoint_every.unwrap_or(50),
-        eval_tokens,
-        eval_contexts: args.eval_contexts.unwrap_or(8),
-        normalize: !args.no_normalize,
-    })
+    flags.job(train, rows, None, format!("{hook}-{variant}-n{n}-k{k}"))
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let job = job_of(&crate::train_job::merged(args, args.config.as_deref())?)?;
+    let job = job_of(&crate::train_job::merged(args, args.job.config.as_deref())?)?;
     let t = &job.train;
     let banner = format!(
         "training {} ({} SAE, d {} → n {}, k {}, batch {}, lr {:e}) on {} of {}: {} tokens, {} held out",
