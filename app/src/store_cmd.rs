@@ -64,9 +64,13 @@ pub fn info(dir: &Path) -> Result<()> {
     }
     println!("dictionaries {}", m.dictionaries.len());
     for (name, d) in &m.dictionaries {
+        let hooks = match &d.output_hook {
+            Some(out) => format!("{} → {out}", d.hook),
+            None => d.hook.clone(),
+        };
         println!(
-            "  {name}  {} {} on {}  d {} → {} features  {} (step {}, {} tokens)",
-            d.kind, d.variant, d.hook, d.d_in, d.n_features, d.status, d.step, d.tokens
+            "  {name}  {} {} on {hooks}  d {} → {} features  {} (step {}, {} tokens)",
+            d.kind, d.variant, d.d_in, d.n_features, d.status, d.step, d.tokens
         );
         for file in &d.files {
             let path = store.dictionary_dir(name).join(&file.file);

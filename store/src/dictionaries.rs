@@ -36,6 +36,10 @@ pub struct FileEntry {
 pub struct DictEntry {
     /// The hook it reads (for a transcoder: its input hook).
     pub hook: String,
+    /// A transcoder's output hook (where it is spliced); absent for dictionaries that
+    /// reconstruct `hook` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_hook: Option<String>,
     /// `sae` or `monet`.
     pub kind: String,
     /// e.g. `topk`, `mutual_choice`, `feature_choice`, `gsae`.

@@ -110,6 +110,8 @@ fn transcoder_killed_and_resumed_matches_uninterrupted() {
         serde_json::from_slice(&std::fs::read(b.join("manifest.json")).unwrap()).unwrap();
     let entry = &manifest["dictionaries"]["monet"];
     assert_eq!(entry["kind"], "monet");
+    assert_eq!(entry["hook"], INPUT, "a transcoder is listed under the hook it reads");
+    assert_eq!(entry["output_hook"], OUTPUT);
     assert_eq!(entry["variant"], "vd");
     assert_eq!(entry["n_features"], 64);
 }

@@ -62,6 +62,7 @@ pub fn import(store_path: &Path, src: &Path, name: Option<&str>, hook: Option<&s
     save_sae(&sae, &meta, &dir)?;
     let entry = DictEntry {
         hook,
+        output_hook: None,
         kind: "sae".to_string(),
         variant: sae.spec.variant.name().to_string(),
         d_in: sae.d_in() as u32,

@@ -216,7 +216,8 @@ pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) ->
                 .context("the listed checkpoint has no state.json")?;
             let ckpt = dir.join(ckpt);
             let (trainer, resume) = F::load_checkpoint(&ckpt)?;
-            if *trainer.config() != train || entry.hook != job.hook {
+            let (reads, writes) = hooks_of(job);
+            if *trainer.config() != train || entry.hook != reads || entry.output_hook != writes {
                 bail!(
                     "dictionary {} was started with other settings (hook {}, {}); use the same settings to \
                      resume, or another --name",
@@ -441,10 +442,20 @@ fn input_scale(sampler: &loupe_store::Sampler, d: usize) -> Result<f32> {
     Ok(((d as f64).sqrt() / mean) as f32)
 }
 
+/// The manifest's `hook` (what the dictionary reads) and `output_hook` (a transcoder's output).
+fn hooks_of<C>(job: &Job<C>) -> (String, Option<String>) {
+    match &job.input_hook {
+        Some(input) => (input.clone(), Some(job.hook.clone())),
+        None => (job.hook.clone(), None),
+    }
+}
+
 fn entry<F: Fit>(job: &Job<F::Config>, trainer: &F, status: &str) -> DictEntry {
     let (kind, variant, n_features) = trainer.listing();
+    let (hook, output_hook) = hooks_of(job);
     DictEntry {
-        hook: job.hook.clone(),
+        hook,
+        output_hook,
         kind: kind.to_string(),
         variant,
         d_in: F::needs(trainer.config()).d_in as u32,
