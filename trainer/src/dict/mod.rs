@@ -28,6 +28,7 @@ pub mod io;
 pub mod job;
 pub mod jumprelu;
 pub mod kernels;
+pub mod loss;
 pub mod monet;
 pub mod mutual_choice;
 pub mod sae;

@@ -1,7 +1,8 @@
 //! TopK selection (Gao et al.): each token keeps its k largest positive pre-activations.
 //!
 //! With Multi-TopK, the same pass keeps the 4k largest: sorted by value, their first k are the
-//! TopK codes, so both sets cost one selection.
+//! TopK codes, so both sets cost one selection. [`select_among`] is the same per-token selection
+//! restricted to a set of features (the auxiliary losses' dead or under-used ones).
 
 use rayon::prelude::*;
 
@@ -33,5 +34,45 @@ pub fn select(
         for row in &rows {
             codes.push_row(row);
         }
+    }
+}
+
+/// Per token, the `k` largest `pre (+ bias)` above `floor` among the features of `set`, appended
+/// to `out`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn select_among(
+    pre: &[f32],
+    bias: Option<&[f32]>,
+    floor: f32,
+    n: usize,
+    tokens: usize,
+    feature_major: bool,
+    set: &[u32],
+    k: usize,
+    out: &mut Codes,
+) {
+    let rows: Vec<Vec<(u32, f32)>> = (0..tokens)
+        .into_par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(gathered, scratch): &mut (Vec<f32>, Vec<f32>), t| {
+                gathered.clear();
+                gathered.extend(set.iter().map(|&f| {
+                    let f = f as usize;
+                    let p = if feature_major { pre[f * tokens + t] } else { pre[t * n + f] };
+                    p + bias.map_or(0.0, |b| b[f])
+                }));
+                let mut sel = Vec::new();
+                kernels::topk_row_above(gathered, None, floor, k, &mut sel, scratch);
+                for e in &mut sel {
+                    e.0 = set[e.0 as usize];
+                }
+                sel.sort_unstable_by_key(|e| e.0);
+                sel
+            },
+        )
+        .collect();
+    for row in &rows {
+        out.push_row(row);
     }
 }

@@ -28,7 +28,10 @@ use serde::{Deserialize, Serialize};
 
 pub use super::config::{TrainConfig, default_lr};
 use super::kernels::{self, Codes};
+pub use super::loss::{sq_dist, total_variance};
+use super::loss::{sum_rows_into, upstream};
 use super::sae::{Sae, SaeSpec, geometric_median};
+use super::topk::select_among;
 use super::update::{AdamStep, BLOCK_FEATURES, Band, Block, Order, RowCtx, Theta, update_block};
 use super::{Variant, feature_choice, gsae, jumprelu, mutual_choice, topk};
 
@@ -583,89 +586,5 @@ impl Trainer {
             None => adam.apply(&mut sae.b_dec, &g_bdec, &mut st.b_dec.m, &mut st.b_dec.v),
         }
         debug_assert_eq!(sae.b_enc.len(), n);
-    }
-}
-
-/// Per token, the `k` largest `pre (+ bias)` above `floor` among the features of `set`, appended
-/// to `out`.
-#[allow(clippy::too_many_arguments)]
-fn select_among(
-    pre: &[f32],
-    bias: Option<&[f32]>,
-    floor: f32,
-    n: usize,
-    tokens: usize,
-    feature_major: bool,
-    set: &[u32],
-    k: usize,
-    out: &mut Codes,
-) {
-    let rows: Vec<Vec<(u32, f32)>> = (0..tokens)
-        .into_par_iter()
-        .map_init(
-            || (Vec::new(), Vec::new()),
-            |(gathered, scratch): &mut (Vec<f32>, Vec<f32>), t| {
-                gathered.clear();
-                gathered.extend(set.iter().map(|&f| {
-                    let f = f as usize;
-                    let p = if feature_major { pre[f * tokens + t] } else { pre[t * n + f] };
-                    p + bias.map_or(0.0, |b| b[f])
-                }));
-                let mut sel = Vec::new();
-                kernels::topk_row_above(gathered, None, floor, k, &mut sel, scratch);
-                for e in &mut sel {
-                    e.0 = set[e.0 as usize];
-                }
-                sel.sort_unstable_by_key(|e| e.0);
-                sel
-            },
-        )
-        .collect();
-    for row in &rows {
-        out.push_row(row);
-    }
-}
-
-/// Σ‖x − x̄‖² over the rows of `x` (x̄: the mean row), in f64.
-pub fn total_variance(x: &[f32], d: usize) -> f64 {
-    let rows = (x.len() / d).max(1);
-    let mut mean = vec![0.0f64; d];
-    for row in x.chunks(d) {
-        mean.iter_mut().zip(row).for_each(|(m, v)| *m += *v as f64);
-    }
-    mean.iter_mut().for_each(|m| *m /= rows as f64);
-    x.chunks(d).map(|row| row.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum()
-}
-
-/// Σ (a − b)², in f64 over fixed chunks.
-pub fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
-    let parts: Vec<f64> = a
-        .par_chunks(1 << 14)
-        .zip(b.par_chunks(1 << 14))
-        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>())
-        .collect();
-    parts.iter().sum()
-}
-
-/// `out = scale · (xhat − target)`.
-fn upstream(xhat: &[f32], target: &[f32], scale: f32, out: &mut Vec<f32>) {
-    out.clear();
-    out.extend(xhat.iter().zip(target).map(|(a, b)| scale * (a - b)));
-}
-
-/// `out += scale · Σ rows`, summed in a fixed order.
-fn sum_rows_into(x: &[f32], d: usize, scale: f32, out: &mut [f32]) {
-    let parts: Vec<Vec<f32>> = x
-        .par_chunks(256 * d)
-        .map(|block| {
-            let mut acc = vec![0.0f32; d];
-            for row in block.chunks(d) {
-                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-            }
-            acc
-        })
-        .collect();
-    for p in parts {
-        out.iter_mut().zip(p).for_each(|(o, v)| *o += scale * v);
     }
 }
