@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module and talks to the pipeline crates only through their
 //! public APIs and the store. Errors end as one `error: …` line on stderr and a non-zero exit.
 
+mod analyze_cmd;
 mod bench;
 mod capture_cmd;
 mod demo;
@@ -47,6 +48,8 @@ enum Command {
     TrainSae(train_sae_cmd::Args),
     /// Fit Monet product-key experts (autoencoder on a hook, or transcoder between two hooks).
     TrainMonet(train_monet_cmd::Args),
+    /// Analyse a dictionary's features: stats, top and quantile examples, logit effects, similar and co-occurring features.
+    Analyze(analyze_cmd::Args),
     /// Import an SAELens or sparsify dictionary folder into a store.
     Import {
         /// The dictionary folder (cfg.json + sae_weights.safetensors or sae.safetensors).
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         Command::Capture(args) => capture_cmd::run(&args),
         Command::TrainSae(args) => train_sae_cmd::run(&args),
         Command::TrainMonet(args) => train_monet_cmd::run(&args),
+        Command::Analyze(args) => analyze_cmd::run(&args),
         Command::Import { path, store, name, hook } => {
             loupe_trainer::dict::import::import(&store, &path, name.as_deref(), hook.as_deref()).map(|name| {
                 println!("imported {} into {} as dictionary {name}", path.display(), store.display());

@@ -82,21 +82,7 @@ impl Store {
     /// fsynced), hashing them now. `entry.files` is replaced. The manifest update is atomic.
     pub fn commit_dictionary(&self, name: &str, mut entry: DictEntry, files: &[&str]) -> Result<()> {
         check_dictionary_name(name)?;
-        let dir = self.dictionary_dir(name);
-        entry.files = files
-            .iter()
-            .map(|file| {
-                let path = dir.join(file);
-                let bytes = std::fs::metadata(&path)
-                    .with_context(|| format!("cannot stat {}", path.display()))?
-                    .len();
-                Ok(FileEntry { file: file.to_string(), bytes, xxh3: fsutil::file_xxh3(&path)? })
-            })
-            .collect::<Result<_>>()?;
-        for parent in files.iter().filter_map(|f| dir.join(f).parent().map(Path::to_path_buf)) {
-            fsutil::sync_dir(&parent)?;
-        }
-        fsutil::sync_dir(&dir)?;
+        entry.files = hash_files(&self.dictionary_dir(name), files)?;
         self.commit(|m| {
             m.dictionaries.insert(name.to_string(), entry);
             Ok(())
@@ -115,6 +101,29 @@ impl Store {
         let dir = self.dictionary_dir(name);
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
     }
+}
+
+/// Hash `files` (paths relative to `dir`, already written and fsynced) for a manifest listing,
+/// and fsync the folders holding them so that the listing never names a file a crash could lose.
+pub(crate) fn hash_files(dir: &Path, files: &[&str]) -> Result<Vec<FileEntry>> {
+    let entries = files
+        .iter()
+        .map(|file| {
+            let path = dir.join(file);
+            let bytes =
+                std::fs::metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?.len();
+            Ok(FileEntry { file: file.to_string(), bytes, xxh3: fsutil::file_xxh3(&path)? })
+        })
+        .collect::<Result<_>>()?;
+    let mut parents: Vec<PathBuf> =
+        files.iter().filter_map(|f| dir.join(f).parent().map(Path::to_path_buf)).collect();
+    parents.sort();
+    parents.dedup();
+    for parent in parents {
+        fsutil::sync_dir(&parent)?;
+    }
+    fsutil::sync_dir(dir)?;
+    Ok(entries)
 }
 
 /// One row of a training log: what a step measured.

@@ -9,11 +9,13 @@
 //! - [`sampler`]: shuffled batches across shards for training, without loading the store;
 //! - [`verify`]: checksums, schemas and row counts against the manifest;
 //! - [`dictionaries`]: trained dictionaries (`dictionaries/<name>/`) and their training logs;
+//! - [`features`]: feature analyses (`features/<dict>/` tables, `index/<dict>/` ANN dumps);
 //! - [`fsutil`]: the temp-file/fsync/rename discipline behind every write.
 //!
 //! Invariant: a reader trusts only what the manifest lists, and the manifest is updated last.
 
 pub mod dictionaries;
+pub mod features;
 pub mod fsutil;
 pub mod manifest;
 pub mod reader;
@@ -25,6 +27,10 @@ pub mod verify;
 pub mod writer;
 
 pub use dictionaries::{DictEntry, FileEntry, TrainLogRow};
+pub use features::{
+    Bucket, Cooccurrence, Example, FeatureRow, FeatureTables, FeaturesEntry, FeaturesWriter, LogitEffect,
+    Neighbour,
+};
 pub use manifest::{DType, HookEntry, HookSpec, Manifest, ModelInfo, ShardEntry, TokenizerInfo};
 pub use reader::{Activations, Shard};
 pub use sampler::{Batch, Epoch, Sampler, SamplerConfig};

@@ -137,6 +137,9 @@ pub struct Manifest {
     /// Dictionaries by name (`dictionaries/<name>/`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dictionaries: BTreeMap<String, crate::dictionaries::DictEntry>,
+    /// Feature analyses by dictionary name (`features/<dict>/`, `index/<dict>/`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub features: BTreeMap<String, crate::features::FeaturesEntry>,
 }
 
 impl Default for Manifest {
@@ -149,6 +152,7 @@ impl Default for Manifest {
             hooks: BTreeMap::new(),
             capture: None,
             dictionaries: BTreeMap::new(),
+            features: BTreeMap::new(),
         }
     }
 }
@@ -195,6 +199,19 @@ impl Manifest {
                 if !ok {
                     bail!("{} is malformed: dictionary {name} lists file {:?}", path.display(), file.file);
                 }
+            }
+        }
+        for (name, entry) in &manifest.features {
+            crate::dictionaries::check_dictionary_name(name)
+                .with_context(|| format!("{} is malformed", path.display()))?;
+            let ok = |file: &str| {
+                let mut parts = file.split('/');
+                matches!(parts.next(), Some(crate::features::FEATURES_DIR | crate::features::INDEX_DIR))
+                    && parts.next() == Some(name.as_str())
+                    && parts.all(|part| check_file_name(part).is_ok())
+            };
+            if let Some(file) = entry.files.iter().find(|f| !ok(&f.file)) {
+                bail!("{} is malformed: the analysis of {name} lists file {:?}", path.display(), file.file);
             }
         }
         Ok(manifest)

@@ -259,7 +259,7 @@ fn check_message(block: &[u8], meta_len: usize) -> Result<()> {
 ///
 /// Hand-written over arrow-ipc's `FileDecoder` because arrow's `FileReader` reads through
 /// `Read + Seek` into fresh buffers; this is the zero-copy path arrow documents for mmap.
-fn decode_single_batch(map: &Arc<Mmap>) -> Result<RecordBatch> {
+pub(crate) fn decode_single_batch(map: &Arc<Mmap>) -> Result<RecordBatch> {
     let len = map.len();
     if len < 10 + 8 {
         bail!("file is too short to be an Arrow IPC file ({len} bytes)");

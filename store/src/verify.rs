@@ -1,4 +1,5 @@
-//! `loupe store verify`: check every listed shard and dictionary file against the manifest.
+//! `loupe store verify`: check every listed shard, dictionary file and analysis file against the
+//! manifest.
 //!
 //! For each shard: the file exists, has the listed size and xxh3-128, decodes as Arrow IPC with the
 //! hook's schema, and holds the listed number of rows. Files the manifest does not list (leftovers
@@ -19,6 +20,8 @@ pub struct Report {
     pub rows: u64,
     pub bytes: u64,
     pub dictionaries: usize,
+    /// Feature analyses checked.
+    pub analyses: usize,
     /// One line per problem; empty when the store is sound.
     pub problems: Vec<String>,
     /// Files under `activations/` that no manifest entry names.
@@ -60,29 +63,36 @@ impl Store {
             report.dictionaries += 1;
             let dir = self.dictionary_dir(name);
             for file in &entry.files {
-                let path = dir.join(&file.file);
-                let problem = match std::fs::metadata(&path) {
-                    Err(_) => Some(format!("dictionary {name}: {} is missing", path.display())),
-                    Ok(meta) if meta.len() != file.bytes => Some(format!(
-                        "dictionary {name}: {} has {} bytes, the manifest says {}",
-                        path.display(),
-                        meta.len(),
-                        file.bytes
-                    )),
-                    Ok(_) => match file_xxh3(&path) {
-                        Ok(hash) if hash == file.xxh3 => None,
-                        Ok(_) => Some(format!(
-                            "dictionary {name}: {} is corrupt (checksum mismatch)",
-                            path.display()
-                        )),
-                        Err(e) => Some(format!("dictionary {name}: {e:#}")),
-                    },
-                };
-                report.problems.extend(problem);
+                report.problems.extend(check_file(&format!("dictionary {name}"), &dir, file));
+            }
+        }
+        for (name, entry) in &manifest.features {
+            report.analyses += 1;
+            for file in &entry.files {
+                report.problems.extend(check_file(&format!("analysis of {name}"), self.root(), file));
             }
         }
         report.unlisted = unlisted_files(self);
         report
+    }
+}
+
+/// A listed file (relative to `dir`): present, of the listed size and checksum.
+fn check_file(owner: &str, dir: &std::path::Path, file: &crate::FileEntry) -> Option<String> {
+    let path = dir.join(&file.file);
+    match std::fs::metadata(&path) {
+        Err(_) => Some(format!("{owner}: {} is missing", path.display())),
+        Ok(meta) if meta.len() != file.bytes => Some(format!(
+            "{owner}: {} has {} bytes, the manifest says {}",
+            path.display(),
+            meta.len(),
+            file.bytes
+        )),
+        Ok(_) => match file_xxh3(&path) {
+            Ok(hash) if hash == file.xxh3 => None,
+            Ok(_) => Some(format!("{owner}: {} is corrupt (checksum mismatch)", path.display())),
+            Err(e) => Some(format!("{owner}: {e:#}")),
+        },
     }
 }
 

@@ -9,7 +9,8 @@
 //! - [`capture`]: corpus → contexts → activations (and loss gradients) at hooks → store, resumable.
 //! - [`dict`]: sparse dictionaries (the SAE variants and Monet experts), their training jobs and
 //!   evaluation.
-//! - [`analysis`]: what each feature responds to (in progress).
+//! - [`analysis`]: what each feature responds to (`loupe analyze`): stats, examples, logit
+//!   effects, similar and co-occurring features.
 //!
 //! The crate talks to the other stages only through [`loupe_store`]; the README's status table
 //! says what works.

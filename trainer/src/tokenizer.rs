@@ -232,6 +232,18 @@ impl Tokenizer {
             .collect()
     }
 
+    /// Every token's text as a reader would see it, row i = token i: the token decoded alone
+    /// (`" the"`, `"\n"`), or its vocabulary spelling when alone it is no valid text (a byte of a
+    /// multi-byte character) or decodes to nothing.
+    pub fn vocab_strings(&self) -> Vec<String> {
+        (0..self.vocab_size() as u32)
+            .map(|id| match self.inner.decode(&[id], false) {
+                Ok(text) if !text.is_empty() && !text.contains('\u{FFFD}') => text,
+                _ => self.inner.id_to_token(id).unwrap_or_default(),
+            })
+            .collect()
+    }
+
     /// The text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| anyhow!("cannot decode: {e}"))

@@ -1,6 +1,6 @@
 //! Feature analysis accumulators against brute force.
 
-use loupe_trainer::analysis::accumulate::{FeatureStats, HIST_BINS, TopExamples, bin_lower_edge, bin_of};
+use loupe_trainer::analysis::accumulate::{FeatureStats, HIST_BINS, TopExamples, hist_bin, hist_bin_edge};
 use loupe_trainer::dict::Codes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -50,7 +50,7 @@ fn stats_and_top_examples_equal_brute_force_whatever_the_chunking() {
         assert!((stats.sum[fi] - sum).abs() < 1e-6 * sum.max(1.0));
         assert_eq!(stats.max[fi], all.iter().map(|e| e.0).fold(0.0, f32::max));
         let mut hist = vec![0u32; HIST_BINS];
-        all.iter().for_each(|e| hist[bin_of(e.0)] += 1);
+        all.iter().for_each(|e| hist[hist_bin(e.0)] += 1);
         assert_eq!(&stats.hist[fi * HIST_BINS..(fi + 1) * HIST_BINS], &hist[..]);
         // Brute force: sort by value descending, earlier row first among equals.
         all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -67,11 +67,13 @@ fn stats_and_top_examples_equal_brute_force_whatever_the_chunking() {
 }
 
 #[test]
-fn histogram_bins_are_half_octaves() {
-    assert_eq!(bin_of(bin_lower_edge(10)), 10);
-    assert_eq!(bin_of(bin_lower_edge(11) * 0.999), 10);
-    assert_eq!(bin_of(1.0), 32);
-    assert_eq!(bin_of(1.5), 33);
-    assert_eq!(bin_of(1e-30), 0);
-    assert_eq!(bin_of(1e30), HIST_BINS - 1);
+fn histogram_bins_are_eighth_octaves() {
+    assert_eq!(hist_bin(hist_bin_edge(10)), 10);
+    assert_eq!(hist_bin(hist_bin_edge(11) * 0.9999), 10);
+    assert_eq!(hist_bin(1.0), 128);
+    assert_eq!(hist_bin(2.0), 136);
+    assert_eq!(hist_bin(1.05), 128);
+    assert_eq!(hist_bin(1.1), 129);
+    assert_eq!(hist_bin(1e-30), 0);
+    assert_eq!(hist_bin(1e30), HIST_BINS - 1);
 }

@@ -64,6 +64,44 @@ pub trait Dictionary: Send + Sync {
     fn reconstruct(&self, x: &[f32]) -> (Codes, Vec<f32>);
     /// Write the dictionary (SAELens layout) into `dir`.
     fn save(&self, dir: &Path) -> Result<()>;
+    /// Each feature's output direction, `[n_features, d_out]` row-major, when every feature
+    /// writes one fixed vector (an SAE's decoder rows); `None` when what a feature writes depends
+    /// on the input (Monet experts).
+    fn decoder_directions(&self) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// Load dictionary `name` of `store`, whatever its kind; it must have finished training.
+pub fn open_in_store(
+    store: &loupe_store::Store,
+    name: &str,
+) -> Result<(loupe_store::DictEntry, Box<dyn Dictionary>)> {
+    let manifest = store.manifest();
+    let Some(entry) = manifest.dictionaries.get(name).cloned() else {
+        let names: Vec<&str> = manifest.dictionaries.keys().map(String::as_str).collect();
+        let listed = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+        bail!("store {} has no dictionary named {name:?} (it has: {listed})", store.root().display());
+    };
+    if !entry.is_done() {
+        bail!("dictionary {name} is still training (step {}); finish or resume it first", entry.step);
+    }
+    let dir = store.dictionary_dir(name);
+    let dict: Box<dyn Dictionary> = match entry.kind.as_str() {
+        "sae" => Box::new(io::load_sae(&dir)?.0),
+        "monet" => Box::new(monet::io::load(&dir)?.0),
+        other => bail!("dictionary {name} has unknown kind {other:?} (expected sae or monet)"),
+    };
+    if dict.d_in() != entry.d_in as usize || dict.n_features() != entry.n_features as usize {
+        bail!(
+            "dictionary {name}'s files (d {}, {} features) disagree with the manifest (d {}, {} features)",
+            dict.d_in(),
+            dict.n_features(),
+            entry.d_in,
+            entry.n_features
+        );
+    }
+    Ok((entry, dict))
 }
 
 /// How a training batch chooses which (token, feature) pairs are active.

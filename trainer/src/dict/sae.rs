@@ -200,6 +200,10 @@ impl Dictionary for Sae {
     fn save(&self, dir: &Path) -> Result<()> {
         super::io::save_sae(self, &super::io::SaeMeta::default(), dir)
     }
+
+    fn decoder_directions(&self) -> Option<&[f32]> {
+        Some(&self.w_dec)
+    }
 }
 
 /// Scale `row` to unit length (a zero row stays zero).

@@ -289,6 +289,10 @@ impl HookedModel for Gemma3 {
         Some(&self.embed)
     }
 
+    fn direction_logits(&self, directions: &Tensor) -> Result<Tensor> {
+        Ok(directions.broadcast_mul(&self.final_norm)?.matmul(&self.embed.t()?)?)
+    }
+
     fn config(&self) -> &ModelConfig {
         &self.cfg.base
     }

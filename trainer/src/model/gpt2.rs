@@ -191,6 +191,11 @@ impl HookedModel for Gpt2 {
         Some(&self.unembed)
     }
 
+    fn direction_logits(&self, directions: &Tensor) -> Result<Tensor> {
+        let centred = directions.broadcast_sub(&directions.mean_keepdim(candle_core::D::Minus1)?)?;
+        Ok(centred.broadcast_mul(&self.ln_f.weight)?.matmul(&self.unembed.t()?)?)
+    }
+
     fn config(&self) -> &ModelConfig {
         &self.cfg.base
     }

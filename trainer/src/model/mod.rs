@@ -49,6 +49,15 @@ pub trait HookedModel: Send + Sync {
         None
     }
 
+    /// The logits that residual-stream directions (`[n, d_model]`) add through the final norm and
+    /// the unembedding (`[n, vocab]`), with the norm's linear part applied as the model does
+    /// (its scale; LayerNorm's centring too) and its division by the norm left out: the direct
+    /// logit effect of writing along each direction.
+    fn direction_logits(&self, directions: &Tensor) -> Result<Tensor> {
+        let _ = directions;
+        bail!("{} has no unembedding, so directions have no logit effects", self.config().architecture)
+    }
+
     /// Every hook point, in forward order.
     fn hook_names(&self) -> Vec<String>;
 

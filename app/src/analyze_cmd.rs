@@ -1,0 +1,110 @@
+//! `loupe analyze`: one pass of a dictionary over held-out activations → the feature tables of
+//! `<store>/features/<dict>/` and the similarity index of `<store>/index/<dict>/`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use loupe_trainer::analysis::{AnalyzeConfig, Rows, analyze};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The store holding the dictionary.
+    #[arg(long)]
+    pub(crate) store: PathBuf,
+    /// The dictionary's name in the store.
+    #[arg(long)]
+    pub(crate) dictionary: String,
+    /// Rows of the hook to analyse: held-out (the dictionary's, or all when it records none),
+    /// all, or START..END.
+    #[arg(long, default_value = "held-out")]
+    pub(crate) rows: Rows,
+    /// Analyse at most this many tokens (the first of those rows).
+    #[arg(long)]
+    pub(crate) max_tokens: Option<u64>,
+    /// Top-activating examples per feature.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) top: usize,
+    /// Activation quantile buckets per feature.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) quantiles: usize,
+    /// Examples per quantile bucket.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) per_quantile: usize,
+    /// Tokens per example window.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) window: usize,
+    /// Similar features (by decoder direction) listed per feature.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) neighbours: usize,
+    /// Co-occurring features listed per feature.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) cooccurring: usize,
+    /// Promoted and suppressed output tokens listed per feature.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) logit_tokens: usize,
+    /// The model (default: the one the store records).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    /// Corpus for capturing on the fly when the store has no activations for the hook
+    /// (default: the store's capture corpus).
+    #[arg(long)]
+    pub(crate) corpus: Option<PathBuf>,
+    /// Tokens to capture on the fly in that case.
+    #[arg(long, default_value_t = 65_536)]
+    pub(crate) capture_tokens: u64,
+}
+
+impl Args {
+    pub(crate) fn config(&self) -> AnalyzeConfig {
+        let mut cfg = AnalyzeConfig::new(self.store.clone(), self.dictionary.clone());
+        cfg.rows = self.rows.clone();
+        cfg.max_tokens = self.max_tokens;
+        cfg.top = self.top;
+        cfg.quantiles = self.quantiles;
+        cfg.per_quantile = self.per_quantile;
+        cfg.window = self.window;
+        cfg.neighbours = self.neighbours;
+        cfg.cooccurring = self.cooccurring;
+        cfg.logit_tokens = self.logit_tokens;
+        cfg.model = self.model.clone();
+        cfg.corpus = self.corpus.clone();
+        cfg.capture_tokens = self.capture_tokens;
+        cfg
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg:16} {bar:30} {pos}/{len}  [{elapsed}]").expect("valid template"),
+    );
+    let report = analyze(&args.config(), |p| {
+        bar.set_message(p.phase);
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    })?;
+    bar.finish_and_clear();
+    let source = if report.captured_on_the_fly { " (captured on the fly)" } else { "" };
+    println!(
+        "analysed {} on {} tokens of {} (rows {}..{}{source}) at {:.0} tokens/s: {} dead, {} dense features",
+        report.dictionary,
+        report.tokens,
+        report.hook,
+        report.rows.start,
+        report.rows.end,
+        report.pass_tokens_per_second,
+        report.dead,
+        report.dense
+    );
+    for note in &report.skipped {
+        println!("note: {note}");
+    }
+    println!(
+        "wrote {}/features/{}/ and index/{}/ ({:.1} s)",
+        args.store.display(),
+        report.dictionary,
+        report.dictionary,
+        report.seconds
+    );
+    Ok(())
+}
