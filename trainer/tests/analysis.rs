@@ -77,3 +77,56 @@ fn histogram_bins_are_eighth_octaves() {
     assert_eq!(hist_bin(1e-30), 0);
     assert_eq!(hist_bin(1e30), HIST_BINS - 1);
 }
+
+#[test]
+fn quantile_samples_are_the_smallest_priorities_of_each_bucket_whatever_the_chunking() {
+    use loupe_trainer::analysis::accumulate::{QuantileSampler, priority};
+    let (n, tokens, m, q) = (6, 3000, 5, 10);
+    let mut rng = StdRng::seed_from_u64(9);
+    // Continuous values over several octaves, so that buckets are distinct.
+    let rows: Vec<Vec<(u32, f32)>> = (0..tokens)
+        .map(|_| {
+            let mut row = Vec::new();
+            for f in 0..n as u32 {
+                if rng.random_bool(0.3) {
+                    row.push((f, rng.random_range(0.01f32..40.0)));
+                }
+            }
+            row
+        })
+        .collect();
+    let mut results = Vec::new();
+    for chunk in [64, 7] {
+        let (mut stats, mut sampler) = (FeatureStats::new(n), QuantileSampler::new(n, m));
+        for (i, part) in rows.chunks(chunk).enumerate() {
+            let codes = Codes::from_rows(part.iter().map(Vec::as_slice));
+            stats.add(&codes);
+            sampler.add(&codes, (i * chunk) as u64);
+        }
+        let buckets: Vec<_> =
+            (0..n).map(|f| sampler.buckets(f, &stats.hist[f * HIST_BINS..(f + 1) * HIST_BINS], q)).collect();
+        for (f, bs) in buckets.iter().enumerate() {
+            assert!(bs.len() >= 8, "feature {f}: {} buckets", bs.len());
+            assert_eq!(bs.iter().map(|b| b.tokens).sum::<u64>(), stats.count[f]);
+            for b in bs {
+                let (lo, hi) = (hist_bin_edge(b.bins.start), hist_bin_edge(b.bins.end));
+                let mut inside: Vec<(u64, u64)> = rows
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(t, r)| {
+                        r.iter().filter(|e| e.0 == f as u32 && e.1 >= lo && e.1 < hi).map(move |_| t)
+                    })
+                    .map(|t| (priority(f as u32, t as u64), t as u64))
+                    .collect();
+                assert_eq!(inside.len() as u64, b.tokens);
+                // About a tenth of the tokens each (bin edges are 9% apart).
+                assert!(b.tokens as f64 <= 0.2 * stats.count[f] as f64, "{b:?}");
+                inside.sort_unstable();
+                let want: Vec<u64> = inside.iter().take(m).map(|e| e.1).collect();
+                assert_eq!(b.sample.iter().map(|s| s.row).collect::<Vec<_>>(), want);
+            }
+        }
+        results.push(buckets);
+    }
+    assert_eq!(results[0], results[1]);
+}

@@ -143,6 +143,8 @@ pub struct Report {
     pub cooccurrence_rows: u64,
     /// Why a table is missing (e.g. no unembedding), when one is.
     pub skipped: Vec<String>,
+    /// Seconds spent in each phase after the pass.
+    pub phase_seconds: Vec<(String, f64)>,
     pub seconds: f64,
 }
 
@@ -225,7 +227,13 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         pass_tokens_per_second: out.stats.tokens as f64 / out.seconds.max(1e-9),
         ..Report::default()
     };
+    let mut clock = Instant::now();
+    let mut lap = |report: &mut Report, phase: &str| {
+        report.phase_seconds.push((phase.to_string(), clock.elapsed().as_secs_f64()));
+        clock = Instant::now();
+    };
     let tables = build_tables(cfg, dict.as_ref(), &out, &mut report, &mut progress)?;
+    lap(&mut report, "examples and co-occurrence");
 
     // Model-dependent parts: token strings and logit effects.
     let model = match &model_path {
@@ -240,6 +248,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         Some(p) if model.is_some() => crate::tokenizer::Tokenizer::load(p)?.vocab_strings(),
         _ => Vec::new(),
     };
+    lap(&mut report, "model and vocabulary");
     progress(&Progress { phase: "logit effects", done: 0, total: dict.n_features() as u64 });
     let logit_rows = match (&model, dict.decoder_directions()) {
         (Some(m), Some(dirs)) if dict.d_out() == m.config().d_model => {
@@ -261,6 +270,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         (None, _) => None,
     };
 
+    lap(&mut report, "logit effects");
     // Similar features.
     progress(&Progress { phase: "similarity index", done: 0, total: dict.n_features() as u64 });
     let mut writer = writer;
@@ -276,6 +286,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         None => None,
     };
 
+    lap(&mut report, "similarity index");
     progress(&Progress { phase: "writing", done: 0, total: 1 });
     writer.features(&tables.features)?;
     writer.examples(&tables.top, false)?;
@@ -288,6 +299,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
     if let Some(rows) = &neighbour_rows {
         writer.neighbours(rows)?;
     }
+    lap(&mut report, "writing");
     report.seconds = started.elapsed().as_secs_f64();
     let json = serde_json::to_string_pretty(&report)? + "\n";
     writer.json("analysis.json", &json)?;

@@ -23,17 +23,18 @@ pub struct UnitCosine;
 
 impl Distance<f32> for UnitCosine {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        // Eight partial sums let the compiler vectorise the loop.
-        let mut acc = [0.0f32; 8];
-        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-        for (x, y) in ca.zip(cb) {
-            for i in 0..8 {
-                acc[i] += x[i] * y[i];
-            }
-        }
-        (1.0 - (acc.iter().sum::<f32>() + tail)).max(0.0)
+        (1.0 - dot(a, b)).max(0.0)
     }
+}
+
+/// [`crate::dict::kernels::dot`] compiled for the best SIMD the CPU has.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    crate::dict::kernels::dot(a, b)
 }
 
 /// Index construction settings.

@@ -1,0 +1,251 @@
+//! `loupe analyze` end to end on a planted dictionary: the tables hold exactly the top
+//! activations (brute force over the planted values), quantile buckets hold what they claim,
+//! neighbours and co-occurring features are the planted ones; bad input gets one error line.
+
+use std::path::Path;
+
+use loupe_store::{DType, DictEntry, FeatureTables, HookSpec, Store};
+use loupe_tests::{assert_one_error, loupe, stderr};
+use loupe_trainer::dict::io::{SaeMeta, save_sae};
+use loupe_trainer::dict::sae::SaeSpec;
+use loupe_trainer::dict::{Sae, Variant};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const HOOK: &str = "blocks.0.hook_resid_post";
+const D: usize = 32;
+const N: usize = 12;
+const DOCS: u32 = 40;
+const DOC_LEN: u32 = 50;
+
+/// Planted values: `values[row][f]` (0 = inactive). Feature 1 fires whenever feature 0 does
+/// (and sometimes alone); feature 11 never fires.
+fn planted_values() -> Vec<[f32; N]> {
+    let mut rng = StdRng::seed_from_u64(3);
+    (0..DOCS * DOC_LEN)
+        .map(|_| {
+            let mut v = [0.0f32; N];
+            for _ in 0..2 {
+                let f = rng.random_range(0..N - 1);
+                v[f] = rng.random_range(0.05f32..6.0);
+            }
+            if v[0] > 0.0 {
+                v[1] = rng.random_range(0.05f32..6.0);
+            }
+            v
+        })
+        .collect()
+}
+
+/// A ReLU SAE whose encoder reads coordinate f for feature f (so the codes are exactly the
+/// planted values) and whose decoder rows come in similar pairs (f, f + 6).
+fn planted_sae() -> Sae {
+    let mut rng = StdRng::seed_from_u64(4);
+    let mut w_enc = vec![0.0f32; N * D];
+    for f in 0..N {
+        w_enc[f * D + f] = 1.0;
+    }
+    let base: Vec<Vec<f32>> =
+        (0..N / 2).map(|_| (0..D).map(|_| rng.random_range(-1.0f32..1.0)).collect()).collect();
+    let mut w_dec = Vec::with_capacity(N * D);
+    for f in 0..N {
+        let mut row: Vec<f32> =
+            base[f % (N / 2)].iter().map(|v| v + rng.random_range(-0.1f32..0.1)).collect();
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|v| *v /= norm);
+        w_dec.extend(row);
+    }
+    Sae {
+        spec: SaeSpec { variant: Variant::Relu, d_in: D, n_features: N, k: 2 },
+        w_enc,
+        b_enc: vec![0.0; N],
+        w_dec,
+        b_dec: vec![0.0; D],
+        threshold: None,
+        threshold_relative: false,
+    }
+}
+
+/// A store with the planted rows (token id = 1000 · doc + pos, so windows are checkable) and the
+/// SAE listed as dictionary `sae`, still open for writing (drop it before running `loupe`; one
+/// lock per test, since a lock fd can leak for a moment into a child another test thread spawns).
+fn planted_store(dir: &Path, values: &[[f32; N]]) -> Store {
+    let store = Store::create(dir).unwrap();
+    let spec = HookSpec { d: D as u32, dtype: DType::F32, grad: false };
+    let mut writer = store.activation_writer(HOOK, spec).unwrap().with_shard_rows(700);
+    for doc in 0..DOCS {
+        let rows = &values[(doc * DOC_LEN) as usize..((doc + 1) * DOC_LEN) as usize];
+        let mut act = vec![0.0f32; rows.len() * D];
+        for (r, v) in rows.iter().enumerate() {
+            act[r * D..r * D + N].copy_from_slice(v);
+        }
+        let pos: Vec<u32> = (0..DOC_LEN).collect();
+        let token: Vec<u32> = (0..DOC_LEN).map(|p| 1000 * doc + p).collect();
+        writer.append(&vec![doc; DOC_LEN as usize], &pos, &token, &act, None).unwrap();
+    }
+    writer.finish().unwrap();
+    commit_sae(&store, "sae", &planted_sae(), HOOK);
+    store
+}
+
+fn commit_sae(store: &Store, name: &str, sae: &Sae, hook: &str) {
+    save_sae(sae, &SaeMeta::default(), &store.dictionary_dir(name)).unwrap();
+    let entry = DictEntry {
+        hook: hook.to_string(),
+        output_hook: None,
+        kind: "sae".into(),
+        variant: sae.spec.variant.name().into(),
+        d_in: sae.spec.d_in as u32,
+        n_features: sae.spec.n_features as u32,
+        status: "done".into(),
+        step: 1,
+        tokens: 1,
+        files: Vec::new(),
+    };
+    store.commit_dictionary(name, entry, &["cfg.json", "sae_weights.safetensors"]).unwrap();
+}
+
+#[test]
+fn analysis_of_a_planted_dictionary_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let values = planted_values();
+    drop(planted_store(&dir, &values));
+    let s = dir.to_str().unwrap();
+    let out = loupe(&["analyze", "--store", s, "--dictionary", "sae", "--top", "7", "--window", "9"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2000 tokens"), "{text}");
+    assert!(text.contains("1 dead"), "{text}");
+
+    let store = Store::open(&dir).unwrap();
+    let tables = FeatureTables::open(&store, "sae").unwrap();
+    assert_eq!(tables.n_features(), N);
+    for f in 0..N {
+        // Brute force over the planted values: (value, row) by value descending, earlier row first.
+        let mut all: Vec<(f32, u64)> =
+            values.iter().enumerate().filter(|(_, v)| v[f] > 0.0).map(|(r, v)| (v[f], r as u64)).collect();
+        let stats = tables.stats(f as u32).unwrap();
+        assert_eq!(stats.count, all.len() as u64, "feature {f}");
+        assert_eq!(stats.dead, all.is_empty());
+        assert_eq!(stats.hist.iter().map(|&c| u64::from(c)).sum::<u64>(), stats.count);
+        let max = all.iter().map(|e| e.0).fold(0.0, f32::max);
+        assert_eq!(stats.max_activation, max);
+        all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+
+        let top = tables.top_examples(f as u32).unwrap();
+        let got: Vec<(f32, u64)> = top.iter().map(|e| (e.activation, e.row)).collect();
+        assert_eq!(got, all.iter().take(7).copied().collect::<Vec<_>>(), "top examples of feature {f}");
+        for e in &top {
+            // The window: consecutive positions of the example's document, the feature's
+            // planted value at each, the example token at `center`.
+            assert_eq!(e.tokens.len(), 9);
+            assert_eq!(e.tokens[e.center as usize], 1000 * e.doc + e.pos);
+            let first = e.row - e.center as u64;
+            for (i, (&t, &a)) in e.tokens.iter().zip(&e.activations).enumerate() {
+                let r = (first + i as u64) as usize;
+                assert_eq!(t, 1000 * (r as u32 / DOC_LEN) + r as u32 % DOC_LEN);
+                assert_eq!(a, values[r][f]);
+            }
+        }
+
+        // Quantile buckets: every sample lies in its bucket; counts are exact; the samples are
+        // min(5, tokens) distinct rows.
+        let quantile = tables.quantile_examples(f as u32).unwrap();
+        let mut buckets: Vec<loupe_store::Bucket> = quantile.iter().map(|e| e.bucket.unwrap()).collect();
+        buckets.dedup();
+        assert_eq!(buckets.iter().map(|b| b.tokens).sum::<u64>(), stats.count, "feature {f}");
+        if !all.is_empty() {
+            assert!(buckets.len() >= 5, "feature {f}: only {} buckets", buckets.len());
+        }
+        for b in &buckets {
+            let inside = all.iter().filter(|e| e.0 >= b.lo && e.0 < b.hi).count() as u64;
+            assert_eq!(inside, b.tokens, "feature {f} bucket {}", b.index);
+            // Equal-count quantiles at bin resolution: no bucket holds much more than a tenth
+            // unless it is one histogram bin.
+            let one_bin = b.hi / b.lo < 1.1;
+            assert!(one_bin || b.tokens as f64 <= 0.25 * stats.count as f64, "feature {f}: {b:?}");
+            let sample: Vec<_> = quantile.iter().filter(|e| e.bucket.unwrap().index == b.index).collect();
+            assert_eq!(sample.len() as u64, b.tokens.min(5));
+            for e in &sample {
+                assert!(e.activation >= b.lo && e.activation < b.hi);
+                assert_eq!(e.activation, values[e.row as usize][f]);
+            }
+            let mut rows: Vec<u64> = sample.iter().map(|e| e.row).collect();
+            rows.dedup();
+            assert_eq!(rows.len(), sample.len());
+        }
+
+        // Neighbours: the planted pair first.
+        let neighbours = tables.neighbours(f as u32).unwrap();
+        assert_eq!(neighbours[0].neighbour as usize, (f + N / 2) % N, "feature {f}: {neighbours:?}");
+        assert!(neighbours[0].cosine > 0.9);
+        assert!(neighbours.windows(2).all(|w| w[0].cosine >= w[1].cosine));
+    }
+    // Feature 1 fires on every token feature 0 does: it is 0's top co-occurring feature, with
+    // the exact Jaccard index.
+    let co = tables.cooccurrence(0).unwrap();
+    let both = values.iter().filter(|v| v[0] > 0.0 && v[1] > 0.0).count() as u64;
+    let either = values.iter().filter(|v| v[0] > 0.0 || v[1] > 0.0).count() as u64;
+    assert_eq!((co[0].other, co[0].shared), (1, both));
+    assert!((co[0].jaccard - both as f32 / either as f32).abs() < 1e-6);
+    // No model in this store: no logit effects, and the run said so.
+    assert!(tables.logits(0).unwrap().is_empty());
+    assert!(text.contains("no model recorded"), "{text}");
+    // Unknown feature ids are refused by name.
+    let err = tables.stats(N as u32).unwrap_err().to_string();
+    assert!(err.contains("feature 12 does not exist") && err.contains("12 features"), "{err}");
+    assert!(tables.top_examples(99).is_err());
+
+    // The analysis is listed with checksums: verify passes, and catches a corrupted table.
+    let out = loupe(&["store", "verify", s]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = dir.join("features/sae/top_examples.arrow");
+    let mut bytes = std::fs::read(&table).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&table, &bytes).unwrap();
+    let out = loupe(&["store", "verify", s]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("top_examples.arrow is corrupt"), "{out:?}");
+}
+
+#[test]
+fn bad_input_gets_one_error_line_and_leaves_the_store_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let s = dir.to_str().unwrap();
+    {
+        // A dictionary of another width listed for the store's hook, and one for a hook the
+        // store lacks (with no model to capture it).
+        let store = planted_store(&dir, &planted_values());
+        let mut narrow = planted_sae();
+        narrow.spec.d_in = 16;
+        narrow.w_enc = narrow.w_enc.chunks(D).flat_map(|r| r[..16].to_vec()).collect();
+        narrow.w_dec = narrow.w_dec.chunks(D).flat_map(|r| r[..16].to_vec()).collect();
+        narrow.b_dec = vec![0.0; 16];
+        commit_sae(&store, "narrow", &narrow, HOOK);
+        commit_sae(&store, "elsewhere", &planted_sae(), "blocks.3.hook_resid_post");
+    }
+    let base = ["analyze", "--store", s, "--dictionary"];
+    let args =
+        |rest: &[&'static str]| -> Vec<&str> { base.iter().copied().chain(rest.iter().copied()).collect() };
+    assert_one_error(
+        &dir,
+        &args(&["narrow"]),
+        "reads d = 16 but the store's blocks.0.hook_resid_post has d = 32",
+    );
+    assert_one_error(&dir, &args(&["nope"]), "no dictionary named \"nope\" (it has: elsewhere, narrow, sae)");
+    assert_one_error(
+        &dir,
+        &args(&["elsewhere"]),
+        "no activations for blocks.3.hook_resid_post and records no model",
+    );
+    assert_one_error(&dir, &args(&["sae", "--rows", "5..3"]), "bad --rows");
+    assert_one_error(&dir, &args(&["sae", "--rows", "0..999999"]), "beyond the hook's 2000 rows");
+    assert_one_error(&dir, &args(&["sae", "--model", "/nonexistent/model.gguf"]), "/nonexistent/model.gguf");
+    // A missing store.
+    let out = loupe(&["analyze", "--store", "/nonexistent/store", "--dictionary", "sae"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no store at /nonexistent/store"), "{}", stderr(&out));
+}
