@@ -7,8 +7,10 @@
 //! - [`train_sae`]: TopK SAE training against PyTorch (dense SAELens-style and sparse
 //!   sparsify-style), `benches/reference/train_sae_reference.py`, and the encoder-GEMM limit.
 //! - [`train_monet`]: Monet training against a TopK SAE of equal parameters; memory as E doubles.
+//! - [`analyze`]: feature analysis against the dictionary's plain encoding of the same rows.
 //! - [`similar`]: the similar-feature hnsw index (build, query latency, recall) against brute force.
 
+mod analyze;
 mod capture;
 mod similar;
 mod store;
@@ -29,6 +31,8 @@ pub enum BenchCommand {
     Capture(capture::Args),
     /// Train a TopK SAE (d 640, n 16384, k 32, batch 4096) against PyTorch dense and sparse.
     TrainSae(train_sae::Args),
+    /// Analyse a TopK SAE (n 16384) on 65,536 synthetic tokens, against plain encoding of the same rows.
+    Analyze(analyze::Args),
     /// The similar-feature index: hnsw build, query latency and recall@10 on 65,536 × 640, against brute force.
     Similar(similar::Args),
     /// Train Monet VD (E 256, H 4) against a TopK SAE of equal parameters; memory at E and 2E.
@@ -42,6 +46,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::TrainSae(args) => train_sae::run(args),
         BenchCommand::TrainMonet(args) => train_monet::run(args),
         BenchCommand::Similar(args) => similar::run(args),
+        BenchCommand::Analyze(args) => analyze::run(args),
     }
 }
 

@@ -1,14 +1,14 @@
 //! `loupe bench similar`: the similar-feature index — hnsw_rs build time, query latency and
 //! recall@10 against brute force, on `--features` unit vectors of width `--d`.
 //!
-//! The vectors are Gaussian directions (no cluster structure: the hardest case for an ANN
-//! index; trained decoders are easier). Queries are `--queries` of the indexed vectors
+//! The vectors are a trained dictionary's decoder directions (`--store`, `--dictionary`), or
+//! Gaussian directions (no structure at all: the hardest case for an ANN index). Queries are `--queries` of the indexed vectors
 //! themselves, as when the analysis lists each feature's neighbours, timed one at a time on
 //! one thread. The reference is the brute-force scan over all vectors in the same run.
 
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use loupe_trainer::analysis::similar::{Index, IndexParams, brute_force, normalised};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -32,6 +32,11 @@ pub struct Args {
     ef_search: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Use the decoder directions of this store's dictionary instead of Gaussian vectors.
+    #[arg(long, requires = "dictionary")]
+    store: Option<std::path::PathBuf>,
+    #[arg(long, requires = "store")]
+    dictionary: Option<String>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -39,17 +44,27 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("bench similar: need at least 11 features, d >= 1 and queries >= 1");
     }
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let raw: Vec<f32> = (0..args.features * args.d).map(|_| rng.sample(StandardNormal)).collect();
-    let vectors = normalised(&raw, args.d);
+    let (vectors, what) = match (&args.store, &args.dictionary) {
+        (Some(store), Some(name)) => {
+            let store = loupe_store::Store::open(store)?;
+            let (_, dict) = loupe_trainer::dict::open_in_store(&store, name)?;
+            let dirs =
+                dict.decoder_directions().context("the dictionary's features have no fixed directions")?;
+            (normalised(dirs, dict.d_out()), format!("decoder directions of {name}"))
+        }
+        _ => {
+            let raw: Vec<f32> = (0..args.features * args.d).map(|_| rng.sample(StandardNormal)).collect();
+            (normalised(&raw, args.d), "Gaussian unit vectors".to_string())
+        }
+    };
+    let (features, d) = (vectors.len(), vectors[0].len());
     let params = IndexParams {
         connections: args.connections,
         ef_construction: args.ef_construction,
         ef_search: args.ef_search,
     };
     println!(
-        "{} Gaussian unit vectors of width {}; hnsw M {}, ef_construction {}, ef_search {} ({} threads)",
-        args.features,
-        args.d,
+        "{features} {what} of width {d}; hnsw M {}, ef_construction {}, ef_search {} ({} threads)",
         params.connections,
         params.ef_construction,
         params.ef_search,
@@ -60,7 +75,7 @@ pub fn run(args: &Args) -> Result<()> {
     let build = started.elapsed().as_secs_f64();
     println!("build: {build:.1} s");
 
-    let queries: Vec<usize> = (0..args.queries).map(|_| rng.random_range(0..args.features)).collect();
+    let queries: Vec<usize> = (0..args.queries).map(|_| rng.random_range(0..features)).collect();
     let started = Instant::now();
     let found: Vec<Vec<usize>> =
         queries.iter().map(|&q| index.search(&vectors[q], 10).into_iter().map(|e| e.0).collect()).collect();

@@ -78,7 +78,8 @@ pub struct AnalyzeConfig {
     pub per_quantile: usize,
     /// Tokens per example window.
     pub window: usize,
-    /// Neighbours, co-occurring features and logit tokens (each way) per feature.
+    /// Neighbours (0: no similarity index), co-occurring features and logit tokens (each way)
+    /// per feature.
     pub neighbours: usize,
     pub cooccurring: usize,
     pub logit_tokens: usize,
@@ -275,6 +276,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
     progress(&Progress { phase: "similarity index", done: 0, total: dict.n_features() as u64 });
     let mut writer = writer;
     let neighbour_rows = match dict.decoder_directions() {
+        Some(_) if cfg.neighbours == 0 => None,
         Some(dirs) => {
             let vectors = similar::normalised(dirs, dict.d_out());
             let index = similar::Index::build(&vectors, cfg.index);
