@@ -56,6 +56,27 @@ pub struct Args {
 }
 
 impl Args {
+    /// The defaults, on every row of the store (for the demo).
+    pub(crate) fn demo(store: PathBuf, dictionary: String) -> Args {
+        let cfg = AnalyzeConfig::new(store.clone(), dictionary.clone());
+        Args {
+            store,
+            dictionary,
+            rows: Rows::All,
+            max_tokens: None,
+            top: cfg.top,
+            quantiles: cfg.quantiles,
+            per_quantile: cfg.per_quantile,
+            window: cfg.window,
+            neighbours: cfg.neighbours,
+            cooccurring: cfg.cooccurring,
+            logit_tokens: cfg.logit_tokens,
+            model: None,
+            corpus: None,
+            capture_tokens: cfg.capture_tokens,
+        }
+    }
+
     pub(crate) fn config(&self) -> AnalyzeConfig {
         let mut cfg = AnalyzeConfig::new(self.store.clone(), self.dictionary.clone());
         cfg.rows = self.rows.clone();

@@ -1,17 +1,18 @@
 //! `loupe demo`: the whole pipeline on the embedded defaults.
 //!
 //! Built so far: fetch the defaults, capture `blocks.6.hook_resid_post` of Gemma 3 270M on the
-//! start of Moby-Dick into the demo store, and train a TopK SAE on it (with its held-out
-//! evaluation, CE-loss recovered included). Every stage resumes or skips what the store already
-//! holds, so a second run is quick. Analysis, explanations and the app are not built yet; the
-//! command says so instead of pretending.
+//! start of Moby-Dick into the demo store, train a TopK SAE on it (with its held-out evaluation,
+//! CE-loss recovered included), and analyse its features (on all the captured tokens: the
+//! held-out tenth alone is too few for examples of 4,096 features). Every stage resumes or skips
+//! what the store already holds, so a second run is quick. Explanations and the app are not
+//! built yet; the command says so instead of pretending.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use loupe_store::{DType, Store};
 
-use crate::{capture_cmd, fetch, train_sae_cmd};
+use crate::{analyze_cmd, capture_cmd, fetch, train_sae_cmd};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -35,7 +36,7 @@ pub fn run(args: &Args) -> Result<()> {
     println!("corpus:     {}", defaults.corpus_dir.display());
 
     println!(
-        "\n[1/2] capture {HOOK} on the start of Moby-Dick ({TOKENS} tokens) into {}",
+        "\n[1/3] capture {HOOK} on the start of Moby-Dick ({TOKENS} tokens) into {}",
         args.store.display()
     );
     capture_cmd::run(&capture_cmd::Args {
@@ -53,7 +54,7 @@ pub fn run(args: &Args) -> Result<()> {
         shard_rows: None,
     })?;
 
-    println!("\n[2/2] train a TopK SAE ({DICTIONARY}: 4096 features, k 32) on it");
+    println!("\n[2/3] train a TopK SAE ({DICTIONARY}: 4096 features, k 32) on it");
     let trained = Store::open(&args.store)?.dictionary(DICTIONARY).is_some_and(|d| d.is_done());
     if trained {
         println!("already trained: {}", args.store.join("dictionaries").join(DICTIONARY).display());
@@ -73,7 +74,15 @@ pub fn run(args: &Args) -> Result<()> {
         })?;
     }
     println!(
-        "\nnot built yet, so the demo stops here: analyze, explain, score, export{}",
+        "\n[3/3] analyse its features (stats, examples, logit effects, similar and co-occurring features)"
+    );
+    if Store::open(&args.store)?.features(DICTIONARY).is_some() {
+        println!("already analysed: {}", args.store.join("features").join(DICTIONARY).display());
+    } else {
+        analyze_cmd::run(&analyze_cmd::Args::demo(args.store.clone(), DICTIONARY.to_string()))?;
+    }
+    println!(
+        "\nnot built yet, so the demo stops here: explain, score, export{}",
         if args.headless { "" } else { ", gui" }
     );
     Ok(())

@@ -283,7 +283,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
             for file in index.dump(&store.index_dir(&cfg.dictionary), similar::DECODER_INDEX)? {
                 writer.add_index_file(&file);
             }
-            Some(similar::neighbours(&index, &vectors, cfg.neighbours))
+            Some(similar::exact_neighbours(&vectors, cfg.neighbours))
         }
         None => None,
     };
