@@ -117,7 +117,7 @@ pub fn run(args: &Args) -> Result<()> {
         report.dead,
         report.dense
     );
-    for note in &report.skipped {
+    for note in &report.notes {
         println!("note: {note}");
     }
     println!(

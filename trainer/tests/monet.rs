@@ -206,3 +206,41 @@ fn folded_monet_reads_raw_activations() {
         assert!((a / s_out - b).abs() <= 1e-3 * (1.0 + b.abs()), "{a}/s_out vs {b}");
     }
 }
+
+#[test]
+fn mean_feature_outputs_are_each_experts_mean_output_by_the_factorised_forward() {
+    use loupe_trainer::dict::Dictionary;
+    for decomposition in [Decomposition::Horizontal, Decomposition::Vertical] {
+        let spec = spec(decomposition);
+        let monet = Monet::init(spec.clone(), 3).unwrap();
+        let mut rng = StdRng::seed_from_u64(4);
+        let (e, h, d, o) = (spec.experts, spec.heads, spec.d_in, spec.d_out);
+        // Two inputs for every expert (a few get none).
+        let inputs: Vec<Vec<f32>> =
+            (0..e * e).map(|f| if f % 7 == 3 { Vec::new() } else { gaussian(&mut rng, 2 * d) }).collect();
+        let got = monet.mean_feature_outputs(&inputs).unwrap();
+        for (f, xs) in inputs.iter().enumerate() {
+            let (i, j) = (f / e, f % e);
+            let mut want = vec![0.0f32; o];
+            for x in xs.chunks(d) {
+                // Gate 1 on expert (i, j) alone: head 0 picks sub-experts i and j, the others none.
+                let (mut g1, mut g2) = (vec![0.0f32; h * e], vec![0.0f32; h * e]);
+                g1[i] = 1.0;
+                g2[j] = 1.0;
+                let t = |g: Vec<f32>| Tensor::from_vec(g, (1, h, e), &Device::Cpu).unwrap();
+                let xt = Tensor::from_slice(x, (1, d), &Device::Cpu).unwrap();
+                let y: Vec<f32> = monet
+                    .forward_with(&xt, &t(g1), &t(g2))
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                want.iter_mut().zip(y).for_each(|(w, v)| *w += v / 2.0);
+            }
+            for (a, b) in got[f * o..(f + 1) * o].iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{decomposition:?} expert {f}: {a} vs {b}");
+            }
+        }
+    }
+}

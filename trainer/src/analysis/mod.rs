@@ -142,8 +142,9 @@ pub struct Report {
     pub pass_seconds: f64,
     pub pass_tokens_per_second: f64,
     pub cooccurrence_rows: u64,
-    /// Why a table is missing (e.g. no unembedding), when one is.
-    pub skipped: Vec<String>,
+    /// What the tables lack or how they were made, when it is not the usual (e.g. no
+    /// unembedding: no logit effects).
+    pub notes: Vec<String>,
     /// Seconds spent in each phase after the pass.
     pub phase_seconds: Vec<(String, f64)>,
     pub seconds: f64,
@@ -216,6 +217,22 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
     let out = pass::run(&acts, rows.clone(), dict.as_ref(), pass_cfg, &codes_path, |done| {
         progress(&Progress { phase: "encoding", done, total })
     })?;
+    // Each feature's direction: an SAE's decoder row, or a Monet expert's mean output on its top
+    // examples (read back from the rows while they are still at hand).
+    let mut notes = Vec::new();
+    let directions: Option<std::borrow::Cow<[f32]>> = match dict.decoder_directions() {
+        Some(dirs) => Some(dirs.into()),
+        None => {
+            progress(&Progress { phase: "expert outputs", done: 0, total: dict.n_features() as u64 });
+            let inputs = top_example_inputs(&acts, rows.start, &out.top)?;
+            let dirs = dict.mean_feature_outputs(&inputs);
+            if dirs.is_some() {
+                notes
+                    .push("feature directions are each expert's mean output on its top examples".to_string());
+            }
+            dirs.map(Into::into)
+        }
+    };
     drop(temp); // the rows' tokens are in `out.info`; the temporary capture can go
 
     let mut report = Report {
@@ -226,6 +243,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         tokens: out.stats.tokens,
         pass_seconds: out.seconds,
         pass_tokens_per_second: out.stats.tokens as f64 / out.seconds.max(1e-9),
+        notes,
         ..Report::default()
     };
     let mut clock = Instant::now();
@@ -241,7 +259,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         Some(p) if p.exists() => Some(crate::model::load(p)?),
         Some(p) => bail!("the store's model {} is not on this machine (pass --model)", p.display()),
         None => {
-            report.skipped.push("no model recorded in the store: no token strings or logit effects".into());
+            report.notes.push("no model recorded in the store: no token strings or logit effects".into());
             None
         }
     };
@@ -251,19 +269,19 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
     };
     lap(&mut report, "model and vocabulary");
     progress(&Progress { phase: "logit effects", done: 0, total: dict.n_features() as u64 });
-    let logit_rows = match (&model, dict.decoder_directions()) {
+    let logit_rows = match (&model, directions.as_deref()) {
         (Some(m), Some(dirs)) if dict.d_out() == m.config().d_model => {
             Some(logits::logit_effects(m.as_ref(), dirs, dict.d_out(), cfg.logit_tokens)?)
         }
         (Some(_), Some(_)) => {
-            report.skipped.push(format!(
+            report.notes.push(format!(
                 "directions of width {} are not in the residual stream: no logit effects",
                 dict.d_out()
             ));
             None
         }
         (_, None) => {
-            report.skipped.push(
+            report.notes.push(
                 "features have no fixed direction (Monet experts): no logit effects or neighbours".into(),
             );
             None
@@ -275,7 +293,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
     // Similar features.
     progress(&Progress { phase: "similarity index", done: 0, total: dict.n_features() as u64 });
     let mut writer = writer;
-    let neighbour_rows = match dict.decoder_directions() {
+    let neighbour_rows = match directions.as_deref() {
         Some(_) if cfg.neighbours == 0 => None,
         Some(dirs) => {
             let vectors = similar::normalised(dirs, dict.d_out());
@@ -315,6 +333,39 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         },
     )?;
     Ok(report)
+}
+
+/// The input rows of every feature's top examples (`top[f]` rows are relative to `first`), as
+/// `[examples, d]` per feature.
+fn top_example_inputs(
+    acts: &loupe_store::Activations,
+    first: u64,
+    top: &[Vec<(f32, u64)>],
+) -> Result<Vec<Vec<f32>>> {
+    let d = acts.spec().d as usize;
+    let mut ends = Vec::new();
+    let mut end = 0u64;
+    for entry in acts.shard_entries() {
+        end += entry.rows;
+        ends.push(end);
+    }
+    let mut shards: Vec<Option<loupe_store::Shard>> = vec![None; ends.len()];
+    let mut inputs = Vec::with_capacity(top.len());
+    for examples in top {
+        let mut x = Vec::with_capacity(examples.len() * d);
+        for &(_, row) in examples {
+            let global = first + row;
+            let i = ends.partition_point(|&e| e <= global);
+            let start = if i == 0 { 0 } else { ends[i - 1] };
+            if shards[i].is_none() {
+                shards[i] = Some(acts.open_shard(i)?);
+            }
+            let shard = shards[i].as_ref().expect("opened");
+            x.extend(shard.act().row((global - start) as usize, d).to_f32());
+        }
+        inputs.push(x);
+    }
+    Ok(inputs)
 }
 
 /// The rows `choice` names, within a hook of `n` rows.

@@ -70,6 +70,13 @@ pub trait Dictionary: Send + Sync {
     fn decoder_directions(&self) -> Option<&[f32]> {
         None
     }
+    /// For dictionaries without [`Self::decoder_directions`]: each feature's mean output per unit
+    /// of activation over the inputs `inputs[f]` (`[rows, d_in]`; empty gives zeros), as
+    /// `[n_features, d_out]` — what a Monet expert writes on the tokens it is given.
+    fn mean_feature_outputs(&self, inputs: &[Vec<f32>]) -> Option<Vec<f32>> {
+        let _ = inputs;
+        None
+    }
 }
 
 /// Load dictionary `name` of `store`, whatever its kind; it must have finished training.

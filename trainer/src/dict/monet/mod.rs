@@ -361,4 +361,25 @@ impl super::Dictionary for Monet {
     fn save(&self, dir: &std::path::Path) -> Result<()> {
         io::save(self, &super::io::SaeMeta::default(), None, dir)
     }
+
+    fn mean_feature_outputs(&self, inputs: &[Vec<f32>]) -> Option<Vec<f32>> {
+        use rayon::prelude::*;
+        let (d, o, e) = (self.spec.d_in, self.spec.d_out, self.spec.experts);
+        // The weights are this layer's own variables; extracting them cannot fail.
+        let w = explicit::ExpertWeights::of(self).expect("Monet weights are f32 tensors");
+        let rows: Vec<Vec<f32>> = inputs
+            .par_iter()
+            .enumerate()
+            .map(|(f, xs)| {
+                let mut mean = vec![0.0f32; o];
+                let n = xs.len() / d;
+                for x in xs.chunks(d) {
+                    let y = explicit::expert_with(self, &w, x, f / e, f % e);
+                    mean.iter_mut().zip(y).for_each(|(m, v)| *m += v / n as f32);
+                }
+                mean
+            })
+            .collect();
+        Some(rows.concat())
+    }
 }
