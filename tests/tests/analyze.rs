@@ -211,6 +211,87 @@ fn analysis_of_a_planted_dictionary_is_exact() {
 }
 
 #[test]
+fn monet_experts_are_analysed_with_their_mean_output_as_direction() {
+    use loupe_trainer::dict::Dictionary;
+    use loupe_trainer::dict::monet::{Decomposition, Monet, MonetSpec};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let spec = MonetSpec {
+        decomposition: Decomposition::Vertical,
+        d_in: D,
+        d_out: D,
+        experts: 4,
+        heads: 2,
+        topk: 2,
+        dim: 4,
+    };
+    let monet = Monet::init(spec, 1).unwrap();
+    {
+        let store = planted_store(&dir, &planted_values());
+        loupe_trainer::dict::monet::io::save(
+            &monet,
+            &SaeMeta::default(),
+            None,
+            &store.dictionary_dir("monet"),
+        )
+        .unwrap();
+        let entry = DictEntry {
+            hook: HOOK.to_string(),
+            output_hook: None,
+            kind: "monet".into(),
+            variant: "vertical".into(),
+            d_in: D as u32,
+            n_features: 16,
+            status: "done".into(),
+            step: 1,
+            tokens: 1,
+            files: Vec::new(),
+        };
+        store.commit_dictionary("monet", entry, &["cfg.json", "monet_weights.safetensors"]).unwrap();
+    }
+    let s = dir.to_str().unwrap();
+    let out = loupe(&["analyze", "--store", s, "--dictionary", "monet", "--top", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("mean output on its top examples"), "{text}");
+    let store = Store::open(&dir).unwrap();
+    let tables = FeatureTables::open(&store, "monet").unwrap();
+    // Each expert's direction is its mean output on its top examples: recompute it and check
+    // the best neighbour's cosine.
+    let acts = store.activations(HOOK).unwrap();
+    let shard_rows = acts.shard_entries()[0].rows;
+    let input = |row: u64| -> Vec<f32> {
+        let (i, r) = ((row / shard_rows) as usize, (row % shard_rows) as usize);
+        acts.open_shard(i).unwrap().act().row(r, D).to_f32()
+    };
+    let inputs: Vec<Vec<f32>> = (0..16u32)
+        .map(|f| tables.top_examples(f).unwrap().iter().flat_map(|e| input(e.row)).collect())
+        .collect();
+    let dirs = monet.mean_feature_outputs(&inputs).unwrap();
+    let unit = |f: usize| {
+        let v = &dirs[f * D..(f + 1) * D];
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    let mut fired = 0;
+    for f in 0..16u32 {
+        if tables.stats(f).unwrap().dead {
+            continue;
+        }
+        if dirs[f as usize * D..(f as usize + 1) * D].iter().all(|&x| x == 0.0) {
+            // Every hidden unit was off on its top examples: no direction, no neighbours.
+            assert!(tables.neighbours(f).unwrap().is_empty());
+            continue;
+        }
+        fired += 1;
+        let best = tables.neighbours(f).unwrap()[0];
+        let cos: f32 = unit(f as usize).iter().zip(unit(best.neighbour as usize)).map(|(a, b)| a * b).sum();
+        assert!((cos - best.cosine).abs() < 1e-4, "expert {f}: {cos} vs {}", best.cosine);
+    }
+    assert!(fired >= 8, "only {fired} experts have a direction: {text}");
+}
+
+#[test]
 fn bad_input_gets_one_error_line_and_leaves_the_store_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");

@@ -32,7 +32,8 @@ pub struct Args {
     ef_search: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Use the decoder directions of this store's dictionary instead of Gaussian vectors.
+    /// Use the decoder directions of this store's dictionaries (comma-separated, concatenated)
+    /// instead of Gaussian vectors.
     #[arg(long, requires = "dictionary")]
     store: Option<std::path::PathBuf>,
     #[arg(long, requires = "store")]
@@ -45,12 +46,17 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let mut rng = StdRng::seed_from_u64(args.seed);
     let (vectors, what) = match (&args.store, &args.dictionary) {
-        (Some(store), Some(name)) => {
+        (Some(store), Some(names)) => {
             let store = loupe_store::Store::open(store)?;
-            let (_, dict) = loupe_trainer::dict::open_in_store(&store, name)?;
-            let dirs =
-                dict.decoder_directions().context("the dictionary's features have no fixed directions")?;
-            (normalised(dirs, dict.d_out()), format!("decoder directions of {name}"))
+            let mut vectors = Vec::new();
+            for name in names.split(',') {
+                let (_, dict) = loupe_trainer::dict::open_in_store(&store, name)?;
+                let dirs = dict
+                    .decoder_directions()
+                    .with_context(|| format!("{name}'s features have no fixed directions"))?;
+                vectors.extend(normalised(dirs, dict.d_out()));
+            }
+            (vectors, format!("decoder directions of {names}"))
         }
         _ => {
             let raw: Vec<f32> = (0..args.features * args.d).map(|_| rng.sample(StandardNormal)).collect();
