@@ -86,6 +86,31 @@ pub fn info(dir: &Path) -> Result<()> {
             }
         }
     }
+    println!("analyses {}", m.features.len());
+    for (name, a) in &m.features {
+        let bytes_total: u64 = a.files.iter().map(|f| f.bytes).sum();
+        println!(
+            "  {name}  on {}  {} features, {} tokens, {} files, {}",
+            a.hook,
+            a.n_features,
+            a.tokens,
+            a.files.len(),
+            bytes(bytes_total)
+        );
+        for file in &a.files {
+            let path = store.root().join(&file.file);
+            match std::fs::metadata(&path) {
+                Err(_) => missing.push(format!("{} is listed in the manifest but missing", path.display())),
+                Ok(meta) if meta.len() != file.bytes => missing.push(format!(
+                    "{} is {} bytes but the manifest says {}",
+                    path.display(),
+                    meta.len(),
+                    file.bytes
+                )),
+                Ok(_) => {}
+            }
+        }
+    }
     if let Some(first) = missing.first() {
         bail!("{first}{}", more(missing.len()));
     }
@@ -118,13 +143,14 @@ pub fn verify(dir: &Path) -> Result<()> {
         bail!("{}", report.problems.last().expect("not ok means at least one problem"));
     }
     println!(
-        "ok: {} verified: {} hooks, {} shards, {} rows, {}, {} dictionaries",
+        "ok: {} verified: {} hooks, {} shards, {} rows, {}, {} dictionaries, {} analyses",
         dir.display(),
         report.hooks,
         report.shards,
         report.rows,
         bytes(report.bytes),
-        report.dictionaries
+        report.dictionaries,
+        report.analyses
     );
     Ok(())
 }
