@@ -7,6 +7,7 @@ mod analyze_cmd;
 mod bench;
 mod capture_cmd;
 mod demo;
+mod feature_cmd;
 mod fetch;
 mod store_cmd;
 mod tokenize;
@@ -50,6 +51,8 @@ enum Command {
     TrainMonet(train_monet_cmd::Args),
     /// Analyse a dictionary's features: stats, top and quantile examples, logit effects, similar and co-occurring features.
     Analyze(analyze_cmd::Args),
+    /// Print one analysed feature: stats, examples, logit effects, similar and co-occurring features.
+    Feature(feature_cmd::Args),
     /// Import an SAELens or sparsify dictionary folder into a store.
     Import {
         /// The dictionary folder (cfg.json + sae_weights.safetensors or sae.safetensors).
@@ -112,6 +115,7 @@ fn main() -> ExitCode {
         Command::TrainSae(args) => train_sae_cmd::run(&args),
         Command::TrainMonet(args) => train_monet_cmd::run(&args),
         Command::Analyze(args) => analyze_cmd::run(&args),
+        Command::Feature(args) => feature_cmd::run(&args),
         Command::Import { path, store, name, hook } => {
             loupe_trainer::dict::import::import(&store, &path, name.as_deref(), hook.as_deref()).map(|name| {
                 println!("imported {} into {} as dictionary {name}", path.display(), store.display());

@@ -1,0 +1,98 @@
+//! `loupe feature`: print what the analysis of a dictionary found for one feature — stats, top
+//! and quantile examples (the example token in «»), logit effects, similar and co-occurring
+//! features — read from the store's `features/<dict>/` tables.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use loupe_store::{Example, FeatureTables, Store};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The store holding the analysis.
+    #[arg(long)]
+    pub(crate) store: PathBuf,
+    /// The analysed dictionary.
+    #[arg(long)]
+    pub(crate) dictionary: String,
+    /// The feature id.
+    pub(crate) feature: u32,
+    /// Top examples to print.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) examples: usize,
+}
+
+/// An example's window as text, the example token in «», tokens the feature fired on in [].
+fn window(tables: &FeatureTables, e: &Example) -> String {
+    let mut out = String::new();
+    for (i, (&t, &a)) in e.tokens.iter().zip(&e.activations).enumerate() {
+        let text = tables.token_string(t).replace('\n', "⏎");
+        match (i == e.center as usize, a > 0.0) {
+            (true, _) => out.push_str(&format!("«{text}»")),
+            (false, true) => out.push_str(&format!("[{text}]")),
+            (false, false) => out.push_str(&text),
+        }
+    }
+    out
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let store = Store::open(&args.store)?;
+    let tables = FeatureTables::open(&store, &args.dictionary)?;
+    let f = args.feature;
+    let s = tables.stats(f)?;
+    let flags = match (s.dead, s.dense) {
+        (true, _) => " (dead)",
+        (_, true) => " (dense)",
+        _ => "",
+    };
+    println!(
+        "feature {f} of {}{flags}: fired on {} of {} tokens (density {:.3e}), mean {:.3}, max {:.3}",
+        args.dictionary,
+        s.count,
+        tables.entry().tokens,
+        s.density,
+        s.mean_activation,
+        s.max_activation
+    );
+    println!("top examples:");
+    for e in tables.top_examples(f)?.iter().take(args.examples) {
+        println!("  {:>8.3}  doc {} pos {}: {}", e.activation, e.doc, e.pos, window(&tables, e));
+    }
+    println!("quantile examples (one per bucket):");
+    for e in tables.quantile_examples(f)?.iter().filter(|e| e.rank == 0) {
+        let b = e.bucket.expect("quantile examples have buckets");
+        println!(
+            "  [{:.3}, {:.3}) {:>6} tokens  {:>8.3}: {}",
+            b.lo,
+            b.hi,
+            b.tokens,
+            e.activation,
+            window(&tables, e)
+        );
+    }
+    let logits = tables.logits(f)?;
+    if !logits.is_empty() {
+        let list = |up: bool| -> String {
+            logits
+                .iter()
+                .filter(|l| (l.rank > 0) == up)
+                .map(|l| format!("{:?} {:+.2}", tables.token_string(l.token), l.value))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!("promotes:   {}", list(true));
+        println!("suppresses: {}", list(false));
+    }
+    let similar: Vec<String> =
+        tables.neighbours(f)?.iter().map(|n| format!("{} ({:.2})", n.neighbour, n.cosine)).collect();
+    if !similar.is_empty() {
+        println!("similar features (cosine): {}", similar.join(", "));
+    }
+    let co: Vec<String> =
+        tables.cooccurrence(f)?.iter().map(|c| format!("{} ({:.2})", c.other, c.jaccard)).collect();
+    if !co.is_empty() {
+        println!("co-occurring features (Jaccard): {}", co.join(", "));
+    }
+    Ok(())
+}
