@@ -197,6 +197,16 @@ fn analysis_of_a_planted_dictionary_is_exact() {
     assert!(err.contains("feature 12 does not exist") && err.contains("12 features"), "{err}");
     assert!(tables.top_examples(99).is_err());
 
+    // `loupe feature` prints a feature, and names an unknown id.
+    let out = loupe(&["feature", "--store", s, "--dictionary", "sae", "3"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && shown.contains("feature 3 of sae") && shown.contains("«"), "{shown}");
+    assert_one_error(
+        &dir,
+        &["feature", "--store", s, "--dictionary", "sae", "99"],
+        "feature 99 does not exist",
+    );
+
     // The analysis is listed with checksums: verify passes, and catches a corrupted table.
     let out = loupe(&["store", "verify", s]);
     assert!(out.status.success(), "{}", stderr(&out));
