@@ -121,6 +121,21 @@ fn analysis_of_a_planted_dictionary_is_exact() {
     let store = Store::open(&dir).unwrap();
     let tables = FeatureTables::open(&store, "sae").unwrap();
     assert_eq!(tables.n_features(), N);
+    let listed: Vec<&str> = tables.entry().files.iter().map(|f| f.file.as_str()).collect();
+    assert!(
+        listed.contains(&"index/sae/decoder.hnsw.graph") && listed.contains(&"index/sae/decoder.hnsw.data")
+    );
+    // The index answers queries by direction: each decoder row finds itself first.
+    let index = loupe_trainer::analysis::similar::load(
+        &store.index_dir("sae"),
+        "decoder",
+        loupe_trainer::analysis::similar::IndexParams::default(),
+    )
+    .unwrap();
+    let sae = planted_sae();
+    for (f, row) in loupe_trainer::analysis::similar::normalised(&sae.w_dec, D).iter().enumerate() {
+        assert_eq!(index.search(row, 2)[0].0, f);
+    }
     for f in 0..N {
         // Brute force over the planted values: (value, row) by value descending, earlier row first.
         let mut all: Vec<(f32, u64)> =
@@ -260,12 +275,15 @@ fn monet_experts_are_analysed_with_their_mean_output_as_direction() {
         store.commit_dictionary("monet", entry, &["cfg.json", "monet_weights.safetensors"]).unwrap();
     }
     let s = dir.to_str().unwrap();
-    let out = loupe(&["analyze", "--store", s, "--dictionary", "monet", "--top", "3"]);
+    let out = loupe(&["analyze", "--store", s, "--dictionary", "monet", "--top", "3", "--no-index"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("mean output on its top examples"), "{text}");
     let store = Store::open(&dir).unwrap();
     let tables = FeatureTables::open(&store, "monet").unwrap();
+    // --no-index: no hnsw files listed, the (exact) neighbour table all the same.
+    assert!(tables.entry().files.iter().all(|f| !f.file.starts_with("index/")), "{:?}", tables.entry().files);
+    assert!(text.contains("no similarity index"), "{text}");
     // Each expert's direction is its mean output on its top examples: recompute it and check
     // the best neighbour's cosine.
     let acts = store.activations(HOOK).unwrap();

@@ -78,7 +78,7 @@ pub struct AnalyzeConfig {
     pub per_quantile: usize,
     /// Tokens per example window.
     pub window: usize,
-    /// Neighbours (0: no similarity index), co-occurring features and logit tokens (each way)
+    /// Neighbours (0: none, and no index), co-occurring features and logit tokens (each way)
     /// per feature.
     pub neighbours: usize,
     pub cooccurring: usize,
@@ -92,6 +92,9 @@ pub struct AnalyzeConfig {
     /// Tokens to capture on the fly when the store has no activations for the hook.
     pub capture_tokens: u64,
     pub index: similar::IndexParams,
+    /// Build and dump the hnsw index (the slow part for big dictionaries; the neighbour table
+    /// does not need it).
+    pub build_index: bool,
     /// Pair updates co-occurrence may spend (rows × active²).
     pub cooccurrence_work: f64,
 }
@@ -115,6 +118,7 @@ impl AnalyzeConfig {
             corpus: None,
             capture_tokens: 65_536,
             index: similar::IndexParams::default(),
+            build_index: true,
             cooccurrence_work: 2e9,
         }
     }
@@ -297,9 +301,13 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         Some(_) if cfg.neighbours == 0 => None,
         Some(dirs) => {
             let vectors = similar::normalised(dirs, dict.d_out());
-            let index = similar::Index::build(&vectors, cfg.index);
-            for file in index.dump(&store.index_dir(&cfg.dictionary), similar::DECODER_INDEX)? {
-                writer.add_index_file(&file);
+            if cfg.build_index {
+                let index = similar::Index::build(&vectors, cfg.index);
+                for file in index.dump(&store.index_dir(&cfg.dictionary), similar::DECODER_INDEX)? {
+                    writer.add_index_file(&file);
+                }
+            } else {
+                report.notes.push("no similarity index built (--no-index)".into());
             }
             Some(similar::exact_neighbours(&vectors, cfg.neighbours))
         }
