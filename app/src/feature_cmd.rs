@@ -22,6 +22,11 @@ pub struct Args {
     pub(crate) examples: usize,
 }
 
+/// A value with 4 significant digits, in exponent form when small (Monet gates are ~1e-3).
+fn num(v: f32) -> String {
+    if v != 0.0 && v.abs() < 0.01 { format!("{v:.3e}") } else { format!("{v:.3}") }
+}
+
 /// An example's window as text, the example token in «», tokens the feature fired on in [].
 fn window(tables: &FeatureTables, e: &Example) -> String {
     let mut out = String::new();
@@ -47,27 +52,27 @@ pub fn run(args: &Args) -> Result<()> {
         _ => "",
     };
     println!(
-        "feature {f} of {}{flags}: fired on {} of {} tokens (density {:.3e}), mean {:.3}, max {:.3}",
+        "feature {f} of {}{flags}: fired on {} of {} tokens (density {:.3e}), mean {}, max {}",
         args.dictionary,
         s.count,
         tables.entry().tokens,
         s.density,
-        s.mean_activation,
-        s.max_activation
+        num(s.mean_activation),
+        num(s.max_activation)
     );
     println!("top examples:");
     for e in tables.top_examples(f)?.iter().take(args.examples) {
-        println!("  {:>8.3}  doc {} pos {}: {}", e.activation, e.doc, e.pos, window(&tables, e));
+        println!("  {:>9}  doc {} pos {}: {}", num(e.activation), e.doc, e.pos, window(&tables, e));
     }
     println!("quantile examples (one per bucket):");
     for e in tables.quantile_examples(f)?.iter().filter(|e| e.rank == 0) {
         let b = e.bucket.expect("quantile examples have buckets");
         println!(
-            "  [{:.3}, {:.3}) {:>6} tokens  {:>8.3}: {}",
-            b.lo,
-            b.hi,
+            "  [{}, {}) {:>6} tokens  {:>9}: {}",
+            num(b.lo),
+            num(b.hi),
             b.tokens,
-            e.activation,
+            num(e.activation),
             window(&tables, e)
         );
     }

@@ -70,10 +70,10 @@ fn stats_and_top_examples_equal_brute_force_whatever_the_chunking() {
 fn histogram_bins_are_eighth_octaves() {
     assert_eq!(hist_bin(hist_bin_edge(10)), 10);
     assert_eq!(hist_bin(hist_bin_edge(11) * 0.9999), 10);
-    assert_eq!(hist_bin(1.0), 128);
-    assert_eq!(hist_bin(2.0), 136);
-    assert_eq!(hist_bin(1.05), 128);
-    assert_eq!(hist_bin(1.1), 129);
+    assert_eq!(hist_bin(1.0), 192);
+    assert_eq!(hist_bin(2.0), 200);
+    assert_eq!(hist_bin(1.05), 192);
+    assert_eq!(hist_bin(1.1), 193);
     assert_eq!(hist_bin(1e-30), 0);
     assert_eq!(hist_bin(1e30), HIST_BINS - 1);
 }

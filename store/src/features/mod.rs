@@ -40,9 +40,10 @@ pub const INDEX_DIR: &str = "index";
 /// Histogram bins per octave of activation.
 pub const HIST_BINS_PER_OCTAVE: usize = 8;
 /// log2 of the lower edge of bin 0; values below it count in bin 0.
-pub const HIST_MIN_LOG2: f32 = -16.0;
-/// Number of bins (up to 2^16; larger values count in the last bin).
-pub const HIST_BINS: usize = 32 * HIST_BINS_PER_OCTAVE;
+/// (2^-24: Monet gates, shared by hundreds of experts per token, go down to ~1e-6.)
+pub const HIST_MIN_LOG2: f32 = -24.0;
+/// Number of bins (up to 2^24; larger values count in the last bin).
+pub const HIST_BINS: usize = 48 * HIST_BINS_PER_OCTAVE;
 
 /// The histogram bin of a positive activation.
 pub fn hist_bin(value: f32) -> usize {

@@ -275,7 +275,10 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
     progress(&Progress { phase: "logit effects", done: 0, total: dict.n_features() as u64 });
     let logit_rows = match (&model, directions.as_deref()) {
         (Some(m), Some(dirs)) if dict.d_out() == m.config().d_model => {
-            Some(logits::logit_effects(m.as_ref(), dirs, dict.d_out(), cfg.logit_tokens)?)
+            // Unit directions, so that values compare across features and dictionaries (an SAE's
+            // decoder rows already are; a Monet expert's mean output is in activation units).
+            let unit: Vec<f32> = similar::normalised(dirs, dict.d_out()).concat();
+            Some(logits::logit_effects(m.as_ref(), &unit, dict.d_out(), cfg.logit_tokens)?)
         }
         (Some(_), Some(_)) => {
             report.notes.push(format!(
