@@ -222,6 +222,12 @@ fn analysis_of_a_planted_dictionary_is_exact() {
         "feature 99 does not exist",
     );
 
+    // A new analysis replaces the old one: without an index this time, the old dump is deleted.
+    drop(index);
+    let out = loupe(&["analyze", "--store", s, "--dictionary", "sae", "--no-index"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_dir(dir.join("index/sae")).unwrap().count(), 0);
+
     // The analysis is listed with checksums: verify passes, and catches a corrupted table.
     let out = loupe(&["store", "verify", s]);
     assert!(out.status.success(), "{}", stderr(&out));

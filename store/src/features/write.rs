@@ -239,14 +239,30 @@ impl Store {
     }
 
     /// List the files `writer` wrote (hashing them now) as the analysis of `dict`, in one
-    /// atomic manifest update.
+    /// atomic manifest update; then delete what an earlier analysis left in its folders and the
+    /// new one does not list (e.g. an index this run did not build).
     pub fn commit_features(&self, writer: FeaturesWriter, mut entry: FeaturesEntry) -> Result<()> {
         let files: Vec<&str> = writer.written.iter().map(String::as_str).collect();
         entry.files = hash_files(self.root(), &files)?;
         let dict = writer.dict;
+        let listed: std::collections::HashSet<PathBuf> =
+            entry.files.iter().map(|f| self.root().join(&f.file)).collect();
         self.commit(|m| {
-            m.features.insert(dict, entry);
+            m.features.insert(dict.clone(), entry);
             Ok(())
-        })
+        })?;
+        for dir in [self.features_dir(&dict), self.index_dir(&dict)] {
+            for file in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = file.path();
+                // Unlisted, so no reader trusts it: failing to delete it is harmless.
+                if path.is_file()
+                    && !listed.contains(&path)
+                    && !path.to_string_lossy().ends_with(fsutil::TMP_SUFFIX)
+                {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(())
     }
 }
