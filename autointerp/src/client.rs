@@ -1,0 +1,314 @@
+//! A Chat Completions client for any OpenAI-compatible endpoint (vLLM, llama.cpp server, Ollama,
+//! OpenAI, OpenRouter): a concurrency limit, and retries on connection errors, timeouts, 408,
+//! 409, 429 and 5xx that honour `Retry-After` / `retry-after-ms` and otherwise back off
+//! exponentially with full jitter.
+//!
+//! The API key is read from the environment variable the config names and sent only in the
+//! `Authorization` header: it is in no error, no `Debug` output and no request body.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+/// Where and how to call the endpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientConfig {
+    /// e.g. `http://127.0.0.1:8080/v1` (the client appends `/chat/completions`).
+    pub base_url: String,
+    pub model: String,
+    /// Name of the environment variable holding the API key (none for local servers).
+    pub api_key_env: Option<String>,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Per-request timeout.
+    pub timeout_seconds: f64,
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// First backoff, doubled each retry (with full jitter), capped at `backoff_max_seconds`.
+    pub backoff_seconds: f64,
+    pub backoff_max_seconds: f64,
+}
+
+impl ClientConfig {
+    pub fn new(base_url: &str, model: &str) -> ClientConfig {
+        ClientConfig {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            model: model.to_string(),
+            api_key_env: None,
+            concurrency: 8,
+            timeout_seconds: 120.0,
+            max_retries: 6,
+            backoff_seconds: 0.5,
+            backoff_max_seconds: 60.0,
+        }
+    }
+}
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// What to ask (the model comes from the config).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub max_tokens: u32,
+    pub temperature: f32,
+    /// Ask for the chosen tokens' log-probabilities, with this many alternatives each.
+    pub top_logprobs: Option<u32>,
+}
+
+/// Token accounting of one response.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// A log-probability of one generated token, with its alternatives when asked for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// The first choice of a completion.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatResponse {
+    pub text: String,
+    pub usage: Usage,
+    /// Present when the endpoint returned log-probabilities.
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// Attempts it took (1 = no retry).
+    pub attempts: u32,
+}
+
+/// Why a request failed for good.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Config(String),
+    #[error("gave up after {attempts} attempts: {last}")]
+    Exhausted { attempts: u32, last: String },
+    #[error("the endpoint refused the request (HTTP {status}): {body}")]
+    Refused { status: u16, body: String },
+    #[error("the endpoint's answer is not a chat completion: {0}")]
+    Malformed(String),
+}
+
+/// An OpenAI-compatible chat client.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    cfg: ClientConfig,
+    key: Option<String>,
+    slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("cfg", &self.cfg)
+            .field("key", &self.key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// What one attempt ended with.
+enum Attempt {
+    Done(ChatResponse),
+    /// Retry, after at least this long when the server said so.
+    Retry {
+        why: String,
+        after: Option<Duration>,
+    },
+    Fail(ClientError),
+}
+
+impl Client {
+    pub fn new(cfg: ClientConfig) -> Result<Client, ClientError> {
+        if cfg.concurrency == 0 || !cfg.timeout_seconds.is_finite() || cfg.timeout_seconds <= 0.0 {
+            return Err(ClientError::Config("concurrency and timeout_seconds must be positive".into()));
+        }
+        let key = match &cfg.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                ClientError::Config(format!("the environment variable {var} (api_key_env) is not set"))
+            })?),
+            None => None,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs_f64(cfg.timeout_seconds))
+            .build()
+            .map_err(|e| ClientError::Config(format!("cannot build the HTTP client: {e}")))?;
+        let slots = Arc::new(Semaphore::new(cfg.concurrency));
+        Ok(Client { http, cfg, key, slots })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
+    }
+
+    /// The JSON body sent for `req`.
+    pub fn body(&self, req: &ChatRequest) -> serde_json::Value {
+        let mut body = serde_json::json!({
+            "model": self.cfg.model,
+            "messages": req.messages,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+        });
+        if let Some(n) = req.top_logprobs {
+            body["logprobs"] = true.into();
+            body["top_logprobs"] = n.into();
+        }
+        body
+    }
+
+    /// Send `req`, retrying as the module docs say.
+    pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ClientError> {
+        let _slot = self.slots.acquire().await.expect("the semaphore is never closed");
+        let body = self.body(req);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.attempt(&body).await {
+                Attempt::Done(mut r) => {
+                    r.attempts = attempt;
+                    return Ok(r);
+                }
+                Attempt::Fail(e) => return Err(e),
+                Attempt::Retry { why, after } => {
+                    if attempt > self.cfg.max_retries {
+                        return Err(ClientError::Exhausted { attempts: attempt, last: why });
+                    }
+                    tokio::time::sleep(self.delay(attempt, after)).await;
+                }
+            }
+        }
+    }
+
+    /// Full-jitter exponential backoff, or what the server asked for.
+    fn delay(&self, attempt: u32, after: Option<Duration>) -> Duration {
+        let cap = self.cfg.backoff_max_seconds;
+        match after {
+            Some(d) => d.min(Duration::from_secs_f64(cap)),
+            None => {
+                let ceiling = (self.cfg.backoff_seconds * 2f64.powi(attempt as i32 - 1)).min(cap);
+                Duration::from_secs_f64(rand::rng().random_range(0.0..=ceiling))
+            }
+        }
+    }
+
+    async fn attempt(&self, body: &serde_json::Value) -> Attempt {
+        let url = format!("{}/chat/completions", self.cfg.base_url);
+        let mut request = self.http.post(&url).json(body);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_builder() => {
+                return Attempt::Fail(ClientError::Config(format!("bad base_url {url:?}")));
+            }
+            Err(e) => return Attempt::Retry { why: describe(e), after: None },
+        };
+        let status = response.status().as_u16();
+        let after = retry_after(response.headers());
+        let text = match response.text().await {
+            Ok(t) => t,
+            Err(e) => return Attempt::Retry { why: describe(e), after: None },
+        };
+        if matches!(status, 408 | 409 | 429) || status >= 500 {
+            return Attempt::Retry { why: format!("HTTP {status}: {}", snippet(&text)), after };
+        }
+        if !(200..300).contains(&status) {
+            return Attempt::Fail(ClientError::Refused { status, body: snippet(&text) });
+        }
+        match parse(&text) {
+            Ok(r) => Attempt::Done(r),
+            // A cut-off body is a transport failure; retry it like one.
+            Err(e) if serde_json::from_str::<serde_json::Value>(&text).is_err() => {
+                Attempt::Retry { why: format!("truncated or invalid JSON ({e})"), after: None }
+            }
+            Err(e) => Attempt::Fail(ClientError::Malformed(e)),
+        }
+    }
+}
+
+/// A transport error in one line, without the URL or any header.
+fn describe(e: reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "cannot connect".into()
+    } else {
+        format!("transport error: {}", e.without_url())
+    }
+}
+
+fn snippet(text: &str) -> String {
+    let t: String = text.chars().take(200).collect();
+    t.replace('\n', " ")
+}
+
+/// `retry-after-ms` (milliseconds), else `Retry-After` in seconds (HTTP dates are not honoured:
+/// the backoff applies).
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| {
+        headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    if let Some(ms) = get("retry-after-ms").filter(|v| *v >= 0.0) {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    get("retry-after").filter(|v| *v >= 0.0).map(Duration::from_secs_f64)
+}
+
+/// The first choice of a Chat Completions response body.
+pub fn parse(text: &str) -> Result<ChatResponse, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let choice = v.get("choices").and_then(|c| c.get(0)).ok_or("no choices")?;
+    let content = choice
+        .get("message")
+        .and_then(|m| m.get("content"))
+        .and_then(|c| c.as_str())
+        .ok_or("no message content")?;
+    let usage = v.get("usage").map_or(Usage::default(), |u| Usage {
+        prompt_tokens: u.get("prompt_tokens").and_then(|x| x.as_u64()).unwrap_or(0),
+        completion_tokens: u.get("completion_tokens").and_then(|x| x.as_u64()).unwrap_or(0),
+    });
+    let logprobs =
+        choice.get("logprobs").and_then(|l| l.get("content")).and_then(|c| c.as_array()).map(|items| {
+            items
+                .iter()
+                .map(|t| TokenLogprob {
+                    token: t.get("token").and_then(|x| x.as_str()).unwrap_or_default().to_string(),
+                    logprob: t.get("logprob").and_then(|x| x.as_f64()).unwrap_or(f64::NEG_INFINITY) as f32,
+                    top: t
+                        .get("top_logprobs")
+                        .and_then(|x| x.as_array())
+                        .map(|alts| {
+                            alts.iter()
+                                .map(|a| {
+                                    (
+                                        a.get("token")
+                                            .and_then(|x| x.as_str())
+                                            .unwrap_or_default()
+                                            .to_string(),
+                                        a.get("logprob").and_then(|x| x.as_f64()).unwrap_or(f64::NEG_INFINITY)
+                                            as f32,
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect()
+        });
+    Ok(ChatResponse { text: content.to_string(), usage, logprobs, attempts: 0 })
+}
