@@ -73,17 +73,7 @@ pub fn info(dir: &Path) -> Result<()> {
             d.kind, d.variant, d.d_in, d.n_features, d.status, d.step, d.tokens
         );
         for file in &d.files {
-            let path = store.dictionary_dir(name).join(&file.file);
-            match std::fs::metadata(&path) {
-                Err(_) => missing.push(format!("{} is listed in the manifest but missing", path.display())),
-                Ok(meta) if meta.len() != file.bytes => missing.push(format!(
-                    "{} is {} bytes but the manifest says {}",
-                    path.display(),
-                    meta.len(),
-                    file.bytes
-                )),
-                Ok(_) => {}
-            }
+            missing.extend(size_problem(&store.dictionary_dir(name), file));
         }
     }
     println!("analyses {}", m.features.len());
@@ -98,23 +88,25 @@ pub fn info(dir: &Path) -> Result<()> {
             bytes(bytes_total)
         );
         for file in &a.files {
-            let path = store.root().join(&file.file);
-            match std::fs::metadata(&path) {
-                Err(_) => missing.push(format!("{} is listed in the manifest but missing", path.display())),
-                Ok(meta) if meta.len() != file.bytes => missing.push(format!(
-                    "{} is {} bytes but the manifest says {}",
-                    path.display(),
-                    meta.len(),
-                    file.bytes
-                )),
-                Ok(_) => {}
-            }
+            missing.extend(size_problem(store.root(), file));
         }
     }
     if let Some(first) = missing.first() {
         bail!("{first}{}", more(missing.len()));
     }
     Ok(())
+}
+
+/// A listed file (relative to `dir`) that is missing or not of its listed size.
+fn size_problem(dir: &Path, file: &loupe_store::FileEntry) -> Option<String> {
+    let path = dir.join(&file.file);
+    match std::fs::metadata(&path) {
+        Err(_) => Some(format!("{} is listed in the manifest but missing", path.display())),
+        Ok(meta) if meta.len() != file.bytes => {
+            Some(format!("{} is {} bytes but the manifest says {}", path.display(), meta.len(), file.bytes))
+        }
+        Ok(_) => None,
+    }
 }
 
 fn more(n: usize) -> String {
