@@ -438,7 +438,6 @@ fn capture_on_the_fly(
         shard_rows: None,
         max_tokens: Some(cfg.capture_tokens),
     };
-    std::fs::remove_dir(dir).ok(); // capture creates the folder itself
     crate::capture::capture(&capture, |_| {}).context("on-the-fly capture failed")?;
     Ok(())
 }
