@@ -107,8 +107,16 @@ impl FeatureTables {
         let open = |file: &str, schema| Table::open(store, &entry, dict, file, schema, true);
         let vocab = Table::open(store, &entry, dict, VOCAB_TABLE, vocab_schema(), false)?;
         let vocab = vocab.batch.column(1).as_string::<i32>().clone();
+        let features = open(FEATURES_TABLE, features_schema())?;
+        if features.batch.num_rows() != entry.n_features as usize {
+            bail!(
+                "the analysis of {dict} lists {} features but {FEATURES_TABLE} has {} rows",
+                entry.n_features,
+                features.batch.num_rows()
+            );
+        }
         Ok(FeatureTables {
-            features: open(FEATURES_TABLE, features_schema())?,
+            features,
             top: open(TOP_EXAMPLES_TABLE, examples_schema(false))?,
             quantile: open(QUANTILE_EXAMPLES_TABLE, examples_schema(true))?,
             logits: if has(LOGITS_TABLE) { Some(open(LOGITS_TABLE, logits_schema())?) } else { None },

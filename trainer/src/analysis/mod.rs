@@ -163,11 +163,18 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
     if cfg.neighbours > 255 || cfg.cooccurring > 255 || cfg.logit_tokens > 127 || cfg.quantiles > 255 {
         bail!("--neighbours and --cooccurring must be at most 255, --logit-tokens 127, --quantiles 255");
     }
+    if cfg.top > u16::MAX as usize || cfg.per_quantile > u16::MAX as usize {
+        bail!("--top and --per-quantile must be at most 65535");
+    }
     let store = Store::open_rw(&cfg.store)?;
     let (entry, dict) = crate::dict::open_in_store(&store, &cfg.dictionary)?;
     let hook = entry.hook.clone();
     let manifest = store.manifest();
     let model_path = cfg.model.clone().or_else(|| manifest.model.as_ref().map(|m| PathBuf::from(&m.path)));
+    // Fail before the pass, not after it.
+    if let Some(p) = model_path.as_ref().filter(|p| !p.exists()) {
+        bail!("the store's model {} is not on this machine (pass --model)", p.display());
+    }
 
     // The rows: the store's, or a temporary capture.
     let mut temp: Option<tempfile::TempDir> = None;
@@ -260,8 +267,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
 
     // Model-dependent parts: token strings and logit effects.
     let model = match &model_path {
-        Some(p) if p.exists() => Some(crate::model::load(p)?),
-        Some(p) => bail!("the store's model {} is not on this machine (pass --model)", p.display()),
+        Some(p) => Some(crate::model::load(p)?),
         None => {
             report.notes.push("no model recorded in the store: no token strings or logit effects".into());
             None
@@ -289,7 +295,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         }
         (_, None) => {
             report.notes.push(
-                "features have no fixed direction (Monet experts): no logit effects or neighbours".into(),
+                "the dictionary gives its features no direction: no logit effects or neighbours".into(),
             );
             None
         }
