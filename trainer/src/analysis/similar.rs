@@ -111,9 +111,9 @@ impl Default for IndexParams {
 pub fn normalised(rows: &[f32], d: usize) -> Vec<Vec<f32>> {
     rows.chunks(d)
         .map(|r| {
-            let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
-            let s = if norm > 0.0 { 1.0 / norm } else { 0.0 };
-            r.iter().map(|v| v * s).collect()
+            let mut v = r.to_vec();
+            crate::dict::sae::normalize(&mut v);
+            v
         })
         .collect()
 }

@@ -12,17 +12,6 @@ fn values(v: &Var) -> Result<Vec<f32>> {
     Ok(v.as_tensor().flatten_all()?.to_vec1()?)
 }
 
-/// `[rows, cols]` → `[cols, rows]`.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0; m.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = m[r * cols + c];
-        }
-    }
-    t
-}
-
 /// The expert weights as plain vectors, extracted once for many expert evaluations: the input
 /// projections transposed (`[E·k, d_in]`, one contiguous row per hidden unit), the rest as stored.
 pub struct ExpertWeights {
@@ -38,7 +27,7 @@ impl ExpertWeights {
         let d = monet.spec.d_in;
         let t = |u: &Var| -> Result<Vec<f32>> {
             let cols = u.as_tensor().dims()[1];
-            Ok(transpose(&values(u)?, d, cols))
+            Ok(crate::dict::io::transpose(&values(u)?, d, cols))
         };
         let all = |vars: &[Var]| -> Result<Vec<Vec<f32>>> { vars.iter().map(values).collect() };
         Ok(match &monet.experts {
