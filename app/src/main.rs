@@ -7,6 +7,8 @@ mod analyze_cmd;
 mod bench;
 mod capture_cmd;
 mod demo;
+mod explain_cmd;
+mod export_cmd;
 mod feature_cmd;
 mod fetch;
 mod store_cmd;
@@ -53,6 +55,14 @@ enum Command {
     Analyze(analyze_cmd::Args),
     /// Print one analysed feature: stats, examples, logit effects, similar and co-occurring features.
     Feature(feature_cmd::Args),
+    /// Explain features with an LLM (delphi-style prompt) or offline from token statistics.
+    Explain(explain_cmd::ExplainArgs),
+    /// Score explanations: detection, fuzzing, simulation (LLM) and embedding (local MiniLM).
+    Score(explain_cmd::ScoreArgs),
+    /// Find features by what their explanations say (MiniLM embeddings in an hnsw index).
+    Search(explain_cmd::SearchArgs),
+    /// Export a dictionary's explanations and scores as Parquet and Neuronpedia-style JSONL.gz batches.
+    Export(export_cmd::Args),
     /// Import an SAELens or sparsify dictionary folder into a store.
     Import {
         /// The dictionary folder (cfg.json + sae_weights.safetensors or sae.safetensors).
@@ -116,6 +126,10 @@ fn main() -> ExitCode {
         Command::TrainMonet(args) => train_monet_cmd::run(&args),
         Command::Analyze(args) => analyze_cmd::run(&args),
         Command::Feature(args) => feature_cmd::run(&args),
+        Command::Explain(args) => explain_cmd::run_explain(&args),
+        Command::Score(args) => explain_cmd::run_score(&args),
+        Command::Search(args) => explain_cmd::run_search(&args),
+        Command::Export(args) => export_cmd::run(&args),
         Command::Import { path, store, name, hook } => {
             loupe_trainer::dict::import::import(&store, &path, name.as_deref(), hook.as_deref()).map(|name| {
                 println!("imported {} into {} as dictionary {name}", path.display(), store.display());

@@ -91,6 +91,15 @@ pub fn info(dir: &Path) -> Result<()> {
             missing.extend(size_problem(store.root(), file));
         }
     }
+    println!("explanations {}", m.explanations.len());
+    for (name, e) in &m.explanations {
+        let index =
+            e.index_model.as_deref().map_or("no search index".to_string(), |m| format!("indexed by {m}"));
+        println!("  {name}  {} explanations, {} scores, {index}", e.n_explanations, e.n_scores);
+        for file in &e.files {
+            missing.extend(size_problem(store.root(), file));
+        }
+    }
     if let Some(first) = missing.first() {
         bail!("{first}{}", more(missing.len()));
     }
@@ -135,14 +144,15 @@ pub fn verify(dir: &Path) -> Result<()> {
         bail!("{}", report.problems.last().expect("not ok means at least one problem"));
     }
     println!(
-        "ok: {} verified: {} hooks, {} shards, {} rows, {}, {} dictionaries, {} analyses",
+        "ok: {} verified: {} hooks, {} shards, {} rows, {}, {} dictionaries, {} analyses, {} explanation sets",
         dir.display(),
         report.hooks,
         report.shards,
         report.rows,
         bytes(report.bytes),
         report.dictionaries,
-        report.analyses
+        report.analyses,
+        report.explanations
     );
     Ok(())
 }

@@ -1,10 +1,25 @@
-//! loupe-autointerp: explain and score features with an LLM.
+//! loupe-autointerp: explain and score features with an LLM, search the explanations.
 //!
-//! Built so far: [`client`], the OpenAI-compatible Chat Completions client (concurrency limit,
-//! retries with backoff that honour `Retry-After`, log-probabilities, the API key kept out of
-//! everything but the Authorization header). Still to come (issue 7): the response cache,
-//! budgets and per-feature resume, the explainers (delphi-style prompt and an offline one), the
-//! scorers (detection, fuzzing, simulation, embedding, intervention), semantic search and export.
-//! It reads feature examples from and will write explanations to the store ([`loupe_store`]).
+//! The pipeline stage after feature analysis: it reads `features/<dict>/` and writes
+//! `explanations/<dict>/` (and the search index in `index/<dict>/`) through [`loupe_store`].
+//! - [`client`]: the OpenAI-compatible Chat Completions client (concurrency limit, retries that
+//!   honour `Retry-After`, log-probabilities, the API key kept out of everything but the
+//!   Authorization header); [`cache`], [`budget`] and [`llm`] put the response cache and the token
+//!   budget around it;
+//! - [`examples`]: delphi's train and test example sets; [`explain`]: the `delphi` and `offline`
+//!   explainers; [`score`]: detection, fuzzing, simulation and embedding scorers;
+//! - [`explain_run`] / [`score_run`]: runs over many features with per-feature resume
+//!   ([`journal`]); [`search`]: semantic search over explanations.
 
+pub mod budget;
+pub mod cache;
 pub mod client;
+pub mod examples;
+pub mod explain;
+pub mod explain_run;
+pub mod journal;
+pub mod llm;
+pub mod run;
+pub mod score;
+pub mod score_run;
+pub mod search;

@@ -10,11 +10,15 @@
 //! - [`verify`]: checksums, schemas and row counts against the manifest;
 //! - [`dictionaries`]: trained dictionaries (`dictionaries/<name>/`) and their training logs;
 //! - [`features`]: feature analyses (`features/<dict>/` tables, `index/<dict>/` ANN dumps);
+//! - [`explanations`]: explanations and scores (`explanations/<dict>/`) and their search index;
+//! - [`export`]: explanations and scores as Parquet and Neuronpedia-style JSONL batches;
 //! - [`fsutil`]: the temp-file/fsync/rename discipline behind every write.
 //!
 //! Invariant: a reader trusts only what the manifest lists, and the manifest is updated last.
 
 pub mod dictionaries;
+pub mod explanations;
+pub mod export;
 pub mod features;
 pub mod fsutil;
 pub mod manifest;
@@ -27,6 +31,7 @@ pub mod verify;
 pub mod writer;
 
 pub use dictionaries::{DictEntry, FileEntry, TrainLogRow};
+pub use explanations::{Explanation, Explanations, ExplanationsEntry, Score};
 pub use features::{
     Bucket, Cooccurrence, Example, FeatureRow, FeatureTables, FeaturesEntry, FeaturesWriter, LogitEffect,
     Neighbour,

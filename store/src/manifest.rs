@@ -140,6 +140,9 @@ pub struct Manifest {
     /// Feature analyses by dictionary name (`features/<dict>/`, `index/<dict>/`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub features: BTreeMap<String, crate::features::FeaturesEntry>,
+    /// Explanations and scores by dictionary name (`explanations/<dict>/`, `index/<dict>/`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub explanations: BTreeMap<String, crate::explanations::ExplanationsEntry>,
 }
 
 impl Default for Manifest {
@@ -153,6 +156,7 @@ impl Default for Manifest {
             capture: None,
             dictionaries: BTreeMap::new(),
             features: BTreeMap::new(),
+            explanations: BTreeMap::new(),
         }
     }
 }
@@ -212,6 +216,25 @@ impl Manifest {
             };
             if let Some(file) = entry.files.iter().find(|f| !ok(&f.file)) {
                 bail!("{} is malformed: the analysis of {name} lists file {:?}", path.display(), file.file);
+            }
+        }
+        for (name, entry) in &manifest.explanations {
+            crate::dictionaries::check_dictionary_name(name)
+                .with_context(|| format!("{} is malformed", path.display()))?;
+            let ok = |file: &str| {
+                let mut parts = file.split('/');
+                matches!(
+                    parts.next(),
+                    Some(crate::explanations::EXPLANATIONS_DIR | crate::features::INDEX_DIR)
+                ) && parts.next() == Some(name.as_str())
+                    && parts.all(|part| check_file_name(part).is_ok())
+            };
+            if let Some(file) = entry.files.iter().find(|f| !ok(&f.file)) {
+                bail!(
+                    "{} is malformed: the explanations of {name} list file {:?}",
+                    path.display(),
+                    file.file
+                );
             }
         }
         Ok(manifest)

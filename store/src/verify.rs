@@ -22,6 +22,8 @@ pub struct Report {
     pub dictionaries: usize,
     /// Feature analyses checked.
     pub analyses: usize,
+    /// Explanation sets checked.
+    pub explanations: usize,
     /// One line per problem; empty when the store is sound.
     pub problems: Vec<String>,
     /// Files under `activations/` that no manifest entry names.
@@ -70,6 +72,12 @@ impl Store {
             report.analyses += 1;
             for file in &entry.files {
                 report.problems.extend(check_file(&format!("analysis of {name}"), self.root(), file));
+            }
+        }
+        for (name, entry) in &manifest.explanations {
+            report.explanations += 1;
+            for file in &entry.files {
+                report.problems.extend(check_file(&format!("explanations of {name}"), self.root(), file));
             }
         }
         report.unlisted = unlisted_files(self);

@@ -245,8 +245,10 @@ impl Store {
         let files: Vec<&str> = writer.written.iter().map(String::as_str).collect();
         entry.files = hash_files(self.root(), &files)?;
         let dict = writer.dict;
+        // The explanations' search index shares `index/<dict>/`: keep what they list.
+        let explained = self.explanations_entry(&dict).map(|e| e.files).unwrap_or_default();
         let listed: std::collections::HashSet<PathBuf> =
-            entry.files.iter().map(|f| self.root().join(&f.file)).collect();
+            entry.files.iter().chain(&explained).map(|f| self.root().join(&f.file)).collect();
         self.commit(|m| {
             m.features.insert(dict.clone(), entry);
             Ok(())

@@ -1,0 +1,36 @@
+//! Scorers: how well an explanation predicts where a feature fires.
+//! - [`classify`]: detection and fuzzing (an LLM labels examples; balanced accuracy, F1, and
+//!   AUROC from the probability of "1" when the endpoint returns log-probabilities);
+//! - [`simulation`]: an LLM predicts each token's activation (0-10); Pearson r with the truth;
+//! - [`embedding`]: cosine of MiniLM embeddings of explanation and examples; AUROC, no LLM.
+//!
+//! Intervention scoring (steering with the feature) is not built yet.
+
+pub mod classify;
+pub mod embedding;
+pub mod metrics;
+pub mod simulation;
+
+pub const DETECTION: &str = "detection";
+pub const FUZZING: &str = "fuzzing";
+pub const SIMULATION: &str = "simulation";
+pub const EMBEDDING: &str = "embedding";
+pub const INTERVENTION: &str = "intervention";
+pub const SCORERS: [&str; 4] = [DETECTION, FUZZING, SIMULATION, EMBEDDING];
+
+/// What a scorer measured (the provenance is added by the run).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Measured {
+    pub score: Option<f32>,
+    pub balanced_accuracy: Option<f32>,
+    pub f1: Option<f32>,
+    pub auroc: Option<f32>,
+    pub pearson: Option<f32>,
+    pub n_examples: u32,
+    pub example_rows: Vec<u64>,
+    /// Keys (SHA-256) of the requests, and tokens spent.
+    pub request_keys: Vec<String>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub max_tokens: u32,
+}
