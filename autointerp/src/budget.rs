@@ -1,8 +1,8 @@
 //! Token and cost accounting, and the token budget (`--max-tokens-total`).
 //!
-//! Requests are checked against the budget before they are sent; answers read from the cache
-//! cost nothing. Requests already in flight when the budget is reached still complete, so a run
-//! may overshoot by at most `concurrency` answers.
+//! Requests are checked against the budget when they get a request slot, just before they are
+//! sent; answers read from the cache cost nothing. Requests already in flight when the budget
+//! is reached still complete, so a run may overshoot by at most `concurrency` answers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

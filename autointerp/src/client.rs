@@ -172,7 +172,18 @@ impl Client {
 
     /// Send `req`, retrying as the module docs say.
     pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ClientError> {
-        let _slot = self.slots.acquire().await.expect("the semaphore is never closed");
+        let _slot = self.slot().await;
+        self.chat_in_slot(req).await
+    }
+
+    /// Wait for one of the `concurrency` request slots.
+    pub async fn slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.slots.acquire().await.expect("the semaphore is never closed")
+    }
+
+    /// [`Client::chat`] for a caller already holding a [`Client::slot`] (e.g. to check a budget
+    /// just before sending).
+    pub async fn chat_in_slot(&self, req: &ChatRequest) -> Result<ChatResponse, ClientError> {
         let body = self.body(req);
         let mut attempt = 0u32;
         loop {

@@ -108,7 +108,9 @@ pub fn sets(tables: &FeatureTables, f: u32, sizes: Sizes, seed: u64) -> Result<S
         test_other: Vec::new(),
     };
     let n = tables.n_features() as u32;
-    let skip: HashSet<u32> = tables.cooccurrence(f)?.iter().map(|c| c.other).chain([f]).collect();
+    // Features that often fire with this one make poor negatives.
+    let skip: HashSet<u32> =
+        tables.cooccurrence(f)?.iter().filter(|c| c.jaccard >= 0.2).map(|c| c.other).chain([f]).collect();
     let mut tries = 0;
     while sets.test_other.len() < sizes.test && n > 1 && tries < sizes.test * 20 {
         tries += 1;

@@ -1,6 +1,8 @@
 //! Shared helpers for Loupe's end-to-end tests: synthetic activation stores, running the `loupe`
 //! binary, and snapshots of a store's files (to prove a failing command left them untouched).
 
+pub mod planted;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
