@@ -4,15 +4,17 @@
 //! start of Moby-Dick into the demo store, train a TopK SAE on it (with its held-out evaluation,
 //! CE-loss recovered included), and analyse its features (on all the captured tokens: the
 //! held-out tenth alone is too few for examples of 4,096 features). Every stage resumes or skips
-//! what the store already holds, so a second run is quick. Explanations and the app are not
-//! built yet; the command says so instead of pretending.
+//! what the store already holds, so a second run is quick. Then it explains every feature with
+//! the offline explainer (no LLM needed), scores the first ones with the embedding scorer and
+//! builds the semantic-search index. The app is not built yet; the command says so instead of
+//! pretending.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use loupe_store::{DType, Store};
 
-use crate::{analyze_cmd, capture_cmd, fetch, train_sae_cmd};
+use crate::{analyze_cmd, capture_cmd, explain_cmd, fetch, train_sae_cmd};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,6 +30,8 @@ pub struct Args {
 const HOOK: &str = "blocks.6.hook_resid_post";
 const DICTIONARY: &str = "demo-topk";
 const TOKENS: u64 = 60_000;
+/// Features the demo scores by embedding (MiniLM on CPU takes ~0.3 s a feature).
+const SCORED: u32 = 200;
 
 pub fn run(args: &Args) -> Result<()> {
     let defaults = fetch::fetch(false)?;
@@ -36,7 +40,7 @@ pub fn run(args: &Args) -> Result<()> {
     println!("corpus:     {}", defaults.corpus_dir.display());
 
     println!(
-        "\n[1/3] capture {HOOK} on the start of Moby-Dick ({TOKENS} tokens) into {}",
+        "\n[1/4] capture {HOOK} on the start of Moby-Dick ({TOKENS} tokens) into {}",
         args.store.display()
     );
     capture_cmd::run(&capture_cmd::Args {
@@ -54,7 +58,7 @@ pub fn run(args: &Args) -> Result<()> {
         shard_rows: None,
     })?;
 
-    println!("\n[2/3] train a TopK SAE ({DICTIONARY}: 4096 features, k 32) on it");
+    println!("\n[2/4] train a TopK SAE ({DICTIONARY}: 4096 features, k 32) on it");
     let trained = Store::open(&args.store)?.dictionary(DICTIONARY).is_some_and(|d| d.is_done());
     if trained {
         println!("already trained: {}", args.store.join("dictionaries").join(DICTIONARY).display());
@@ -74,7 +78,7 @@ pub fn run(args: &Args) -> Result<()> {
         })?;
     }
     println!(
-        "\n[3/3] analyse its features (stats, examples, logit effects, similar and co-occurring features)"
+        "\n[3/4] analyse its features (stats, examples, logit effects, similar and co-occurring features)"
     );
     if Store::open(&args.store)?.features(DICTIONARY).is_some() {
         println!("already analysed: {}", args.store.join("features").join(DICTIONARY).display());
@@ -82,8 +86,35 @@ pub fn run(args: &Args) -> Result<()> {
         analyze_cmd::run(&analyze_cmd::Args::demo(args.store.clone(), DICTIONARY.to_string()))?;
     }
     println!(
-        "\nnot built yet, so the demo stops here: explain, score, export{}",
-        if args.headless { "" } else { ", gui" }
+        "\n[4/4] explain every feature offline (token statistics, no LLM), score {SCORED} by embedding, index them"
     );
+    let run = |features: Option<String>| explain_cmd::RunFlags {
+        store: args.store.clone(),
+        dictionary: DICTIONARY.to_string(),
+        features,
+        train_examples: 40,
+        test_examples: 50,
+        seed: 0,
+        redo: false,
+        embedder: Some(defaults.minilm_dir.clone()),
+    };
+    explain_cmd::run_explain(&explain_cmd::ExplainArgs {
+        run: run(None),
+        llm: Default::default(),
+        explainer: Some("offline".into()),
+        activation_lines: false,
+    })?;
+    explain_cmd::run_score(&explain_cmd::ScoreArgs {
+        run: run(Some(format!("0..{SCORED}"))),
+        llm: Default::default(),
+        scorers: Some("embedding".into()),
+        explainer: Some("offline".into()),
+        simulation_windows: 10,
+    })?;
+    println!("\nsearch the explanations:  loupe search --store {} --dictionary {DICTIONARY} \"whale\"", args.store.display());
+    println!("LLM explanations:         loupe explain --store {} --dictionary {DICTIONARY} --base-url URL --llm-model NAME --features 0..20", args.store.display());
+    if !args.headless {
+        println!("\nnot built yet, so the demo stops here: the desktop app (`loupe gui`)");
+    }
     Ok(())
 }

@@ -162,9 +162,10 @@ impl Llm {
             return Ok(Answer { response, key, cached: true });
         }
         // Checked once a slot is free, so at most `concurrency` requests overshoot the budget.
-        let _slot = self.client.slot().await;
+        let slot = self.client.slot().await;
         self.budget.check().map_err(LlmError::Budget)?;
         let response = self.client.chat_in_slot(req).await?;
+        drop(slot);
         self.budget.add(response.usage);
         if let Some(cache) = &self.cache
             && let Err(e) = cache.put(&key, &response)
