@@ -111,8 +111,14 @@ pub fn run(args: &Args) -> Result<()> {
         explainer: Some("offline".into()),
         simulation_windows: 10,
     })?;
-    println!("\nsearch the explanations:  loupe search --store {} --dictionary {DICTIONARY} \"whale\"", args.store.display());
-    println!("LLM explanations:         loupe explain --store {} --dictionary {DICTIONARY} --base-url URL --llm-model NAME --features 0..20", args.store.display());
+    println!(
+        "\nsearch the explanations:  loupe search --store {} --dictionary {DICTIONARY} \"whale\"",
+        args.store.display()
+    );
+    println!(
+        "LLM explanations:         loupe explain --store {} --dictionary {DICTIONARY} --base-url URL --llm-model NAME --features 0..20",
+        args.store.display()
+    );
     if !args.headless {
         println!("\nnot built yet, so the demo stops here: the desktop app (`loupe gui`)");
     }

@@ -9,9 +9,11 @@
 //! - [`train_monet`]: Monet training against a TopK SAE of equal parameters; memory as E doubles.
 //! - [`analyze`]: feature analysis against the dictionary's plain encoding of the same rows.
 //! - [`similar`]: the similar-feature hnsw index (build, query latency, recall) against brute force.
+//! - [`client`]: the Chat Completions client's requests/s on loopback against a bare reqwest loop.
 
 mod analyze;
 mod capture;
+mod client;
 mod similar;
 mod store;
 mod train_monet;
@@ -37,6 +39,8 @@ pub enum BenchCommand {
     Similar(similar::Args),
     /// Train Monet VD (E 256, H 4) against a TopK SAE of equal parameters; memory at E and 2E.
     TrainMonet(train_monet::Args),
+    /// The Chat Completions client's requests/s against a zero-latency loopback server, against bare reqwest.
+    Client(client::Args),
 }
 
 pub fn run(command: &BenchCommand) -> Result<()> {
@@ -47,6 +51,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::TrainMonet(args) => train_monet::run(args),
         BenchCommand::Similar(args) => similar::run(args),
         BenchCommand::Analyze(args) => analyze::run(args),
+        BenchCommand::Client(args) => client::run(args),
     }
 }
 
