@@ -84,8 +84,9 @@ fn across_buckets(quantile: Vec<Example>) -> Vec<Example> {
     out
 }
 
-/// The train and test sets of feature `f`. Deterministic for a given `seed`.
-pub fn sets(tables: &FeatureTables, f: u32, sizes: Sizes, seed: u64) -> Result<Sets> {
+/// The train and test sets of feature `f`, with the non-activating windows when `negatives`
+/// (explainers need none). Deterministic for a given `seed`.
+pub fn sets(tables: &FeatureTables, f: u32, sizes: Sizes, seed: u64, negatives: bool) -> Result<Sets> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ u64::from(f).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     // Quantile examples spread over the range; top examples fill in when there are too few.
     let mut pool = across_buckets(tables.quantile_examples(f)?);
@@ -112,7 +113,7 @@ pub fn sets(tables: &FeatureTables, f: u32, sizes: Sizes, seed: u64) -> Result<S
     let skip: HashSet<u32> =
         tables.cooccurrence(f)?.iter().filter(|c| c.jaccard >= 0.2).map(|c| c.other).chain([f]).collect();
     let mut tries = 0;
-    while sets.test_other.len() < sizes.test && n > 1 && tries < sizes.test * 20 {
+    while negatives && sets.test_other.len() < sizes.test && n > 1 && tries < sizes.test * 20 {
         tries += 1;
         let g = rng.random_range(0..n);
         if skip.contains(&g) {

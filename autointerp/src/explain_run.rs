@@ -44,7 +44,7 @@ impl Default for ExplainOptions {
 }
 
 fn offline_record(tables: &FeatureTables, f: u32, opts: &ExplainOptions) -> Result<Explanation> {
-    let sets = examples::sets(tables, f, opts.sizes, opts.seed)?;
+    let sets = examples::sets(tables, f, opts.sizes, opts.seed, false)?;
     let rows: Vec<u64> = sets.train.iter().map(|w| w.row).collect();
     let inputs = serde_json::json!({"explainer": OFFLINE, "version": 1, "example_rows": rows});
     Ok(Explanation {
@@ -68,7 +68,7 @@ async fn delphi_record(
     opts: &ExplainOptions,
     llm: &Llm,
 ) -> Result<Explanation> {
-    let sets = examples::sets(tables, f, opts.sizes, opts.seed)?;
+    let sets = examples::sets(tables, f, opts.sizes, opts.seed, false)?;
     let max = tables.stats(f)?.max_activation;
     let req = explain::delphi_request(llm, &sets.train, max, opts.activation_lines);
     let mut rec = Explanation {

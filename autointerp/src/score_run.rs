@@ -84,7 +84,7 @@ async fn llm_score(
     opts: &ScoreOptions,
     llm: &Llm,
 ) -> Result<Score> {
-    let sets = examples::sets(tables, e.feature_id, opts.sizes, opts.seed)?;
+    let sets = examples::sets(tables, e.feature_id, opts.sizes, opts.seed, true)?;
     let text = e.explanation.as_deref().unwrap_or_default();
     let seed = opts.seed ^ u64::from(e.feature_id);
     let result = match scorer {
@@ -156,7 +156,7 @@ pub fn score_explanations(
     // The embedding scorer runs here (CPU); the LLM scorers concurrently below.
     for (e, _) in todo.iter().filter(|(_, s)| s == EMBEDDING) {
         let embedder = embedder.expect("checked above");
-        let sets = examples::sets(&tables, e.feature_id, opts.sizes, opts.seed)?;
+        let sets = examples::sets(&tables, e.feature_id, opts.sizes, opts.seed, true)?;
         let result = score::embedding::score(embedder, e.explanation.as_deref().unwrap_or_default(), &sets);
         let rec = record(e, EMBEDDING, &embedder.name, 0.0, result);
         journal.append(&rec)?;

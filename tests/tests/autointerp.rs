@@ -413,3 +413,60 @@ fn planted_api_key_reaches_only_the_server() {
         assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()), "{} holds the key", file.display());
     }
 }
+
+/// No LLM: the offline explainer, the embedding scorer (the real MiniLM) and semantic search.
+#[test]
+fn offline_explanations_are_scored_and_searchable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = setup(tmp.path(), "http://127.0.0.1:9/v1", 1, None);
+    let minilm = loupe_tests::minilm_dir();
+    let common =
+        ["--store", store.to_str().unwrap(), "--dictionary", "sae", "--embedder", minilm.to_str().unwrap()];
+    let out =
+        loupe(&[&["explain"][..], &common, &["--train-examples", "8", "--test-examples", "8"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = loupe(&[&["score"][..], &common, &["--train-examples", "8", "--test-examples", "8"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let s = Store::open(&store).unwrap();
+    let all = s.explanations("sae").unwrap();
+    assert_eq!(all.explanations.iter().map(|e| e.feature_id).collect::<HashSet<_>>(), live());
+    for e in &all.explanations {
+        assert_eq!((e.explainer.as_str(), e.model.as_str(), e.prompt_tokens), ("offline", "offline", 0));
+        assert!(
+            e.explanation.as_ref().unwrap().starts_with("offline explainer (token statistics): fires on ")
+        );
+    }
+    let scores: Vec<_> = all.scores.iter().filter(|s| s.scorer == "embedding").collect();
+    assert_eq!(scores.len(), live().len());
+    for sc in scores {
+        let auroc = sc.auroc.unwrap_or_else(|| panic!("feature {}: {:?}", sc.feature_id, sc.failure));
+        assert!((0.0..=1.0).contains(&auroc) && sc.score == Some(auroc) && sc.n_examples == 16);
+        assert_eq!(sc.model, "all-MiniLM-L6-v2");
+    }
+    assert_eq!(s.explanations_entry("sae").unwrap().index_model.as_deref(), Some("all-MiniLM-L6-v2"));
+
+    // Searching for an explanation's own text finds that explanation first.
+    let target = &all.explanations[4];
+    let text = target.explanation.clone().unwrap();
+    let out = loupe(&[
+        "search", common[0], common[1], common[2], common[3], common[4], common[5], &text, "-k", "3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+    assert!(first.contains(&format!("feature {:>6}", target.feature_id)), "{first}");
+    assert!(first.starts_with("1.000") || first.starts_with("0.99"), "{first}");
+
+    // The search of a store without explanations names the fix.
+    let out = loupe(&[
+        "search",
+        "--store",
+        store.to_str().unwrap(),
+        "--dictionary",
+        "other",
+        "--embedder",
+        minilm.to_str().unwrap(),
+        "x",
+    ]);
+    assert!(!out.status.success() && stderr(&out).contains("run `loupe explain` first"), "{}", stderr(&out));
+}
