@@ -88,6 +88,9 @@ pub struct ChatResponse {
     pub logprobs: Option<Vec<TokenLogprob>>,
     /// Attempts it took (1 = no retry).
     pub attempts: u32,
+    /// Why generation stopped (`stop`, `length` when it hit `max_tokens`, ...), if the endpoint said.
+    #[serde(default)]
+    pub finish_reason: Option<String>,
 }
 
 /// Why a request failed for good.
@@ -321,5 +324,6 @@ pub fn parse(text: &str) -> Result<ChatResponse, String> {
                 })
                 .collect()
         });
-    Ok(ChatResponse { text: content.to_string(), usage, logprobs, attempts: 0 })
+    let finish_reason = choice.get("finish_reason").and_then(|f| f.as_str()).map(str::to_string);
+    Ok(ChatResponse { text: content.to_string(), usage, logprobs, attempts: 0, finish_reason })
 }

@@ -9,7 +9,7 @@ use loupe_store::FeatureTables;
 
 use crate::client::ChatRequest;
 use crate::examples::{Window, activating_tokens, highlight};
-use crate::llm::Llm;
+use crate::llm::{Llm, message};
 
 pub const DELPHI: &str = "delphi";
 pub const OFFLINE: &str = "offline";
@@ -51,11 +51,13 @@ pub fn delphi_request(llm: &Llm, train: &[Window], feature_max: f32, activation_
             user.push_str(&format!("Activations: {}\n", pairs.join(", ")));
         }
     }
-    let mut req = llm.request(SYSTEM.to_string(), user, EXPLANATION_MAX_TOKENS, None);
-    let message =
-        |role: &str, content: &str| crate::client::Message { role: role.into(), content: content.into() };
-    req.messages.splice(1..1, [message("user", FEW_SHOT_USER), message("assistant", FEW_SHOT_ASSISTANT)]);
-    req
+    let messages = vec![
+        message("system", SYSTEM),
+        message("user", FEW_SHOT_USER),
+        message("assistant", FEW_SHOT_ASSISTANT),
+        message("user", &user),
+    ];
+    llm.request_messages(messages, EXPLANATION_MAX_TOKENS, None)
 }
 
 /// An activation on the 0-10 scale of the feature's maximum.
@@ -63,16 +65,26 @@ pub fn scale(a: f32, max: f32) -> u32 {
     if max <= 0.0 { 0 } else { (10.0 * a / max).round().clamp(0.0, 10.0) as u32 }
 }
 
-/// The explanation in an answer: what follows the last `[EXPLANATION]:` (to the end of its line).
-pub fn parse_explanation(answer: &str) -> Result<String, String> {
+/// The explanation in an answer: what follows the last `[EXPLANATION]:` (to the end of its line),
+/// without highlight markers. `truncated` says the answer hit `max_tokens`: then a marker line
+/// that ends the answer may be cut off, and is refused.
+pub fn parse_explanation(answer: &str, truncated: bool) -> Result<String, String> {
     let marker = "[EXPLANATION]:";
     let Some(at) = answer.rfind(marker) else {
-        return Err(format!("the answer has no {marker} line: {:?}", snippet(answer)));
+        let cut = if truncated { " (it hit max_tokens)" } else { "" };
+        return Err(format!("the answer has no {marker} line{cut}: {:?}", snippet(answer)));
     };
-    let text = answer[at + marker.len()..].lines().next().unwrap_or("").trim();
-    let text = text.trim_matches(|c| c == '"' || c == '*').trim();
+    let rest = &answer[at + marker.len()..];
+    if truncated && !rest.trim_end_matches([' ', '\t']).contains('\n') {
+        return Err(format!("the answer hit max_tokens inside its {marker} line: {:?}", snippet(rest)));
+    }
+    let text = rest.lines().next().unwrap_or("").replace("<<", "").replace(">>", "");
+    let text = text.trim().trim_matches(|c| c == '"' || c == '*').trim();
     if text.is_empty() {
         return Err(format!("the {marker} line is empty: {:?}", snippet(answer)));
+    }
+    if text.starts_with('<') && text.ends_with('>') {
+        return Err(format!("the {marker} line repeats the prompt's placeholder: {text:?}"));
     }
     Ok(text.to_string())
 }
@@ -133,4 +145,24 @@ pub fn offline(tables: &FeatureTables, f: u32, train: &[Window]) -> String {
         }
     }
     format!("offline explainer (token statistics): {}", parts.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_explanation;
+
+    #[test]
+    fn explanations_are_read_from_the_last_marker_line() {
+        let ok = |a: &str, cut: bool| parse_explanation(a, cut).unwrap();
+        let err = |a: &str, cut: bool| parse_explanation(a, cut).unwrap_err();
+        assert_eq!(
+            ok("thinking\n[EXPLANATION]: x\n[EXPLANATION]: \"the word <<whale>>\"\n", false),
+            "the word whale"
+        );
+        assert_eq!(ok("[EXPLANATION]: commas in lists\nmore text", true), "commas in lists");
+        assert!(err("[EXPLANATION]: The great white", true).contains("hit max_tokens inside"));
+        assert!(err("no marker here", true).contains("no [EXPLANATION]: line (it hit max_tokens)"));
+        assert!(err("[EXPLANATION]: <your explanation>", false).contains("placeholder"));
+        assert!(err("[EXPLANATION]:   \n", false).contains("empty"));
+    }
 }

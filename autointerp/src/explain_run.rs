@@ -92,7 +92,8 @@ async fn delphi_record(
         Ok(answer) => {
             rec.prompt_tokens = answer.response.usage.prompt_tokens;
             rec.completion_tokens = answer.response.usage.completion_tokens;
-            match explain::parse_explanation(&answer.response.text) {
+            let truncated = answer.response.finish_reason.as_deref() == Some("length");
+            match explain::parse_explanation(&answer.response.text, truncated) {
                 Ok(text) => rec.explanation = Some(text),
                 Err(why) => rec.failure = Some(why),
             }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::budget::Budget;
 use crate::cache::{Cache, request_key};
-use crate::client::{ChatRequest, ChatResponse, Client, ClientConfig, ClientError};
+use crate::client::{ChatRequest, ChatResponse, Client, ClientConfig, ClientError, Message};
 
 /// `llm.toml`: where the endpoint is and how to use it. Only `base_url` and `model` are required.
 ///
@@ -36,6 +36,9 @@ pub struct LlmConfig {
     pub temperature: Option<f32>,
     /// Ask for log-probabilities (default true; turn off for endpoints that reject the field).
     pub logprobs: Option<bool>,
+    /// Put the system prompt at the start of the first user message instead (default false; for
+    /// models or chat templates without a system role).
+    pub system_as_user: Option<bool>,
     #[serde(default)]
     pub cost_per_1m_prompt: f64,
     #[serde(default)]
@@ -55,6 +58,7 @@ impl LlmConfig {
             backoff_max_seconds: None,
             temperature: None,
             logprobs: None,
+            system_as_user: None,
             cost_per_1m_prompt: 0.0,
             cost_per_1m_completion: 0.0,
         }
@@ -81,6 +85,10 @@ impl LlmConfig {
         c.backoff_max_seconds = self.backoff_max_seconds.unwrap_or(c.backoff_max_seconds);
         c
     }
+}
+
+pub fn message(role: &str, content: &str) -> Message {
+    Message { role: role.into(), content: content.into() }
 }
 
 /// The default cache folder: `~/.cache/loupe/llm-cache` (`$LOUPE_CACHE` overrides `~/.cache/loupe`).
@@ -117,6 +125,7 @@ pub struct Llm {
     pub budget: Arc<Budget>,
     pub temperature: f32,
     pub logprobs: bool,
+    pub system_as_user: bool,
 }
 
 impl Llm {
@@ -130,6 +139,7 @@ impl Llm {
             budget,
             temperature: cfg.temperature.unwrap_or(0.0),
             logprobs: cfg.logprobs.unwrap_or(true),
+            system_as_user: cfg.system_as_user.unwrap_or(false),
         })
     }
 
@@ -137,7 +147,7 @@ impl Llm {
         &self.client.config().model
     }
 
-    /// A request with this run's sampling settings.
+    /// A system + user request with this run's sampling settings.
     pub fn request(
         &self,
         system: String,
@@ -145,9 +155,26 @@ impl Llm {
         max_tokens: u32,
         top_logprobs: Option<u32>,
     ) -> ChatRequest {
-        let message = |role: &str, content: String| crate::client::Message { role: role.into(), content };
+        self.request_messages(
+            vec![message("system", &system), message("user", &user)],
+            max_tokens,
+            top_logprobs,
+        )
+    }
+
+    /// A request of `messages` (the first one the system prompt) with this run's settings.
+    pub fn request_messages(
+        &self,
+        mut messages: Vec<Message>,
+        max_tokens: u32,
+        top_logprobs: Option<u32>,
+    ) -> ChatRequest {
+        if self.system_as_user && messages.len() > 1 && messages[0].role == "system" {
+            let system = messages.remove(0).content;
+            messages[0].content = format!("{system}\n\n{}", messages[0].content);
+        }
         ChatRequest {
-            messages: vec![message("system", system), message("user", user)],
+            messages,
             max_tokens,
             temperature: self.temperature,
             top_logprobs: top_logprobs.filter(|_| self.logprobs),

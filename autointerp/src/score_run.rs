@@ -44,17 +44,7 @@ impl Default for ScoreOptions {
 }
 
 /// A score row from what a scorer measured (or why it failed).
-fn record(
-    e: &Explanation,
-    scorer: &str,
-    model: &str,
-    temperature: f32,
-    result: Result<Measured, String>,
-) -> Score {
-    let (m, failure) = match result {
-        Ok(m) => (m, None),
-        Err(why) => (Measured::default(), Some(why)),
-    };
+fn record(e: &Explanation, scorer: &str, model: &str, temperature: f32, m: Measured) -> Score {
     let provenance = serde_json::json!({"scorer": scorer, "model": model, "requests": m.request_keys, "rows": m.example_rows});
     Score {
         feature_id: e.feature_id,
@@ -66,7 +56,7 @@ fn record(
         auroc: m.auroc,
         pearson: m.pearson,
         n_examples: m.n_examples,
-        failure,
+        failure: m.failure,
         model: model.to_string(),
         prompt_hash: request_key(&provenance),
         temperature,
@@ -157,8 +147,9 @@ pub fn score_explanations(
     for (e, _) in todo.iter().filter(|(_, s)| s == EMBEDDING) {
         let embedder = embedder.expect("checked above");
         let sets = examples::sets(&tables, e.feature_id, opts.sizes, opts.seed, true)?;
-        let result = score::embedding::score(embedder, e.explanation.as_deref().unwrap_or_default(), &sets);
-        let rec = record(e, EMBEDDING, &embedder.name, 0.0, result);
+        let measured = score::embedding::score(embedder, e.explanation.as_deref().unwrap_or_default(), &sets)
+            .unwrap_or_else(|why| Measured { failure: Some(why), ..Measured::default() });
+        let rec = record(e, EMBEDDING, &embedder.name, 0.0, measured);
         journal.append(&rec)?;
         fresh.push(rec);
         progress(fresh.len(), total);

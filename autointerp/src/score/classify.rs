@@ -26,8 +26,8 @@ fn system(scorer: &str, explanation: &str) -> String {
     };
     format!(
         "You are checking an explanation of a feature of a language model.\nExplanation: {explanation}\n\
-         You will see numbered texts. {task}\nAnswer with the list only, one number per text in order, for \
-         example [1, 0, 0]."
+         You will see numbered texts. {task}\nAnswer with the list only: one number per text, in order, \
+         between square brackets and separated by commas."
     )
 }
 
@@ -95,15 +95,9 @@ pub fn label_probabilities(logprobs: &[TokenLogprob], n: usize) -> Option<Vec<f3
     )
 }
 
-/// Score `explanation` with `scorer` (`detection` or `fuzzing`) on the test examples; `Err` is
-/// the reason it failed (the budget, or no readable answer).
-pub async fn score(
-    llm: &Llm,
-    scorer: &str,
-    explanation: &str,
-    sets: &Sets,
-    seed: u64,
-) -> Result<Measured, String> {
+/// Score `explanation` with `scorer` (`detection` or `fuzzing`) on the test examples; a failure
+/// (the budget, or no readable answer) is in `failure`.
+pub async fn score(llm: &Llm, scorer: &str, explanation: &str, sets: &Sets, seed: u64) -> Measured {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut items: Vec<(&Window, bool)> = sets
         .test_activating
@@ -140,7 +134,7 @@ pub async fn score(
                 first_failure.get_or_insert_with(|| e.to_string());
                 continue;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return m.failed(e.to_string()),
         };
         m.request_keys.push(answer.key.clone());
         m.prompt_tokens += answer.response.usage.prompt_tokens;
@@ -163,12 +157,40 @@ pub async fn score(
     }
     if pred.is_empty() {
         let why = first_failure.unwrap_or_else(|| "no test examples".to_string());
-        return Err(why);
+        return m.failed(why);
     }
     m.balanced_accuracy = metrics::balanced_accuracy(&pred, &truth);
     m.f1 = metrics::f1(&pred, &truth);
     m.auroc = if all_probs { metrics::auroc(&probs, &truth) } else { None };
     m.score = m.balanced_accuracy;
     m.n_examples = pred.len() as u32;
-    Ok(m)
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_their_probabilities() {
+        assert_eq!(parse_labels("sure: [1, 0,1]", 3).unwrap(), vec![true, false, true]);
+        assert!(parse_labels("[1, 0]", 3).unwrap_err().contains("2 labels for 3 texts"));
+        assert!(parse_labels("[1, 0, maybe]", 3).unwrap_err().contains("not 0 or 1"));
+        assert!(parse_labels("no list", 1).is_err());
+        let t = |token: &str, lp: f32, top: &[(&str, f32)]| TokenLogprob {
+            token: token.into(),
+            logprob: lp,
+            top: top.iter().map(|(a, b)| (a.to_string(), *b)).collect(),
+        };
+        let lps = [
+            t("[", 0.0, &[]),
+            t("1", (0.8f32).ln(), &[("1", (0.8f32).ln()), ("0", (0.2f32).ln())]),
+            t(",", 0.0, &[]),
+            t(" 0", (0.6f32).ln(), &[(" 0", (0.6f32).ln()), (" 1", (0.1f32).ln())]),
+            t("]", 0.0, &[]),
+        ];
+        let p = label_probabilities(&lps, 2).unwrap();
+        assert!((p[0] - 0.8).abs() < 1e-5 && (p[1] - 0.1 / 0.7).abs() < 1e-5, "{p:?}");
+        assert!(label_probabilities(&lps, 3).is_none());
+    }
 }

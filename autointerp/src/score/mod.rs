@@ -33,4 +33,13 @@ pub struct Measured {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub max_tokens: u32,
+    /// Why it failed; the requests it sent and their tokens are kept all the same.
+    pub failure: Option<String>,
+}
+
+impl Measured {
+    fn failed(mut self, why: String) -> Measured {
+        self.failure = Some(why);
+        self
+    }
 }

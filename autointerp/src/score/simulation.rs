@@ -32,7 +32,7 @@ pub fn parse_predictions(answer: &str, n: usize) -> Vec<Option<f32>> {
 }
 
 /// Score with up to `windows` test windows, half activating.
-pub async fn score(llm: &Llm, explanation: &str, sets: &Sets, windows: usize) -> Result<Measured, String> {
+pub async fn score(llm: &Llm, explanation: &str, sets: &Sets, windows: usize) -> Measured {
     let half = windows.div_ceil(2);
     let chosen = sets.test_activating.iter().take(half).chain(sets.test_other.iter().take(windows / 2));
     let mut m = Measured::default();
@@ -53,7 +53,7 @@ pub async fn score(llm: &Llm, explanation: &str, sets: &Sets, windows: usize) ->
                 first_failure.get_or_insert_with(|| e.to_string());
                 continue;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return m.failed(e.to_string()),
         };
         m.request_keys.push(answer.key.clone());
         m.prompt_tokens += answer.response.usage.prompt_tokens;
@@ -75,13 +75,15 @@ pub async fn score(llm: &Llm, explanation: &str, sets: &Sets, windows: usize) ->
         m.example_rows.push(w.row);
     }
     if pred.is_empty() {
-        return Err(first_failure.unwrap_or_else(|| "no test examples".to_string()));
+        let why = first_failure.unwrap_or_else(|| "no test examples".to_string());
+        return m.failed(why);
     }
     m.pearson = metrics::pearson(&pred, &truth);
     if m.pearson.is_none() {
-        return Err("the predicted (or true) activations are constant, so Pearson r is undefined".to_string());
+        return m
+            .failed("the predicted (or true) activations are constant, so Pearson r is undefined".into());
     }
     m.score = m.pearson;
     m.n_examples = pred.len() as u32;
-    Ok(m)
+    m
 }
