@@ -110,6 +110,8 @@ pub fn run(args: &Args) -> Result<()> {
         scorers: Some("embedding".into()),
         explainer: Some("offline".into()),
         simulation_windows: 10,
+        model: None,
+        steer_scale: 4.0,
     })?;
     println!(
         "\nsearch the explanations:  loupe search --store {} --dictionary {DICTIONARY} \"whale\"",

@@ -11,7 +11,7 @@ use loupe_autointerp::explain_run::{ExplainOptions, explain};
 use loupe_autointerp::llm::{Llm, LlmConfig, default_cache_dir};
 use loupe_autointerp::run::{RunSummary, parse_features};
 use loupe_autointerp::score::embedding::Embedder;
-use loupe_autointerp::score::{EMBEDDING, SCORERS};
+use loupe_autointerp::score::{EMBEDDING, INTERVENTION, SCORERS};
 use loupe_autointerp::score_run::{ScoreOptions, score_explanations};
 use loupe_store::Store;
 
@@ -125,8 +125,8 @@ pub struct ScoreArgs {
     pub run: RunFlags,
     #[command(flatten)]
     pub llm: LlmFlags,
-    /// Comma-separated: detection, fuzzing, simulation, embedding (default: all four with an LLM,
-    /// embedding without).
+    /// Comma-separated: detection, fuzzing, simulation, embedding, intervention (default:
+    /// detection, fuzzing, simulation and embedding with an LLM, embedding without).
     #[arg(long)]
     pub scorers: Option<String>,
     /// Whose explanations to score (default delphi when an LLM is given, else offline).
@@ -135,6 +135,12 @@ pub struct ScoreArgs {
     /// Windows the simulation scorer predicts token by token, half of them activating.
     #[arg(long, default_value_t = 10)]
     pub simulation_windows: usize,
+    /// The model the intervention scorer steers (default: the store's model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Steering strength of the intervention scorer, in units of each feature's maximum activation.
+    #[arg(long, default_value_t = 4.0)]
+    pub steer_scale: f32,
 }
 
 #[derive(clap::Args)]
@@ -216,7 +222,7 @@ pub fn run_score(args: &ScoreArgs) -> Result<()> {
     let llm = args.llm.llm()?;
     let scorers: Vec<String> = match &args.scorers {
         Some(list) => list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-        None if llm.is_some() => SCORERS.iter().map(|s| s.to_string()).collect(),
+        None if llm.is_some() => SCORERS[..4].iter().map(|s| s.to_string()).collect(),
         None => vec![EMBEDDING.to_string()],
     };
     let explainer =
@@ -228,10 +234,16 @@ pub fn run_score(args: &ScoreArgs) -> Result<()> {
         sizes: args.run.sizes()?,
         seed: args.run.seed,
         simulation_windows: args.simulation_windows,
+        model: args.model.clone(),
+        steer_scale: args.steer_scale,
         redo: args.run.redo,
     };
     let store = Store::open_rw(&args.run.store)?;
-    let embedder = if opts.scorers.iter().any(|s| s == EMBEDDING) { args.run.embedder()? } else { None };
+    let embedder = if opts.scorers.iter().any(|s| s == EMBEDDING || s == INTERVENTION) {
+        args.run.embedder()?
+    } else {
+        None
+    };
     let bar = progress_bar("score");
     let summary =
         score_explanations(&store, &args.run.dictionary, &opts, llm.as_ref(), embedder.as_ref(), &|i, n| {

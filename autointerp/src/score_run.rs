@@ -13,6 +13,7 @@ use crate::journal::Journal;
 use crate::llm::Llm;
 use crate::run::{RunSummary, runtime, select_features};
 use crate::score::embedding::Embedder;
+use crate::score::intervention::Steering;
 use crate::score::{self, EMBEDDING, INTERVENTION, Measured, SCORERS, SIMULATION};
 
 #[derive(Clone, Debug)]
@@ -26,6 +27,10 @@ pub struct ScoreOptions {
     pub seed: u64,
     /// Windows the simulation scorer predicts, half activating.
     pub simulation_windows: usize,
+    /// The model to steer (default: the store's) and the strength, in units of each feature's
+    /// maximum activation (intervention scorer).
+    pub model: Option<std::path::PathBuf>,
+    pub steer_scale: f32,
     pub redo: bool,
 }
 
@@ -38,6 +43,8 @@ impl Default for ScoreOptions {
             sizes: Sizes::default(),
             seed: 0,
             simulation_windows: 10,
+            model: None,
+            steer_scale: 4.0,
             redo: false,
         }
     }
@@ -94,17 +101,14 @@ pub fn score_explanations(
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<RunSummary> {
     for s in &opts.scorers {
-        if s == INTERVENTION {
-            bail!("the {INTERVENTION} scorer is not built yet; choose from {}", SCORERS.join(", "));
-        }
         if !SCORERS.contains(&s.as_str()) {
             bail!("unknown scorer {s:?}; choose from {}", SCORERS.join(", "));
         }
-        if s != EMBEDDING && llm.is_none() {
+        if s != EMBEDDING && s != INTERVENTION && llm.is_none() {
             bail!("the {s} scorer needs an LLM endpoint (--llm-config)");
         }
-        if s == EMBEDDING && embedder.is_none() {
-            bail!("the {EMBEDDING} scorer needs the MiniLM model (--embedder)");
+        if (s == EMBEDDING || s == INTERVENTION) && embedder.is_none() {
+            bail!("the {s} scorer needs the MiniLM model (--embedder)");
         }
     }
     let tables = Arc::new(FeatureTables::open(store, dict)?);
@@ -154,7 +158,17 @@ pub fn score_explanations(
         fresh.push(rec);
         progress(fresh.len(), total);
     }
-    let llm_todo: Vec<(Explanation, String)> = todo.into_iter().filter(|(_, s)| s != EMBEDDING).collect();
+    let steer: Vec<&Explanation> = todo.iter().filter(|(_, s)| s == INTERVENTION).map(|(e, _)| e).collect();
+    if !steer.is_empty() {
+        let embedder = embedder.expect("checked above");
+        for rec in intervention_scores(store, dict, &tables, opts, embedder, &steer)? {
+            journal.append(&rec)?;
+            fresh.push(rec);
+            progress(fresh.len(), total);
+        }
+    }
+    let llm_todo: Vec<(Explanation, String)> =
+        todo.into_iter().filter(|(_, s)| s != EMBEDDING && s != INTERVENTION).collect();
     if let (Some(llm), false) = (llm, llm_todo.is_empty()) {
         let done_before = fresh.len();
         let more = runtime()?.block_on(async {
@@ -210,4 +224,50 @@ pub fn score_explanations(
     store.commit_explanations(dict, &all, index.as_ref().map(|(m, f)| (m.as_str(), f.as_slice())))?;
     Arc::try_unwrap(journal).map_err(|_| anyhow::anyhow!("the journal is still in use"))?.remove()?;
     Ok(summary)
+}
+
+/// Steer with each feature, then score every explanation against all the effects.
+fn intervention_scores(
+    store: &Store,
+    dict: &str,
+    tables: &FeatureTables,
+    opts: &ScoreOptions,
+    embedder: &Embedder,
+    todo: &[&Explanation],
+) -> Result<Vec<Score>> {
+    let steering = Steering::load(store, dict, tables, opts.model.as_deref(), opts.steer_scale, opts.seed)?;
+    let model = format!("{} + {}", steering.model_name, embedder.name);
+    let mut out = Vec::new();
+    let mut items = Vec::new();
+    for e in todo {
+        let max = tables.stats(e.feature_id)?.max_activation;
+        let effect = if max > 0.0 {
+            steering.effect(e.feature_id, opts.steer_scale * max)
+        } else {
+            Err(anyhow::anyhow!("the feature never fired in the analysis, so it has no steering strength"))
+        };
+        match effect {
+            Ok(ids) => {
+                let effect: Vec<String> = ids.iter().map(|&t| tables.token_string(t)).collect();
+                items.push((*e, effect.join(" ")));
+            }
+            Err(why) => {
+                let m = Measured { failure: Some(format!("{why:#}")), ..Measured::default() };
+                out.push(record(e, INTERVENTION, &model, 0.0, m));
+            }
+        }
+    }
+    let triples: Vec<(u32, String, String)> = items
+        .iter()
+        .map(|(e, effect)| (e.feature_id, e.explanation.clone().unwrap_or_default(), effect.clone()))
+        .collect();
+    let measured = match score::intervention::score_all(embedder, &triples) {
+        Ok(m) => m,
+        Err(why) => vec![Measured { failure: Some(format!("{why:#}")), ..Measured::default() }; items.len()],
+    };
+    for ((e, _), mut m) in items.into_iter().zip(measured) {
+        m.example_rows = steering.prompt_rows().to_vec();
+        out.push(record(e, INTERVENTION, &model, 0.0, m));
+    }
+    Ok(out)
 }

@@ -2,12 +2,13 @@
 //! - [`classify`]: detection and fuzzing (an LLM labels examples; balanced accuracy, F1, and
 //!   AUROC from the probability of "1" when the endpoint returns log-probabilities);
 //! - [`simulation`]: an LLM predicts each token's activation (0-10); Pearson r with the truth;
-//! - [`embedding`]: cosine of MiniLM embeddings of explanation and examples; AUROC, no LLM.
-//!
-//! Intervention scoring (steering with the feature) is not built yet.
+//! - [`embedding`]: cosine of MiniLM embeddings of explanation and examples; AUROC, no LLM;
+//! - [`intervention`]: steer the model with the feature; does the explanation match what it
+//!   promotes better than other features' effects? (AUROC, no LLM).
 
 pub mod classify;
 pub mod embedding;
+pub mod intervention;
 pub mod metrics;
 pub mod simulation;
 
@@ -16,7 +17,7 @@ pub const FUZZING: &str = "fuzzing";
 pub const SIMULATION: &str = "simulation";
 pub const EMBEDDING: &str = "embedding";
 pub const INTERVENTION: &str = "intervention";
-pub const SCORERS: [&str; 4] = [DETECTION, FUZZING, SIMULATION, EMBEDDING];
+pub const SCORERS: [&str; 5] = [DETECTION, FUZZING, SIMULATION, EMBEDDING, INTERVENTION];
 
 /// What a scorer measured (the provenance is added by the run).
 #[derive(Clone, Debug, Default, PartialEq)]
