@@ -161,6 +161,22 @@ struct Provenance<'a> {
     completion_tokens: u64,
 }
 
+/// The [`Provenance`] of an [`Explanation`] or a [`Score`] (they share the fields).
+macro_rules! provenance_of {
+    ($r:expr) => {
+        Provenance {
+            failure: $r.failure.as_deref(),
+            model: &$r.model,
+            prompt_hash: &$r.prompt_hash,
+            temperature: $r.temperature,
+            max_tokens: $r.max_tokens,
+            example_rows: &$r.example_rows,
+            prompt_tokens: $r.prompt_tokens,
+            completion_tokens: $r.completion_tokens,
+        }
+    };
+}
+
 fn provenance_columns(rows: &[Provenance]) -> Vec<ArrayRef> {
     let mut lists = ListBuilder::new(UInt64Builder::new());
     for r in rows {
@@ -186,20 +202,7 @@ pub fn explanations_batch(rows: &[Explanation]) -> Result<RecordBatch> {
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.explainer.as_str()))),
         Arc::new(StringArray::from_iter(rows.iter().map(|r| r.explanation.as_deref()))),
     ];
-    let prov: Vec<Provenance> = rows
-        .iter()
-        .map(|r| Provenance {
-            failure: r.failure.as_deref(),
-            model: &r.model,
-            prompt_hash: &r.prompt_hash,
-            temperature: r.temperature,
-            max_tokens: r.max_tokens,
-            example_rows: &r.example_rows,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-        })
-        .collect();
-    columns.extend(provenance_columns(&prov));
+    columns.extend(provenance_columns(&rows.iter().map(|r| provenance_of!(r)).collect::<Vec<_>>()));
     Ok(RecordBatch::try_new(explanations_schema(), columns)?)
 }
 
@@ -218,20 +221,7 @@ pub fn scores_batch(rows: &[Score]) -> Result<RecordBatch> {
         f32s(|r| r.pearson),
         Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.n_examples))),
     ];
-    let prov: Vec<Provenance> = rows
-        .iter()
-        .map(|r| Provenance {
-            failure: r.failure.as_deref(),
-            model: &r.model,
-            prompt_hash: &r.prompt_hash,
-            temperature: r.temperature,
-            max_tokens: r.max_tokens,
-            example_rows: &r.example_rows,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-        })
-        .collect();
-    columns.extend(provenance_columns(&prov));
+    columns.extend(provenance_columns(&rows.iter().map(|r| provenance_of!(r)).collect::<Vec<_>>()));
     Ok(RecordBatch::try_new(scores_schema(), columns)?)
 }
 

@@ -12,7 +12,7 @@ use super::{DETECTION, Measured, metrics};
 use crate::client::TokenLogprob;
 use crate::examples::{Sets, Window, activating_tokens, highlight};
 use crate::explain::snippet;
-use crate::llm::{Llm, LlmError};
+use crate::llm::Llm;
 
 /// Examples per request.
 pub const BATCH: usize = 10;
@@ -127,22 +127,14 @@ pub async fn score(llm: &Llm, scorer: &str, explanation: &str, sets: &Sets, seed
             .collect();
         let max_tokens = 8 + 4 * batch.len() as u32;
         let req = llm.request(system(scorer, explanation), user, max_tokens, Some(5));
-        m.max_tokens = max_tokens;
-        let answer = match llm.ask(&req).await {
-            Ok(a) => a,
-            Err(LlmError::Client(e)) => {
-                first_failure.get_or_insert_with(|| e.to_string());
-                continue;
-            }
-            Err(e) => return m.failed(e.to_string()),
+        let answer = match m.ask(llm, &req, &mut first_failure).await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => continue,
+            Err(why) => return m.failed(why),
         };
-        m.request_keys.push(answer.key.clone());
-        m.prompt_tokens += answer.response.usage.prompt_tokens;
-        m.completion_tokens += answer.response.usage.completion_tokens;
-        match parse_labels(&answer.response.text, batch.len()) {
+        match parse_labels(&answer.text, batch.len()) {
             Ok(labels) => {
-                match answer.response.logprobs.as_deref().and_then(|lp| label_probabilities(lp, batch.len()))
-                {
+                match answer.logprobs.as_deref().and_then(|lp| label_probabilities(lp, batch.len())) {
                     Some(p) => probs.extend(p),
                     None => all_probs = false,
                 }

@@ -6,6 +6,9 @@
 //! - [`intervention`]: steer the model with the feature; does the explanation match what it
 //!   promotes better than other features' effects? (AUROC, no LLM).
 
+use crate::client::{ChatRequest, ChatResponse};
+use crate::llm::{Llm, LlmError};
+
 pub mod classify;
 pub mod embedding;
 pub mod intervention;
@@ -42,5 +45,30 @@ impl Measured {
     fn failed(mut self, why: String) -> Measured {
         self.failure = Some(why);
         self
+    }
+
+    /// Send one of a scorer's requests, counting its key and tokens. `Ok(None)`: this request
+    /// failed for good (the first such reason is kept in `first_failure`) and the scorer goes on
+    /// without it; `Err`: the run must stop asking (the budget is spent).
+    async fn ask(
+        &mut self,
+        llm: &Llm,
+        req: &ChatRequest,
+        first_failure: &mut Option<String>,
+    ) -> Result<Option<ChatResponse>, String> {
+        self.max_tokens = req.max_tokens;
+        match llm.ask(req).await {
+            Ok(answer) => {
+                self.request_keys.push(answer.key);
+                self.prompt_tokens += answer.response.usage.prompt_tokens;
+                self.completion_tokens += answer.response.usage.completion_tokens;
+                Ok(Some(answer.response))
+            }
+            Err(LlmError::Client(e)) => {
+                first_failure.get_or_insert_with(|| e.to_string());
+                Ok(None)
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 }

@@ -6,7 +6,7 @@
 
 use super::{Measured, metrics};
 use crate::examples::Sets;
-use crate::llm::{Llm, LlmError};
+use crate::llm::Llm;
 
 fn system(explanation: &str) -> String {
     format!(
@@ -46,26 +46,20 @@ pub async fn score(llm: &Llm, explanation: &str, sets: &Sets, windows: usize) ->
             .map(|(i, t)| format!("{}\t{}\n", i + 1, t.replace(['\n', '\t'], " ")))
             .collect();
         let max_tokens = 6 * w.tokens.len() as u32 + 16;
-        m.max_tokens = max_tokens;
-        let answer = match llm.ask(&llm.request(system(explanation), user, max_tokens, None)).await {
-            Ok(a) => a,
-            Err(LlmError::Client(e)) => {
-                first_failure.get_or_insert_with(|| e.to_string());
-                continue;
-            }
-            Err(e) => return m.failed(e.to_string()),
+        let req = llm.request(system(explanation), user, max_tokens, None);
+        let answer = match m.ask(llm, &req, &mut first_failure).await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => continue,
+            Err(why) => return m.failed(why),
         };
-        m.request_keys.push(answer.key.clone());
-        m.prompt_tokens += answer.response.usage.prompt_tokens;
-        m.completion_tokens += answer.response.usage.completion_tokens;
-        let p = parse_predictions(&answer.response.text, w.tokens.len());
+        let p = parse_predictions(&answer.text, w.tokens.len());
         let given = p.iter().filter(|x| x.is_some()).count();
         if (given as f32) < 0.8 * w.tokens.len() as f32 {
             first_failure.get_or_insert_with(|| {
                 format!(
                     "the answer predicts {given} of {} tokens: {:?}",
                     w.tokens.len(),
-                    crate::explain::snippet(&answer.response.text)
+                    crate::explain::snippet(&answer.text)
                 )
             });
             continue;
