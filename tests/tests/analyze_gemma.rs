@@ -2,9 +2,9 @@
 //! analysed on activations captured on the fly (into a temporary store that is then deleted),
 //! with token strings and logit effects from the model.
 
-use loupe_store::{DictEntry, FeatureTables, Store};
+use loupe_store::{FeatureTables, Store};
+use loupe_tests::planted::commit_sae;
 use loupe_tests::{gemma_gguf, loupe, stderr};
-use loupe_trainer::dict::io::{SaeMeta, save_sae};
 use loupe_trainer::dict::sae::SaeSpec;
 use loupe_trainer::dict::{Sae, Variant};
 
@@ -34,24 +34,8 @@ fn a_missing_hook_is_captured_on_the_fly_with_token_strings_and_logit_effects() 
         "100",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    {
-        let store = Store::open_rw(&dir).unwrap();
-        let sae = Sae::init(SaeSpec { variant: Variant::Topk, d_in: 640, n_features: 64, k: 4 }, 1);
-        save_sae(&sae, &SaeMeta::default(), &store.dictionary_dir("l1")).unwrap();
-        let entry = DictEntry {
-            hook: "blocks.1.hook_resid_post".into(),
-            output_hook: None,
-            kind: "sae".into(),
-            variant: "topk".into(),
-            d_in: 640,
-            n_features: 64,
-            status: "done".into(),
-            step: 1,
-            tokens: 1,
-            files: Vec::new(),
-        };
-        store.commit_dictionary("l1", entry, &["cfg.json", "sae_weights.safetensors"]).unwrap();
-    }
+    let sae = Sae::init(SaeSpec { variant: Variant::Topk, d_in: 640, n_features: 64, k: 4 }, 1);
+    commit_sae(&Store::open_rw(&dir).unwrap(), "l1", &sae, "blocks.1.hook_resid_post");
     let out = loupe(&[
         "analyze",
         "--store",

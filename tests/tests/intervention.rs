@@ -2,9 +2,9 @@
 //! unembedding rows of chosen words, explained as those words, must be matched to their own
 //! steering effects far better than chance; a feature count of one is a recorded failure.
 
-use loupe_store::{DictEntry, Explanation, Explanations, Store};
+use loupe_store::{Explanation, Explanations, Store};
+use loupe_tests::planted::commit_sae;
 use loupe_tests::{gemma_gguf, loupe, minilm_dir, stderr};
-use loupe_trainer::dict::io::{SaeMeta, save_sae};
 use loupe_trainer::dict::sae::SaeSpec;
 use loupe_trainer::dict::{Sae, Variant};
 use loupe_trainer::tokenizer::Tokenizer;
@@ -55,23 +55,7 @@ fn steering_effects_match_their_own_explanations() {
         row.iter_mut().for_each(|v| *v /= norm);
         sae.w_dec[f * 640..(f + 1) * 640].copy_from_slice(&row);
     }
-    {
-        let store = Store::open_rw(&dir).unwrap();
-        save_sae(&sae, &SaeMeta::default(), &store.dictionary_dir("words")).unwrap();
-        let entry = DictEntry {
-            hook: "blocks.3.hook_resid_post".into(),
-            output_hook: None,
-            kind: "sae".into(),
-            variant: "relu".into(),
-            d_in: 640,
-            n_features: WORDS.len() as u32,
-            status: "done".into(),
-            step: 1,
-            tokens: 1,
-            files: Vec::new(),
-        };
-        store.commit_dictionary("words", entry, &["cfg.json", "sae_weights.safetensors"]).unwrap();
-    }
+    commit_sae(&Store::open_rw(&dir).unwrap(), "words", &sae, "blocks.3.hook_resid_post");
     let out = loupe(&["analyze", "--store", &s, "--dictionary", "words", "--rows", "all", "--no-index"]);
     assert!(out.status.success(), "{}", stderr(&out));
     {
