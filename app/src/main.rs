@@ -11,6 +11,7 @@ mod explain_cmd;
 mod export_cmd;
 mod feature_cmd;
 mod fetch;
+mod gui_cmd;
 mod store_cmd;
 mod tokenize;
 mod train_job;
@@ -77,6 +78,8 @@ enum Command {
         #[arg(long)]
         hook: Option<String>,
     },
+    /// Open the desktop app on a store: feature list and pages, prompt lab.
+    Gui(gui_cmd::Args),
     /// Inspect and check a store.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -130,6 +133,7 @@ fn main() -> ExitCode {
         Command::Score(args) => explain_cmd::run_score(&args),
         Command::Search(args) => explain_cmd::run_search(&args),
         Command::Export(args) => export_cmd::run(&args),
+        Command::Gui(args) => gui_cmd::run(&args),
         Command::Import { path, store, name, hook } => {
             loupe_trainer::dict::import::import(&store, &path, name.as_deref(), hook.as_deref()).map(|name| {
                 println!("imported {} into {} as dictionary {name}", path.display(), store.display());

@@ -166,6 +166,14 @@ impl FeatureTables {
         })
     }
 
+    /// Feature `f`'s (dead, dense) flags, without reading the rest of its row; `f` must exist.
+    pub fn flags(&self, f: u32) -> (bool, bool) {
+        let col = |name: &str| {
+            self.features.batch.column_by_name(name).expect("checked").as_boolean().value(f as usize)
+        };
+        (col("dead"), col("dense"))
+    }
+
     /// Column views over all features (for sorting and filtering lists).
     pub fn densities(&self) -> &[f32] {
         self.features.col::<Float32Type>("density")

@@ -1,0 +1,319 @@
+//! The feature list: every feature of the chosen dictionary, filtered (dead, dense, score range,
+//! text in the explanation or a feature id), sorted by a column, or ranked by semantic search over
+//! the explanations (MiniLM + the store's hnsw index). Virtualised: only the visible rows are laid
+//! out, so a million features scroll as smoothly as ten.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use egui::{Align, Layout, RichText, Ui};
+use loupe_autointerp::score::embedding::Embedder;
+use loupe_store::Store;
+
+use super::data::DictData;
+use super::jobs::Loading;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Sort {
+    Feature,
+    Density,
+    MaxActivation,
+    Score,
+}
+
+/// The list's state: what is typed and ticked, and the order it produced.
+pub struct FeatureList {
+    pub query: String,
+    /// Rank by meaning (semantic search) instead of filtering by text.
+    pub semantic: bool,
+    pub sort: Sort,
+    pub descending: bool,
+    pub show_dead: bool,
+    pub show_dense: bool,
+    pub score_filter: bool,
+    pub score_range: (f32, f32),
+    /// The visible features, in order.
+    order: Vec<u32>,
+    /// Similarity of each feature in a semantic ranking (same order as `order`).
+    similarity: Vec<f32>,
+    dirty: bool,
+    search: Loading<Hits>,
+    embedder: Option<Arc<Embedder>>,
+    embedder_dir: Option<PathBuf>,
+    /// The dictionary the order was computed for.
+    for_dict: String,
+    /// The query of the semantic search whose ranking is shown.
+    searched: String,
+}
+
+const ROW: f32 = 20.0;
+
+/// A semantic search's answer: the embedder it loaded (kept for the next query) and the
+/// `(feature, similarity)` hits, best first.
+type Hits = (Arc<Embedder>, Vec<(u32, f32)>);
+
+impl FeatureList {
+    pub fn new(embedder_dir: Option<PathBuf>) -> FeatureList {
+        FeatureList {
+            query: String::new(),
+            semantic: false,
+            sort: Sort::Density,
+            descending: true,
+            show_dead: false,
+            show_dense: true,
+            score_filter: false,
+            score_range: (0.5, 1.0),
+            order: Vec::new(),
+            similarity: Vec::new(),
+            dirty: true,
+            search: Loading::Idle,
+            embedder: None,
+            embedder_dir,
+            for_dict: String::new(),
+            searched: String::new(),
+        }
+    }
+
+    /// The number of features the list shows now.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn keep(&self, data: &DictData, f: u32) -> bool {
+        let (dead, dense) = data.tables.flags(f);
+        if (dead && !self.show_dead) || (dense && !self.show_dense) {
+            return false;
+        }
+        if self.score_filter {
+            let v = data.score[f as usize];
+            if !(v >= self.score_range.0 && v <= self.score_range.1) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Recompute the order after a change of query, sort, filter or dictionary.
+    fn recompute(&mut self, data: &DictData) {
+        self.dirty = false;
+        self.for_dict = data.name.clone();
+        self.similarity.clear();
+        if let (true, Some((_, hits))) = (self.semantic, self.search.ready()) {
+            let hits: Vec<(u32, f32)> = hits.iter().copied().filter(|&(f, _)| self.keep(data, f)).collect();
+            self.order = hits.iter().map(|h| h.0).collect();
+            self.similarity = hits.iter().map(|h| h.1).collect();
+            return;
+        }
+        let query = self.query.trim().to_lowercase();
+        let id: Option<u32> = query.strip_prefix('#').unwrap_or(&query).parse().ok();
+        let n = data.n_features() as u32;
+        let mut order: Vec<u32> = (0..n)
+            .filter(|&f| {
+                let text_ok = query.is_empty()
+                    || self.semantic
+                    || id == Some(f)
+                    || data.explanation(f).is_some_and(|e| e.to_lowercase().contains(&query));
+                text_ok && self.keep(data, f)
+            })
+            .collect();
+        let key: &[f32] = match self.sort {
+            Sort::Feature => &[],
+            Sort::Density => data.tables.densities(),
+            Sort::MaxActivation => data.tables.max_activations(),
+            Sort::Score => &data.score,
+        };
+        if !key.is_empty() {
+            // NaN (unscored) sorts last either way.
+            let k = |f: u32| {
+                let v = key[f as usize];
+                if v.is_nan() {
+                    f32::NEG_INFINITY
+                } else if self.descending {
+                    v
+                } else {
+                    -v
+                }
+            };
+            order.sort_by(|&a, &b| k(b).total_cmp(&k(a)).then(a.cmp(&b)));
+        } else if self.descending {
+            order.reverse();
+        }
+        self.order = order;
+    }
+
+    fn start_search(&mut self, ctx: &egui::Context, store: &Arc<Store>, data: &DictData) {
+        let (store, dict, query) = (store.clone(), data.name.clone(), self.query.clone());
+        self.searched = query.clone();
+        let (cached, dir) = (self.embedder.clone(), self.embedder_dir.clone());
+        self.search = Loading::start(ctx, "semantic search", move |p| {
+            let embedder = match cached {
+                Some(e) => e,
+                None => {
+                    p.stage("loading the MiniLM embedder");
+                    let dir = dir.ok_or_else(|| {
+                        anyhow::anyhow!("no embedder: run `loupe fetch` or pass --embedder")
+                    })?;
+                    Arc::new(Embedder::load(&dir)?)
+                }
+            };
+            p.stage("searching the explanations");
+            let hits = loupe_autointerp::search::search(&store, &dict, &embedder, &query, 200)?;
+            Ok((embedder, hits.into_iter().map(|(e, sim)| (e.feature_id, sim)).collect()))
+        });
+    }
+
+    /// Draw the list; returns the feature clicked, if any.
+    pub fn ui(
+        &mut self,
+        ui: &mut Ui,
+        store: &Arc<Store>,
+        data: &DictData,
+        selected: Option<u32>,
+    ) -> Option<u32> {
+        if self.for_dict != data.name {
+            self.dirty = true;
+            self.search = Loading::Idle;
+        }
+        if self.search.poll() {
+            if let Some((embedder, _)) = self.search.ready() {
+                self.embedder = Some(embedder.clone());
+            }
+            self.dirty = true;
+        }
+        self.controls(ui, store, data);
+        if self.dirty {
+            self.recompute(data);
+        }
+        self.search.status_ui(ui);
+        ui.horizontal(|ui| {
+            ui.label(format!("{} of {} features", self.order.len(), data.n_features()));
+            if !self.similarity.is_empty() {
+                ui.label(RichText::new(format!("ranked by similarity to {:?}", self.searched)).weak());
+            }
+        });
+        ui.separator();
+        let mut clicked = self.header(ui);
+        let semantic = !self.similarity.is_empty();
+        let text_height = ui.text_style_height(&egui::TextStyle::Body).max(ROW);
+        egui::ScrollArea::vertical().auto_shrink(false).show_rows(
+            ui,
+            text_height,
+            self.order.len(),
+            |ui, rows| {
+                for i in rows {
+                    let f = self.order[i];
+                    let extra = semantic.then(|| self.similarity[i]);
+                    if row(ui, data, f, selected == Some(f), extra) {
+                        clicked = Some(f);
+                    }
+                }
+            },
+        );
+        clicked.filter(|&f| f != u32::MAX)
+    }
+
+    fn controls(&mut self, ui: &mut Ui, store: &Arc<Store>, data: &DictData) {
+        ui.horizontal(|ui| {
+            let label = ui.label("Search");
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut self.query)
+                    .hint_text(if self.semantic { "describe a feature" } else { "explanation text or #id" })
+                    .desired_width(200.0),
+            );
+            let edit = edit.labelled_by(label.id);
+            let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            if edit.changed() && !self.semantic {
+                self.dirty = true;
+            }
+            let can_semantic = data.has_index && self.embedder_dir.is_some();
+            let toggle = ui
+                .add_enabled(can_semantic, egui::Checkbox::new(&mut self.semantic, "Semantic"))
+                .on_disabled_hover_text(
+                    "needs the store's search index (`loupe explain`) and MiniLM (`loupe fetch`)",
+                );
+            if toggle.changed() {
+                self.search = Loading::Idle;
+                self.dirty = true;
+            }
+            if self.semantic {
+                let go = ui.add_enabled(!self.search.is_running(), egui::Button::new("Find"));
+                if (go.clicked() || enter) && !self.query.trim().is_empty() {
+                    self.start_search(ui.ctx(), store, data);
+                }
+            }
+        });
+        ui.horizontal(|ui| {
+            let mut changed = ui.checkbox(&mut self.show_dead, "dead").changed();
+            changed |= ui.checkbox(&mut self.show_dense, "dense").changed();
+            changed |= ui.checkbox(&mut self.score_filter, "score").changed();
+            ui.add_enabled_ui(self.score_filter, |ui| {
+                for (name, value) in [("from", &mut self.score_range.0), ("to", &mut self.score_range.1)] {
+                    let label = ui.label(name);
+                    changed |=
+                        ui.add(egui::DragValue::new(value).speed(0.01)).labelled_by(label.id).changed();
+                }
+            });
+            self.dirty |= changed;
+        });
+    }
+
+    /// Column headers; clicking one sorts by it (again: reverses).
+    fn header(&mut self, ui: &mut Ui) -> Option<u32> {
+        // Monospace: the default proportional font has no arrows.
+        ui.horizontal(|ui| {
+            for (sort, name, width) in [
+                (Sort::Feature, "Feature", 110.0),
+                (Sort::Density, "Density", 80.0),
+                (Sort::MaxActivation, "Max act", 70.0),
+                (Sort::Score, "Score", 50.0),
+            ] {
+                let arrow = match (self.sort == sort, self.descending) {
+                    (true, true) => " ↓",
+                    (true, false) => " ↑",
+                    _ => "",
+                };
+                let button = egui::Button::new(RichText::new(format!("{name}{arrow}")).monospace().strong())
+                    .frame(false);
+                if ui
+                    .add_sized([width, ROW], button)
+                    .on_hover_text(format!("sort by {}", name.to_lowercase()))
+                    .clicked()
+                {
+                    self.descending =
+                        if self.sort == sort { !self.descending } else { sort != Sort::Feature };
+                    self.sort = sort;
+                    self.dirty = true;
+                }
+            }
+            ui.label(RichText::new("Explanation").strong());
+        });
+        None
+    }
+}
+
+/// One row; returns true when its feature was clicked.
+fn row(ui: &mut Ui, data: &DictData, f: u32, selected: bool, similarity: Option<f32>) -> bool {
+    let density = data.tables.densities()[f as usize];
+    let max = data.tables.max_activations()[f as usize];
+    let score = data.score[f as usize];
+    ui.horizontal(|ui| {
+        let open = ui.add_sized([110.0, ROW], egui::Button::selectable(selected, format!("feature {f}")));
+        ui.add_sized([80.0, ROW], egui::Label::new(format!("{density:.2e}")));
+        ui.add_sized([70.0, ROW], egui::Label::new(format!("{max:.3}")));
+        let score = if score.is_nan() { "–".into() } else { format!("{score:.2}") };
+        ui.add_sized([50.0, ROW], egui::Label::new(score));
+        ui.with_layout(Layout::left_to_right(Align::Center), |ui| {
+            if let Some(sim) = similarity {
+                ui.label(RichText::new(format!("{sim:.2}")).weak());
+            }
+            let text = data.explanation(f).unwrap_or("");
+            ui.add(egui::Label::new(text).truncate());
+        });
+        open.clicked()
+    })
+    .inner
+}

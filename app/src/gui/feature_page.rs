@@ -1,0 +1,302 @@
+//! The feature page: everything the analysis and auto-interp stored about one feature — stats and
+//! density, explanations with their scores and provenance, top and quantile examples coloured by
+//! activation, the activation histogram and logit effects (egui_plot), similar and co-occurring
+//! features to click through. The page's content is read once when it opens (memory-mapped
+//! tables, microseconds) and kept until another feature opens.
+
+use egui::{RichText, Ui};
+use egui_plot::{Bar, BarChart, Plot};
+use loupe_store::features::hist_bin_edge;
+use loupe_store::{Example, FeatureRow};
+
+use super::data::DictData;
+use super::jobs::error_ui;
+use super::tokens::tokens_ui;
+
+/// Examples shown per section.
+const TOP_SHOWN: usize = 12;
+
+/// One example as the page draws it: token strings and activations.
+struct Shown {
+    activation: f32,
+    label: String,
+    tokens: Vec<String>,
+    values: Vec<f32>,
+    center: usize,
+}
+
+/// What the page shows, read when it opened.
+struct Content {
+    dict: String,
+    feature: u32,
+    stats: FeatureRow,
+    tokens_analysed: u64,
+    top: Vec<Shown>,
+    quantile: Vec<Shown>,
+    promoted: Vec<(String, f32)>,
+    suppressed: Vec<(String, f32)>,
+    similar: Vec<(u32, f32)>,
+    cooccurring: Vec<(u32, f32)>,
+}
+
+#[derive(Default)]
+pub struct FeaturePage {
+    content: Option<Result<Content, String>>,
+}
+
+fn shown(data: &DictData, e: &Example, label: String) -> Shown {
+    Shown {
+        activation: e.activation,
+        label,
+        tokens: e.tokens.iter().map(|&t| data.tables.token_string(t)).collect(),
+        values: e.activations.clone(),
+        center: e.center as usize,
+    }
+}
+
+fn load(data: &DictData, f: u32) -> anyhow::Result<Content> {
+    let t = &data.tables;
+    let stats = t.stats(f)?;
+    let top = t
+        .top_examples(f)?
+        .iter()
+        .take(TOP_SHOWN)
+        .map(|e| shown(data, e, format!("doc {} pos {}", e.doc, e.pos)))
+        .collect();
+    let quantile = t
+        .quantile_examples(f)?
+        .iter()
+        .filter(|e| e.rank < 2)
+        .map(|e| {
+            let b = e.bucket.expect("quantile examples have buckets");
+            shown(data, e, format!("bucket {} [{:.3}, {:.3})", b.index, b.lo, b.hi))
+        })
+        .collect();
+    let logits = t.logits(f)?;
+    let side = |up: bool| {
+        logits.iter().filter(|l| (l.rank > 0) == up).map(|l| (t.token_string(l.token), l.value)).collect()
+    };
+    Ok(Content {
+        dict: data.name.clone(),
+        feature: f,
+        tokens_analysed: t.entry().tokens,
+        promoted: side(true),
+        suppressed: side(false),
+        similar: t.neighbours(f)?.iter().map(|n| (n.neighbour, n.cosine)).collect(),
+        cooccurring: t.cooccurrence(f)?.iter().map(|c| (c.other, c.jaccard)).collect(),
+        stats,
+        top,
+        quantile,
+    })
+}
+
+impl FeaturePage {
+    /// Draw feature `f` of `data`; returns a feature to open (a click on a similar or
+    /// co-occurring feature).
+    pub fn ui(&mut self, ui: &mut Ui, data: &DictData, f: u32, store_root: &str) -> Option<u32> {
+        let stale = match &self.content {
+            Some(Ok(c)) => c.dict != data.name || c.feature != f,
+            _ => true,
+        };
+        if stale {
+            self.content = Some(load(data, f).map_err(|e| format!("{e:#}")));
+        }
+        let content = match self.content.as_ref().expect("loaded above") {
+            Ok(c) => c,
+            Err(e) => {
+                error_ui(ui, e);
+                return None;
+            }
+        };
+        let mut open = None;
+        egui::ScrollArea::vertical().auto_shrink(false).show(ui, |ui| {
+            header(ui, data, content, store_root);
+            explanations(ui, data, f);
+            ui.add_space(6.0);
+            egui::CollapsingHeader::new(format!("Top examples ({})", content.top.len()))
+                .default_open(true)
+                .show(ui, |ui| {
+                    examples_ui(ui, &content.top, content.stats.max_activation);
+                });
+            egui::CollapsingHeader::new("Quantile examples").default_open(false).show(ui, |ui| {
+                examples_ui(ui, &content.quantile, content.stats.max_activation);
+            });
+            ui.columns(2, |cols| {
+                cols[0].label(RichText::new("Activation histogram").strong());
+                histogram(&mut cols[0], &content.stats);
+                cols[1].label(RichText::new("Logit effects").strong());
+                logit_bars(&mut cols[1], content);
+            });
+            ui.add_space(6.0);
+            open = open.or(links(ui, "Similar features (decoder cosine)", &content.similar));
+            open = open.or(links(ui, "Co-occurring features (Jaccard)", &content.cooccurring));
+        });
+        open
+    }
+}
+
+fn header(ui: &mut Ui, data: &DictData, c: &Content, store_root: &str) {
+    let s = &c.stats;
+    ui.horizontal(|ui| {
+        ui.heading(format!("Feature {} of {}", c.feature, c.dict));
+        if s.dead {
+            ui.label(RichText::new("dead").color(ui.visuals().warn_fg_color));
+        }
+        if s.dense {
+            ui.label(RichText::new("dense").color(ui.visuals().warn_fg_color));
+        }
+        if ui.button("Copy id").on_hover_text("copy dictionary/feature").clicked() {
+            ui.ctx().copy_text(format!("{}/{}", c.dict, c.feature));
+        }
+        if ui.button("Copy link").on_hover_text("copy a command that opens this page").clicked() {
+            ui.ctx()
+                .copy_text(format!("loupe gui {store_root} --dictionary {} --feature {}", c.dict, c.feature));
+        }
+    });
+    ui.label(format!(
+        "{} · {} · fired on {} of {} tokens (density {:.3e}) · mean {:.4} · max {:.4}",
+        data.kind, data.hook, s.count, c.tokens_analysed, s.density, s.mean_activation, s.max_activation
+    ));
+}
+
+fn explanations(ui: &mut Ui, data: &DictData, f: u32) {
+    let all = data.explanations_of(f);
+    ui.add_space(4.0);
+    ui.label(RichText::new(format!("Explanations ({})", all.len())).strong());
+    if all.is_empty() {
+        ui.label(RichText::new("none yet: run `loupe explain`").weak());
+        return;
+    }
+    for (e, scores) in all {
+        ui.group(|ui| {
+            match (&e.explanation, &e.failure) {
+                (Some(text), _) => ui.label(RichText::new(text).size(15.0)),
+                (None, failure) => ui.colored_label(
+                    ui.visuals().warn_fg_color,
+                    format!("failed: {}", failure.as_deref().unwrap_or("no reason recorded")),
+                ),
+            };
+            let hash = &e.prompt_hash[..e.prompt_hash.len().min(12)];
+            ui.label(
+                RichText::new(format!(
+                    "explainer {} · model {} · temperature {} · prompt {hash}… · {} example rows",
+                    e.explainer,
+                    e.model,
+                    e.temperature,
+                    e.example_rows.len()
+                ))
+                .weak(),
+            );
+            ui.horizontal_wrapped(|ui| {
+                for s in scores {
+                    let text = match (s.score, &s.failure) {
+                        (Some(v), _) => {
+                            format!("{} {v:.3} ({} examples, {})", s.scorer, s.n_examples, s.model)
+                        }
+                        (None, f) => format!("{} failed: {}", s.scorer, f.as_deref().unwrap_or("?")),
+                    };
+                    ui.label(RichText::new(text).monospace());
+                    ui.separator();
+                }
+            });
+        });
+    }
+}
+
+fn examples_ui(ui: &mut Ui, examples: &[Shown], max: f32) {
+    if examples.is_empty() {
+        ui.label(RichText::new("no examples (the feature never fired on the analysed tokens)").weak());
+    }
+    for e in examples {
+        ui.horizontal_top(|ui| {
+            ui.add_sized(
+                [150.0, 16.0],
+                egui::Label::new(RichText::new(format!("{:.3} · {}", e.activation, e.label)).small()),
+            );
+            ui.vertical(|ui| tokens_ui(ui, &e.tokens, &e.values, max, Some(e.center)));
+        });
+    }
+}
+
+fn histogram(ui: &mut Ui, s: &FeatureRow) {
+    // Bins are log-spaced; the x axis is log10(activation).
+    let bars: Vec<Bar> = s
+        .hist
+        .iter()
+        .enumerate()
+        .filter(|&(_, &n)| n > 0)
+        .map(|(i, &n)| {
+            let b = s.hist_first_bin as usize + i;
+            let (lo, hi) = (hist_bin_edge(b).log10() as f64, hist_bin_edge(b + 1).log10() as f64);
+            Bar::new((lo + hi) / 2.0, n as f64).width(hi - lo).name(format!(
+                "[{:.3e}, {:.3e})",
+                10f64.powf(lo),
+                10f64.powf(hi)
+            ))
+        })
+        .collect();
+    Plot::new("histogram")
+        .height(140.0)
+        .allow_zoom(false)
+        .allow_drag(false)
+        .allow_scroll(false)
+        .x_axis_formatter(|m, _| format!("{:.2e}", 10f64.powf(m.value)))
+        .y_axis_label("tokens")
+        .show(ui, |p| p.bar_chart(BarChart::new("activations", bars)));
+}
+
+fn logit_bars(ui: &mut Ui, c: &Content) {
+    if c.promoted.is_empty() && c.suppressed.is_empty() {
+        ui.label(RichText::new("none (the model has no unembedding, or the analysis skipped them)").weak());
+        return;
+    }
+    let names: Vec<String> =
+        c.promoted.iter().chain(c.suppressed.iter().rev()).map(|(t, _)| format!("{t:?}")).collect();
+    let bar = |i: usize, (t, v): &(String, f32)| {
+        Bar::new(-(i as f64), *v as f64).name(format!("{t:?}")).fill(if *v >= 0.0 {
+            egui::Color32::from_rgb(60, 160, 90)
+        } else {
+            egui::Color32::from_rgb(200, 70, 60)
+        })
+    };
+    let bars: Vec<Bar> = c
+        .promoted
+        .iter()
+        .chain(c.suppressed.iter().rev())
+        .enumerate()
+        .map(|(i, x)| bar(i, x).horizontal())
+        .collect();
+    let n = names.len();
+    Plot::new("logits")
+        .height((14.0 * n as f32).max(140.0))
+        .allow_zoom(false)
+        .allow_drag(false)
+        .allow_scroll(false)
+        .y_axis_formatter(move |m, _| {
+            let i = (-m.value).round();
+            if (m.value + i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .show(ui, |p| p.bar_chart(BarChart::new("logit effect", bars).horizontal()));
+}
+
+/// Clickable features with a number each; returns the one clicked.
+fn links(ui: &mut Ui, title: &str, items: &[(u32, f32)]) -> Option<u32> {
+    let mut open = None;
+    ui.label(RichText::new(title).strong());
+    ui.horizontal_wrapped(|ui| {
+        if items.is_empty() {
+            ui.label(RichText::new("none").weak());
+        }
+        for &(f, v) in items {
+            if ui.link(format!("feature {f}")).on_hover_text(format!("{v:.3}")).clicked() {
+                open = Some(f);
+            }
+            ui.label(RichText::new(format!("{v:.2}")).weak());
+        }
+    });
+    open
+}

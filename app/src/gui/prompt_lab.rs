@@ -1,0 +1,217 @@
+//! The prompt lab view: type a prompt, run it on the store's model in the background, see each
+//! token's top features for the chosen dictionary (click one to open its page), the next-token
+//! distribution, and steer with a feature (its decoder direction added at the hook, strength in
+//! units of the prompt's mean activation norm there) to see how that distribution changes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use egui::{RichText, Ui};
+use loupe_store::Store;
+
+use super::data::DictData;
+use super::jobs::Loading;
+use super::lab::{Lab, Run, Steer};
+use super::tokens::tokens_ui;
+
+pub struct PromptLab {
+    pub text: String,
+    lab: Lab,
+    model: Option<PathBuf>,
+    run: Loading<Arc<Run>>,
+    steer: Loading<Steer>,
+    /// The token whose features are listed.
+    token: Option<usize>,
+    /// The feature the tokens are coloured by and steering uses.
+    pub feature: Option<u32>,
+    pub strength: f32,
+}
+
+impl PromptLab {
+    pub fn new(model: Option<PathBuf>) -> PromptLab {
+        PromptLab {
+            text: "When Mary and John went to the store, John gave a drink to".into(),
+            lab: Lab::default(),
+            model,
+            run: Loading::Idle,
+            steer: Loading::Idle,
+            token: None,
+            feature: None,
+            strength: 0.5,
+        }
+    }
+
+    pub fn start_run(&mut self, ctx: &egui::Context, store: &Arc<Store>, dict: &str) {
+        let (lab, store, model, dict, text) =
+            (self.lab.clone(), store.clone(), self.model.clone(), dict.to_string(), self.text.clone());
+        self.run = Loading::start(ctx, "starting", move |p| {
+            Ok(Arc::new(lab.run(&store, model.as_ref(), &dict, &text, p)?))
+        });
+        self.steer = Loading::Idle;
+        self.token = None;
+    }
+
+    fn start_steer(&mut self, ctx: &egui::Context, store: &Arc<Store>, run: Arc<Run>, f: u32) {
+        let (lab, store, model, strength) =
+            (self.lab.clone(), store.clone(), self.model.clone(), self.strength);
+        self.steer =
+            Loading::start(ctx, "starting", move |p| lab.steer(&store, model.as_ref(), &run, f, strength, p));
+    }
+
+    /// Draw the lab; returns a feature to open.
+    pub fn ui(&mut self, ui: &mut Ui, store: &Arc<Store>, data: &DictData) -> Option<u32> {
+        if self.run.poll() {
+            // Colour by the first token's strongest feature until the user picks one.
+            if let (Some(run), None) = (self.run.ready(), self.feature) {
+                self.feature = run.top.iter().skip(1).find_map(|t| t.first().map(|x| x.0));
+            }
+        }
+        self.steer.poll();
+        let mut open = None;
+        ui.heading("Prompt lab");
+        ui.label(
+            RichText::new(format!(
+                "dictionary {} at {} · the model runs in the background",
+                data.name, data.hook
+            ))
+            .weak(),
+        );
+        let label = ui.label("Prompt");
+        ui.add(egui::TextEdit::multiline(&mut self.text).desired_rows(3).desired_width(f32::INFINITY))
+            .labelled_by(label.id);
+        ui.horizontal(|ui| {
+            let running = self.run.is_running();
+            if ui.add_enabled(!running, egui::Button::new("Run")).clicked() {
+                self.start_run(ui.ctx(), store, &data.name);
+            }
+            self.run.status_ui(ui);
+        });
+        let run = self.run.ready().cloned()?;
+        if run.dict != data.name {
+            ui.label(RichText::new("the dictionary changed: run the prompt again").weak());
+            return None;
+        }
+        ui.separator();
+        // Tokens, coloured by the chosen feature.
+        let strings: Vec<String> = run.ids.iter().map(|&t| data.tables.token_string(t)).collect();
+        let values: Vec<f32> = match self.feature {
+            Some(f) => run.active.iter().map(|a| a.iter().find(|x| x.0 == f).map_or(0.0, |x| x.1)).collect(),
+            None => vec![0.0; strings.len()],
+        };
+        let max = values.iter().copied().fold(0.0f32, f32::max);
+        ui.label(match self.feature {
+            Some(f) => {
+                format!("tokens coloured by feature {f} (max {max:.3}); click a token to list its features")
+            }
+            None => "click a token to list its features".into(),
+        });
+        if let Some(i) = tokens_ui(ui, &strings, &values, max, self.token) {
+            self.token = Some(i);
+        }
+        ui.separator();
+        ui.columns(2, |cols| {
+            open = self.token_features(&mut cols[0], &run, data, &strings);
+            next_tokens(&mut cols[1], &run, data);
+        });
+        ui.separator();
+        self.steering(ui, store, run, data);
+        open
+    }
+
+    fn token_features(&mut self, ui: &mut Ui, run: &Run, data: &DictData, strings: &[String]) -> Option<u32> {
+        let mut open = None;
+        let Some(i) = self.token.filter(|&i| i < run.top.len()) else {
+            ui.label(RichText::new("no token selected").weak());
+            return None;
+        };
+        ui.label(RichText::new(format!("Top features at token {i} {:?}", strings[i])).strong());
+        if run.top[i].is_empty() {
+            ui.label(RichText::new("no feature is active here").weak());
+        }
+        egui::Grid::new("token features").striped(true).show(ui, |ui| {
+            for &(f, v) in &run.top[i] {
+                if ui.link(format!("feature {f}")).clicked() {
+                    open = Some(f);
+                }
+                ui.label(format!("{v:.3}"));
+                if ui
+                    .small_button("colour")
+                    .on_hover_text("colour the tokens by this feature and steer with it")
+                    .clicked()
+                {
+                    self.feature = Some(f);
+                }
+                ui.add(egui::Label::new(data.explanation(f).unwrap_or("")).truncate());
+                ui.end_row();
+            }
+        });
+        open
+    }
+
+    fn steering(&mut self, ui: &mut Ui, store: &Arc<Store>, run: Arc<Run>, data: &DictData) {
+        ui.label(RichText::new("Steering").strong());
+        if !data.steerable {
+            ui.label(
+                RichText::new(format!(
+                    "{} ({}) has no fixed decoder directions to add",
+                    data.name, data.kind
+                ))
+                .weak(),
+            );
+            return;
+        }
+        ui.horizontal(|ui| {
+            let mut f = self.feature.unwrap_or(0);
+            let label = ui.label("Feature");
+            let max = data.n_features().saturating_sub(1) as u32;
+            if ui.add(egui::DragValue::new(&mut f).range(0..=max)).labelled_by(label.id).changed() {
+                self.feature = Some(f);
+            }
+            let label = ui.label("Strength");
+            ui.add(egui::Slider::new(&mut self.strength, -2.0..=2.0).text("× activation norm"))
+                .labelled_by(label.id);
+            let go = ui.add_enabled(!self.steer.is_running(), egui::Button::new("Steer"));
+            if go.clicked() {
+                self.feature = Some(f);
+                self.start_steer(ui.ctx(), store, run.clone(), f);
+            }
+        });
+        self.steer.status_ui(ui);
+        if let Some(s) = self.steer.ready() {
+            ui.label(format!(
+                "feature {} added with coefficient {:.1} (strength {:.2} × norm {:.1}) at every position",
+                s.feature, s.coefficient, s.strength, run.norm
+            ));
+            egui::Grid::new("steered").striped(true).show(ui, |ui| {
+                for h in ["next token", "before", "after", "change"] {
+                    ui.label(RichText::new(h).strong());
+                }
+                ui.end_row();
+                for &(t, before, after) in &s.next {
+                    ui.label(RichText::new(format!("{:?}", data.tables.token_string(t))).monospace());
+                    ui.label(format!("{before:.4}"));
+                    ui.label(format!("{after:.4}"));
+                    let change = after - before;
+                    let colour = if change >= 0.0 {
+                        egui::Color32::from_rgb(60, 160, 90)
+                    } else {
+                        egui::Color32::from_rgb(200, 70, 60)
+                    };
+                    ui.colored_label(colour, format!("{change:+.4}"));
+                    ui.end_row();
+                }
+            });
+        }
+    }
+}
+
+fn next_tokens(ui: &mut Ui, run: &Run, data: &DictData) {
+    ui.label(RichText::new("Next token").strong());
+    egui::Grid::new("next tokens").striped(true).show(ui, |ui| {
+        for &(t, p) in &run.next {
+            ui.label(RichText::new(format!("{:?}", data.tables.token_string(t))).monospace());
+            ui.add(egui::ProgressBar::new(p).desired_width(120.0).text(format!("{p:.3}")));
+            ui.end_row();
+        }
+    });
+}

@@ -1,0 +1,55 @@
+//! `loupe gui`: open the desktop app on a store (read-only).
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use loupe_app::gui::{self, Options};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The store to browse.
+    pub(crate) store: PathBuf,
+    /// The dictionary to show first (default: the first analysed one).
+    #[arg(long)]
+    pub(crate) dictionary: Option<String>,
+    /// A feature to open at start.
+    #[arg(long)]
+    pub(crate) feature: Option<u32>,
+    /// The model for the prompt lab (default: the model the store records).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    /// The MiniLM folder for semantic search (default: the fetched all-MiniLM-L6-v2).
+    #[arg(long)]
+    pub(crate) embedder: Option<PathBuf>,
+    /// The view to show first.
+    #[arg(long, value_enum)]
+    pub(crate) view: Option<gui::View>,
+    /// A prompt to run in the prompt lab as soon as the dictionary is loaded.
+    #[arg(long)]
+    pub(crate) prompt: Option<String>,
+}
+
+pub fn options(args: &Args) -> Result<Options> {
+    // The same check the window would show, as one line before any window opens.
+    loupe_store::Store::open(&args.store)?;
+    let embedder = match &args.embedder {
+        Some(dir) if !dir.join("config.json").is_file() => {
+            bail!("{} is not a MiniLM folder (no config.json)", dir.display())
+        }
+        Some(dir) => Some(dir.clone()),
+        None => Some(crate::fetch::defaults().minilm_dir).filter(|d| d.join("config.json").is_file()),
+    };
+    Ok(Options {
+        store: args.store.clone(),
+        dictionary: args.dictionary.clone(),
+        feature: args.feature,
+        model: args.model.clone(),
+        embedder,
+        view: args.view,
+        prompt: args.prompt.clone(),
+    })
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    gui::run(options(args)?)
+}

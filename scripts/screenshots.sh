@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Screenshots of each view of the real app: starts `loupe gui` under Xvfb (wgpu on Mesa's CPU
+# Vulkan driver) on a store the pipeline made, and saves one PNG per view with xwd + netpbm.
+#
+#   scripts/screenshots.sh [store] [out-dir]     # defaults: loupe-demo (from `loupe demo`), docs/screenshots
+#
+# The README shows the PNGs this writes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+store=${1:-loupe-demo}
+out=${2:-docs/screenshots}
+source scripts/install-deps.sh
+[ -f "$store/manifest.json" ] || { echo "error: $store is not a store; run scripts/demo.sh --headless first" >&2; exit 1; }
+cargo build --release --locked --bin loupe
+mkdir -p "$out"
+
+display=:94
+Xvfb "$display" -screen 0 1400x900x24 -nolisten tcp &
+xvfb=$!
+trap 'kill $xvfb 2>/dev/null || true' EXIT
+sleep 2
+
+# One view: start the app with `args`, wait `secs`, grab the screen, close the app.
+shot() {
+  local name=$1 secs=$2
+  shift 2
+  DISPLAY=$display ./target/release/loupe gui "$store" "$@" &
+  local app=$!
+  sleep "$secs"
+  kill -0 $app 2>/dev/null || { echo "error: loupe gui exited before the $name screenshot" >&2; exit 1; }
+  xwd -root -display "$display" -silent | xwdtopnm 2>/dev/null | pnmtopng > "$out/$name.png"
+  kill $app
+  wait $app 2>/dev/null || true
+  echo "wrote $out/$name.png"
+}
+
+shot feature-list 8
+shot feature-page 8 --feature "${FEATURE:-12}"
+shot prompt-lab 25 --view prompt-lab --prompt "When Mary and John went to the store, John gave a drink to"
