@@ -6,8 +6,8 @@
 //! held-out tenth alone is too few for examples of 4,096 features). Every stage resumes or skips
 //! what the store already holds, so a second run is quick. Then it explains every feature with
 //! the offline explainer (no LLM needed), scores the first ones with the embedding scorer and
-//! builds the semantic-search index. The app is not built yet; the command says so instead of
-//! pretending.
+//! builds the semantic-search index. Last it opens the desktop app on the store (`loupe gui`),
+//! unless `--headless`.
 
 use std::path::PathBuf;
 
@@ -121,8 +121,22 @@ pub fn run(args: &Args) -> Result<()> {
         "LLM explanations:         loupe explain --store {} --dictionary {DICTIONARY} --base-url URL --llm-model NAME --features 0..20",
         args.store.display()
     );
-    if !args.headless {
-        println!("\nnot built yet, so the demo stops here: the desktop app (`loupe gui`)");
+    println!("browse:                   loupe gui {}", args.store.display());
+    if args.headless {
+        return Ok(());
     }
-    Ok(())
+    if std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
+        anyhow::bail!("no display to open the desktop app on (DISPLAY is not set); run with --headless");
+    }
+    println!("\nopening the desktop app");
+    let gui = crate::gui_cmd::Args {
+        store: args.store.clone(),
+        dictionary: Some(DICTIONARY.into()),
+        feature: None,
+        model: None,
+        embedder: None,
+        view: None,
+        prompt: None,
+    };
+    crate::gui_cmd::run(&gui)
 }

@@ -225,47 +225,59 @@ pub fn scores_batch(rows: &[Score]) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(scores_schema(), columns)?)
 }
 
-/// Column `name` of `batch` as strings (null → None).
-fn strings(batch: &RecordBatch, name: &str) -> Vec<Option<String>> {
-    let col = batch.column_by_name(name).expect("schema checked").as_string::<i32>();
-    (0..col.len()).map(|i| col.is_valid(i).then(|| col.value(i).to_string())).collect()
-}
-fn floats(batch: &RecordBatch, name: &str) -> Vec<Option<f32>> {
-    let col = batch.column_by_name(name).expect("schema checked").as_primitive::<Float32Type>();
-    (0..col.len()).map(|i| col.is_valid(i).then(|| col.value(i))).collect()
-}
-fn u32s(batch: &RecordBatch, name: &str) -> Vec<u32> {
-    batch.column_by_name(name).expect("schema checked").as_primitive::<UInt32Type>().values().to_vec()
-}
-fn u64s(batch: &RecordBatch, name: &str) -> Vec<u64> {
-    batch.column_by_name(name).expect("schema checked").as_primitive::<UInt64Type>().values().to_vec()
-}
-fn row_lists(batch: &RecordBatch) -> Vec<Vec<u64>> {
-    let col = batch.column_by_name("example_rows").expect("schema checked").as_list::<i32>();
-    (0..col.len()).map(|i| col.value(i).as_primitive::<UInt64Type>().values().to_vec()).collect()
-}
-fn required(v: Vec<Option<String>>) -> Vec<String> {
-    v.into_iter().map(Option::unwrap_or_default).collect()
+/// A table's columns by name, read row by row: rows are built straight from the mapped columns,
+/// with no intermediate vector per column (a million explanations allocate only what they own).
+struct Columns<'a>(&'a RecordBatch);
+
+impl<'a> Columns<'a> {
+    fn col(&self, name: &str) -> &'a ArrayRef {
+        self.0.column_by_name(name).expect("schema checked")
+    }
+    /// Strings (null → None).
+    fn text(&self, name: &str) -> impl Fn(usize) -> Option<String> + 'a {
+        let col = self.col(name).as_string::<i32>();
+        move |i| col.is_valid(i).then(|| col.value(i).to_string())
+    }
+    /// Strings (null → "").
+    fn required(&self, name: &str) -> impl Fn(usize) -> String + 'a {
+        let text = self.text(name);
+        move |i| text(i).unwrap_or_default()
+    }
+    fn float(&self, name: &str) -> impl Fn(usize) -> Option<f32> + 'a {
+        let col = self.col(name).as_primitive::<Float32Type>();
+        move |i| col.is_valid(i).then(|| col.value(i))
+    }
+    fn u32s(&self, name: &str) -> &'a [u32] {
+        self.col(name).as_primitive::<UInt32Type>().values()
+    }
+    fn u64s(&self, name: &str) -> &'a [u64] {
+        self.col(name).as_primitive::<UInt64Type>().values()
+    }
+    fn example_rows(&self) -> impl Fn(usize) -> Vec<u64> + 'a {
+        let list = self.col("example_rows").as_list::<i32>();
+        let (offsets, values) = (list.value_offsets(), list.values().as_primitive::<UInt64Type>().values());
+        move |i| values[offsets[i] as usize..offsets[i + 1] as usize].to_vec()
+    }
 }
 
 fn read_explanations(batch: &RecordBatch) -> Vec<Explanation> {
-    let ids = u32s(batch, "feature_id");
-    let (explainer, explanation, failure) =
-        (required(strings(batch, "explainer")), strings(batch, "explanation"), strings(batch, "failure"));
-    let (model, hash) = (required(strings(batch, "model")), required(strings(batch, "prompt_hash")));
-    let (temp, max_tokens) = (floats(batch, "temperature"), u32s(batch, "max_tokens"));
-    let (rows, pt, ct) = (row_lists(batch), u64s(batch, "prompt_tokens"), u64s(batch, "completion_tokens"));
+    let c = Columns(batch);
+    let (ids, explainer, explanation) =
+        (c.u32s("feature_id"), c.required("explainer"), c.text("explanation"));
+    let (failure, model, hash) = (c.text("failure"), c.required("model"), c.required("prompt_hash"));
+    let (temp, max_tokens, rows) = (c.float("temperature"), c.u32s("max_tokens"), c.example_rows());
+    let (pt, ct) = (c.u64s("prompt_tokens"), c.u64s("completion_tokens"));
     (0..ids.len())
         .map(|i| Explanation {
             feature_id: ids[i],
-            explainer: explainer[i].clone(),
-            explanation: explanation[i].clone(),
-            failure: failure[i].clone(),
-            model: model[i].clone(),
-            prompt_hash: hash[i].clone(),
-            temperature: temp[i].unwrap_or_default(),
+            explainer: explainer(i),
+            explanation: explanation(i),
+            failure: failure(i),
+            model: model(i),
+            prompt_hash: hash(i),
+            temperature: temp(i).unwrap_or_default(),
             max_tokens: max_tokens[i],
-            example_rows: rows[i].clone(),
+            example_rows: rows(i),
             prompt_tokens: pt[i],
             completion_tokens: ct[i],
         })
@@ -273,40 +285,31 @@ fn read_explanations(batch: &RecordBatch) -> Vec<Explanation> {
 }
 
 fn read_scores(batch: &RecordBatch) -> Vec<Score> {
-    let ids = u32s(batch, "feature_id");
-    let (explainer, scorer, failure) = (
-        required(strings(batch, "explainer")),
-        required(strings(batch, "scorer")),
-        strings(batch, "failure"),
-    );
-    let (score, bacc, f1, auroc, pearson) = (
-        floats(batch, "score"),
-        floats(batch, "balanced_accuracy"),
-        floats(batch, "f1"),
-        floats(batch, "auroc"),
-        floats(batch, "pearson"),
-    );
-    let n = u32s(batch, "n_examples");
-    let (model, hash) = (required(strings(batch, "model")), required(strings(batch, "prompt_hash")));
-    let (temp, max_tokens) = (floats(batch, "temperature"), u32s(batch, "max_tokens"));
-    let (rows, pt, ct) = (row_lists(batch), u64s(batch, "prompt_tokens"), u64s(batch, "completion_tokens"));
+    let c = Columns(batch);
+    let (ids, explainer, scorer, failure) =
+        (c.u32s("feature_id"), c.required("explainer"), c.required("scorer"), c.text("failure"));
+    let (score, bacc, f1) = (c.float("score"), c.float("balanced_accuracy"), c.float("f1"));
+    let (auroc, pearson, n) = (c.float("auroc"), c.float("pearson"), c.u32s("n_examples"));
+    let (model, hash) = (c.required("model"), c.required("prompt_hash"));
+    let (temp, max_tokens, rows) = (c.float("temperature"), c.u32s("max_tokens"), c.example_rows());
+    let (pt, ct) = (c.u64s("prompt_tokens"), c.u64s("completion_tokens"));
     (0..ids.len())
         .map(|i| Score {
             feature_id: ids[i],
-            explainer: explainer[i].clone(),
-            scorer: scorer[i].clone(),
-            score: score[i],
-            balanced_accuracy: bacc[i],
-            f1: f1[i],
-            auroc: auroc[i],
-            pearson: pearson[i],
+            explainer: explainer(i),
+            scorer: scorer(i),
+            score: score(i),
+            balanced_accuracy: bacc(i),
+            f1: f1(i),
+            auroc: auroc(i),
+            pearson: pearson(i),
             n_examples: n[i],
-            failure: failure[i].clone(),
-            model: model[i].clone(),
-            prompt_hash: hash[i].clone(),
-            temperature: temp[i].unwrap_or_default(),
+            failure: failure(i),
+            model: model(i),
+            prompt_hash: hash(i),
+            temperature: temp(i).unwrap_or_default(),
             max_tokens: max_tokens[i],
-            example_rows: rows[i].clone(),
+            example_rows: rows(i),
             prompt_tokens: pt[i],
             completion_tokens: ct[i],
         })
@@ -397,5 +400,61 @@ impl Store {
             m.explanations.insert(dict.to_string(), entry);
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn explanation(f: u32, text: Option<&str>) -> Explanation {
+        Explanation {
+            feature_id: f,
+            explainer: if f.is_multiple_of(2) { "delphi".into() } else { "offline".into() },
+            explanation: text.map(Into::into),
+            failure: text.is_none().then(|| "timed out".into()),
+            model: format!("model-{f}"),
+            prompt_hash: format!("{f:064x}"),
+            temperature: 0.5 * f as f32,
+            max_tokens: 100 + f,
+            example_rows: (0..f as u64).collect(),
+            prompt_tokens: 7 * f as u64,
+            completion_tokens: 3 * f as u64,
+        }
+    }
+
+    fn score(f: u32, value: Option<f32>) -> Score {
+        Score {
+            feature_id: f,
+            explainer: "delphi".into(),
+            scorer: "detection".into(),
+            score: value,
+            balanced_accuracy: value,
+            f1: None,
+            auroc: value.map(|v| v / 2.0),
+            pearson: None,
+            n_examples: 10 + f,
+            failure: value.is_none().then(|| "bad answer".into()),
+            model: "m".into(),
+            prompt_hash: format!("{f:064x}"),
+            temperature: 0.0,
+            max_tokens: 1,
+            example_rows: vec![f as u64, 2],
+            prompt_tokens: 1,
+            completion_tokens: 2,
+        }
+    }
+
+    #[test]
+    fn explanations_and_scores_read_back_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path()).unwrap();
+        let all = Explanations {
+            explanations: vec![explanation(0, Some("cats")), explanation(1, None), explanation(2, Some(""))],
+            scores: vec![score(0, Some(0.75)), score(2, None)],
+        };
+        store.commit_explanations("d", &all, None).unwrap();
+        assert_eq!(Store::open(dir.path()).unwrap().explanations("d").unwrap(), all);
+        assert_eq!(store.explanations("none").unwrap(), Explanations::default());
     }
 }

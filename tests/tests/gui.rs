@@ -175,11 +175,14 @@ fn prompt_lab_runs_a_prompt_and_steers() {
     wait_for(&mut h, "the prompt to run", |h| has_label(h, "Next token"));
     // Gemma's top next token after the IOI prompt is " Mary".
     assert!(has_label(&h, "\" Mary\""), "the next-token list");
-    // Pick the last token and open its strongest feature.
-    let to = h.get_all_by_label(" to").last().expect("the last token");
-    to.click();
+    // The last token's features are listed; pick another token, then the last again.
+    assert!(has_label(&h, "Top features at token 14 \" to\""), "the last token is selected after a run");
+    h.get_all_by_label(" Mary").next().expect("the token Mary").click();
     h.run_steps(2);
-    assert!(has_label(&h, "Top features at token"));
+    assert!(has_label(&h, "Top features at token 2 \" Mary\""));
+    h.get_all_by_label(" to").last().expect("the last token").click();
+    h.run_steps(2);
+    assert!(has_label(&h, "Top features at token 14"));
     let feature = h.query_all_by_role(Role::Link).find_map(|n| {
         n.accesskit_node().label().and_then(|l| l.strip_prefix("feature ").map(str::to_string))
     });

@@ -1,16 +1,33 @@
-//! What the app reads of one dictionary: its analysis ([`FeatureTables`], memory-mapped), its
-//! explanations and scores, and per-feature summaries for the feature list. Loaded once per
-//! dictionary on a background thread, then shared read-only (`Arc`) by every view.
+//! What the app reads of one dictionary: its analysis ([`FeatureTables`], memory-mapped), per-
+//! feature flags for the list's filters, and — loaded second, on its own thread, so that the list
+//! shows before a million explanations are read — its explanations and scores ([`Notes`]).
+//! Shared read-only (`Arc`) by every view.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Result;
 use loupe_store::{Explanation, FeatureTables, Score, Store};
 
 use super::jobs::Progress;
 
-/// Marks "no explanation" in [`DictData::shown`].
+/// Marks "no explanation" in [`Notes::shown`].
 const NONE: u32 = u32::MAX;
+const DEAD: u8 = 1;
+const DENSE: u8 = 2;
+
+/// A dictionary's explanations and scores, with per-feature summaries for the list.
+pub struct Notes {
+    pub explanations: Vec<Explanation>,
+    pub scores: Vec<Score>,
+    /// Per feature: the row of `explanations` the list shows (a successful one, LLM explainers
+    /// before the offline one), or [`NONE`].
+    shown: Vec<u32>,
+    /// Per feature: the mean headline score of the shown explanation (NaN when unscored).
+    pub score: Vec<f32>,
+    /// Rows of `explanations` and of `scores` ordered by feature (for a page's lookups).
+    explanations_by_feature: Vec<u32>,
+    scores_by_feature: Vec<u32>,
+}
 
 /// One analysed dictionary, as the views read it.
 pub struct DictData {
@@ -19,13 +36,10 @@ pub struct DictData {
     pub kind: String,
     pub hook: String,
     pub tables: FeatureTables,
-    pub explanations: Vec<Explanation>,
-    pub scores: Vec<Score>,
-    /// Per feature: the row of `explanations` the list shows (a successful one, LLM explainers
-    /// before the offline one), or [`NONE`].
-    shown: Vec<u32>,
-    /// Per feature: the mean headline score of the shown explanation (NaN when unscored).
-    pub score: Vec<f32>,
+    /// Per feature: [`DEAD`] | [`DENSE`] bits.
+    flags: Vec<u8>,
+    /// Filled by [`DictData::load_notes`]; `Err` when reading them failed.
+    notes: OnceLock<Result<Notes, String>>,
     /// Whether the store has a semantic-search index over the explanations.
     pub has_index: bool,
     /// Whether every feature writes a fixed direction (SAEs; not Monet experts), so the prompt
@@ -33,19 +47,9 @@ pub struct DictData {
     pub steerable: bool,
 }
 
-impl DictData {
-    /// Load dictionary `dict` of `store` (which has been analysed).
-    pub fn load(store: &Store, dict: &str, progress: &Progress) -> Result<DictData> {
-        progress.stage(format!("opening the analysis of {dict}"));
-        let tables = FeatureTables::open(store, dict)?;
-        let n = tables.n_features();
-        let manifest = store.manifest();
-        let entry = manifest.dictionaries.get(dict);
-        let kind = entry.map_or("unknown".into(), |e| format!("{}/{}", e.kind, e.variant));
-        let steerable = entry.is_some_and(|e| e.kind == "sae");
-        let has_index = manifest.explanations.get(dict).is_some_and(|e| e.index_model.is_some());
-        progress.stage(format!("reading the explanations of {dict}"));
-        let all = if manifest.explanations.contains_key(dict) {
+impl Notes {
+    fn load(store: &Store, dict: &str, n: usize) -> Result<Notes> {
+        let all = if store.manifest().explanations.contains_key(dict) {
             store.explanations(dict)?
         } else {
             Default::default()
@@ -56,8 +60,7 @@ impl DictData {
             if f >= n || e.explanation.is_none() {
                 continue;
             }
-            let better = shown[f] == NONE || all.explanations[shown[f] as usize].explainer == "offline";
-            if better {
+            if shown[f] == NONE || all.explanations[shown[f] as usize].explainer == "offline" {
                 shown[f] = i as u32;
             }
         }
@@ -75,39 +78,111 @@ impl DictData {
         }
         let score =
             sum.iter().zip(&count).map(|(&s, &c)| if c > 0 { s / c as f32 } else { f32::NAN }).collect();
-        Ok(DictData {
-            name: dict.to_string(),
-            kind,
-            hook: tables.entry().hook.clone(),
-            tables,
+        let by_feature = |ids: Vec<u32>| {
+            let mut rows: Vec<u32> = (0..ids.len() as u32).collect();
+            rows.sort_by_key(|&r| ids[r as usize]);
+            rows
+        };
+        Ok(Notes {
+            explanations_by_feature: by_feature(all.explanations.iter().map(|e| e.feature_id).collect()),
+            scores_by_feature: by_feature(all.scores.iter().map(|s| s.feature_id).collect()),
             explanations: all.explanations,
             scores: all.scores,
             shown,
             score,
-            has_index,
-            steerable,
         })
     }
 
+    /// The rows (of a table whose rows `by_feature` orders by `feature(row)`) of feature `f`.
+    fn rows_of(by_feature: &[u32], feature: impl Fn(u32) -> u32, f: u32) -> &[u32] {
+        let start = by_feature.partition_point(|&r| feature(r) < f);
+        let end = by_feature.partition_point(|&r| feature(r) <= f);
+        &by_feature[start..end]
+    }
+}
+
+impl DictData {
+    /// Open the analysis of dictionary `dict` of `store` (the explanations come later, from
+    /// [`DictData::load_notes`]).
+    pub fn load(store: &Store, dict: &str, progress: &Progress) -> Result<DictData> {
+        progress.stage(format!("opening the analysis of {dict}"));
+        let tables = FeatureTables::open(store, dict)?;
+        let flags = (0..tables.n_features() as u32)
+            .map(|f| {
+                let (dead, dense) = tables.flags(f);
+                (u8::from(dead) * DEAD) | (u8::from(dense) * DENSE)
+            })
+            .collect();
+        let manifest = store.manifest();
+        let entry = manifest.dictionaries.get(dict);
+        Ok(DictData {
+            name: dict.to_string(),
+            kind: entry.map_or("unknown".into(), |e| format!("{}/{}", e.kind, e.variant)),
+            hook: tables.entry().hook.clone(),
+            steerable: entry.is_some_and(|e| e.kind == "sae"),
+            has_index: manifest.explanations.get(dict).is_some_and(|e| e.index_model.is_some()),
+            tables,
+            flags,
+            notes: OnceLock::new(),
+        })
+    }
+
+    /// Read the explanations and scores (once; later calls do nothing).
+    pub fn load_notes(&self, store: &Store) {
+        self.notes
+            .get_or_init(|| Notes::load(store, &self.name, self.n_features()).map_err(|e| format!("{e:#}")));
+    }
+
+    /// The explanations and scores, once loaded (`Some(Err)` when reading them failed).
+    pub fn notes(&self) -> Option<Result<&Notes, &str>> {
+        self.notes.get().map(|r| r.as_ref().map_err(String::as_str))
+    }
+
+    fn ready_notes(&self) -> Option<&Notes> {
+        self.notes().and_then(Result::ok)
+    }
+
     pub fn n_features(&self) -> usize {
-        self.shown.len()
+        self.flags.len()
+    }
+
+    pub fn is_dead(&self, f: u32) -> bool {
+        self.flags[f as usize] & DEAD != 0
+    }
+
+    pub fn is_dense(&self, f: u32) -> bool {
+        self.flags[f as usize] & DENSE != 0
+    }
+
+    /// The list's score column: the mean score of each feature's shown explanation (NaN when
+    /// unscored; empty until the notes are loaded).
+    pub fn scores(&self) -> &[f32] {
+        self.ready_notes().map_or(&[], |n| &n.score)
+    }
+
+    /// Feature `f`'s list score (NaN when unscored or not loaded yet).
+    pub fn score(&self, f: u32) -> f32 {
+        self.scores().get(f as usize).copied().unwrap_or(f32::NAN)
     }
 
     /// The explanation the list shows for feature `f`, if any.
     pub fn explanation(&self, f: u32) -> Option<&str> {
-        let i = *self.shown.get(f as usize)?;
-        (i != NONE).then(|| self.explanations[i as usize].explanation.as_deref()).flatten()
+        let notes = self.ready_notes()?;
+        let i = *notes.shown.get(f as usize)?;
+        (i != NONE).then(|| notes.explanations[i as usize].explanation.as_deref()).flatten()
     }
 
     /// Every explanation of feature `f` with its scores.
     pub fn explanations_of(&self, f: u32) -> Vec<(&Explanation, Vec<&Score>)> {
-        self.explanations
+        let Some(notes) = self.ready_notes() else { return Vec::new() };
+        let scores = Notes::rows_of(&notes.scores_by_feature, |r| notes.scores[r as usize].feature_id, f);
+        Notes::rows_of(&notes.explanations_by_feature, |r| notes.explanations[r as usize].feature_id, f)
             .iter()
-            .filter(|e| e.feature_id == f)
-            .map(|e| {
-                let scores =
-                    self.scores.iter().filter(|s| s.feature_id == f && s.explainer == e.explainer).collect();
-                (e, scores)
+            .map(|&r| {
+                let e = &notes.explanations[r as usize];
+                let of_e =
+                    scores.iter().map(|&s| &notes.scores[s as usize]).filter(|s| s.explainer == e.explainer);
+                (e, of_e.collect())
             })
             .collect()
     }
@@ -118,4 +193,19 @@ pub fn analysed(store: &Store) -> Vec<String> {
     store.manifest().features.keys().cloned().collect()
 }
 
-pub type Shared = Arc<DictData>;
+/// Load `dict` on this thread, then start reading its notes on another; `done` runs when they
+/// are in (to ask the UI for a repaint).
+pub fn load_in_stages(
+    store: Arc<Store>,
+    dict: &str,
+    progress: &Progress,
+    done: impl FnOnce() + Send + 'static,
+) -> Result<Arc<DictData>> {
+    let data = Arc::new(DictData::load(&store, dict, progress)?);
+    let d = data.clone();
+    std::thread::spawn(move || {
+        d.load_notes(&store);
+        done();
+    });
+    Ok(data)
+}

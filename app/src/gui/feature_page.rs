@@ -7,7 +7,7 @@
 use egui::{RichText, Ui};
 use egui_plot::{Bar, BarChart, Plot};
 use loupe_store::features::hist_bin_edge;
-use loupe_store::{Example, FeatureRow};
+use loupe_store::{Example, Explanation, FeatureRow, Score};
 
 use super::data::DictData;
 use super::jobs::error_ui;
@@ -31,6 +31,10 @@ struct Content {
     feature: u32,
     stats: FeatureRow,
     tokens_analysed: u64,
+    /// Every explanation of the feature with its scores (looked up once: a scan of all rows).
+    explanations: Vec<(Explanation, Vec<Score>)>,
+    /// Whether the explanations were loaded when this was read (else it is read again later).
+    with_notes: bool,
     top: Vec<Shown>,
     quantile: Vec<Shown>,
     promoted: Vec<(String, f32)>,
@@ -80,6 +84,12 @@ fn load(data: &DictData, f: u32) -> anyhow::Result<Content> {
         dict: data.name.clone(),
         feature: f,
         tokens_analysed: t.entry().tokens,
+        with_notes: data.notes().is_some(),
+        explanations: data
+            .explanations_of(f)
+            .into_iter()
+            .map(|(e, scores)| (e.clone(), scores.into_iter().cloned().collect()))
+            .collect(),
         promoted: side(true),
         suppressed: side(false),
         similar: t.neighbours(f)?.iter().map(|n| (n.neighbour, n.cosine)).collect(),
@@ -95,7 +105,7 @@ impl FeaturePage {
     /// co-occurring feature).
     pub fn ui(&mut self, ui: &mut Ui, data: &DictData, f: u32, store_root: &str) -> Option<u32> {
         let stale = match &self.content {
-            Some(Ok(c)) => c.dict != data.name || c.feature != f,
+            Some(Ok(c)) => c.dict != data.name || c.feature != f || c.with_notes != data.notes().is_some(),
             _ => true,
         };
         if stale {
@@ -111,7 +121,7 @@ impl FeaturePage {
         let mut open = None;
         egui::ScrollArea::vertical().auto_shrink(false).show(ui, |ui| {
             header(ui, data, content, store_root);
-            explanations(ui, data, f);
+            explanations(ui, &content.explanations);
             ui.add_space(6.0);
             egui::CollapsingHeader::new(format!("Top examples ({})", content.top.len()))
                 .default_open(true)
@@ -159,8 +169,7 @@ fn header(ui: &mut Ui, data: &DictData, c: &Content, store_root: &str) {
     ));
 }
 
-fn explanations(ui: &mut Ui, data: &DictData, f: u32) {
-    let all = data.explanations_of(f);
+fn explanations(ui: &mut Ui, all: &[(Explanation, Vec<Score>)]) {
     ui.add_space(4.0);
     ui.label(RichText::new(format!("Explanations ({})", all.len())).strong());
     if all.is_empty() {

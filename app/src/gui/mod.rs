@@ -149,6 +149,12 @@ impl LoupeApp {
         self.data.ready().is_some()
     }
 
+    /// Whether the chosen dictionary's explanations and scores are loaded too (they come after
+    /// the list shows).
+    pub fn notes_loaded(&self) -> bool {
+        self.data.ready().is_some_and(|d| d.notes().is_some())
+    }
+
     /// The feature whose page is open.
     pub fn current_feature(&self) -> Option<u32> {
         self.history.current
@@ -163,8 +169,10 @@ impl LoupeApp {
         if self.dict.as_ref() == Some(&dict) {
             return;
         }
-        let (store, name) = (store.clone(), dict.clone());
-        self.data = Loading::start(ctx, "loading", move |p| Ok(Arc::new(DictData::load(&store, &name, p)?)));
+        let (store, name, repaint) = (store.clone(), dict.clone(), ctx.clone());
+        self.data = Loading::start(ctx, "loading", move |p| {
+            data::load_in_stages(store, &name, p, move || repaint.request_repaint())
+        });
         self.dict = Some(dict);
         self.history = History::default();
     }

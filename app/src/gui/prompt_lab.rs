@@ -60,10 +60,14 @@ impl PromptLab {
 
     /// Draw the lab; returns a feature to open.
     pub fn ui(&mut self, ui: &mut Ui, store: &Arc<Store>, data: &DictData) -> Option<u32> {
-        if self.run.poll() {
-            // Colour by the first token's strongest feature until the user picks one.
-            if let (Some(run), None) = (self.run.ready(), self.feature) {
-                self.feature = run.top.iter().skip(1).find_map(|t| t.first().map(|x| x.0));
+        if self.run.poll()
+            && let Some(run) = self.run.ready()
+        {
+            // List the last token's features (what the next token is predicted from), and colour
+            // by its strongest feature until the user picks one.
+            self.token = run.ids.len().checked_sub(1);
+            if self.feature.is_none() {
+                self.feature = run.top.last().and_then(|t| t.first()).map(|x| x.0);
             }
         }
         self.steer.poll();
@@ -141,7 +145,11 @@ impl PromptLab {
                 {
                     self.feature = Some(f);
                 }
-                ui.add(egui::Label::new(data.explanation(f).unwrap_or("")).truncate());
+                let text = data.explanation(f).unwrap_or("");
+                ui.scope(|ui| {
+                    ui.set_width(ui.available_width().max(360.0));
+                    ui.add(egui::Label::new(text).truncate()).on_hover_text(text);
+                });
                 ui.end_row();
             }
         });
