@@ -115,7 +115,7 @@ fn snapshot(h: &mut Harness<'static, LoupeApp>, name: &str) {
 #[test]
 fn browse_search_open_follow_and_go_back() {
     let mut h = harness(app());
-    wait_for(&mut h, "the dictionary to load", |h| h.state().is_loaded());
+    wait_for(&mut h, "the dictionary and its explanations to load", |h| h.state().notes_loaded());
     let tables = loupe_store::FeatureTables::open(&Store::open(store()).unwrap(), DICT).unwrap();
     let live = (0..48).filter(|&f| !tables.stats(f).unwrap().dead).count();
     assert!(has_label(&h, &format!("{live} of 48 features")), "the list hides dead features");
@@ -168,7 +168,7 @@ fn browse_search_open_follow_and_go_back() {
 #[test]
 fn prompt_lab_runs_a_prompt_and_steers() {
     let mut h = harness(app());
-    wait_for(&mut h, "the dictionary to load", |h| h.state().is_loaded());
+    wait_for(&mut h, "the dictionary and its explanations to load", |h| h.state().notes_loaded());
     h.get_by_label("Prompt lab").click();
     h.run_steps(2);
     h.get_by_label("Run").click();
