@@ -209,3 +209,38 @@ fn a_missing_store_is_an_error_in_the_window() {
     assert!(error.contains("/nonexistent/store"), "{error}");
     assert!(has_label(&h, "Error:"));
 }
+
+/// The planted store records no model, and its dictionary reads width 32: the prompt lab says so in
+/// the window, for each of the two problems, and the app goes on.
+#[test]
+fn prompt_lab_errors_appear_in_the_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    drop(loupe_tests::planted::planted_store(&dir, &loupe_tests::planted::planted_values()));
+    let out = loupe(&["analyze", "--store", dir.to_str().unwrap(), "--dictionary", "sae", "--no-index"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (model, expected) in [
+        (None, "the store records no model; start the app with --model"),
+        (Some(gemma_gguf()), "dictionary sae reads width 32 but the model's residual stream is 640 wide"),
+    ] {
+        let mut h = harness(LoupeApp::new(Options { store: dir.clone(), model, ..Options::default() }));
+        wait_for(&mut h, "the dictionary and its explanations to load", |h| h.state().notes_loaded());
+        h.get_by_label("Prompt lab").click();
+        h.run_steps(2);
+        h.get_by_label("Run").click();
+        let start = Instant::now();
+        while !has_label(&h, "Error:") {
+            assert!(start.elapsed() < Duration::from_secs(120), "no error shown (expected {expected:?})");
+            h.step();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        h.run_steps(2);
+        assert!(has_label(&h, expected), "expected {expected:?} in the window");
+        // The app still works: back to the list, open a feature.
+        h.get_by_label("Features").click();
+        h.run_steps(2);
+        h.get_by_role_and_label(Role::Button, "feature 0").click();
+        h.run_steps(2);
+        assert_eq!(h.state().current_feature(), Some(0));
+    }
+}

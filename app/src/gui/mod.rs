@@ -318,3 +318,32 @@ pub fn run(options: Options) -> Result<()> {
     eframe::run_native("Loupe", native, Box::new(|_| Ok(Box::new(LoupeApp::new(options)))))
         .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::History;
+
+    #[test]
+    fn history_goes_back_and_forward_and_a_new_page_drops_the_forward_list() {
+        let mut h = History::default();
+        for f in [1, 2, 2, 3] {
+            h.open(f);
+        }
+        assert_eq!(
+            (h.back.clone(), h.current),
+            (vec![1, 2], Some(3)),
+            "reopening the current page adds nothing"
+        );
+        h.back();
+        h.back();
+        assert_eq!(h.current, Some(1));
+        h.back();
+        assert_eq!(h.current, Some(1), "nothing before the first page");
+        h.forward();
+        assert_eq!(h.current, Some(2));
+        h.open(5);
+        assert!(h.forward.is_empty());
+        h.back();
+        assert_eq!(h.current, Some(2));
+    }
+}
