@@ -56,7 +56,51 @@ pub fn commit_with_index(
     Ok(())
 }
 
-/// The `k` explanations of `dict` nearest `query`, with their cosine similarity.
+/// The search index of one dictionary's explanations, opened once for many queries.
+pub struct Searcher {
+    index: Index,
+    explanations: Vec<Explanation>,
+    /// The embedding model the index was built with (queries must use the same).
+    pub model: String,
+}
+
+impl Searcher {
+    /// Open the index of `dict`'s explanations.
+    pub fn open(store: &Store, dict: &str) -> Result<Searcher> {
+        let entry = store
+            .explanations_entry(dict)
+            .ok_or_else(|| anyhow!("{dict} has no explanations; run `loupe explain` first"))?;
+        let graph = entry
+            .files
+            .iter()
+            .find_map(|f| f.file.rsplit('/').next().and_then(|n| n.strip_suffix(".hnsw.graph")).map(str::to_string))
+            .ok_or_else(|| anyhow!("the explanations of {dict} have no search index (run `loupe explain` with the MiniLM model present)"))?;
+        let index = similar::load(&store.index_dir(dict), &graph, PARAMS)?;
+        let explanations = store.explanations(dict)?.explanations;
+        Ok(Searcher { index, explanations, model: entry.index_model.unwrap_or_default() })
+    }
+
+    /// The `k` explanations nearest `query`, with their cosine similarity.
+    pub fn search(&self, embedder: &Embedder, query: &str, k: usize) -> Result<Vec<(Explanation, f32)>> {
+        if self.model != embedder.name {
+            bail!("the search index was built with {:?}, not {:?}", self.model, embedder.name);
+        }
+        let q = embedder.embed(&[query.to_string()])?.remove(0);
+        Ok(self
+            .index
+            .search(&q, k)
+            .into_iter()
+            .filter_map(|(row, distance)| {
+                let e = self.explanations.get(row)?;
+                e.explanation.as_ref()?;
+                Some((e.clone(), 1.0 - distance))
+            })
+            .collect())
+    }
+}
+
+/// The `k` explanations of `dict` nearest `query`, with their cosine similarity (opens the index
+/// for this one query; keep a [`Searcher`] for many).
 pub fn search(
     store: &Store,
     dict: &str,
@@ -64,31 +108,5 @@ pub fn search(
     query: &str,
     k: usize,
 ) -> Result<Vec<(Explanation, f32)>> {
-    let entry = store
-        .explanations_entry(dict)
-        .ok_or_else(|| anyhow!("{dict} has no explanations; run `loupe explain` first"))?;
-    let graph = entry
-        .files
-        .iter()
-        .find_map(|f| f.file.rsplit('/').next().and_then(|n| n.strip_suffix(".hnsw.graph")).map(str::to_string))
-        .ok_or_else(|| anyhow!("the explanations of {dict} have no search index (run `loupe explain` with the MiniLM model present)"))?;
-    if entry.index_model.as_deref() != Some(embedder.name.as_str()) {
-        bail!(
-            "the search index of {dict} was built with {:?}, not {:?}",
-            entry.index_model.unwrap_or_default(),
-            embedder.name
-        );
-    }
-    let all = store.explanations(dict)?;
-    let index = similar::load(&store.index_dir(dict), &graph, PARAMS)?;
-    let q = embedder.embed(&[query.to_string()])?.remove(0);
-    Ok(index
-        .search(&q, k)
-        .into_iter()
-        .filter_map(|(row, distance)| {
-            let e = all.explanations.get(row)?;
-            e.explanation.as_ref()?;
-            Some((e.clone(), 1.0 - distance))
-        })
-        .collect())
+    Searcher::open(store, dict)?.search(embedder, query, k).map_err(|e| anyhow!("{dict}: {e}"))
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use egui::{Align, Layout, RichText, Ui};
 use loupe_autointerp::score::embedding::Embedder;
+use loupe_autointerp::search::Searcher;
 use loupe_store::Store;
 
 use super::data::DictData;
@@ -39,6 +40,8 @@ pub struct FeatureList {
     dirty: bool,
     search: Loading<Hits>,
     embedder: Option<Arc<Embedder>>,
+    /// The search index of `for_dict`, once a search opened it.
+    searcher: Option<Arc<Searcher>>,
     embedder_dir: Option<PathBuf>,
     /// The dictionary the order was computed for.
     for_dict: String,
@@ -50,9 +53,9 @@ pub struct FeatureList {
 
 const ROW: f32 = 20.0;
 
-/// A semantic search's answer: the embedder it loaded (kept for the next query) and the
-/// `(feature, similarity)` hits, best first.
-type Hits = (Arc<Embedder>, Vec<(u32, f32)>);
+/// A semantic search's answer: the embedder and index it loaded (kept for the next query) and
+/// the `(feature, similarity)` hits, best first.
+type Hits = (Arc<Embedder>, Arc<Searcher>, Vec<(u32, f32)>);
 
 impl FeatureList {
     pub fn new(embedder_dir: Option<PathBuf>) -> FeatureList {
@@ -70,6 +73,7 @@ impl FeatureList {
             dirty: true,
             search: Loading::Idle,
             embedder: None,
+            searcher: None,
             embedder_dir,
             for_dict: String::new(),
             searched: String::new(),
@@ -104,7 +108,7 @@ impl FeatureList {
         self.dirty = false;
         self.for_dict = data.name.clone();
         self.similarity.clear();
-        if let (true, Some((_, hits))) = (self.semantic, self.search.ready()) {
+        if let (true, Some((_, _, hits))) = (self.semantic, self.search.ready()) {
             let hits: Vec<(u32, f32)> = hits.iter().copied().filter(|&(f, _)| self.keep(data, f)).collect();
             self.order = hits.iter().map(|h| h.0).collect();
             self.similarity = hits.iter().map(|h| h.1).collect();
@@ -139,7 +143,8 @@ impl FeatureList {
     fn start_search(&mut self, ctx: &egui::Context, store: &Arc<Store>, data: &DictData) {
         let (store, dict, query) = (store.clone(), data.name.clone(), self.query.clone());
         self.searched = query.clone();
-        let (cached, dir) = (self.embedder.clone(), self.embedder_dir.clone());
+        let (cached, dir, searcher) =
+            (self.embedder.clone(), self.embedder_dir.clone(), self.searcher.clone());
         self.search = Loading::start(ctx, "semantic search", move |p| {
             let embedder = match cached {
                 Some(e) => e,
@@ -151,9 +156,16 @@ impl FeatureList {
                     Arc::new(Embedder::load(&dir)?)
                 }
             };
+            let searcher = match searcher {
+                Some(s) => s,
+                None => {
+                    p.stage("opening the search index");
+                    Arc::new(Searcher::open(&store, &dict)?)
+                }
+            };
             p.stage("searching the explanations");
-            let hits = loupe_autointerp::search::search(&store, &dict, &embedder, &query, 200)?;
-            Ok((embedder, hits.into_iter().map(|(e, sim)| (e.feature_id, sim)).collect()))
+            let hits = searcher.search(&embedder, &query, 200)?;
+            Ok((embedder, searcher, hits.into_iter().map(|(e, sim)| (e.feature_id, sim)).collect()))
         });
     }
 
@@ -168,6 +180,7 @@ impl FeatureList {
         if self.for_dict != data.name {
             self.dirty = true;
             self.search = Loading::Idle;
+            self.searcher = None;
             self.notes_seen = false;
         }
         // The explanations arrive after the list first shows: filter and sort again then.
@@ -176,8 +189,9 @@ impl FeatureList {
             self.dirty = true;
         }
         if self.search.poll() {
-            if let Some((embedder, _)) = self.search.ready() {
+            if let Some((embedder, searcher, _)) = self.search.ready() {
                 self.embedder = Some(embedder.clone());
+                self.searcher = Some(searcher.clone());
             }
             self.dirty = true;
         }
