@@ -44,6 +44,10 @@ fn store() -> &'static Path {
         let sae = Sae::init(SaeSpec { variant: Variant::Topk, d_in: 640, n_features: 48, k: 4 }, 7);
         commit_sae(&Store::open_rw(&s).unwrap(), DICT, &sae, HOOK);
         run(&["analyze", "--store", &st, "--dictionary", DICT]);
+        // A second dictionary, to switch to.
+        let other = Sae::init(SaeSpec { variant: Variant::Topk, d_in: 640, n_features: 32, k: 4 }, 9);
+        commit_sae(&Store::open_rw(&s).unwrap(), "l3-small", &other, HOOK);
+        run(&["analyze", "--store", &st, "--dictionary", "l3-small", "--no-index"]);
         let e = minilm_dir();
         let common = ["--store", &st, "--dictionary", DICT, "--embedder", e.to_str().unwrap()];
         run(&[&["explain"][..], &common].concat());
@@ -114,6 +118,7 @@ fn snapshot(h: &mut Harness<'static, LoupeApp>, name: &str) {
 
 #[test]
 fn browse_search_open_follow_and_go_back() {
+    let before = loupe_tests::snapshot(store());
     let mut h = harness(app());
     wait_for(&mut h, "the dictionary and its explanations to load", |h| h.state().notes_loaded());
     let tables = loupe_store::FeatureTables::open(&Store::open(store()).unwrap(), DICT).unwrap();
@@ -163,6 +168,8 @@ fn browse_search_open_follow_and_go_back() {
     h.get_by_label("Forward »").click();
     h.run_steps(3);
     assert_eq!(h.state().current_feature(), Some(similar));
+    drop(h);
+    assert!(before == loupe_tests::snapshot(store()), "the app changed the store");
 }
 
 #[test]
@@ -243,4 +250,22 @@ fn prompt_lab_errors_appear_in_the_window() {
         h.run_steps(2);
         assert_eq!(h.state().current_feature(), Some(0));
     }
+}
+
+#[test]
+fn dictionaries_are_selectable() {
+    let mut h = harness(app());
+    wait_for(&mut h, "the dictionary and its explanations to load", |h| h.state().notes_loaded());
+    h.get_by_role_and_label(Role::Button, "feature 3").click();
+    h.run_steps(2);
+    assert_eq!(h.state().current_feature(), Some(3));
+    h.get_by_label("Dictionary").click();
+    h.run_steps(2);
+    h.get_by_label("l3-small").click();
+    h.run_steps(2);
+    wait_for(&mut h, "the other dictionary to load", |h| h.state().notes_loaded());
+    assert!(has_label(&h, "sae/topk · 32 features"), "the header names the new dictionary");
+    assert!(has_label(&h, "of 32 features"), "the list shows its features");
+    assert_eq!(h.state().current_feature(), None, "pages of the other dictionary are closed");
+    assert!(has_label(&h, "none yet: run `loupe explain`") || has_label(&h, "Select a feature"));
 }
