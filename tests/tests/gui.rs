@@ -65,9 +65,9 @@ fn app() -> LoupeApp {
     })
 }
 
-/// A harness over `app`. Model vocabularies hold scripts the default fonts lack (the app draws
-/// those as boxes), so only the test of the bare window checks for missing glyphs in the app's own
-/// labels.
+/// A harness over `app`. Model vocabularies hold scripts the default fonts lack (the app finds
+/// system fonts for them; the harness has only egui's own fonts), so only the test of the bare
+/// window checks for missing glyphs in the app's own labels.
 fn harness(app: LoupeApp) -> Harness<'static, LoupeApp> {
     Harness::builder()
         .with_size([1280.0, 800.0])
