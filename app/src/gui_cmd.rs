@@ -30,8 +30,25 @@ pub struct Args {
 }
 
 pub fn options(args: &Args) -> Result<Options> {
-    // The same check the window would show, as one line before any window opens.
-    loupe_store::Store::open(&args.store)?;
+    // What the window would show as an error, checked first: one line, before any window opens.
+    let store = loupe_store::Store::open(&args.store)?;
+    let analysed = store.manifest().features;
+    if let Some(d) = &args.dictionary {
+        let Some(entry) = analysed.get(d) else {
+            let names: Vec<&str> = analysed.keys().map(String::as_str).collect();
+            let listed = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+            bail!(
+                "{} has no analysis of {d:?} (analysed: {listed}); run `loupe analyze` first",
+                args.store.display()
+            );
+        };
+        if let Some(f) = args.feature.filter(|&f| f >= entry.n_features) {
+            bail!("feature {f} does not exist ({d} has {} features)", entry.n_features);
+        }
+    }
+    if let Some(m) = args.model.as_ref().filter(|m| !m.exists()) {
+        bail!("model not found: {} does not exist", m.display());
+    }
     let embedder = match &args.embedder {
         Some(dir) if !dir.join("config.json").is_file() => {
             bail!("{} is not a MiniLM folder (no config.json)", dir.display())

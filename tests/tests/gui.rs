@@ -269,3 +269,26 @@ fn dictionaries_are_selectable() {
     assert_eq!(h.state().current_feature(), None, "pages of the other dictionary are closed");
     assert!(has_label(&h, "none yet: run `loupe explain`") || has_label(&h, "Select a feature"));
 }
+
+/// `loupe gui` checks its arguments before it opens a window: one error line, non-zero exit.
+#[test]
+fn bad_gui_arguments_get_one_error_line() {
+    let s = store().to_str().unwrap();
+    let one = loupe_tests::assert_one_error;
+    one(store(), &["gui", s, "--dictionary", "nope"], "has no analysis of \"nope\" (analysed: l3, l3-small)");
+    one(
+        store(),
+        &["gui", s, "--dictionary", DICT, "--feature", "48"],
+        "feature 48 does not exist (l3 has 48 features)",
+    );
+    one(
+        store(),
+        &["gui", s, "--model", "/nonexistent/model.gguf"],
+        "model not found: /nonexistent/model.gguf",
+    );
+    let out = loupe(&["gui", "/nonexistent/store"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/store"), "{err}");
+}

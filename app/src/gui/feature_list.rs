@@ -217,7 +217,8 @@ impl FeatureList {
             }
         });
         ui.separator();
-        let mut clicked = self.header(ui);
+        self.header(ui);
+        let mut clicked = None;
         let semantic = !self.similarity.is_empty();
         let text_height = ui.text_style_height(&egui::TextStyle::Body).max(ROW);
         egui::ScrollArea::vertical().auto_shrink(false).show_rows(
@@ -234,7 +235,7 @@ impl FeatureList {
                 }
             },
         );
-        clicked.filter(|&f| f != u32::MAX)
+        clicked
     }
 
     fn controls(&mut self, ui: &mut Ui, store: &Arc<Store>, data: &DictData) {
@@ -283,7 +284,7 @@ impl FeatureList {
     }
 
     /// Column headers; clicking one sorts by it (again: reverses).
-    fn header(&mut self, ui: &mut Ui) -> Option<u32> {
+    fn header(&mut self, ui: &mut Ui) {
         // Monospace: the default proportional font has no arrows.
         ui.horizontal(|ui| {
             for (sort, name, width) in [
@@ -312,7 +313,6 @@ impl FeatureList {
             }
             ui.label(RichText::new("Explanation").strong());
         });
-        None
     }
 }
 
