@@ -190,6 +190,12 @@ fn prompt_lab_runs_a_prompt_and_steers() {
     h.get_all_by_label(" to").last().expect("the last token").click();
     h.run_steps(2);
     assert!(has_label(&h, "Top features at token 14"));
+    // Every token's strongest features, unfolded and folded again.
+    h.get_by_label("Top features of every token").click();
+    h.run_steps(2);
+    assert!(has_label(&h, " 14  to") && has_label(&h, "  2  Mary"), "a row per token");
+    h.get_by_label("Top features of every token").click();
+    h.run_steps(2);
     let feature = h.query_all_by_role(Role::Link).find_map(|n| {
         n.accesskit_node().label().and_then(|l| l.strip_prefix("feature ").map(str::to_string))
     });

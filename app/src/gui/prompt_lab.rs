@@ -12,7 +12,7 @@ use loupe_store::Store;
 use super::data::DictData;
 use super::jobs::Loading;
 use super::lab::{Lab, Run, Steer};
-use super::tokens::tokens_ui;
+use super::tokens::{tokens_ui, visible};
 
 pub struct PromptLab {
     pub text: String,
@@ -112,6 +112,7 @@ impl PromptLab {
         if let Some(i) = tokens_ui(ui, &strings, &values, max, self.token) {
             self.token = Some(i);
         }
+        open = open.or(self.every_token(ui, &run, data, &strings));
         ui.separator();
         ui.columns(2, |cols| {
             open = self.token_features(&mut cols[0], &run, data, &strings);
@@ -119,6 +120,31 @@ impl PromptLab {
         });
         ui.separator();
         self.steering(ui, store, run, data);
+        open
+    }
+
+    /// Every token with its three strongest features, folded away by default.
+    fn every_token(&mut self, ui: &mut Ui, run: &Run, data: &DictData, strings: &[String]) -> Option<u32> {
+        let mut open = None;
+        egui::CollapsingHeader::new("Top features of every token").default_open(false).show(ui, |ui| {
+            egui::Grid::new("every token").striped(true).show(ui, |ui| {
+                for (i, (s, top)) in strings.iter().zip(&run.top).enumerate() {
+                    let token = RichText::new(format!("{i:>3} {}", visible(s))).monospace();
+                    if ui.selectable_label(self.token == Some(i), token).clicked() {
+                        self.token = Some(i);
+                    }
+                    for &(f, v) in top.iter().take(3) {
+                        let link =
+                            ui.link(format!("feature {f}")).on_hover_text(data.explanation(f).unwrap_or(""));
+                        if link.clicked() {
+                            open = Some(f);
+                        }
+                        ui.label(format!("{v:.3}"));
+                    }
+                    ui.end_row();
+                }
+            });
+        });
         open
     }
 
