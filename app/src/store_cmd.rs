@@ -95,7 +95,12 @@ pub fn info(dir: &Path) -> Result<()> {
     for (name, e) in &m.explanations {
         let index =
             e.index_model.as_deref().map_or("no search index".to_string(), |m| format!("indexed by {m}"));
-        println!("  {name}  {} explanations, {} scores, {index}", e.n_explanations, e.n_scores);
+        let stale = if store.explanations_stale(name) {
+            " (stale: made from an earlier analysis; re-run `loupe explain --redo`)"
+        } else {
+            ""
+        };
+        println!("  {name}  {} explanations, {} scores, {index}{stale}", e.n_explanations, e.n_scores);
         for file in &e.files {
             missing.extend(size_problem(store.root(), file));
         }

@@ -189,11 +189,16 @@ pub fn explain(
         .map(|e| e.feature_id)
         .collect();
     all.scores.retain(|s| !(s.explainer == opts.explainer && changed.contains(&s.feature_id)));
+    // Whether every explanation of the dictionary is one this run (re)made.
+    let all_remade = all.explanations.iter().all(replaced);
     all.explanations.retain(|e| !replaced(e));
     summary.committed = records.len();
     all.explanations.extend(records.into_values());
     all.explanations.sort_by(|a, b| (a.feature_id, &a.explainer).cmp(&(b.feature_id, &b.explainer)));
     search::commit_with_index(store, dict, &all, embedder)?;
+    if all_remade {
+        store.mark_explanations_current(dict)?;
+    }
     Arc::try_unwrap(journal).map_err(|_| anyhow::anyhow!("the journal is still in use"))?.remove()?;
     Ok(summary)
 }

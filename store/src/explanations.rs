@@ -40,6 +40,10 @@ pub struct ExplanationsEntry {
     /// The embedding model of the search index, when `files` lists one.
     #[serde(default)]
     pub index_model: Option<String>,
+    /// [`crate::features::analysis_id`] of the analysis the explanations were made from (None in
+    /// stores older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<String>,
     /// Files relative to the store root.
     pub files: Vec<FileEntry>,
 }
@@ -327,6 +331,30 @@ impl Store {
         self.manifest().explanations.get(dict).cloned()
     }
 
+    /// Record that every explanation of `dict` was made from the current analysis (an explain
+    /// run that remade them all calls this after its commit).
+    pub fn mark_explanations_current(&self, dict: &str) -> Result<()> {
+        let Some(id) = self.features(dict).as_ref().map(crate::features::analysis_id) else { return Ok(()) };
+        self.commit(|m| {
+            if let Some(e) = m.explanations.get_mut(dict) {
+                e.analysis = Some(id);
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether the explanations of `dict` were made from an analysis that `loupe analyze` has
+    /// since replaced (their examples and `example_rows` then refer to rows the current analysis
+    /// may not show). False when unknown.
+    pub fn explanations_stale(&self, dict: &str) -> bool {
+        let manifest = self.manifest();
+        match (manifest.explanations.get(dict).and_then(|e| e.analysis.as_ref()), manifest.features.get(dict))
+        {
+            (Some(made_from), Some(now)) => *made_from != crate::features::analysis_id(now),
+            _ => false,
+        }
+    }
+
     /// The explanations and scores of `dict` (empty when there are none yet).
     pub fn explanations(&self, dict: &str) -> Result<Explanations> {
         let Some(entry) = self.explanations_entry(dict) else {
@@ -394,6 +422,12 @@ impl Store {
             n_explanations: all.explanations.len() as u32,
             n_scores: all.scores.len() as u32,
             index_model,
+            // Rewriting the tables (a score run, a partial explain run) does not make older
+            // explanations current: keep what the previous entry recorded.
+            analysis: match self.explanations_entry(dict) {
+                Some(previous) => previous.analysis,
+                None => self.features(dict).as_ref().map(crate::features::analysis_id),
+            },
             files: hash_files(self.root(), &refs)?,
         };
         self.commit(|m| {

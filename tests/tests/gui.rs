@@ -298,3 +298,47 @@ fn bad_gui_arguments_get_one_error_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("/nonexistent/store"), "{err}");
 }
+
+/// Explanations record the analysis they were made from: after a new `loupe analyze` they are
+/// stale, `loupe store info` and the app say so, and `loupe explain --redo` makes them current.
+#[test]
+fn explanations_of_an_earlier_analysis_are_marked_stale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    drop(loupe_tests::planted::planted_store(&dir, &loupe_tests::planted::planted_values()));
+    let d = dir.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = loupe(args);
+        assert!(out.status.success(), "loupe {args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let e = minilm_dir();
+    run(&["analyze", "--store", d, "--dictionary", "sae", "--no-index"]);
+    run(&["explain", "--store", d, "--dictionary", "sae", "--embedder", e.to_str().unwrap()]);
+    assert!(!Store::open(&dir).unwrap().explanations_stale("sae"));
+    assert!(!run(&["store", "info", d]).contains("stale"));
+
+    run(&["analyze", "--store", d, "--dictionary", "sae", "--no-index", "--top", "5"]);
+    assert!(Store::open(&dir).unwrap().explanations_stale("sae"));
+    assert!(run(&["store", "info", d]).contains("(stale: made from an earlier analysis"));
+    let mut h = harness(LoupeApp::new(Options { store: dir.clone(), ..Options::default() }));
+    wait_for(&mut h, "the dictionary and its explanations to load", |h| h.state().notes_loaded());
+    assert!(has_label(&h, "stale explanations: made from an earlier analysis"));
+    drop(h);
+
+    // Scoring rewrites the tables but makes nothing current; explaining anew does.
+    run(&[
+        "score",
+        "--store",
+        d,
+        "--dictionary",
+        "sae",
+        "--embedder",
+        e.to_str().unwrap(),
+        "--test-examples",
+        "4",
+    ]);
+    assert!(Store::open(&dir).unwrap().explanations_stale("sae"));
+    run(&["explain", "--store", d, "--dictionary", "sae", "--embedder", e.to_str().unwrap(), "--redo"]);
+    assert!(!Store::open(&dir).unwrap().explanations_stale("sae"));
+}

@@ -42,6 +42,8 @@ pub struct DictData {
     notes: OnceLock<Result<Notes, String>>,
     /// Whether the store has a semantic-search index over the explanations.
     pub has_index: bool,
+    /// Whether the explanations were made from an earlier analysis than the one shown.
+    pub stale: bool,
     /// Whether every feature writes a fixed direction (SAEs; not Monet experts), so the prompt
     /// lab can steer with it.
     pub steerable: bool,
@@ -121,6 +123,7 @@ impl DictData {
             hook: tables.entry().hook.clone(),
             steerable: entry.is_some_and(|e| e.kind == "sae"),
             has_index: manifest.explanations.get(dict).is_some_and(|e| e.index_model.is_some()),
+            stale: store.explanations_stale(dict),
             tables,
             flags,
             notes: OnceLock::new(),

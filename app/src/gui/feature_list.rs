@@ -210,6 +210,12 @@ impl FeatureList {
             Some(Err(e)) => error_ui(ui, &format!("cannot read the explanations: {e}")),
             Some(Ok(_)) => {}
         }
+        if data.stale {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                "stale explanations: made from an earlier analysis (re-run `loupe explain --redo`)",
+            );
+        }
         ui.horizontal(|ui| {
             ui.label(format!("{} of {} features", self.order.len(), data.n_features()));
             if !self.similarity.is_empty() {

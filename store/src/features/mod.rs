@@ -56,6 +56,13 @@ pub fn hist_bin_edge(b: usize) -> f32 {
     (b as f32 / HIST_BINS_PER_OCTAVE as f32 + HIST_MIN_LOG2).exp2()
 }
 
+/// What identifies one analysis: a hash over its files' names and checksums. Explanations record
+/// the analysis they were made from, so that a later `loupe analyze` shows them to be stale.
+pub fn analysis_id(entry: &FeaturesEntry) -> String {
+    let listing: String = entry.files.iter().map(|f| format!("{} {}\n", f.file, f.xxh3)).collect();
+    crate::fsutil::hex128(xxhash_rust::xxh3::xxh3_128(listing.as_bytes()))
+}
+
 /// An analysis' manifest entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeaturesEntry {
