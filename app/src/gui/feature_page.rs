@@ -185,7 +185,8 @@ fn explanations(ui: &mut Ui, all: &[(Explanation, Vec<Score>)]) {
                     format!("failed: {}", failure.as_deref().unwrap_or("no reason recorded")),
                 ),
             };
-            let hash = &e.prompt_hash[..e.prompt_hash.len().min(12)];
+            // By characters: a store written by another tool may hold any text here.
+            let hash: String = e.prompt_hash.chars().take(12).collect();
             ui.label(
                 RichText::new(format!(
                     "explainer {} · model {} · temperature {} · prompt {hash}… · {} example rows",
