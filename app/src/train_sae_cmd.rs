@@ -143,5 +143,9 @@ pub fn run(args: &Args) -> Result<()> {
         job.tokens,
         job.eval_tokens
     );
+    let banner = match t.variant {
+        Variant::Topk => format!("{banner}\nselection: {}", loupe_trainer::dict::amx::describe()),
+        _ => banner,
+    };
     crate::train_job::run::<Trainer>(&job, banner, "L0")
 }

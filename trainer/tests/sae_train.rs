@@ -501,3 +501,50 @@ fn relative_thresholds_are_scale_free() {
         }
     }
 }
+
+/// TopK on AMX (bf16 candidates, exact values) trains like the f32 GEMM path: on planted data
+/// with AuxK (dead features) and Multi-TopK active, the two trainers select the same pairs on
+/// nearly every token and end at the same FVU. Skipped where the CPU has no AMX.
+#[test]
+fn topk_amx_selection_trains_like_the_f32_path() {
+    if !loupe_trainer::dict::amx::available() {
+        eprintln!("skipped: no AMX-BF16 here");
+        return;
+    }
+    let (d, m, n, k, batch) = (96, 200, 1024, 8, 512);
+    let mut rng = StdRng::seed_from_u64(5);
+    let atoms = unit_rows(&mut rng, m, d);
+    let offset = gaussian(&mut rng, d, 0.5);
+    let mut cfg = TrainConfig::new(Variant::Topk, d, n, k, batch);
+    cfg.multi_topk = true;
+    cfg.dead_tokens = 2 * batch as u64;
+    cfg.lr = 1e-3;
+    let mut fast = Trainer::new(cfg.clone()).unwrap();
+    let mut exact = Trainer::new(cfg).unwrap();
+    exact.set_amx(false);
+    let (mut same, mut total, mut aux_seen) = (0usize, 0usize, false);
+    let (mut a, mut b) = (Default::default(), Default::default());
+    for _ in 0..30 {
+        let x = planted(&mut rng, &atoms, d, k, batch, &offset);
+        a = fast.step(&x, None).unwrap();
+        b = exact.step(&x, None).unwrap();
+        aux_seen |= a.aux_loss > 0.0;
+        let (ca, cb) = (fast.last_codes(), exact.last_codes());
+        for t in 0..batch {
+            let (fa, va) = ca.row(t);
+            let (fb, vb) = cb.row(t);
+            let mut fa = fa.to_vec();
+            let mut fb = fb.to_vec();
+            fa.sort_unstable();
+            fb.sort_unstable();
+            total += 1;
+            same += (fa == fb) as usize;
+            let (sa, sb) = (va.iter().sum::<f32>(), vb.iter().sum::<f32>());
+            assert!((sa - sb).abs() <= 1e-2 * sb.abs().max(1.0), "token {t}: code sums {sa} vs {sb}");
+        }
+    }
+    eprintln!("AMX vs f32: {same} of {total} token selections equal; last FVU {} vs {}", a.fvu, b.fvu);
+    assert!(aux_seen, "AuxK never ran: the test does not cover the auxiliary set");
+    assert!(same as f64 >= 0.99 * total as f64, "only {same} of {total} token selections equal");
+    assert!((a.fvu - b.fvu).abs() <= 0.02 * b.fvu, "FVU {} (AMX) vs {} (f32)", a.fvu, b.fvu);
+}

@@ -11,13 +11,16 @@
 //! After training, each side reports FVU, L0 and dead features on held-out tokens.
 //!
 //! The limit set by the encoder GEMM is `rate / (2·d·n)` tokens/s, where `rate` is the FLOP/s of
-//! Loupe's GEMM at the training shape (`[batch, d] × [d, n]`), measured in this run.
+//! Loupe's GEMM at the training shape (`[batch, d] × [d, n]`), measured in this run. Where TopK
+//! selects on AMX (`loupe_trainer::dict::amx`), the f32 GEMM no longer bounds the step; the bench
+//! then also measures the AMX bf16 products alone and reports the share of that limit.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Result, bail};
+use loupe_trainer::dict::amx;
 use loupe_trainer::dict::kernels::matmul_nt;
 use loupe_trainer::dict::train::{default_lr, sq_dist, total_variance};
 use loupe_trainer::dict::{Dictionary, TrainConfig, Trainer, Variant};
@@ -84,6 +87,13 @@ pub fn run(args: &Args) -> Result<()> {
         gemm / 1e9
     );
 
+    // Where TopK selects on AMX, its bf16 products bound the step instead of the f32 GEMM.
+    let amx_limit = amx_rate(d, n, batch).map(|rate| {
+        let limit = rate / (2.0 * d as f64 * n as f64);
+        println!("AMX bf16 products, same shape: {:.1} GFLOP/s → limit {limit:.0} tokens/s", rate / 1e9);
+        limit
+    });
+
     let mut cfg = TrainConfig::new(Variant::Topk, d, n, k, batch);
     cfg.lr = lr;
     cfg.seed = args.seed;
@@ -97,6 +107,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
 
     println!("timing Loupe ({} steps, {} untimed)", args.steps, args.warmup_steps);
+    println!("  selection: {}", loupe_trainer::dict::amx::describe());
     let mut start = Instant::now();
     let mut last = Default::default();
     for (step, x) in train.chunks(batch * d).enumerate() {
@@ -142,6 +153,12 @@ pub fn run(args: &Args) -> Result<()> {
         "  share of the encoder-GEMM limit: {:.2} ({loupe_tps:.0} of {limit:.0} tokens/s)",
         loupe_tps / limit
     );
+    if let Some(amx) = amx_limit {
+        println!(
+            "  share of the AMX-products limit: {:.2} ({loupe_tps:.0} of {amx:.0} tokens/s)",
+            loupe_tps / amx
+        );
+    }
     let shape = format!("d {d}, n {n}, k {k}, batch {batch}");
     match reference {
         Some((tps, fvu)) => {
@@ -204,6 +221,26 @@ fn gemm_rate(d: usize, n: usize, batch: usize) -> f64 {
         })
         .fold(f64::MAX, f64::min);
     2.0 * (batch * d * n) as f64 / best
+}
+
+/// The FLOP rate of the AMX bf16 products TopK's selection runs on (best of 3), or `None` where
+/// training does not use them.
+fn amx_rate(d: usize, n: usize, batch: usize) -> Option<f64> {
+    if !amx::available() {
+        return None;
+    }
+    let x = vec![0.5f32; batch * d];
+    let mut packed = amx::PackedEncoder::default();
+    packed.pack(&vec![0.25f32; n * d], n, d);
+    amx::products_only(&x, &packed);
+    let best = (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            amx::products_only(&x, &packed);
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min);
+    Some(2.0 * (batch * d * n) as f64 / best)
 }
 
 /// Write the data and the initial decoder to files, run the reference, return its JSON report.

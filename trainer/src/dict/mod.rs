@@ -19,6 +19,7 @@
 //! encoder vector), `b_enc` `[n_features]`, `w_dec` `[n_features, d_in]` (row `f` is its decoder
 //! direction, unit norm), `b_dec` `[d_in]`. Saved as SAELens' `W_enc [d_in, d_sae]` (transposed).
 
+pub mod amx;
 pub mod config;
 pub mod eval;
 pub mod feature_choice;

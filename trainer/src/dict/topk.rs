@@ -10,13 +10,7 @@ use super::kernels::{self, Codes};
 
 /// Per-token top-`k` of `pre + b_enc` (`pre` is `[tokens, n]`) appended to `main`; with `multi`,
 /// also the top-`multi_k` (≥ k) appended to the second set.
-pub fn select(
-    pre: &[f32],
-    b_enc: &[f32],
-    k: usize,
-    mut multi: Option<(usize, &mut Codes)>,
-    main: &mut Codes,
-) {
+pub fn select(pre: &[f32], b_enc: &[f32], k: usize, multi: Option<(usize, &mut Codes)>, main: &mut Codes) {
     let n = b_enc.len();
     let keep = multi.as_ref().map_or(k, |(m, _)| (*m).max(k));
     let rows: Vec<Vec<(u32, f32)>> = pre
@@ -27,11 +21,17 @@ pub fn select(
             sel
         })
         .collect();
-    for row in &rows {
+    push_rows(&rows, k, multi.map(|(_, codes)| codes), main);
+}
+
+/// Appends per-token selections (descending, at least the top `k` of each) to `main` cut to `k`,
+/// and whole to `multi`.
+pub fn push_rows(rows: &[Vec<(u32, f32)>], k: usize, multi: Option<&mut Codes>, main: &mut Codes) {
+    for row in rows {
         main.push_row(&row[..k.min(row.len())]);
     }
-    if let Some((_, codes)) = multi.as_mut() {
-        for row in &rows {
+    if let Some(codes) = multi {
+        for row in rows {
             codes.push_row(row);
         }
     }

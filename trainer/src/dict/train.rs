@@ -26,6 +26,7 @@ use anyhow::{Result, bail};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::amx;
 pub use super::config::{TrainConfig, default_lr};
 use super::kernels::{self, Codes};
 pub use super::loss::{sq_dist, total_variance};
@@ -128,12 +129,18 @@ pub struct Trainer {
     pub sae: Sae,
     pub state: TrainerState,
     scratch: Scratch,
+    /// TopK selects on AMX ([`amx`]); on by default where available.
+    amx: bool,
 }
 
 #[derive(Default)]
 struct Scratch {
     xc: Vec<f32>,
     pre: Vec<f32>,
+    /// TopK on AMX: `W_enc` in bf16 tiles, and the auxiliary set's gathered rows and biases.
+    packed: amx::PackedEncoder,
+    w_aux: Vec<f32>,
+    b_aux: Vec<f32>,
     proj: Vec<f32>,
     xhat: Vec<f32>,
     /// Per-part buffers of the feature-major decode.
@@ -181,7 +188,7 @@ impl Trainer {
             density: vec![0.0; n],
             threshold: Moments::zeros(if jump { n } else { 0 }),
         };
-        Ok(Trainer { cfg, sae, state, scratch: Scratch::default() })
+        Ok(Trainer { cfg, sae, state, scratch: Scratch::default(), amx: amx::available() })
     }
 
     /// A trainer continuing from saved weights and state.
@@ -205,7 +212,13 @@ impl Trainer {
         {
             bail!("checkpoint state does not match the SAE's shape");
         }
-        Ok(Trainer { cfg, sae, state, scratch: Scratch::default() })
+        Ok(Trainer { cfg, sae, state, scratch: Scratch::default(), amx: amx::available() })
+    }
+
+    /// Turns TopK's AMX selection off (or back on where [`amx::available`]): the f32 GEMM path,
+    /// as on CPUs without AMX.
+    pub fn set_amx(&mut self, on: bool) {
+        self.amx = on && amx::available();
     }
 
     /// One step on `x` (`[tokens, d_in]`), with `grad` (`∂L/∂x`, same shape) for g-SAE.
@@ -320,7 +333,32 @@ impl Trainer {
 
         // Encoder GEMM and selection. TopK, JumpReLU and ReLU select per token, so they run in
         // chunks of tokens; the others need the whole batch's pre-activations.
-        let observed = if matches!(self.cfg.variant, Variant::Topk | Variant::Jumprelu | Variant::Relu) {
+        let observed = if self.cfg.variant == Variant::Topk && self.amx {
+            // bf16 candidates on AMX, exact f32 values (amx.rs); no dense pre-activations.
+            s.packed.pack(&self.sae.w_enc, n, d);
+            let (k, multi_k) = (self.cfg.k, self.cfg.multi_topk.then_some(4 * self.cfg.k));
+            let keep = multi_k.map_or(k, |m| m.max(k));
+            let rows = amx::select_topk(&s.xc, &self.sae.w_enc, &s.packed, &self.sae.b_enc, keep);
+            topk::push_rows(&rows, k, multi_k.map(|_| &mut multi.codes), &mut main.codes);
+            if use_aux {
+                // The auxiliary set's pre-activations only: a GEMM over its gathered rows.
+                let m = aux_set.len();
+                s.w_aux.clear();
+                s.b_aux.clear();
+                for &f in &aux_set {
+                    s.w_aux.extend_from_slice(&self.sae.w_enc[f as usize * d..(f as usize + 1) * d]);
+                    s.b_aux.push(self.sae.b_enc[f as usize]);
+                }
+                s.pre.resize(tokens * m, 0.0);
+                kernels::matmul_nt(&s.xc, &s.w_aux, &mut s.pre, tokens, m, d, false);
+                let local: Vec<u32> = (0..m as u32).collect();
+                let (b, out) = (Some(&s.b_aux[..]), &mut aux.codes);
+                select_among(&s.pre, b, 0.0, m, tokens, false, &local, self.cfg.k_aux, out);
+                // `aux_set` is ascending, so the mapped rows stay sorted by feature.
+                aux.codes.feature.iter_mut().for_each(|f| *f = aux_set[*f as usize]);
+            }
+            Observed::None
+        } else if matches!(self.cfg.variant, Variant::Topk | Variant::Jumprelu | Variant::Relu) {
             let chunk = TOPK_CHUNK.min(tokens);
             s.pre.resize(chunk * n, 0.0);
             for c0 in (0..tokens).step_by(chunk) {
