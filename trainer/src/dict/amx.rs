@@ -17,8 +17,11 @@
 
 use rayon::prelude::*;
 
-/// Most tokens per parallel task: its bf16 rows (1.3 MB at d 640) stay in L2.
+/// Most tokens per parallel task (1.3 MB of bf16 rows at d 640).
 const ROW_BLOCK: usize = 1024;
+/// Most bytes of a task's bf16 rows: they must stay in L2 (2 MB per core here) while `W_enc`
+/// streams through.
+const ROW_BYTES: usize = 3 << 19;
 /// Feature blocks of 32 per group: a group's bf16 weights (40 KB each at d 640) are used by every
 /// 32 tokens of the task before the next group is loaded.
 const GROUP: usize = 16;
@@ -147,7 +150,8 @@ impl Job<'_> {
     /// Every token's selection, in parallel over blocks of tokens.
     fn run(&self, tokens: usize) -> Vec<Vec<(u32, f32)>> {
         let per_thread = tokens.div_ceil(rayon::current_num_threads().max(1)).div_ceil(32) * 32;
-        let row_block = per_thread.clamp(32, ROW_BLOCK);
+        let fit = (ROW_BYTES / (self.packed.k_blocks() * 64) / 32 * 32).max(32);
+        let row_block = per_thread.clamp(32, ROW_BLOCK.min(fit));
         let blocks: Vec<Vec<Vec<(u32, f32)>>> = (0..tokens.div_ceil(row_block))
             .into_par_iter()
             .map(|blk| {
