@@ -229,9 +229,12 @@ fn amx_rate(d: usize, n: usize, batch: usize) -> Option<f64> {
     if !amx::available() {
         return None;
     }
-    let x = vec![0.5f32; batch * d];
+    // Random values, as in training (the rate is the same with constant ones here).
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut fill = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let x = fill(batch * d);
     let mut packed = amx::PackedEncoder::default();
-    packed.pack(&vec![0.25f32; n * d], n, d);
+    packed.pack(&fill(n * d), n, d);
     amx::products_only(&x, &packed);
     let best = (0..3)
         .map(|_| {

@@ -43,7 +43,7 @@ pub fn describe() -> &'static str {
 }
 
 /// Candidates kept per token beyond `keep` before the exact recompute.
-pub fn margin(keep: usize) -> usize {
+fn margin(keep: usize) -> usize {
     (keep / 2).max(16)
 }
 

@@ -137,10 +137,7 @@ pub struct Trainer {
 struct Scratch {
     xc: Vec<f32>,
     pre: Vec<f32>,
-    /// TopK on AMX: `W_enc` in bf16 tiles, and the auxiliary set's gathered rows and biases.
-    packed: amx::PackedEncoder,
-    w_aux: Vec<f32>,
-    b_aux: Vec<f32>,
+    amx: topk::AmxScratch,
     proj: Vec<f32>,
     xhat: Vec<f32>,
     /// Per-part buffers of the feature-major decode.
@@ -335,28 +332,9 @@ impl Trainer {
         // chunks of tokens; the others need the whole batch's pre-activations.
         let observed = if self.cfg.variant == Variant::Topk && self.amx {
             // bf16 candidates on AMX, exact f32 values (amx.rs); no dense pre-activations.
-            s.packed.pack(&self.sae.w_enc, n, d);
-            let (k, multi_k) = (self.cfg.k, self.cfg.multi_topk.then_some(4 * self.cfg.k));
-            let keep = multi_k.map_or(k, |m| m.max(k));
-            let rows = amx::select_topk(&s.xc, &self.sae.w_enc, &s.packed, &self.sae.b_enc, keep);
-            topk::push_rows(&rows, k, multi_k.map(|_| &mut multi.codes), &mut main.codes);
-            if use_aux {
-                // The auxiliary set's pre-activations only: a GEMM over its gathered rows.
-                let m = aux_set.len();
-                s.w_aux.clear();
-                s.b_aux.clear();
-                for &f in &aux_set {
-                    s.w_aux.extend_from_slice(&self.sae.w_enc[f as usize * d..(f as usize + 1) * d]);
-                    s.b_aux.push(self.sae.b_enc[f as usize]);
-                }
-                s.pre.resize(tokens * m, 0.0);
-                kernels::matmul_nt(&s.xc, &s.w_aux, &mut s.pre, tokens, m, d, false);
-                let local: Vec<u32> = (0..m as u32).collect();
-                let (b, out) = (Some(&s.b_aux[..]), &mut aux.codes);
-                select_among(&s.pre, b, 0.0, m, tokens, false, &local, self.cfg.k_aux, out);
-                // `aux_set` is ascending, so the mapped rows stay sorted by feature.
-                aux.codes.feature.iter_mut().for_each(|f| *f = aux_set[*f as usize]);
-            }
+            let multi = self.cfg.multi_topk.then(|| (4 * self.cfg.k, &mut multi.codes));
+            let aux = use_aux.then(|| (&aux_set[..], self.cfg.k_aux, &mut aux.codes));
+            topk::select_amx(&self.sae, &s.xc, self.cfg.k, multi, &mut main.codes, aux, &mut s.amx);
             Observed::None
         } else if matches!(self.cfg.variant, Variant::Topk | Variant::Jumprelu | Variant::Relu) {
             let chunk = TOPK_CHUNK.min(tokens);
