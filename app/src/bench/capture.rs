@@ -40,6 +40,9 @@ pub struct Args {
     /// Timed passes on each side, after one warm-up; the best one counts.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Skip the PyTorch reference: time Loupe's side only (for profiling; no ratio).
+    #[arg(long)]
+    no_reference: bool,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -60,7 +63,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     let python = super::reference_python();
-    if !python.exists() {
+    if !args.no_reference && !python.exists() {
         bail!(
             "no Python reference environment ({} is missing): run benches/reference/setup-env.sh \
              (or set LOUPE_PYTHON to a Python with torch and transformers)",
@@ -80,15 +83,20 @@ pub fn run(args: &Args) -> Result<()> {
     );
 
     let mode = if args.with_grads { "grads" } else { "capture" };
-    let torch = run_reference(&python, &model_path, &contexts, mode, args.repeats)?;
-    println!(
-        "PyTorch {} (transformers {}, {} attention, {} threads); best of {} passes after a warm-up, each side:",
-        text(&torch, "torch")?,
-        text(&torch, "transformers")?,
-        text(&torch, "attn_implementation")?,
-        num(&torch, "/threads")?,
-        args.repeats
-    );
+    let torch = if args.no_reference {
+        None
+    } else {
+        let torch = run_reference(&python, &model_path, &contexts, mode, args.repeats)?;
+        println!(
+            "PyTorch {} (transformers {}, {} attention, {} threads); best of {} passes after a warm-up, each side:",
+            text(&torch, "torch")?,
+            text(&torch, "transformers")?,
+            text(&torch, "attn_implementation")?,
+            num(&torch, "/threads")?,
+            args.repeats
+        );
+        Some(torch)
+    };
 
     eprintln!("timing Loupe ({} passes after a warm-up)", args.repeats);
     let mut last = None;
@@ -99,6 +107,11 @@ pub fn run(args: &Args) -> Result<()> {
     let (act, grad) = last.context("no pass ran")?;
     let loupe = n_tokens / loupe_best;
     let per_batch = format!("{loupe_best:.2} s per batch, mean {loupe_mean:.2} s");
+    let Some(torch) = torch else {
+        let what = if args.with_grads { "capture --with-grads" } else { "capture" };
+        println!("bench {what}: {loupe:.0} tokens/s ({per_batch}; no reference run, so no ratio)");
+        return Ok(());
+    };
 
     println!("  check, mean |x| at the hook over positions 1..:");
     print_check(mean_abs_after_bos(&act), num(&torch, "/check/resid_abs_mean")?);

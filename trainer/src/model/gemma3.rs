@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::gguf::Gguf;
 use super::hooks;
+use super::kernels;
 use super::ops::{causal_mask, geglu, linear, rms_norm, rope, rope_tables, softmax};
 use super::{HookedModel, Hooks, ModelConfig};
 
@@ -41,18 +42,35 @@ pub struct Gemma3Config {
 
 struct Block {
     attn_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    /// W_Q, W_K and W_V stacked `[(n_heads + 2·n_kv_heads)·d_head, d_model]`: one GEMM.
+    qkv: Tensor,
     o: Tensor,
     q_norm: Tensor,
     k_norm: Tensor,
     post_attn_norm: Tensor,
     ffn_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    /// The gate and up projections stacked `[2·d_mlp, d_model]`: one GEMM.
+    gate_up: Tensor,
     down: Tensor,
     post_ffn_norm: Tensor,
+}
+
+impl Block {
+    fn q(&self, c: &ModelConfig) -> candle_core::Result<Tensor> {
+        self.qkv.narrow(0, 0, c.n_heads * c.d_head)
+    }
+    fn k(&self, c: &ModelConfig) -> candle_core::Result<Tensor> {
+        self.qkv.narrow(0, c.n_heads * c.d_head, c.n_kv_heads * c.d_head)
+    }
+    fn v(&self, c: &ModelConfig) -> candle_core::Result<Tensor> {
+        self.qkv.narrow(0, (c.n_heads + c.n_kv_heads) * c.d_head, c.n_kv_heads * c.d_head)
+    }
+    fn gate(&self, c: &ModelConfig) -> candle_core::Result<Tensor> {
+        self.gate_up.narrow(0, 0, c.d_mlp)
+    }
+    fn up(&self, c: &ModelConfig) -> candle_core::Result<Tensor> {
+        self.gate_up.narrow(0, c.d_mlp, c.d_mlp)
+    }
 }
 
 pub struct Gemma3 {
@@ -110,16 +128,13 @@ impl Gemma3 {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
             blocks.push(Block {
                 attn_norm: get(p("attn_norm"))?,
-                q: get(p("attn_q"))?,
-                k: get(p("attn_k"))?,
-                v: get(p("attn_v"))?,
+                qkv: Tensor::cat(&[get(p("attn_q"))?, get(p("attn_k"))?, get(p("attn_v"))?], 0)?,
                 o: get(p("attn_output"))?,
                 q_norm: get(p("attn_q_norm"))?,
                 k_norm: get(p("attn_k_norm"))?,
                 post_attn_norm: get(p("post_attention_norm"))?,
                 ffn_norm: get(p("ffn_norm"))?,
-                gate: get(p("ffn_gate"))?,
-                up: get(p("ffn_up"))?,
+                gate_up: Tensor::cat(&[get(p("ffn_gate"))?, get(p("ffn_up"))?], 0)?,
                 down: get(p("ffn_down"))?,
                 post_ffn_norm: get(p("post_ffw_norm"))?,
             });
@@ -162,16 +177,20 @@ impl Gemma3 {
             let p = |s: &str| format!("model.layers.{i}.{s}.weight");
             blocks.push(Block {
                 attn_norm: norm(&p("input_layernorm"))?,
-                q: get(&p("self_attn.q_proj"))?,
-                k: get(&p("self_attn.k_proj"))?,
-                v: get(&p("self_attn.v_proj"))?,
+                qkv: Tensor::cat(
+                    &[
+                        get(&p("self_attn.q_proj"))?,
+                        get(&p("self_attn.k_proj"))?,
+                        get(&p("self_attn.v_proj"))?,
+                    ],
+                    0,
+                )?,
                 o: get(&p("self_attn.o_proj"))?,
                 q_norm: norm(&p("self_attn.q_norm"))?,
                 k_norm: norm(&p("self_attn.k_norm"))?,
                 post_attn_norm: norm(&p("post_attention_layernorm"))?,
                 ffn_norm: norm(&p("pre_feedforward_layernorm"))?,
-                gate: get(&p("mlp.gate_proj"))?,
-                up: get(&p("mlp.up_proj"))?,
+                gate_up: Tensor::cat(&[get(&p("mlp.gate_proj"))?, get(&p("mlp.up_proj"))?], 0)?,
                 down: get(&p("mlp.down_proj"))?,
                 post_ffn_norm: norm(&p("post_feedforward_layernorm"))?,
             });
@@ -219,12 +238,9 @@ impl Gemma3 {
         }
         for (i, b) in self.blocks.iter().enumerate() {
             let w = |s: &str| format!("block {i} {s}");
-            expect(&b.q, &[c.n_heads * c.d_head, c.d_model], &w("q"))?;
-            expect(&b.k, &[c.n_kv_heads * c.d_head, c.d_model], &w("k"))?;
-            expect(&b.v, &[c.n_kv_heads * c.d_head, c.d_model], &w("v"))?;
+            expect(&b.qkv, &[(c.n_heads + 2 * c.n_kv_heads) * c.d_head, c.d_model], &w("q, k, v"))?;
             expect(&b.o, &[c.d_model, c.n_heads * c.d_head], &w("o"))?;
-            expect(&b.gate, &[c.d_mlp, c.d_model], &w("gate"))?;
-            expect(&b.up, &[c.d_mlp, c.d_model], &w("up"))?;
+            expect(&b.gate_up, &[2 * c.d_mlp, c.d_model], &w("gate, up"))?;
             expect(&b.down, &[c.d_model, c.d_mlp], &w("down"))?;
             expect(&b.q_norm, &[c.d_head], &w("q_norm"))?;
         }
@@ -241,13 +257,34 @@ impl Gemma3 {
     ) -> Result<Tensor> {
         let c = &self.cfg.base;
         let b = &self.blocks[i];
-        let diff = hooks.wants_grad();
+        let diff = hooks.diff_at(i);
         let (batch, seq, _) = x.dims3()?;
         let name = |s: &str| format!("blocks.{i}.attn.{s}");
+        let scale = self.cfg.query_pre_attn_scalar.powf(-0.5);
+        let inner = ["hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_pattern"];
+        if !diff && !inner.iter().any(|h| hooks.is_active(&name(h))) && x.dtype() == DType::F32 {
+            // Fused path: one projection GEMM, then QK-norm + RoPE and the attention in two kernels.
+            let qkv = linear(x, &b.qkv, None)?;
+            let (cos, sin) = rope_t;
+            let qkv = kernels::qkv_norm_rope(
+                &qkv,
+                c.n_heads,
+                c.n_kv_heads,
+                &b.q_norm,
+                &b.k_norm,
+                self.cfg.rms_eps as f32,
+                cos,
+                sin,
+            )?;
+            let window = self.cfg.sliding[i].then_some(self.cfg.sliding_window);
+            let z = kernels::causal_attention(&qkv, c.n_heads, c.n_kv_heads, scale as f32, window)?;
+            return self.attention_out(i, z, hooks);
+        }
         let heads = |t: Tensor, n: usize| t.reshape((batch, seq, n, c.d_head));
-        let q = rms_norm(&heads(linear(x, &b.q, None)?, c.n_heads)?, &b.q_norm, self.cfg.rms_eps, diff)?;
-        let k = rms_norm(&heads(linear(x, &b.k, None)?, c.n_kv_heads)?, &b.k_norm, self.cfg.rms_eps, diff)?;
-        let v = heads(linear(x, &b.v, None)?, c.n_kv_heads)?;
+        let q = rms_norm(&heads(linear(x, &b.q(c)?, None)?, c.n_heads)?, &b.q_norm, self.cfg.rms_eps, diff)?;
+        let k =
+            rms_norm(&heads(linear(x, &b.k(c)?, None)?, c.n_kv_heads)?, &b.k_norm, self.cfg.rms_eps, diff)?;
+        let v = heads(linear(x, &b.v(c)?, None)?, c.n_kv_heads)?;
         let q = hooks.apply(&name("hook_q"), q)?;
         let k = hooks.apply(&name("hook_k"), k)?;
         let v = hooks.apply(&name("hook_v"), v)?;
@@ -261,13 +298,22 @@ impl Gemma3 {
         // Grouped KV heads: query head h reads KV head h / (n_heads / n_kv_heads).
         let group = c.n_heads / c.n_kv_heads;
         let q = q.contiguous()?.reshape((batch, c.n_kv_heads, group * seq, c.d_head))?;
-        let scale = self.cfg.query_pre_attn_scalar.powf(-0.5);
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         let scores = scores.reshape((batch, c.n_heads, seq, seq))?.broadcast_add(mask)?;
         let pattern = softmax(&scores, diff)?;
         let pattern = hooks.apply(&name("hook_pattern"), pattern)?;
         let z = pattern.reshape((batch, c.n_kv_heads, group * seq, seq))?.matmul(&v)?;
         let z = z.reshape((batch, c.n_heads, seq, c.d_head))?.transpose(1, 2)?.contiguous()?;
+        self.attention_out(i, z, hooks)
+    }
+
+    /// The attention output from `z` `[batch, pos, head, d_head]`, through `hook_z` and
+    /// `hook_result`.
+    fn attention_out(&self, i: usize, z: Tensor, hooks: &mut Hooks) -> Result<Tensor> {
+        let c = &self.cfg.base;
+        let b = &self.blocks[i];
+        let (batch, seq, _, _) = z.dims4()?;
+        let name = |s: &str| format!("blocks.{i}.attn.{s}");
         let z = hooks.apply(&name("hook_z"), z)?;
         if hooks.is_active(&name("hook_result")) {
             // Per-head output z_h @ W_O[:, h] -> [b, s, h, d_model].
@@ -340,6 +386,7 @@ impl HookedModel for Gemma3 {
         let window_mask = causal_mask(seq, Some(self.cfg.sliding_window), &self.device)?;
         for (i, b) in self.blocks.iter().enumerate() {
             let name = |s: &str| format!("blocks.{i}.{s}");
+            let diff = hooks.diff_at(i);
             x = hooks.apply(&name("hook_resid_pre"), x)?;
             let h = hooks.apply(&name("ln1.hook_normalized"), rms_norm(&x, &b.attn_norm, eps, diff)?)?;
             let (rope_t, mask) =
@@ -348,9 +395,17 @@ impl HookedModel for Gemma3 {
             let attn = hooks.apply(&name("hook_attn_out"), rms_norm(&attn, &b.post_attn_norm, eps, diff)?)?;
             x = hooks.apply(&name("hook_resid_mid"), (x + attn)?)?;
             let h = hooks.apply(&name("ln2.hook_normalized"), rms_norm(&x, &b.ffn_norm, eps, diff)?)?;
-            let gate = hooks.apply(&name("mlp.hook_pre"), linear(&h, &b.gate, None)?)?;
-            let up = hooks.apply(&name("mlp.hook_pre_linear"), linear(&h, &b.up, None)?)?;
-            let act = hooks.apply(&name("mlp.hook_post"), geglu(&gate, &up, diff)?)?;
+            let act = if diff
+                || hooks.is_active(&name("mlp.hook_pre"))
+                || hooks.is_active(&name("mlp.hook_pre_linear"))
+            {
+                let gate = hooks.apply(&name("mlp.hook_pre"), linear(&h, &b.gate(c)?, None)?)?;
+                let up = hooks.apply(&name("mlp.hook_pre_linear"), linear(&h, &b.up(c)?, None)?)?;
+                geglu(&gate, &up, diff)?
+            } else {
+                kernels::geglu_fused(&linear(&h, &b.gate_up, None)?)?
+            };
+            let act = hooks.apply(&name("mlp.hook_post"), act)?;
             let mlp = rms_norm(&linear(&act, &b.down, None)?, &b.post_ffn_norm, eps, diff)?;
             let mlp = hooks.apply(&name("hook_mlp_out"), mlp)?;
             x = hooks.apply(&name("hook_resid_post"), (x + mlp)?)?;

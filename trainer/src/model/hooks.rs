@@ -118,6 +118,18 @@ impl Hooks {
         !self.grad_at.is_empty()
     }
 
+    /// Whether block `layer` must run differentiable ops: a gradient is taken inside it or
+    /// upstream of it (at `hook_embed`, or at a hook of this or an earlier block that the block's
+    /// output depends on). Blocks before the first gradient hook may use the fast fused kernels.
+    pub fn diff_at(&self, layer: usize) -> bool {
+        self.grad_at.iter().any(|hook| match hook_layer(hook) {
+            // A block's own `hook_resid_post` is its output: only later blocks depend on it.
+            Some(l) if hook.ends_with(".hook_resid_post") => layer > l,
+            Some(l) => layer >= l,
+            None => hook == "hook_embed",
+        })
+    }
+
     /// The layer after which the model may stop, if any.
     pub fn stop_layer(&self) -> Option<usize> {
         if self.wants_grad() { None } else { self.stop_after_layer }
@@ -195,6 +207,11 @@ impl Hooks {
     }
 }
 
+/// The block of a `blocks.{L}.…` hook name.
+fn hook_layer(hook: &str) -> Option<usize> {
+    hook.strip_prefix("blocks.")?.split('.').next()?.parse().ok()
+}
+
 /// A model's hook names in forward order: `first`, then `blocks.{L}.{name}` for every block and
 /// every name in `per_block`, then `last`.
 pub fn hook_names(n_layers: usize, first: &[&str], per_block: &[&str], last: &[&str]) -> Vec<String> {
@@ -237,5 +254,19 @@ mod tests {
             "{msg}"
         );
         assert!(Hooks::new().capture("hook_embed").validate(&valid).is_ok());
+    }
+
+    #[test]
+    fn blocks_before_the_gradient_hook_are_not_differentiated() {
+        let at = |hook: &str| (0..4).map(|l| Hooks::new().grad(hook).diff_at(l)).collect::<Vec<_>>();
+        assert_eq!(at("blocks.1.hook_resid_post"), [false, false, true, true]);
+        assert_eq!(at("blocks.1.hook_resid_pre"), [false, true, true, true]);
+        assert_eq!(at("blocks.2.attn.hook_z"), [false, false, true, true]);
+        assert_eq!(at("hook_embed"), [true; 4]);
+        assert_eq!(at("ln_final.hook_normalized"), [false; 4]);
+        assert_eq!(
+            (0..4).map(|l| Hooks::new().capture("hook_embed").diff_at(l)).collect::<Vec<_>>(),
+            [false; 4]
+        );
     }
 }

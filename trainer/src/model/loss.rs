@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Tensor};
 
-use super::{HookedModel, Hooks};
+use super::{HookedModel, Hooks, kernels};
 
 /// Rows of logits computed at once (256 × 262,144 f32 = 256 MiB for Gemma 3).
 const CHUNK_ROWS: usize = 256;
@@ -51,12 +51,27 @@ pub fn loss_gradients(
     let d = hidden.dim(2)?;
     // Rows with a target: positions 0..s-1 of each sequence.
     let h = hidden.narrow(1, 0, s - 1)?.reshape((b * (s - 1), d))?.detach().contiguous()?;
-    let targets = tokens.narrow(1, 1, s - 1)?.reshape(b * (s - 1))?.contiguous()?;
+    let targets: Vec<u32> = tokens.narrow(1, 1, s - 1)?.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+    let (loss, grad_h) = if h.device().is_cpu() && h.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        kernels::loss_head(&h, w, &targets)?
+    } else {
+        loss_head(&h, w, &Tensor::new(targets.as_slice(), h.device())?)?
+    };
+    let grad_h = grad_h.reshape((b, s - 1, d))?;
+    let grad_h = Tensor::cat(&[&grad_h, &Tensor::zeros((b, 1, d), grad_h.dtype(), grad_h.device())?], 1)?;
+    let surrogate = (hidden * grad_h)?.sum_all()?;
+    Ok((loss, surrogate.backward()?))
+}
+
+/// [`kernels::loss_head`] from candle ops, for tensors that kernel cannot take (other devices or
+/// dtypes): the summed loss and `∂L/∂h`, `CHUNK_ROWS` rows of logits at a time.
+fn loss_head(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<(f64, Tensor)> {
+    let rows = h.dim(0)?;
     let wt = w.t()?;
     let mut loss = 0f64;
     let mut grad_rows = Vec::new();
-    for start in (0..b * (s - 1)).step_by(CHUNK_ROWS) {
-        let n = CHUNK_ROWS.min(b * (s - 1) - start);
+    for start in (0..rows).step_by(CHUNK_ROWS) {
+        let n = CHUNK_ROWS.min(rows - start);
         let hc = h.narrow(0, start, n)?;
         let tc = targets.narrow(0, start, n)?;
         let logits = hc.matmul(&wt)?; // [n, vocab]
@@ -70,8 +85,5 @@ pub fn loss_gradients(
         let probs = exp.broadcast_div(&sum)?;
         grad_rows.push((probs.matmul(w)? - w_target)?);
     }
-    let grad_h = Tensor::cat(&grad_rows, 0)?.reshape((b, s - 1, d))?;
-    let grad_h = Tensor::cat(&[&grad_h, &Tensor::zeros((b, 1, d), grad_h.dtype(), grad_h.device())?], 1)?;
-    let surrogate = (hidden * grad_h)?.sum_all()?;
-    Ok((loss, surrogate.backward()?))
+    Ok((loss, Tensor::cat(&grad_rows, 0)?))
 }

@@ -7,6 +7,7 @@ pub mod gemma3;
 pub mod gguf;
 pub mod gpt2;
 pub mod hooks;
+pub mod kernels;
 pub mod loss;
 pub mod ops;
 

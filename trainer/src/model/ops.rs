@@ -7,12 +7,18 @@ use candle_core::{D, DType, Device, Tensor};
 
 use super::Hooks;
 
-/// `x @ w.T` for `x` of shape `[.., in]` and `w` of `[out, in]`, plus an optional bias.
+/// `x @ w.T` for `x` of shape `[.., in]` and `w` of `[out, in]`, plus an optional bias. On the CPU
+/// in f32 through [`super::kernels::linear`], whose backward computes no weight gradient.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (out_dim, in_dim) = w.dims2()?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let x = x.reshape((rows, in_dim))?;
+    let y = if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
+        super::kernels::linear(&x, w)?
+    } else {
+        x.matmul(&w.t()?)?
+    };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -191,62 +197,13 @@ impl LayerNorm {
     }
 }
 
-/// GeGLU: `gelu_tanh(gate) * up`. The fast path is one fused, vectorizable pass (candle's CPU GELU
-/// calls libm's scalar `tanhf` per element, ~13% of a Gemma 3 forward); the differentiable path
-/// uses candle's ops.
+/// GeGLU: `gelu_tanh(gate) * up`. The fast path is one fused, threaded, vectorized pass
+/// ([`super::kernels::geglu`]); the differentiable path uses candle's ops.
 pub fn geglu(gate: &Tensor, up: &Tensor, diff: bool) -> Result<Tensor> {
     if diff || gate.dtype() != DType::F32 || gate.device().is_cuda() || gate.device().is_metal() {
         return Ok((gate.gelu()? * up)?);
     }
-    Ok(gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &FusedGeglu)?)
-}
-
-struct FusedGeglu;
-
-impl candle_core::CustomOp2 for FusedGeglu {
-    fn name(&self) -> &'static str {
-        "fused-geglu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else {
-            candle_core::bail!("fused-geglu: f32 only");
-        };
-        let (Some((g0, g1)), Some((u0, u1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("fused-geglu: inputs must be contiguous");
-        };
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("fused-geglu: shapes differ");
-        }
-        let out: Vec<f32> = g[g0..g1].iter().zip(&u[u0..u1]).map(|(&x, &u)| gelu_tanh(x) * u).collect();
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))` with a branch-free exp, so loops vectorize.
-#[inline(always)]
-fn gelu_tanh(x: f32) -> f32 {
-    let z = (0.797_884_6 * (x + 0.044_715 * x * x * x)).clamp(-15.0, 15.0);
-    // 1 + tanh(z) = 2 - 2 / (1 + e^{2z}) = 2 e^{2z} / (1 + e^{2z})
-    let e = fast_exp(2.0 * z);
-    x * e / (1.0 + e)
-}
-
-/// e^y for |y| ≤ 30, relative error ~1e-7: y = n ln2 + f, e^f by its degree-6 Taylor polynomial.
-#[inline(always)]
-fn fast_exp(y: f32) -> f32 {
-    let n = (y * std::f32::consts::LOG2_E).round();
-    let f = y - n * std::f32::consts::LN_2;
-    let p = 1.0
-        + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    Ok(super::kernels::geglu(gate, up)?)
 }
 
 #[cfg(test)]
