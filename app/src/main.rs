@@ -171,13 +171,13 @@ fn one_line(e: &anyhow::Error) -> String {
     out.join(": ")
 }
 
-/// Keep freed tensor buffers in the heap for reuse: by default glibc maps large blocks afresh and
-/// trims the heap eagerly, so every forward pass page-faults its activations in again.
+/// Keep freed tensor buffers in the heap for reuse. By default mimalloc returns freed memory to
+/// the OS 10 ms later, so every forward pass page-faults (and the kernel zeroes) its activations
+/// again: a fifth of a `capture --with-grads` batch (BENCHMARKS.md). Never purging keeps the
+/// process at its peak footprint instead, which a batch reaches again anyway.
 fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
+    /// `mi_option_purge_delay` in mimalloc 3's `mi_option_t` (libmimalloc-sys exports no constant).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: only sets an allocator option (the same as MIMALLOC_PURGE_DELAY=-1).
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
