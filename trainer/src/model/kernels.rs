@@ -1,13 +1,16 @@
-//! Fused inference kernels for the models' no-gradient path, on plain `f32` slices and wrapped as
-//! candle custom ops (forward only; the differentiable path uses candle's basic ops instead).
+//! Fused CPU kernels for the models, on plain `f32` slices and wrapped as candle custom ops: the
+//! no-gradient path's fused ops, and the differentiable path's ops with hand-written backwards.
 //!
 //! Hand-written because candle's CPU versions of these make one pass (and one allocation) per
 //! basic op and call libm's scalar `expf`/`tanhf` per element:
 //! - [`geglu`]: `gelu_tanh(gate) * up` in one threaded, vectorized pass;
+//! - [`linear`], [`geglu_diff`], [`rms_norm_diff`], [`softmax_diff`]: ops of the differentiable
+//!   path with one-pass backwards that give weights no gradient;
+//! - [`loss_head`]: the chunked next-token loss and its gradient at the final hidden state;
 //! - [`causal_attention`]: scores, scale, causal (and sliding-window) mask, softmax and the
 //!   value product per block of 64 queries, skipping the masked key blocks, with grouped KV heads.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -44,6 +47,19 @@ impl CustomOp2 for Geglu {
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| geglu_chunk(g, u, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let d_gate = gate.apply_op3_no_bwd(up, &grad, &GegluGateGrad)?;
+        let d_up = gate.apply_op2_no_bwd(&grad, &Geglu)?;
+        Ok((Some(d_gate), Some(d_up)))
     }
 }
 
@@ -423,6 +439,251 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     Ok(f(f32_slice(cpu, layout, "kernel")?))
 }
 
+/// [`geglu`] with a backward (both inputs' gradients from one fused pass each), for the
+/// differentiable path: candle's GELU backward makes ten passes with scalar `powf` and `tanhf`.
+pub fn geglu_diff(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Geglu)
+}
+
+/// `∂L/∂gate = ∂L/∂y · up · gelu_tanh'(gate)` for contiguous f32 inputs of one shape.
+struct GegluGateGrad;
+
+impl CustomOp3 for GegluGateGrad {
+    fn name(&self) -> &'static str {
+        "geglu-gate-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = "geglu-gate-grad";
+        let (g, u, dy) = (f32_slice(s1, l1, name)?, f32_slice(s2, l2, name)?, f32_slice(s3, l3, name)?);
+        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+            candle_core::bail!("{name}: shapes differ");
+        }
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(o, ((g, u), dy))| gate_grad_chunk(g, u, dy, o));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn gate_grad_chunk(g: &[f32], u: &[f32], dy: &[f32], out: &mut [f32]) {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    for (((o, &x), &u), &dy) in out.iter_mut().zip(g).zip(u).zip(dy) {
+        let z = (C * (x + 0.044_715 * x * x * x)).clamp(-15.0, 15.0);
+        let e = fast_exp(2.0 * z);
+        let t = (e - 1.0) / (e + 1.0); // tanh z
+        let d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044_715 * x * x);
+        *o = dy * u * d;
+    }
+}
+
+/// RMSNorm over the last dim, `x / √(mean(x²) + eps) · scale`, with a backward for `x` only (the
+/// scale is a weight): `∂x = r·(g − x̂·mean(g·x̂))` with `g = ∂y·scale`, `r = 1/√(mean(x²) + eps)`
+/// and `x̂ = x·r`. One pass each way instead of candle's six basic ops.
+pub fn rms_norm_diff(x: &Tensor, scale: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(&scale.contiguous()?, RmsNorm { eps })
+}
+
+#[derive(Clone, Copy)]
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, scale) = (f32_slice(s1, l1, "rms-norm")?, f32_slice(s2, l2, "rms-norm")?);
+        let d = scale.len();
+        if l1.shape().dims().last() != Some(&d) {
+            candle_core::bail!("rms-norm: x {:?} and scale {:?} do not fit", l1.shape(), l2.shape());
+        }
+        let mut out = vec![0f32; x.len()];
+        let rows = (CHUNK / d.max(1)).max(1);
+        out.par_chunks_mut(rows * d).zip(x.par_chunks(rows * d)).for_each(|(o, x)| {
+            for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                let r = 1.0 / (sum_squares(x) / d as f32 + self.eps).sqrt();
+                scale_row(x, r, scale, o);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(scale, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+        Ok((Some(dx), None))
+    }
+}
+
+struct RmsNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = "rms-norm-grad";
+        let (x, scale, dy) = (f32_slice(s1, l1, name)?, f32_slice(s2, l2, name)?, f32_slice(s3, l3, name)?);
+        let d = scale.len();
+        if l1.shape() != l3.shape() || l1.shape().dims().last() != Some(&d) {
+            candle_core::bail!("{name}: shapes do not fit");
+        }
+        let mut out = vec![0f32; x.len()];
+        let rows = (CHUNK / d.max(1)).max(1);
+        out.par_chunks_mut(rows * d).zip(x.par_chunks(rows * d).zip(dy.par_chunks(rows * d))).for_each(
+            |(o, (x, dy))| {
+                for ((o, x), dy) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(dy.chunks_exact(d)) {
+                    rms_grad_row(x, scale, dy, self.eps, o);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v * v;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn scale_row(x: &[f32], r: f32, scale: &[f32], out: &mut [f32]) {
+    for ((o, &x), &s) in out.iter_mut().zip(x).zip(scale) {
+        *o = x * r * s;
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn rms_grad_row(x: &[f32], scale: &[f32], dy: &[f32], eps: f32, out: &mut [f32]) {
+    let d = x.len() as f32;
+    let r = 1.0 / (sum_squares(x) / d + eps).sqrt();
+    // mean(g · x̂) with g = dy · scale, x̂ = x · r
+    let mut lanes = [0f32; 8];
+    let n8 = x.len() / 8 * 8;
+    for i in (0..n8).step_by(8) {
+        for j in 0..8 {
+            lanes[j] += dy[i + j] * scale[i + j] * x[i + j];
+        }
+    }
+    let rest: f32 = (n8..x.len()).map(|i| dy[i] * scale[i] * x[i]).sum();
+    let m = (lanes.iter().sum::<f32>() + rest) * r / d;
+    for (((o, &x), &s), &dy) in out.iter_mut().zip(x).zip(scale).zip(dy) {
+        *o = r * (dy * s - x * r * m);
+    }
+}
+
+/// Softmax over the last dim with a backward (`∂x = y ⊙ (∂y − Σ ∂y ⊙ y)`), one pass each way.
+pub fn softmax_diff(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "softmax")?;
+        let d = *l.shape().dims().last().unwrap_or(&1);
+        let mut out = x.to_vec();
+        out.par_chunks_mut(d).for_each(|row| {
+            exp_in_place(row);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(y.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (y, dy) = (f32_slice(s1, l1, "softmax-grad")?, f32_slice(s2, l2, "softmax-grad")?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("softmax-grad: shapes differ");
+        }
+        let d = *l1.shape().dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(d).zip(y.par_chunks(d).zip(dy.par_chunks(d))).for_each(|(o, (y, dy))| {
+            softmax_grad_row(y, dy, o);
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn softmax_grad_row(y: &[f32], dy: &[f32], out: &mut [f32]) {
+    let mut lanes = [0f32; 8];
+    let n8 = y.len() / 8 * 8;
+    for i in (0..n8).step_by(8) {
+        for j in 0..8 {
+            lanes[j] += y[i + j] * dy[i + j];
+        }
+    }
+    let dot = lanes.iter().sum::<f32>() + (n8..y.len()).map(|i| y[i] * dy[i]).sum::<f32>();
+    for ((o, &y), &dy) in out.iter_mut().zip(y).zip(dy) {
+        *o = y * (dy - dot);
+    }
+}
+
 /// A raw pointer that rayon tasks writing disjoint ranges may share.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -624,5 +885,38 @@ mod tests {
             let want = p.matmul(&expand(&v)).unwrap().transpose(1, 2).unwrap();
             assert!(max_diff(&z, &want) < 1e-5, "window {window:?}: {}", max_diff(&z, &want));
         }
+    }
+
+    /// The fused differentiable ops' gradients against candle's basic-op autograd.
+    #[test]
+    fn fused_backwards_match_candle_autograd() {
+        use candle_core::{D, Var};
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (6, 40), &dev).unwrap()).unwrap();
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 40), &dev).unwrap()).unwrap();
+        let s = Tensor::randn(1f32, 0.3, 40, &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (6, 40), &dev).unwrap(); // weights of the test loss
+        let check = |fused: Tensor, plain: Tensor, what: &str| {
+            let (gf, gp) =
+                ((fused * &w).unwrap().sum_all().unwrap(), (plain * &w).unwrap().sum_all().unwrap());
+            let (gf, gp) = (gf.backward().unwrap(), gp.backward().unwrap());
+            for var in [&x, &u] {
+                match (gf.get(var.as_tensor()), gp.get(var.as_tensor())) {
+                    (Some(a), Some(b)) => assert!(max_diff(a, b) < 2e-5, "{what}: {}", max_diff(a, b)),
+                    (None, None) => {}
+                    _ => panic!("{what}: gradients reach different inputs"),
+                }
+            }
+        };
+        let (xt, ut) = (x.as_tensor(), u.as_tensor());
+        check(geglu_diff(xt, ut).unwrap(), (xt.gelu().unwrap() * ut).unwrap(), "geglu");
+        let ms = xt.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let plain =
+            xt.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&s).unwrap();
+        check(rms_norm_diff(xt, &s, 1e-6).unwrap(), plain, "rms norm");
+        check(softmax_diff(xt).unwrap(), candle_nn::ops::softmax(xt, D::Minus1).unwrap(), "softmax");
+        let wl = Tensor::randn(0f32, 1.0, (40, 40), &dev).unwrap();
+        let plain = xt.matmul(&wl.t().unwrap()).unwrap();
+        check(linear(xt, &wl).unwrap(), plain, "linear");
     }
 }

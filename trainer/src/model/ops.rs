@@ -1,5 +1,6 @@
-//! Layer operations shared by the architectures. Each has a fast path (candle's fused kernels,
-//! which have no backward) and a differentiable path from basic ops, chosen by `diff`. Also the
+//! Layer operations shared by the architectures. Each has a fast path (fused kernels without a
+//! backward) and a differentiable path, chosen by `diff`: on the CPU in f32 the fused ops of
+//! [`super::kernels`] with their own backwards, elsewhere candle's basic ops. Also the
 //! biased multi-head attention and MLP activations that GPT-2 and BERT share.
 
 use anyhow::{Result, bail};
@@ -30,7 +31,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 /// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * scale`.
 pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64, diff: bool) -> Result<Tensor> {
-    if diff {
+    if diff && fused(x) {
+        Ok(super::kernels::rms_norm_diff(x, scale, eps as f32)?)
+    } else if diff {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
         Ok(y.broadcast_mul(scale)?)
@@ -40,9 +43,16 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64, diff: bool) -> Result<Tens
 }
 
 /// Softmax over the last dim. candle's fused `softmax_last_dim` has no backward (gradients would
-/// silently stop there), so the differentiable path is built from basic ops.
+/// silently stop there), so the differentiable path uses [`super::kernels::softmax_diff`] (basic
+/// ops on other devices).
 pub fn softmax(x: &Tensor, diff: bool) -> Result<Tensor> {
-    if diff { Ok(candle_nn::ops::softmax(x, D::Minus1)?) } else { Ok(candle_nn::ops::softmax_last_dim(x)?) }
+    if diff && fused(x) {
+        Ok(super::kernels::softmax_diff(x)?)
+    } else if diff {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(x)?)
+    }
 }
 
 /// LayerNorm over the last dim with weight and bias.
@@ -197,13 +207,18 @@ impl LayerNorm {
     }
 }
 
-/// GeGLU: `gelu_tanh(gate) * up`. The fast path is one fused, threaded, vectorized pass
-/// ([`super::kernels::geglu`]); the differentiable path uses candle's ops.
+/// GeGLU: `gelu_tanh(gate) * up`, one fused pass ([`super::kernels::geglu`]; with a fused
+/// backward when `diff`); candle's ops on other devices.
 pub fn geglu(gate: &Tensor, up: &Tensor, diff: bool) -> Result<Tensor> {
-    if diff || gate.dtype() != DType::F32 || gate.device().is_cuda() || gate.device().is_metal() {
+    if !fused(gate) {
         return Ok((gate.gelu()? * up)?);
     }
-    Ok(super::kernels::geglu(gate, up)?)
+    if diff { Ok(super::kernels::geglu_diff(gate, up)?) } else { Ok(super::kernels::geglu(gate, up)?) }
+}
+
+/// Whether the fused kernels of [`super::kernels`] take `x` (f32 on the CPU).
+fn fused(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && x.device().is_cpu()
 }
 
 #[cfg(test)]
