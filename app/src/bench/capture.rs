@@ -107,8 +107,11 @@ pub fn run(args: &Args) -> Result<()> {
     let (act, grad) = last.context("no pass ran")?;
     let loupe = n_tokens / loupe_best;
     let per_batch = format!("{loupe_best:.2} s per batch, mean {loupe_mean:.2} s");
+    eprintln!("timing the f32 GEMM floor (the batch's dense matmuls alone)");
+    let floor = gemm_floor(model.config(), args.with_grads)?;
     let Some(torch) = torch else {
         let what = if args.with_grads { "capture --with-grads" } else { "capture" };
+        println!("  {}", floor.describe(n_tokens));
         println!("bench {what}: {loupe:.0} tokens/s ({per_batch}; no reference run, so no ratio)");
         return Ok(());
     };
@@ -124,6 +127,7 @@ pub fn run(args: &Args) -> Result<()> {
         let torch = num(&torch, "/grads/tokens_per_s")?;
         println!("  Loupe capture with loss gradients   {loupe:8.0} tokens/s ({per_batch})");
         println!("  PyTorch naive forward+backward      {torch:8.0} tokens/s (weight gradients included)");
+        floor.print(n_tokens, torch);
         println!(
             "bench capture --with-grads: {loupe:.0} tokens/s, ratio {:.2} vs naive PyTorch forward+backward \
              ({CONTEXTS} × {CONTEXT} tokens, gradient at {HOOK})",
@@ -136,6 +140,7 @@ pub fn run(args: &Args) -> Result<()> {
         println!(
             "  PyTorch whole model                 {full:8.0} tokens/s (every block + logits; information)"
         );
+        floor.print(n_tokens, first7);
         println!(
             "bench capture: {loupe:.0} tokens/s, ratio {:.2} vs PyTorch first 7 blocks \
              ({CONTEXTS} × {CONTEXT} tokens, {HOOK})",
@@ -173,6 +178,71 @@ fn capture_batch(
         None => None,
     };
     Ok((act_host, grad_host))
+}
+
+/// The dense matmuls of one batch timed alone with Loupe's f32 GEMM: the time no implementation
+/// of the same f32 computation on this machine can go below (at the GEMM's rate), and so the
+/// highest ratio against the reference that f32 arithmetic allows.
+struct GemmFloor {
+    flop: f64,
+    seconds: f64,
+}
+
+impl GemmFloor {
+    fn describe(&self, n_tokens: f64) -> String {
+        format!(
+            "f32 GEMM floor: the batch's {:.0} GFLOP of dense matmuls alone take {:.2} s with Loupe's GEMM \
+             here ({:.0} GFLOP/s): at most {:.0} tokens/s",
+            self.flop / 1e9,
+            self.seconds,
+            self.flop / self.seconds / 1e9,
+            n_tokens / self.seconds
+        )
+    }
+
+    fn print(&self, n_tokens: f64, reference: f64) {
+        println!(
+            "  {}, a ratio of at most {:.2}",
+            self.describe(n_tokens),
+            n_tokens / self.seconds / reference
+        );
+    }
+}
+
+/// Time the dense matmuls of one batch, shape by shape (random data, best of 2 after a warm-up):
+/// the projections of blocks 0..=LAYER; with `grads` those of every block, their input-gradient
+/// products in blocks LAYER+1.. (backward), and the loss head's two vocabulary-wide products.
+/// Attention's own score and value products are left out, so the floor is an underestimate.
+fn gemm_floor(c: &model::ModelConfig, grads: bool) -> Result<GemmFloor> {
+    let rows = CONTEXTS * CONTEXT;
+    let (d, qkv, z, mlp) =
+        (c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.d_head, c.n_heads * c.d_head, c.d_mlp);
+    // (m, k, n, count): `count` products of [m, k] x [k, n].
+    let block = [(rows, d, qkv), (rows, z, d), (rows, d, 2 * mlp), (rows, mlp, d)];
+    let mut shapes: Vec<(usize, usize, usize, f64)> = Vec::new();
+    let forward_blocks = if grads { c.n_layers } else { LAYER + 1 };
+    shapes.extend(block.iter().map(|&(m, k, n)| (m, k, n, forward_blocks as f64)));
+    if grads {
+        let backward = c.n_layers.saturating_sub(LAYER + 1) as f64;
+        shapes.extend(block.iter().map(|&(m, k, n)| (m, n, k, backward)));
+        // Loss head, timed on one chunk of rows and scaled to the batch's rows with a target.
+        let chunk = model::kernels::LOSS_ROWS;
+        let chunks = (CONTEXTS * (CONTEXT - 1)) as f64 / chunk as f64;
+        shapes.push((chunk, d, c.vocab_size, chunks));
+        shapes.push((chunk, c.vocab_size, d, chunks));
+    }
+    let (mut flop, mut seconds) = (0.0, 0.0);
+    for (m, k, n, count) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        let (best, _) = time(2, || {
+            model::kernels::linear(&x, &w)?;
+            Ok(())
+        })?;
+        flop += 2.0 * (m * k * n) as f64 * count;
+        seconds += best * count;
+    }
+    Ok(GemmFloor { flop, seconds })
 }
 
 /// `CONTEXTS` contexts of BOS + `CONTEXT - 1` consecutive tokens from the start of the corpus.

@@ -3,7 +3,8 @@
 //! [`loss_gradients`] never builds the `[tokens, vocab]` logits of a whole batch (2 GiB for
 //! 8 × 256 tokens of Gemma 3's 262,144-token vocabulary), nor their gradient: it runs the model to
 //! the final normalized hidden state `h`, then, a chunk of rows at a time, computes the logits
-//! `h·Wᵀ`, the loss `logsumexp − logit[target]` and `∂L/∂h = softmax·W − W[target]`. The gradient
+//! `h·Wᵀ`, the loss `logsumexp − logit[target]` and `∂L/∂h = softmax·W − W[target]` (on the CPU
+//! in f32 by [`kernels::loss_head`]: two GEMMs and one fused pass per chunk). The gradient
 //! at the hooks then comes from one backward pass of the surrogate `Σ h ⊙ ∂L/∂h` (same gradient
 //! upstream of `h`), so only the model's blocks are differentiated by candle.
 
@@ -13,7 +14,8 @@ use candle_core::{D, DType, Tensor};
 
 use super::{HookedModel, Hooks, kernels};
 
-/// Rows of logits computed at once (256 × 262,144 f32 = 256 MiB for Gemma 3).
+/// Rows of logits computed at once by the candle-ops fallback (256 × 262,144 f32 = 256 MiB for
+/// Gemma 3).
 const CHUNK_ROWS: usize = 256;
 
 /// Mean next-token cross-entropy over positions `0..seq-1` of every sequence (f32 scalar),

@@ -48,8 +48,10 @@ impl CustomOp2 for Linear {
     }
 }
 
-/// Rows of logits the loss head computes at once (256 × 262,144 f32 = 256 MiB for Gemma 3).
-const LOSS_ROWS: usize = 256;
+/// Rows of logits the loss head computes at once (512 × 262,144 f32 = 512 MiB for Gemma 3): each
+/// chunk streams the whole unembedding twice, so larger chunks read it less often (256 rows: 5%
+/// slower on Gemma 3; BENCHMARKS.md).
+pub const LOSS_ROWS: usize = 512;
 
 /// The next-token loss head on `h` `[rows, d]` (final normalized hidden states) with the
 /// unembedding `w` `[vocab, d]` and one target per row: the summed cross-entropy

@@ -19,7 +19,7 @@ mod linear;
 
 pub use attention::{causal_attention, qkv_norm_rope};
 pub use elementwise::{geglu, geglu_diff, geglu_fused, gelu_tanh, rms_norm_diff, softmax_diff};
-pub use linear::{linear, loss_head};
+pub use linear::{LOSS_ROWS, linear, loss_head};
 
 use candle_core::{CpuStorage, Layout, Tensor};
 use multiversion::multiversion;
