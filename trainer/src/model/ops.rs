@@ -79,6 +79,14 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, diff: bool) -> Result<Tensor
     if !diff {
         return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
     }
+    if fused(x) {
+        return Ok(super::kernels::rope_diff(x, cos, sin)?);
+    }
+    rope_basic(x, cos, sin)
+}
+
+/// [`rope`] from candle's basic ops (differentiable on every device).
+pub fn rope_basic(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
     let sin = Tensor::cat(&[sin, sin], D::Minus1)?;

@@ -225,6 +225,64 @@ impl CustomOp1 for Attention {
     }
 }
 
+/// RoPE (rotate-half convention) on `x` `[batch, head, seq, d]` with `cos`/`sin` `[seq, d / 2]`,
+/// with a backward (the inverse rotation of the gradient), for the differentiable path.
+pub fn rope_diff(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, seq, d) = x.dims4()?;
+    if cos.dims() != [seq, d / 2] || sin.dims() != [seq, d / 2] {
+        candle_core::bail!("rope: x {:?} and tables {:?} do not fit", x.dims(), cos.dims());
+    }
+    let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let op = Rope { cos: values(cos)?, sin: values(sin)?, inverse: false };
+    x.contiguous()?.apply_op1(op)
+}
+
+#[derive(Clone)]
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Rotate by −θ (the backward).
+    inverse: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "rope")?;
+        let (_, _, seq, d) = l.shape().dims4()?;
+        let half = d / 2;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(seq * d).zip(x.par_chunks(seq * d)).for_each(|(o, x)| {
+            for (p, (o, x)) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate() {
+                let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+                let (x1, x2) = x.split_at(half);
+                let (o1, o2) = o.split_at_mut(half);
+                rotate(x1, x2, c, s, sign, o1, o2);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let inverse = Rope { inverse: !self.inverse, ..self.clone() };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
+/// `(o1, o2) = (x1·cos − sign·x2·sin, sign·x1·sin + x2·cos)`.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512dq+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn rotate(x1: &[f32], x2: &[f32], cos: &[f32], sin: &[f32], sign: f32, o1: &mut [f32], o2: &mut [f32]) {
+    for i in 0..x1.len() {
+        let s = sign * sin[i];
+        o1[i] = x1[i] * cos[i] - x2[i] * s;
+        o2[i] = x1[i] * s + x2[i] * cos[i];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
@@ -274,5 +332,22 @@ mod tests {
             let want = p.matmul(&expand(&v)).unwrap().transpose(1, 2).unwrap();
             assert!(max_diff(&z, &want) < 1e-5, "window {window:?}: {}", max_diff(&z, &want));
         }
+    }
+
+    #[test]
+    fn rope_and_its_backward_match_candle_ops() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let (seq, d) = (9, 8);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, seq, d), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (2, 3, seq, d), &dev).unwrap();
+        let (cos, sin) = rope_tables(seq, d, 10_000.0, &dev).unwrap();
+        let fused = rope_diff(x.as_tensor(), &cos, &sin).unwrap();
+        let plain = crate::model::ops::rope_basic(x.as_tensor(), &cos, &sin).unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-6);
+        let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gf, gp) = (gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap());
+        assert!(max_diff(gf, gp) < 1e-6, "{}", max_diff(gf, gp));
     }
 }

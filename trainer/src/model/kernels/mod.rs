@@ -17,7 +17,7 @@ mod attention;
 mod elementwise;
 mod linear;
 
-pub use attention::{causal_attention, qkv_norm_rope};
+pub use attention::{causal_attention, qkv_norm_rope, rope_diff};
 pub use elementwise::{geglu, geglu_diff, geglu_fused, gelu_tanh, rms_norm_diff, softmax_diff};
 pub use linear::{LOSS_ROWS, linear, loss_head};
 
