@@ -29,10 +29,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
-/// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * scale`.
+/// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * scale`; on the CPU in f32 one fused
+/// pass with its own backward ([`super::kernels::rms_norm`]).
 pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64, diff: bool) -> Result<Tensor> {
-    if diff && fused(x) {
-        Ok(super::kernels::rms_norm_diff(x, scale, eps as f32)?)
+    if fused(x) {
+        Ok(super::kernels::rms_norm(x, scale, eps as f32)?)
     } else if diff {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;

@@ -288,7 +288,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
-    use crate::model::ops::{causal_mask, rms_norm, rope, rope_tables, softmax};
+    use crate::model::ops::{causal_mask, rope, rope_tables, softmax};
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
@@ -309,7 +309,12 @@ mod tests {
             qkv.narrow(2, from * d, n * d).unwrap().reshape((batch, seq, n, d)).unwrap()
         };
         let rot = |x: Tensor, scale: &Tensor| {
-            let x = rms_norm(&x, scale, eps, false).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let x = candle_nn::ops::rms_norm(&x.contiguous().unwrap(), scale, eps as f32)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
             rope(&x, &cos, &sin, false).unwrap() // [b, h, s, d]
         };
         let q = rot(part(0, heads), &q_scale);

@@ -4,7 +4,7 @@
 //! Hand-written because candle's CPU versions of these make one pass (and one allocation) per
 //! basic op, call libm's scalar `expf`/`tanhf` per element, and (matmul) compute a gradient for
 //! every operand, weights included:
-//! - [`elementwise`]: GeGLU (also on one fused gate/up projection), and the differentiable
+//! - [`elementwise`]: GeGLU (also on one fused gate/up projection), RMSNorm, and the differentiable
 //!   GeGLU, RMSNorm and softmax with one-pass backwards;
 //! - [`attention`]: QK-norm + RoPE on one fused q/k/v projection, and causal (sliding-window)
 //!   attention per block of 64 queries that skips the masked key blocks;
@@ -18,7 +18,7 @@ mod elementwise;
 mod linear;
 
 pub use attention::{causal_attention, qkv_norm_rope, rope_diff};
-pub use elementwise::{geglu, geglu_diff, geglu_fused, gelu_tanh, rms_norm_diff, softmax_diff};
+pub use elementwise::{geglu, geglu_diff, geglu_fused, gelu_tanh, rms_norm, softmax_diff};
 pub use linear::{LOSS_ROWS, linear, loss_head};
 
 use candle_core::{CpuStorage, Layout, Tensor};
