@@ -2,7 +2,7 @@
 //!
 //! Hand-written because candle 0.11 has no top-k and no sparse ops, and its autograd would
 //! materialise the dense `[batch, n_features]` gradients a TopK SAE must avoid:
-//! - [`matmul_nt`]: the one dense GEMM (`C = A·Bᵀ`, through the `gemm` crate that candle also uses);
+//! - [`matmul_nt`]: the one dense GEMM (`C = A·Bᵀ`, through `model::kernels::matmul`);
 //! - [`topk_row`]: a partial-selection top-k of one row (two streaming passes, no sort);
 //! - [`kth_largest`]: the exact k-th largest value of a whole matrix (BatchTopK's global budget);
 //! - [`Codes`]: sparse codes in CSR form (per token: feature ids and values), their decode and
@@ -23,34 +23,8 @@ pub fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usi
     if m == 0 || n == 0 {
         return;
     }
-    let (dst_cs, dst_rs) = if c_transposed { (m as isize, 1) } else { (1, n as isize) };
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above make every index the strides describe fall inside the slices;
-    // `c` is exclusively borrowed.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            dst_cs,
-            dst_rs,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    let c_strides = if c_transposed { (1, m) } else { (n, 1) };
+    crate::model::kernels::matmul(a, (k, 1), b, (1, k), c, c_strides, m, n, k);
 }
 
 /// Elements per block whose maximum bounds the top-k threshold from below.

@@ -33,7 +33,7 @@ impl CustomOp2 for Linear {
             candle_core::bail!("linear: x {:?} and w {:?} do not fit", l1.shape(), l2.shape());
         }
         let mut y = vec![0f32; rows * n];
-        matmul(x, k, 1, w, 1, k, &mut y, rows, n, k);
+        matmul(x, (k, 1), w, (1, k), &mut y, (n, 1), rows, n, k);
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 
@@ -82,7 +82,7 @@ pub fn loss_head(h: &Tensor, w: &Tensor, targets: &[u32]) -> candle_core::Result
                 let n = LOSS_ROWS.min(rows - start);
                 let hc = &h[start * d..(start + n) * d];
                 let logits = &mut logits[..n * vocab];
-                matmul(hc, d, 1, w, 1, d, logits, n, vocab, d);
+                matmul(hc, (d, 1), w, (1, d), logits, (vocab, 1), n, vocab, d);
                 let tc = &targets[start..start + n];
                 loss += logits
                     .par_chunks_mut(vocab)
@@ -96,7 +96,7 @@ pub fn loss_head(h: &Tensor, w: &Tensor, targets: &[u32]) -> candle_core::Result
                     .iter()
                     .sum::<f64>();
                 let gc = &mut grad[start * d..(start + n) * d];
-                matmul(logits, vocab, 1, w, d, 1, gc, n, d, vocab);
+                matmul(logits, (vocab, 1), w, (d, 1), gc, (d, 1), n, d, vocab);
                 for (g, &t) in gc.chunks_exact_mut(d).zip(tc) {
                     for (g, &wt) in g.iter_mut().zip(&w[t as usize * d..(t as usize + 1) * d]) {
                         *g -= wt;

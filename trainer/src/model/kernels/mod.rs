@@ -45,17 +45,17 @@ pub fn fast_exp(y: f32) -> f32 {
     if underflow { 0.0 } else { e }
 }
 
-/// `c[m, n] = a · b` on every rayon thread, for `a` `[m, k]` and `b` `[k, n]` given by their row
-/// and column strides (so either may be a transposed view); `c` is row-major and overwritten.
+/// `c[m, n] = a · b` on every rayon thread (the `gemm` crate, which candle also uses), for `a`
+/// `[m, k]`, `b` `[k, n]` and `c` given by their row and column strides (so any may be a
+/// transposed view); `c` is overwritten. Also the dictionary trainer's one dense GEMM.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
+    (a_rs, a_cs): (usize, usize),
     b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
+    (b_rs, b_cs): (usize, usize),
     c: &mut [f32],
+    (c_rs, c_cs): (usize, usize),
     m: usize,
     n: usize,
     k: usize,
@@ -63,7 +63,8 @@ fn matmul(
     let last = |rs: usize, cs: usize, rows: usize, cols: usize| {
         if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
     };
-    assert!(a.len() >= last(a_rs, a_cs, m, k) && b.len() >= last(b_rs, b_cs, k, n) && c.len() >= m * n);
+    assert!(a.len() >= last(a_rs, a_cs, m, k) && b.len() >= last(b_rs, b_cs, k, n));
+    assert!(c.len() >= last(c_rs, c_cs, m, n));
     if m == 0 || n == 0 {
         return;
     }
@@ -76,8 +77,8 @@ fn matmul(
             n,
             k,
             c.as_mut_ptr(),
-            1,
-            n as isize,
+            c_cs as isize,
+            c_rs as isize,
             false,
             a.as_ptr(),
             a_cs as isize,
