@@ -262,7 +262,8 @@ impl Gemma3 {
         let name = |s: &str| format!("blocks.{i}.attn.{s}");
         let scale = self.cfg.query_pre_attn_scalar.powf(-0.5);
         let inner = ["hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_pattern"];
-        if !diff && !inner.iter().any(|h| hooks.is_active(&name(h))) && x.dtype() == DType::F32 {
+        let fusable = x.dtype() == DType::F32 && x.device().is_cpu();
+        if !diff && fusable && !inner.iter().any(|h| hooks.is_active(&name(h))) {
             // Fused path: one projection GEMM, then QK-norm + RoPE and the attention in two kernels.
             let qkv = linear(x, &b.qkv, None)?;
             let (cos, sin) = rope_t;

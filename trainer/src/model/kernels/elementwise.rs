@@ -92,7 +92,7 @@ fn geglu_chunk(g: &[f32], u: &[f32], out: &mut [f32]) {
 
 /// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))` with a branch-free exp, so loops vectorize.
 #[inline(always)]
-pub fn gelu_tanh(x: f32) -> f32 {
+fn gelu_tanh(x: f32) -> f32 {
     let z = (0.797_884_6 * (x + 0.044_715 * x * x * x)).clamp(-15.0, 15.0);
     // 1 + tanh(z) = 2 - 2 / (1 + e^{2z}) = 2 e^{2z} / (1 + e^{2z})
     let e = fast_exp(2.0 * z);

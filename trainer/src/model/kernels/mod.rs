@@ -18,7 +18,7 @@ mod elementwise;
 mod linear;
 
 pub use attention::{causal_attention, qkv_norm_rope, rope_diff};
-pub use elementwise::{geglu, geglu_diff, geglu_fused, gelu_tanh, rms_norm, softmax_diff};
+pub use elementwise::{geglu, geglu_diff, geglu_fused, rms_norm, softmax_diff};
 pub use linear::{LOSS_ROWS, linear, loss_head};
 
 use candle_core::{CpuStorage, Layout, Tensor};
