@@ -84,7 +84,7 @@ pub struct RunFlags {
 }
 
 impl RunFlags {
-    fn features(&self) -> Result<Option<Vec<u32>>> {
+    fn features(&self) -> Result<Option<Vec<std::ops::Range<u32>>>> {
         self.features.as_deref().map(parse_features).transpose()
     }
     fn sizes(&self) -> Result<Sizes> {

@@ -21,7 +21,7 @@ use crate::search;
 pub struct ExplainOptions {
     /// `delphi` or `offline`.
     pub explainer: String,
-    pub features: Option<Vec<u32>>,
+    pub features: Option<Vec<std::ops::Range<u32>>>,
     pub sizes: Sizes,
     /// Show (token, 0-10) activation lines after each example.
     pub activation_lines: bool,

@@ -2,29 +2,37 @@
 //! merging finished records into the store's tables.
 
 use std::collections::HashSet;
+use std::ops::Range;
 
 use anyhow::{Result, bail};
 use loupe_store::FeatureTables;
 
 use crate::budget::Spent;
 
-/// Which features a run covers: `None` means every feature that is not dead.
-pub fn select_features(tables: &FeatureTables, features: Option<&[u32]>) -> Result<Vec<u32>> {
+/// Which features a run covers: `None` means every feature that is not dead. Ranges are
+/// checked against the dictionary before they are expanded.
+pub fn select_features(tables: &FeatureTables, features: Option<&[Range<u32>]>) -> Result<Vec<u32>> {
     let n = tables.n_features() as u32;
     match features {
-        Some(list) => {
-            if let Some(bad) = list.iter().find(|&&f| f >= n) {
-                bail!("feature {bad} does not exist (the dictionary has features 0..{n})");
+        Some(ranges) => {
+            if let Some(bad) = ranges.iter().find(|r| r.end > n) {
+                let shown = if bad.len() == 1 {
+                    bad.start.to_string()
+                } else {
+                    format!("{}..{}", bad.start, bad.end)
+                };
+                bail!("--features {shown}: the dictionary has features 0..{n}");
             }
             let mut seen = HashSet::new();
-            Ok(list.iter().copied().filter(|f| seen.insert(*f)).collect())
+            Ok(ranges.iter().flat_map(|r| r.clone()).filter(|f| seen.insert(*f)).collect())
         }
         None => Ok((0..n).filter(|&f| tables.densities()[f as usize] > 0.0).collect()),
     }
 }
 
-/// Parse a feature list: `0..20`, `3,7,9`, or a mix (`0..4,10`).
-pub fn parse_features(text: &str) -> Result<Vec<u32>> {
+/// Parse a feature list: `0..20`, `3,7,9`, or a mix (`0..4,10`), as ranges (a single id is a
+/// range of one).
+pub fn parse_features(text: &str) -> Result<Vec<Range<u32>>> {
     let mut out = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || anyhow::anyhow!("--features {text:?}: {part:?} is not a feature id or a range A..B");
@@ -34,9 +42,12 @@ pub fn parse_features(text: &str) -> Result<Vec<u32>> {
                 if a >= b {
                     return Err(bad());
                 }
-                out.extend(a..b);
+                out.push(a..b);
             }
-            None => out.push(part.parse().map_err(|_| bad())?),
+            None => {
+                let f: u32 = part.parse().map_err(|_| bad())?;
+                out.push(f..f.checked_add(1).ok_or_else(bad)?);
+            }
         }
     }
     if out.is_empty() {

@@ -21,7 +21,7 @@ pub struct ScoreOptions {
     pub scorers: Vec<String>,
     /// Whose explanations to score.
     pub explainer: String,
-    pub features: Option<Vec<u32>>,
+    pub features: Option<Vec<std::ops::Range<u32>>>,
     /// Must match the explain run's, so that test examples are not train examples.
     pub sizes: Sizes,
     pub seed: u64,

@@ -75,6 +75,10 @@ impl Searcher {
             .iter()
             .find_map(|f| f.file.rsplit('/').next().and_then(|n| n.strip_suffix(".hnsw.graph")).map(str::to_string))
             .ok_or_else(|| anyhow!("the explanations of {dict} have no search index (run `loupe explain` with the MiniLM model present)"))?;
+        // hnsw_rs panics on a truncated dump: check the files against their listing first.
+        let index_files: Vec<&loupe_store::FileEntry> =
+            entry.files.iter().filter(|f| f.file.contains(&format!("/{graph}.hnsw."))).collect();
+        store.check_listed_files(store.root(), &index_files)?;
         let index = similar::load(&store.index_dir(dict), &graph, PARAMS)?;
         let explanations = store.explanations(dict)?.explanations;
         Ok(Searcher { index, explanations, model: entry.index_model.unwrap_or_default() })

@@ -89,17 +89,40 @@ impl Store {
         })
     }
 
-    /// Remove dictionary `name` from the manifest, then its folder.
+    /// Remove dictionary `name` from the manifest together with everything made from it (its
+    /// analysis and explanations, which would otherwise be served for a later dictionary of the
+    /// same name), in one commit; then delete the files those entries listed (and only those).
     pub fn remove_dictionary(&self, name: &str) -> Result<()> {
         check_dictionary_name(name)?;
-        self.commit(|m| {
-            if m.dictionaries.remove(name).is_none() {
-                bail!("no dictionary named {name:?} in {}", self.root().display());
-            }
-            Ok(())
+        let (dict, features, explanations) = self.commit(|m| {
+            let Some(dict) = m.dictionaries.remove(name) else {
+                bail!("no dictionary named {name} in {}", self.root().display());
+            };
+            Ok((dict, m.features.remove(name), m.explanations.remove(name)))
         })?;
-        let dir = self.dictionary_dir(name);
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
+        let files: Vec<&str> = dict.files.iter().map(|f| f.file.as_str()).collect();
+        // Unlisted now, so no reader trusts them: what cannot be deleted is only wasted space.
+        fsutil::remove_files(&self.dictionary_dir(name), &files)?;
+        let _ = std::fs::remove_dir(self.dictionary_dir(name));
+        let made_from: Vec<&str> = features
+            .iter()
+            .flat_map(|e| &e.files)
+            .chain(explanations.iter().flat_map(|e| &e.files))
+            .map(|f| f.file.as_str())
+            .collect();
+        fsutil::remove_files(self.root(), &made_from)
+    }
+}
+
+impl Store {
+    /// Check listed files (paths relative to `dir`) against their size and checksum, the first
+    /// time this process reads each (see [`fsutil::check_listed`]): for files a library opens
+    /// by path, such as hnsw_rs's index dumps or safetensors weights.
+    pub fn check_listed_files(&self, dir: &Path, files: &[&FileEntry]) -> Result<()> {
+        for f in files {
+            fsutil::check_listed_file(&dir.join(&f.file), f.bytes, &f.xxh3)?;
+        }
+        Ok(())
     }
 }
 

@@ -361,15 +361,14 @@ impl Store {
             return Ok(Explanations::default());
         };
         let read = |file: &str, schema: SchemaRef| -> Result<RecordBatch> {
-            let rel = format!("{EXPLANATIONS_DIR}/{dict}/{file}");
-            if !entry.files.iter().any(|f| f.file == rel) {
-                bail!("the explanations of {dict} list no {file}");
-            }
-            let path = self.root().join(&rel);
+            let listed = crate::features::find_listed(&entry.files, file)
+                .ok_or_else(|| anyhow!("the explanations of {dict} list no {file}"))?;
+            let path = self.root().join(&listed.file);
             let handle = std::fs::File::open(&path)
                 .with_context(|| format!("{} is listed but missing", path.display()))?;
             // SAFETY: listed files are immutable (written under a temporary name, then renamed).
             let map = Arc::new(unsafe { memmap2::Mmap::map(&handle) }?);
+            crate::fsutil::check_listed(&path, &map, listed.bytes, &listed.xxh3)?;
             let batch = crate::reader::decode_single_batch(&map)
                 .map_err(|e| anyhow!("{} is not a valid table: {e}", path.display()))?;
             if batch.schema().fields() != schema.fields() {
@@ -396,7 +395,10 @@ impl Store {
         if !self.is_writable() {
             bail!("store {} is open read-only", self.root().display());
         }
-        let dir = self.explanations_dir(dict);
+        // New tables go into a folder of their own: the listed ones stay untouched until the
+        // manifest names the new ones, and are removed after.
+        let generation = fsutil::generation();
+        let dir = self.explanations_dir(dict).join(&generation);
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut files = Vec::new();
         for (file, batch) in [
@@ -411,7 +413,7 @@ impl Store {
             }
             fsutil::write_atomic(&dir.join(file), &bytes)
                 .with_context(|| format!("cannot write {file} of the explanations of {dict}"))?;
-            files.push(format!("{EXPLANATIONS_DIR}/{dict}/{file}"));
+            files.push(format!("{EXPLANATIONS_DIR}/{dict}/{generation}/{file}"));
         }
         let index_model = index.map(|(model, _)| model.to_string());
         for file in index.map(|(_, f)| f).unwrap_or_default() {
@@ -430,10 +432,15 @@ impl Store {
             },
             files: hash_files(self.root(), &refs)?,
         };
+        let previous = self.explanations_entry(dict).map(|e| e.files).unwrap_or_default();
         self.commit(|m| {
             m.explanations.insert(dict.to_string(), entry);
             Ok(())
-        })
+        })?;
+        // Unlisted now, so no reader trusts them: failing to delete them only wastes space.
+        let old: Vec<&str> = previous.iter().map(|f| f.file.as_str()).filter(|f| !refs.contains(f)).collect();
+        let _ = fsutil::remove_files(self.root(), &old);
+        Ok(())
     }
 }
 

@@ -38,6 +38,7 @@ pub fn commit_tmp(tmp: &Path, path: &Path) -> Result<()> {
 
 /// Write `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    crash_point();
     let tmp = tmp_path(path);
     let result = (|| -> Result<()> {
         let mut file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -99,4 +100,162 @@ impl<W: Write> Write for HashingWriter<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// The crash-test hook: with `LOUPE_CRASH_AFTER_WRITES=N` in the environment, the process
+/// aborts (as if killed) at the start of its atomic write number N + 1, so that a test can stop
+/// a writer at every step of its write phase and check that the store survives. Unset: nothing.
+fn crash_point() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let limit = LIMIT.get_or_init(|| std::env::var("LOUPE_CRASH_AFTER_WRITES").ok()?.parse().ok());
+    if let Some(limit) = *limit
+        && WRITES.fetch_add(1, Ordering::SeqCst) >= limit
+    {
+        std::process::abort();
+    }
+}
+
+/// A fresh stamp for one rewrite of a listed set of files (nanoseconds since the epoch, hex):
+/// a writer puts its new files under names that carry it, so that they never replace a listed
+/// file before the manifest commit.
+pub fn generation() -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("g{nanos:x}")
+}
+
+/// Remove the files `files` (paths relative to `root`) that exist, then each of their folders
+/// that is left empty, up to (not including) `root`. Only named files go; a folder that still
+/// holds something else stays.
+pub fn remove_files(root: &Path, files: &[&str]) -> Result<()> {
+    let mut dirs = Vec::new();
+    for file in files {
+        let path = root.join(file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+        }
+        let mut dir = path.parent();
+        while let Some(d) = dir
+            && d != root
+            && d.starts_with(root)
+        {
+            dirs.push(d.to_path_buf());
+            dir = d.parent();
+        }
+    }
+    // Deepest first; `remove_dir` refuses a folder that is not empty.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    dirs.dedup();
+    for dir in dirs {
+        let _ = std::fs::remove_dir(&dir);
+    }
+    Ok(())
+}
+
+/// Every file under `dir` (recursively), relative to it, in sorted order; none when `dir` does
+/// not exist. Links are reported as files and never followed.
+pub fn files_under(dir: &Path) -> Result<Vec<String>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                walk(root, &path, out)?;
+            } else {
+                let rel = path.strip_prefix(root).unwrap_or(&path);
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Clear the unlisted leftovers of an interrupted writer in `dir`: when every file there is one
+/// `ours` recognises as that writer's, remove them (and the emptied folders); otherwise refuse,
+/// naming the first file that is not, and remove nothing.
+pub fn clear_leftovers(dir: &Path, ours: impl Fn(&str) -> bool) -> Result<()> {
+    let files = files_under(dir)?;
+    if let Some(other) = files.iter().find(|f| !ours(f)) {
+        anyhow::bail!(
+            "{} holds {other}, which no listed entry of the store owns and Loupe did not write; \
+             move it away or choose another name",
+            dir.display()
+        );
+    }
+    let refs: Vec<&str> = files.iter().map(String::as_str).collect();
+    remove_files(dir, &refs)?;
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// Files this process has already checked against their listing: (path, size, checksum).
+static CHECKED: std::sync::Mutex<Vec<(PathBuf, u64, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Check the bytes of a listed file (typically its memory mapping) against the size and xxh3
+/// its listing records, the first time this process reads it; later calls for the same file and
+/// listing return at once. A mismatch names the file: it changed after it was listed.
+pub fn check_listed(path: &Path, bytes: &[u8], listed_bytes: u64, listed_xxh3: &str) -> Result<()> {
+    check_listed_then(path, bytes, listed_bytes, listed_xxh3, || Ok(()))
+}
+
+/// [`check_listed`], with `then` (a further check of the content, e.g. that activations are
+/// finite) run once after the checksum matched; the file counts as checked only if both pass.
+pub fn check_listed_then(
+    path: &Path,
+    bytes: &[u8],
+    listed_bytes: u64,
+    listed_xxh3: &str,
+    then: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let key = (path.to_path_buf(), listed_bytes, listed_xxh3.to_string());
+    if CHECKED.lock().unwrap_or_else(|p| p.into_inner()).contains(&key) {
+        return Ok(());
+    }
+    check_bytes(path, bytes, listed_bytes, listed_xxh3)?;
+    then()?;
+    CHECKED.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+    Ok(())
+}
+
+/// The size and checksum of `bytes` (the content of `path`) against its listing, every time.
+pub fn check_bytes(path: &Path, bytes: &[u8], listed_bytes: u64, listed_xxh3: &str) -> Result<()> {
+    if bytes.len() as u64 != listed_bytes {
+        anyhow::bail!(
+            "{} is {} bytes but the manifest says {listed_bytes} (truncated or replaced)",
+            path.display(),
+            bytes.len()
+        );
+    }
+    let actual = hex128(xxhash_rust::xxh3::xxh3_128(bytes));
+    if actual != listed_xxh3 {
+        anyhow::bail!(
+            "{} does not match its checksum in the manifest (xxh3 {actual}, listed {listed_xxh3}): \
+             the file changed after it was written; `loupe store verify` lists every such file",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// [`check_listed`] for a file read from disk (e.g. before a library opens it by path).
+pub fn check_listed_file(path: &Path, listed_bytes: u64, listed_xxh3: &str) -> Result<()> {
+    let file =
+        File::open(path).with_context(|| format!("{} is listed but cannot be opened", path.display()))?;
+    // SAFETY: listed files are immutable (written under a temporary name, then renamed).
+    let map =
+        unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+    check_listed(path, &map, listed_bytes, listed_xxh3)
 }

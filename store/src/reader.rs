@@ -153,7 +153,7 @@ impl Shard {
                 crate::DType::F32 => VectorColumn::F32(values.as_primitive::<Float32Type>().values().clone()),
             })
         };
-        Ok(Shard {
+        let shard = Shard {
             rows: batch.num_rows(),
             d: spec.d as usize,
             doc: u32_col(DOC),
@@ -162,7 +162,36 @@ impl Shard {
             act: vectors(ACT).expect("checked"),
             grad: vectors(GRAD),
             map,
-        })
+        };
+        // The first time this process maps the shard: its bytes against the manifest's checksum,
+        // and every value finite (the writer refuses others; a shard edited afterwards may not).
+        crate::fsutil::check_listed_then(path, &shard.map, entry.bytes, &entry.xxh3, || {
+            shard.check_finite(path)
+        })?;
+        Ok(shard)
+    }
+
+    /// What [`Shard::open`] checks the first time a process maps a shard, done again: its bytes
+    /// against the listing, then every value finite (for `loupe bench store`, which measures it).
+    pub fn first_read_check(&self, path: &Path, entry: &ShardEntry) -> Result<()> {
+        crate::fsutil::check_bytes(path, &self.map, entry.bytes, &entry.xxh3)?;
+        self.check_finite(path)
+    }
+
+    /// Refuse a non-finite activation or gradient, naming the shard and the row.
+    fn check_finite(&self, path: &Path) -> Result<()> {
+        let columns = [("activation", Some(&self.act)), ("gradient", self.grad.as_ref())];
+        for (what, column) in columns.into_iter().filter_map(|(w, c)| c.map(|c| (w, c))) {
+            if let Some(i) = column.view().first_non_finite() {
+                bail!(
+                    "shard {} row {} holds a non-finite {what} ({}): the shard changed after it was written",
+                    path.display(),
+                    i / self.d,
+                    column.view().get_f32(i)
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn rows(&self) -> usize {

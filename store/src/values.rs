@@ -132,6 +132,31 @@ impl<'a> ValuesRef<'a> {
         self.to_f32_into(&mut out);
         out
     }
+
+    /// Element `i` as f32.
+    pub fn get_f32(&self, i: usize) -> f32 {
+        match self {
+            ValuesRef::F16(v) => v[i].to_f32(),
+            ValuesRef::F32(v) => v[i],
+        }
+    }
+
+    /// The index of the first NaN or infinite element. Blocks are scanned with a branch-free
+    /// test on the exponent bits (vectorised by the compiler), so a clean shard costs one pass at
+    /// memory speed.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        const BLOCK: usize = 4096;
+        fn find<T: Copy>(v: &[T], bad: impl Fn(T) -> bool) -> Option<usize> {
+            v.chunks(BLOCK).enumerate().find_map(|(b, chunk)| {
+                let any = chunk.iter().fold(false, |acc, &x| acc | bad(x));
+                any.then(|| b * BLOCK + chunk.iter().position(|&x| bad(x)).expect("found"))
+            })
+        }
+        match self {
+            ValuesRef::F16(v) => find(v, |x: f16| x.to_bits() & 0x7c00 == 0x7c00),
+            ValuesRef::F32(v) => find(v, |x: f32| x.to_bits() & 0x7f80_0000 == 0x7f80_0000),
+        }
+    }
 }
 
 /// An element type callers may hand to the writer: f32 or f16. Values are converted to the

@@ -80,8 +80,70 @@ impl Store {
                 report.problems.extend(check_file(&format!("explanations of {name}"), self.root(), file));
             }
         }
+        if report.problems.is_empty() {
+            // The files are as listed: now check that the listings agree with each other.
+            report.problems.extend(self.consistency_problems(&manifest));
+        }
         report.unlisted = unlisted_files(self);
         report
+    }
+}
+
+impl Store {
+    /// What the listings say of each other: an analysis and explanations belong to a listed
+    /// dictionary of the same width, and their tables open with the sizes the manifest records.
+    fn consistency_problems(&self, manifest: &crate::Manifest) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, entry) in &manifest.features {
+            match manifest.dictionaries.get(name) {
+                None => problems.push(format!("the analysis of {name} belongs to no listed dictionary")),
+                Some(dict) if dict.n_features != entry.n_features => problems.push(format!(
+                    "the analysis of {name} has {} features, the dictionary {}",
+                    entry.n_features, dict.n_features
+                )),
+                Some(_) => {
+                    if let Err(e) = crate::FeatureTables::open(self, name) {
+                        problems.push(format!("analysis of {name}: {e:#}"));
+                    }
+                }
+            }
+        }
+        for (name, entry) in &manifest.explanations {
+            let n = match manifest.dictionaries.get(name) {
+                Some(dict) => dict.n_features,
+                None => {
+                    problems.push(format!("the explanations of {name} belong to no listed dictionary"));
+                    continue;
+                }
+            };
+            match self.explanations(name) {
+                Err(e) => problems.push(format!("explanations of {name}: {e:#}")),
+                Ok(all) => {
+                    if all.explanations.len() != entry.n_explanations as usize
+                        || all.scores.len() != entry.n_scores as usize
+                    {
+                        problems.push(format!(
+                            "the explanations of {name} list {} explanations and {} scores, the tables hold {} and {}",
+                            entry.n_explanations,
+                            entry.n_scores,
+                            all.explanations.len(),
+                            all.scores.len()
+                        ));
+                    }
+                    let ids = all
+                        .explanations
+                        .iter()
+                        .map(|e| e.feature_id)
+                        .chain(all.scores.iter().map(|s| s.feature_id));
+                    if let Some(bad) = ids.into_iter().find(|&f| f >= n) {
+                        problems.push(format!(
+                            "the explanations of {name} name feature {bad}, but it has {n} features"
+                        ));
+                    }
+                }
+            }
+        }
+        problems
     }
 }
 

@@ -23,13 +23,15 @@ fn analysis_of_a_planted_dictionary_is_exact() {
     let store = Store::open(&dir).unwrap();
     let tables = FeatureTables::open(&store, "sae").unwrap();
     assert_eq!(tables.n_features(), N);
-    let listed: Vec<&str> = tables.entry().files.iter().map(|f| f.file.as_str()).collect();
-    assert!(
-        listed.contains(&"index/sae/decoder.hnsw.graph") && listed.contains(&"index/sae/decoder.hnsw.data")
-    );
+    let entry = tables.entry();
+    let graph = entry.find("decoder.hnsw.graph").expect("the index is listed");
+    assert!(entry.find("decoder.hnsw.data").is_some());
+    // Each analysis writes into folders of its own, `index/<dict>/<generation>/`.
+    let index_dir = dir.join(&graph.file).parent().unwrap().to_path_buf();
+    assert_eq!(index_dir.parent().unwrap(), store.index_dir("sae"));
     // The index answers queries by direction: each decoder row finds itself first.
     let index = loupe_trainer::analysis::similar::load(
-        &store.index_dir("sae"),
+        &index_dir,
         "decoder",
         loupe_trainer::analysis::similar::IndexParams::default(),
     )
@@ -128,12 +130,13 @@ fn analysis_of_a_planted_dictionary_is_exact() {
     drop(index);
     let out = loupe(&["analyze", "--store", s, "--dictionary", "sae", "--no-index"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(std::fs::read_dir(dir.join("index/sae")).unwrap().count(), 0);
+    assert_eq!(loupe_store::fsutil::files_under(&dir.join("index/sae")).unwrap(), Vec::<String>::new());
 
     // The analysis is listed with checksums: verify passes, and catches a corrupted table.
     let out = loupe(&["store", "verify", s]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let table = dir.join("features/sae/top_examples.arrow");
+    let listed = Store::open(&dir).unwrap().features("sae").unwrap();
+    let table = dir.join(&listed.find("top_examples.arrow").unwrap().file);
     let mut bytes = std::fs::read(&table).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;

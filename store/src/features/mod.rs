@@ -75,6 +75,20 @@ pub struct FeaturesEntry {
     pub files: Vec<FileEntry>,
 }
 
+impl FeaturesEntry {
+    /// The listed file named `name` (its last path component: each analysis writes its files
+    /// into a folder of its own, `features/<dict>/<generation>/`; stores written before that
+    /// have them directly in `features/<dict>/`).
+    pub fn find(&self, name: &str) -> Option<&FileEntry> {
+        find_listed(&self.files, name)
+    }
+}
+
+/// The entry of `files` whose last path component is `name`.
+pub(crate) fn find_listed<'a>(files: &'a [FileEntry], name: &str) -> Option<&'a FileEntry> {
+    files.iter().find(|f| f.file.rsplit('/').next() == Some(name))
+}
+
 /// One row of `features.arrow`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FeatureRow {

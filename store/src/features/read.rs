@@ -21,52 +21,44 @@ struct Table {
 }
 
 impl Table {
-    /// Map `file` and index its rows by `feature_id` (the first column), unless `indexed` is false.
+    /// Map the analysis' `file` (checked against its listing: size, checksum, schema).
     fn open(
         store: &Store,
         entry: &FeaturesEntry,
         dict: &str,
         file: &str,
         schema: SchemaRef,
-        indexed: bool,
     ) -> Result<Table> {
-        let rel = format!("{FEATURES_DIR}/{dict}/{file}");
-        let listed = entry
-            .files
-            .iter()
-            .find(|f| f.file == rel)
-            .ok_or_else(|| anyhow!("the analysis of {dict} lists no {file}"))?;
-        let path = store.root().join(&rel);
-        let meta =
-            std::fs::metadata(&path).with_context(|| format!("{} is listed but missing", path.display()))?;
-        if meta.len() != listed.bytes {
-            bail!("{} is {} bytes but the manifest says {}", path.display(), meta.len(), listed.bytes);
-        }
-        let file_handle =
-            std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let listed = entry.find(file).ok_or_else(|| anyhow!("the analysis of {dict} lists no {file}"))?;
+        let path = store.root().join(&listed.file);
+        let file_handle = std::fs::File::open(&path)
+            .with_context(|| format!("{} is listed but cannot be opened", path.display()))?;
         // SAFETY: listed files are immutable (written under a temporary name, then renamed).
         let map = Arc::new(unsafe { Mmap::map(&file_handle) }?);
+        crate::fsutil::check_listed(&path, &map, listed.bytes, &listed.xxh3)?;
         let batch = crate::reader::decode_single_batch(&map)
             .map_err(|e| anyhow!("{} is not a valid table: {e}", path.display()))?;
         if batch.schema().fields() != schema.fields() {
             bail!("{} does not have the {file} schema", path.display());
         }
-        if !indexed {
-            return Ok(Table { batch, starts: Vec::new() });
-        }
-        let ids = batch.column(0).as_primitive::<UInt32Type>().values();
-        let n = entry.n_features as usize;
+        Ok(Table { batch, starts: Vec::new() })
+    }
+
+    /// Index the rows by `feature_id` (the first column), for features `0..n`.
+    fn indexed(mut self, n: usize, file: &str) -> Result<Table> {
+        let ids = self.batch.column(0).as_primitive::<UInt32Type>().values();
         let mut starts = vec![0u32; n + 1];
         for (i, &f) in ids.iter().enumerate() {
             if f as usize >= n || (i > 0 && f < ids[i - 1]) {
-                bail!("{}: feature_id column is out of range or unsorted at row {i}", path.display());
+                bail!("{file}: feature_id column is out of range or unsorted at row {i}");
             }
             starts[f as usize + 1] = i as u32 + 1;
         }
         for f in 1..=n {
             starts[f] = starts[f].max(starts[f - 1]);
         }
-        Ok(Table { batch, starts })
+        self.starts = starts;
+        Ok(self)
     }
 
     fn rows(&self, f: usize) -> std::ops::Range<usize> {
@@ -103,18 +95,22 @@ impl FeatureTables {
         let entry = store.features(dict).ok_or_else(|| {
             anyhow!("store {} has no analysis of {dict:?}; run `loupe analyze` first", store.root().display())
         })?;
-        let has = |file: &str| entry.files.iter().any(|f| f.file == format!("{FEATURES_DIR}/{dict}/{file}"));
-        let open = |file: &str, schema| Table::open(store, &entry, dict, file, schema, true);
-        let vocab = Table::open(store, &entry, dict, VOCAB_TABLE, vocab_schema(), false)?;
-        let vocab = vocab.batch.column(1).as_string::<i32>().clone();
-        let features = open(FEATURES_TABLE, features_schema())?;
-        if features.batch.num_rows() != entry.n_features as usize {
+        let has = |file: &str| entry.find(file).is_some();
+        let n = entry.n_features as usize;
+        // The features table has one row per feature: check the listed count against it before
+        // anything is sized by that count.
+        let features = Table::open(store, &entry, dict, FEATURES_TABLE, features_schema())?;
+        if features.batch.num_rows() != n {
             bail!(
                 "the analysis of {dict} lists {} features but {FEATURES_TABLE} has {} rows",
                 entry.n_features,
                 features.batch.num_rows()
             );
         }
+        let features = features.indexed(n, FEATURES_TABLE)?;
+        let open = |file: &str, schema| Table::open(store, &entry, dict, file, schema)?.indexed(n, file);
+        let vocab = Table::open(store, &entry, dict, VOCAB_TABLE, vocab_schema())?;
+        let vocab = vocab.batch.column(1).as_string::<i32>().clone();
         Ok(FeatureTables {
             features,
             top: open(TOP_EXAMPLES_TABLE, examples_schema(false))?,

@@ -59,23 +59,33 @@ fn write_table(path: &Path, batch: &RecordBatch) -> Result<()> {
     fsutil::write_atomic(path, &bytes)
 }
 
-/// Writes the tables of one analysis into `features/<dict>/` (each atomically); nothing is
-/// part of the store until [`Store::commit_features`] lists the files.
+/// Writes the tables of one analysis into a folder of its own, `features/<dict>/<generation>/`
+/// (each table atomically), and its index files into `index/<dict>/<generation>/`; nothing is
+/// part of the store until [`Store::commit_features`] lists the files, and the listed analysis is
+/// never touched before that commit.
 pub struct FeaturesWriter {
     dir: PathBuf,
+    index_dir: PathBuf,
+    generation: String,
     written: Vec<String>,
     dict: String,
 }
 
 impl FeaturesWriter {
+    /// Where the tables go.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where index files go (see [`FeaturesWriter::add_index_file`]).
+    pub fn index_dir(&self) -> &Path {
+        &self.index_dir
     }
 
     fn write(&mut self, file: &str, batch: RecordBatch) -> Result<()> {
         write_table(&self.dir.join(file), &batch)
             .with_context(|| format!("cannot write {file} of the analysis of {}", self.dict))?;
-        self.written.push(format!("{FEATURES_DIR}/{}/{file}", self.dict));
+        self.written.push(format!("{FEATURES_DIR}/{}/{}/{file}", self.dict, self.generation));
         Ok(())
     }
 
@@ -199,13 +209,14 @@ impl FeaturesWriter {
     /// A small text file (e.g. the run's settings as JSON) in `features/<dict>/`.
     pub fn json(&mut self, file: &str, text: &str) -> Result<()> {
         fsutil::write_atomic(&self.dir.join(file), text.as_bytes())?;
-        self.written.push(format!("{FEATURES_DIR}/{}/{file}", self.dict));
+        self.written.push(format!("{FEATURES_DIR}/{}/{}/{file}", self.dict, self.generation));
         Ok(())
     }
 
-    /// A file written by someone else into `index/<dict>/` (already fsynced), to be listed too.
+    /// A file written by someone else into [`FeaturesWriter::index_dir`] (already fsynced), to
+    /// be listed too.
     pub fn add_index_file(&mut self, file: &str) {
-        self.written.push(format!("{INDEX_DIR}/{}/{file}", self.dict));
+        self.written.push(format!("{INDEX_DIR}/{}/{}/{file}", self.dict, self.generation));
     }
 }
 
@@ -225,45 +236,70 @@ impl Store {
         self.manifest().features.get(dict).cloned()
     }
 
-    /// Start writing the analysis of `dict` (the folders are created; the listed analysis, if
-    /// any, stays valid until the commit).
+    /// Start writing the analysis of `dict` into new folders; the listed analysis, if any, stays
+    /// valid and untouched until the commit. Tables and index files that no entry lists (left
+    /// by a killed run) are removed first.
     pub fn features_writer(&self, dict: &str) -> Result<FeaturesWriter> {
         check_dictionary_name(dict)?;
         if !self.is_writable() {
             bail!("store {} is open read-only", self.root().display());
         }
-        for dir in [self.features_dir(dict), self.index_dir(dict)] {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        self.remove_unlisted_analysis_files(dict)?;
+        let generation = fsutil::generation();
+        let dir = self.features_dir(dict).join(&generation);
+        let index_dir = self.index_dir(dict).join(&generation);
+        for dir in [&dir, &index_dir] {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        Ok(FeaturesWriter { dir: self.features_dir(dict), written: Vec::new(), dict: dict.to_string() })
+        Ok(FeaturesWriter { dir, index_dir, generation, written: Vec::new(), dict: dict.to_string() })
     }
 
     /// List the files `writer` wrote (hashing them now) as the analysis of `dict`, in one
-    /// atomic manifest update; then delete what an earlier analysis left in its folders and the
-    /// new one does not list (e.g. an index this run did not build).
+    /// atomic manifest update; then delete the files the previous analysis listed.
     pub fn commit_features(&self, writer: FeaturesWriter, mut entry: FeaturesEntry) -> Result<()> {
         let files: Vec<&str> = writer.written.iter().map(String::as_str).collect();
         entry.files = hash_files(self.root(), &files)?;
         let dict = writer.dict;
-        // The explanations' search index shares `index/<dict>/`: keep what they list.
-        let explained = self.explanations_entry(&dict).map(|e| e.files).unwrap_or_default();
-        let listed: std::collections::HashSet<PathBuf> =
-            entry.files.iter().chain(&explained).map(|f| self.root().join(&f.file)).collect();
+        let previous = self.features(&dict).map(|e| e.files).unwrap_or_default();
         self.commit(|m| {
             m.features.insert(dict.clone(), entry);
             Ok(())
         })?;
+        // Unlisted now, so no reader trusts them: failing to delete them only wastes space.
+        let old: Vec<&str> =
+            previous.iter().map(|f| f.file.as_str()).filter(|f| !files.contains(f)).collect();
+        let _ = fsutil::remove_files(self.root(), &old);
         for dir in [self.features_dir(&dict), self.index_dir(&dict)] {
-            for file in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let path = file.path();
-                // Unlisted, so no reader trusts it: failing to delete it is harmless.
-                if path.is_file()
-                    && !listed.contains(&path)
-                    && !path.to_string_lossy().ends_with(fsutil::TMP_SUFFIX)
-                {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
+    }
+
+    /// Remove the files in `features/<dict>/` and `index/<dict>/` that a writer of analyses or
+    /// explanations makes (Arrow tables, `analysis.json`, hnsw dumps) but that no manifest entry
+    /// lists.
+    fn remove_unlisted_analysis_files(&self, dict: &str) -> Result<()> {
+        let manifest = self.manifest();
+        let listed: std::collections::HashSet<&str> = manifest
+            .features
+            .get(dict)
+            .into_iter()
+            .flat_map(|e| &e.files)
+            .chain(manifest.explanations.get(dict).into_iter().flat_map(|e| &e.files))
+            .map(|f| f.file.as_str())
+            .collect();
+        for top in [FEATURES_DIR, INDEX_DIR] {
+            let base = format!("{top}/{dict}");
+            let stale: Vec<String> = fsutil::files_under(&self.root().join(&base))?
+                .into_iter()
+                .map(|f| format!("{base}/{f}"))
+                .filter(|f| !listed.contains(f.as_str()))
+                .filter(|f| {
+                    [".arrow", ".json", ".hnsw.graph", ".hnsw.data"].iter().any(|ending| f.ends_with(ending))
+                })
+                .collect();
+            let refs: Vec<&str> = stale.iter().map(String::as_str).collect();
+            fsutil::remove_files(self.root(), &refs)?;
         }
         Ok(())
     }

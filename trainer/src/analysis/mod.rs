@@ -312,7 +312,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
             let vectors = similar::normalised(dirs, dict.d_out());
             if cfg.build_index {
                 let index = similar::Index::build(&vectors, cfg.index);
-                for file in index.dump(&store.index_dir(&cfg.dictionary), similar::DECODER_INDEX)? {
+                for file in index.dump(writer.index_dir(), similar::DECODER_INDEX)? {
                     writer.add_index_file(&file);
                 }
             } else {

@@ -49,10 +49,9 @@ pub fn import(store_path: &Path, src: &Path, name: Option<&str>, hook: Option<&s
         bail!("the store already has a dictionary named {name} (give another --name)");
     }
     let dir = store.dictionary_dir(&name);
-    if dir.exists() {
-        // Unlisted leftovers of an interrupted import: not part of the store.
-        std::fs::remove_dir_all(&dir)?;
-    }
+    // Unlisted leftovers of an interrupted import are not part of the store: remove them, but
+    // only if each is a file an import writes.
+    loupe_store::fsutil::clear_leftovers(&dir, |f| IMPORT_FILES.contains(&f))?;
     meta.hook_name = hook.clone();
     if meta.model_name.is_empty()
         && let Some(model) = &manifest.model
@@ -72,6 +71,9 @@ pub fn import(store_path: &Path, src: &Path, name: Option<&str>, hook: Option<&s
         tokens: 0,
         files: Vec::new(),
     };
-    store.commit_dictionary(&name, entry, &["cfg.json", "sae_weights.safetensors"])?;
+    store.commit_dictionary(&name, entry, IMPORT_FILES)?;
     Ok(name)
 }
+
+/// The files an import writes into `dictionaries/<name>/`.
+const IMPORT_FILES: &[&str] = &["cfg.json", "sae_weights.safetensors"];

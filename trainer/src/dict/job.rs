@@ -129,6 +129,8 @@ struct Position {
 }
 
 pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
+    // The name becomes a folder: check it before anything touches the disk.
+    loupe_store::dictionaries::check_dictionary_name(&job.name)?;
     let store = Store::open_rw(&job.store)?;
     let manifest = store.manifest();
     let needs = F::needs(&job.train);
@@ -215,6 +217,7 @@ pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) ->
                 .find_map(|f| f.file.strip_suffix("/state.json"))
                 .context("the listed checkpoint has no state.json")?;
             let ckpt = dir.join(ckpt);
+            store.check_listed_files(&dir, &entry.files.iter().collect::<Vec<_>>())?;
             let (trainer, resume) = F::load_checkpoint(&ckpt)?;
             let (reads, writes) = hooks_of(job);
             if *trainer.config() != train || entry.hook != reads || entry.output_hook != writes {
@@ -235,10 +238,9 @@ pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) ->
             (trainer, log, pos, Some(step))
         }
         None => {
-            if dir.exists() {
-                // Files of a run that never reached its first checkpoint: not part of the store.
-                std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-            }
+            // Files of a run that never reached its first checkpoint are not part of the store:
+            // remove them, but only if each is a file such a run writes.
+            loupe_store::fsutil::clear_leftovers(&dir, |file| is_run_file::<F>(file))?;
             (F::start(train.clone())?, Vec::new(), Position::default(), None)
         }
     };
@@ -314,11 +316,7 @@ pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) ->
     let entry = entry(job, &trainer, "done");
     let files: Vec<&str> = F::FINAL_FILES.iter().copied().chain(["train_log.arrow", "eval.json"]).collect();
     store.commit_dictionary(&job.name, entry, &files)?;
-    let checkpoints = dir.join("checkpoints");
-    if checkpoints.exists() {
-        std::fs::remove_dir_all(&checkpoints)
-            .with_context(|| format!("cannot remove {}", checkpoints.display()))?;
-    }
+    remove_old_checkpoints::<F>(&dir, None)?;
     Ok(Outcome { dir, steps: trainer.steps(), tokens: trainer.tokens(), resumed_from, eval, splice })
 }
 
@@ -486,13 +484,38 @@ fn checkpoint<F: Fit>(
         F::CHECKPOINT_FILES.iter().chain(&["train_log.arrow"]).map(|f| format!("{rel}/{f}")).collect();
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
     store.commit_dictionary(&job.name, entry(job, trainer, "training"), &files)?;
-    for old in std::fs::read_dir(root.join("checkpoints"))?.flatten() {
-        if old.path() != dir {
-            std::fs::remove_dir_all(old.path())
-                .with_context(|| format!("cannot remove {}", old.path().display()))?;
-        }
-    }
+    remove_old_checkpoints::<F>(&root, Some(&rel))
+}
+
+/// After a commit: remove the checkpoints the manifest no longer lists (all but `keep`), file by
+/// file — only the files a checkpoint holds, never a folder's other content.
+fn remove_old_checkpoints<F: Fit>(root: &Path, keep: Option<&str>) -> Result<()> {
+    let old: Vec<String> = loupe_store::fsutil::files_under(&root.join("checkpoints"))?
+        .into_iter()
+        .map(|f| format!("checkpoints/{f}"))
+        .filter(|f| is_run_file::<F>(f) && keep.is_none_or(|k| !f.starts_with(&format!("{k}/"))))
+        .collect();
+    let refs: Vec<&str> = old.iter().map(String::as_str).collect();
+    loupe_store::fsutil::remove_files(root, &refs)?;
+    let _ = std::fs::remove_dir(root.join("checkpoints"));
     Ok(())
+}
+
+/// Whether `file` (relative to a dictionary's folder) is one a training run of `F` writes: its
+/// final files, or a checkpoint's files under `checkpoints/step-N/`.
+fn is_run_file<F: Fit>(file: &str) -> bool {
+    let known = |name: &str| {
+        F::CHECKPOINT_FILES
+            .iter()
+            .chain(F::FINAL_FILES)
+            .chain(&["train_log.arrow", "eval.json"])
+            .any(|f| *f == name)
+    };
+    match file.split('/').collect::<Vec<_>>()[..] {
+        [name] => known(name),
+        ["checkpoints", step, name] => step.starts_with("step-") && known(name),
+        _ => false,
+    }
 }
 
 /// SAELens metadata from the store: model name, hook (and a transcoder's input hook), and the

@@ -95,6 +95,8 @@ pub fn open_in_store(
         bail!("dictionary {name} is still training (step {}); finish or resume it first", entry.step);
     }
     let dir = store.dictionary_dir(name);
+    // The files must be the ones listed (size and checksum), not edited since.
+    store.check_listed_files(&dir, &entry.files.iter().collect::<Vec<_>>())?;
     let dict: Box<dyn Dictionary> = match entry.kind.as_str() {
         "sae" => Box::new(io::load_sae(&dir)?.0),
         "monet" => Box::new(monet::io::load(&dir)?.0),

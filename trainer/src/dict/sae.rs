@@ -97,7 +97,14 @@ impl Sae {
             [("W_enc", &self.w_enc), ("b_enc", &self.b_enc), ("W_dec", &self.w_dec), ("b_dec", &self.b_dec)]
         {
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                bail!("{name} holds a non-finite value ({}) at flat index {i}", values[i]);
+                // Named as in the SAELens file: W_enc is [d_in, d_sae] there (held transposed
+                // here), W_dec [d_sae, d_in].
+                let at = match name {
+                    "W_enc" => format!("[{}, {}]", i % d, i / d),
+                    "W_dec" => format!("[{}, {}]", i / d, i % d),
+                    _ => format!("[{i}]"),
+                };
+                bail!("{name}{at} is {} (weights must be finite)", values[i]);
             }
         }
         if let Some(t) = &self.threshold {
