@@ -5,7 +5,8 @@
 //! SAELens layout under `dictionaries/<name>/` and listed (status `done`). The hook is the
 //! checkpoint's `metadata.hook_name` unless given (sparsify names hooks after modules, e.g.
 //! `layers.6`, which are not TransformerLens names); when the store has activations at that hook,
-//! their width must match.
+//! their width must match. A checkpoint made for another model than the store's is imported with
+//! a `warning:` line naming both.
 
 use std::path::Path;
 
@@ -53,10 +54,18 @@ pub fn import(store_path: &Path, src: &Path, name: Option<&str>, hook: Option<&s
     // only if each is a file an import writes.
     loupe_store::fsutil::clear_leftovers(&dir, |f| IMPORT_FILES.contains(&f))?;
     meta.hook_name = hook.clone();
-    if meta.model_name.is_empty()
-        && let Some(model) = &manifest.model
-    {
-        meta.model_name = model.name.clone();
+    if let Some(model) = &manifest.model {
+        if meta.model_name.is_empty() {
+            meta.model_name = model.name.clone();
+        } else if !same_model(&meta.model_name, &model.name) {
+            eprintln!(
+                "warning: {} was trained on model {:?}, but the store's activations come from {:?}; \
+                 importing it anyway",
+                src.display(),
+                meta.model_name,
+                model.name
+            );
+        }
     }
     save_sae(&sae, &meta, &dir)?;
     let entry = DictEntry {
@@ -77,3 +86,10 @@ pub fn import(store_path: &Path, src: &Path, name: Option<&str>, hook: Option<&s
 
 /// The files an import writes into `dictionaries/<name>/`.
 const IMPORT_FILES: &[&str] = &["cfg.json", "sae_weights.safetensors"];
+
+/// Whether two model names name the same model: equal up to case and an organisation prefix
+/// (SAELens writes `gemma-3-270m` or `google/gemma-3-270m`).
+fn same_model(a: &str, b: &str) -> bool {
+    let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_ascii_lowercase();
+    base(a) == base(b)
+}

@@ -8,7 +8,8 @@
 //! `standard` for ReLU; scale-free Mutual and Feature Choice, whose thresholds are relative to
 //! ‖x − b_dec‖, get Loupe's own `relative_jumprelu`, which SAELens cannot load),
 //! the `metadata` block (model and hook names), and a `loupe` block with the variant and the
-//! training configuration. sparsify layout: `cfg.json` + `sae.safetensors` with `encoder.weight
+//! training configuration. Reading, the settings of other SAELens files that change encoding are
+//! folded into the weights or refused ([`super::saelens`]), as are tensors Loupe would not use. sparsify layout: `cfg.json` + `sae.safetensors` with `encoder.weight
 //! [n, d]`, `encoder.bias`, `W_dec [n, d]`, `b_dec`.
 //!
 //! Trainer state: `state.safetensors` (Adam moments, firing counters, densities) + `state.json`
@@ -26,6 +27,7 @@ use serde_json::{Value, json};
 
 use super::Variant;
 use super::sae::{Sae, SaeSpec};
+use super::saelens::SaelensCfg;
 use super::train::{Moments, TrainConfig, TrainerState};
 
 /// The SAELens config format Loupe writes (`metadata.sae_lens_version`): 6.0 introduced the
@@ -134,7 +136,8 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
     let st = SafeTensors::deserialize(&bytes)
         .context("sae_weights.safetensors is not a valid safetensors file")?;
     let (d, n) = (usize_field(cfg, "d_in")?, usize_field(cfg, "d_sae")?);
-    let architecture = cfg["architecture"].as_str().unwrap_or("standard");
+    let settings = SaelensCfg::read(cfg).context("cfg.json")?;
+    let architecture = settings.architecture.as_str();
     let loupe_variant = cfg["loupe"]["variant"].as_str();
     let variant = match (loupe_variant, architecture) {
         (Some(v), _) => v.parse()?,
@@ -145,10 +148,11 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
             bail!("SAELens architecture {other:?} is not supported yet (supported: topk, jumprelu, standard)")
         }
     };
-    let k = cfg["loupe"]["k"].as_u64().or(cfg["k"].as_u64()).unwrap_or(0) as usize;
+    let k = cfg["loupe"]["k"].as_u64().map(|k| k as usize).or(settings.k).unwrap_or(0);
+    check_tensor_names(&st, variant.uses_threshold())?;
     let w_enc_t = tensor(&st, "W_enc", &[d, n])?;
     let threshold = if variant.uses_threshold() { Some(tensor(&st, "threshold", &[n])?) } else { None };
-    let sae = Sae {
+    let mut sae = Sae {
         spec: SaeSpec { variant, d_in: d, n_features: n, k },
         w_enc: transpose(&w_enc_t, d, n),
         b_enc: tensor(&st, "b_enc", &[n])?,
@@ -161,18 +165,50 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
         bail!("cfg.json has no k for a TopK SAE");
     }
     sae.validate()?;
+    settings.apply(&mut sae).context("cfg.json")?;
     // SAELens < 6 kept these at the top level, with no `metadata` block.
     let meta_block = if cfg["metadata"].is_object() { &cfg["metadata"] } else { cfg };
     let text = |key: &str| meta_block[key].as_str().unwrap_or_default().to_string();
     let meta = SaeMeta {
         model_name: text("model_name"),
-        hook_name: text("hook_name"),
+        // SAELens < 6 called it hook_point.
+        hook_name: Some(text("hook_name")).filter(|h| !h.is_empty()).unwrap_or_else(|| text("hook_point")),
         input_hook: None,
         context_size: meta_block["context_size"].as_u64().map(|v| v as usize),
         prepend_bos: meta_block["prepend_bos"].as_bool(),
         dataset_path: meta_block["dataset_path"].as_str().map(str::to_string),
     };
     Ok((sae, meta))
+}
+
+/// Refuse tensors a SAELens checkpoint of this kind does not have: SAELens 6 refuses them too
+/// (its `load_state_dict` is strict), and each would change the encoding if it meant anything.
+/// An all-ones `scaling_factor` is dropped, as SAELens drops it.
+fn check_tensor_names(st: &SafeTensors, threshold: bool) -> Result<()> {
+    let mut known = vec!["W_enc", "b_enc", "W_dec", "b_dec"];
+    if threshold {
+        known.push("threshold");
+    }
+    for name in st.names() {
+        if known.contains(&name) {
+            continue;
+        }
+        if name == "scaling_factor" {
+            let shape = st.tensor(name)?.shape().to_vec();
+            if tensor(st, name, &shape)?.iter().all(|&v| v == 1.0) {
+                continue;
+            }
+            bail!(
+                "sae_weights.safetensors holds a scaling_factor other than 1 (SAELens < 6's \
+                 finetuning_scaling_factor), which Loupe does not apply"
+            );
+        }
+        bail!(
+            "sae_weights.safetensors holds tensor {name:?}, which Loupe does not read (it reads {})",
+            known.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn load_sparsify(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {

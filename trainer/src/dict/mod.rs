@@ -13,7 +13,8 @@
 //! - [`kernels`]: GEMM, partial top-k, sparse codes;
 //! - [`job`]: `train-sae` over a store (checkpoints, resume), [`eval`]: held-out evaluation,
 //!   [`splice`]: CE-loss recovered and KL with the dictionary spliced into the model;
-//! - [`io`]: SAELens and sparsify files, trainer state; [`import`]: such files into a store.
+//! - [`io`]: SAELens and sparsify files, trainer state; [`saelens`]: the SAELens `cfg.json`
+//!   settings that change encoding (folded or refused); [`import`]: such files into a store.
 //!
 //! Layout of the weights (row-major `f32`): `w_enc` `[n_features, d_in]` (row `f` is feature `f`'s
 //! encoder vector), `b_enc` `[n_features]`, `w_dec` `[n_features, d_in]` (row `f` is its decoder
@@ -33,6 +34,7 @@ pub mod loss;
 pub mod monet;
 pub mod mutual_choice;
 pub mod sae;
+pub mod saelens;
 pub mod splice;
 pub mod topk;
 pub mod train;

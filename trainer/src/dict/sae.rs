@@ -79,6 +79,50 @@ impl Sae {
         out
     }
 
+    /// The same SAE for an encoder that reads `x` rather than `x − b_dec` (SAELens'
+    /// `apply_b_dec_to_input: false`): `w_enc·x + b_enc = w_enc·(x − b_dec) + (b_enc + w_enc·b_dec)`,
+    /// so b_enc absorbs `w_enc·b_dec` (summed in f64). Every pre-activation keeps its value, so
+    /// top-k selections and absolute thresholds stay as they are; relative thresholds, measured
+    /// against ‖x − b_dec‖, cannot be folded this way and are refused.
+    pub fn fold_input_bias(&mut self) -> Result<()> {
+        if self.threshold_relative {
+            bail!("relative thresholds are measured against x − b_dec; they cannot read x itself");
+        }
+        let d = self.spec.d_in;
+        for (row, b) in self.w_enc.chunks(d).zip(self.b_enc.iter_mut()) {
+            let shift: f64 = row.iter().zip(&self.b_dec).map(|(w, c)| *w as f64 * *c as f64).sum();
+            *b = (*b as f64 + shift) as f32;
+        }
+        Ok(())
+    }
+
+    /// The same SAE without SAELens' `rescale_acts_by_decoder_norm` (TopK): SAELens multiplies
+    /// feature f's pre-activation by ‖W_dec[f]‖ before selecting and divides the activation by it
+    /// again before decoding. Folded: encoder row and b_enc times the norm, decoder row divided by
+    /// it (SAELens' own `fold_W_dec_norm`), giving the same codes and reconstructions. A feature
+    /// with a zero decoder row never fires (SAELens' pre-activation is 0 there). For SAEs without
+    /// thresholds (SAELens has the setting on TopK only).
+    pub fn fold_decoder_norms(&mut self) -> Result<()> {
+        if self.threshold.is_some() {
+            bail!("decoder-norm rescaling is a TopK setting; this SAE has thresholds");
+        }
+        let d = self.spec.d_in;
+        let rows = self.w_enc.chunks_mut(d).zip(self.w_dec.chunks_mut(d)).zip(self.b_enc.iter_mut());
+        for ((enc, dec), b) in rows {
+            let norm = dec.iter().map(|v| *v as f64 * *v as f64).sum::<f64>().sqrt();
+            if norm == 0.0 {
+                // Pre-activation 0: TopK keeps positive values only.
+                enc.fill(0.0);
+                *b = 0.0;
+                continue;
+            }
+            enc.iter_mut().for_each(|w| *w = (*w as f64 * norm) as f32);
+            dec.iter_mut().for_each(|w| *w = (*w as f64 / norm) as f32);
+            *b = (*b as f64 * norm) as f32;
+        }
+        Ok(())
+    }
+
     /// Check shapes and values (a loaded file may be anything).
     pub fn validate(&self) -> Result<()> {
         let (n, d) = (self.spec.n_features, self.spec.d_in);
