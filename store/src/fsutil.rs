@@ -211,8 +211,8 @@ pub fn check_listed(path: &Path, bytes: &[u8], listed_bytes: u64, listed_xxh3: &
     check_listed_then(path, bytes, listed_bytes, listed_xxh3, || Ok(()))
 }
 
-/// [`check_listed`], with `then` (a further check of the content, e.g. that activations are
-/// finite) run once after the checksum matched; the file counts as checked only if both pass.
+/// [`check_listed`], with `then` (a further check of the content) run once after the checksum
+/// matched; the file counts as checked only if both pass.
 pub fn check_listed_then(
     path: &Path,
     bytes: &[u8],
@@ -220,14 +220,25 @@ pub fn check_listed_then(
     listed_xxh3: &str,
     then: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
-    let key = (path.to_path_buf(), listed_bytes, listed_xxh3.to_string());
-    if CHECKED.lock().unwrap_or_else(|p| p.into_inner()).contains(&key) {
+    if already_checked(path, listed_bytes, listed_xxh3) {
         return Ok(());
     }
     check_bytes(path, bytes, listed_bytes, listed_xxh3)?;
     then()?;
-    CHECKED.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+    mark_checked(path, listed_bytes, listed_xxh3);
     Ok(())
+}
+
+/// Whether this process has already checked the file at `path` against this listing.
+pub fn already_checked(path: &Path, listed_bytes: u64, listed_xxh3: &str) -> bool {
+    let key = (path.to_path_buf(), listed_bytes, listed_xxh3.to_string());
+    CHECKED.lock().unwrap_or_else(|p| p.into_inner()).contains(&key)
+}
+
+/// Record that the file at `path` passed its checks against this listing.
+pub fn mark_checked(path: &Path, listed_bytes: u64, listed_xxh3: &str) {
+    let key = (path.to_path_buf(), listed_bytes, listed_xxh3.to_string());
+    CHECKED.lock().unwrap_or_else(|p| p.into_inner()).push(key);
 }
 
 /// The size and checksum of `bytes` (the content of `path`) against its listing, every time.

@@ -131,6 +131,13 @@ impl Shard {
         // SAFETY: listed shards are immutable (written under a temporary name, then renamed); the
         // store never modifies or truncates them in place.
         let map = Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map shard {name}"))?);
+        // The first time this process maps the shard, its bytes are checked against the manifest
+        // (before decoding, so that corruption is named as such), and after decoding every value
+        // must be finite (the writer refuses others; a shard edited afterwards may hold some).
+        let first = !crate::fsutil::already_checked(path, entry.bytes, &entry.xxh3);
+        if first {
+            crate::fsutil::check_bytes(path, &map, entry.bytes, &entry.xxh3)?;
+        }
         // Large page-cache folios mapped with huge pages cut the TLB misses of the sampler's row
         // gathers (~1.4x warm-cache throughput, BENCHMARKS.md). A hint: failure is harmless.
         #[cfg(target_os = "linux")]
@@ -163,23 +170,21 @@ impl Shard {
             grad: vectors(GRAD),
             map,
         };
-        // The first time this process maps the shard: its bytes against the manifest's checksum,
-        // and every value finite (the writer refuses others; a shard edited afterwards may not).
-        crate::fsutil::check_listed_then(path, &shard.map, entry.bytes, &entry.xxh3, || {
-            shard.check_finite(path)
-        })?;
+        if first {
+            shard.check_finite(path)?;
+            crate::fsutil::mark_checked(path, entry.bytes, &entry.xxh3);
+        }
         Ok(shard)
     }
 
-    /// What [`Shard::open`] checks the first time a process maps a shard, done again: its bytes
-    /// against the listing, then every value finite (for `loupe bench store`, which measures it).
-    pub fn first_read_check(&self, path: &Path, entry: &ShardEntry) -> Result<()> {
-        crate::fsutil::check_bytes(path, &self.map, entry.bytes, &entry.xxh3)?;
-        self.check_finite(path)
+    /// The whole file, as mapped.
+    pub fn file_bytes(&self) -> &[u8] {
+        &self.map
     }
 
-    /// Refuse a non-finite activation or gradient, naming the shard and the row.
-    fn check_finite(&self, path: &Path) -> Result<()> {
+    /// Refuse a non-finite activation or gradient, naming the shard (at `path`) and the row;
+    /// [`Shard::open`] does this the first time a process maps the shard.
+    pub fn check_finite(&self, path: &Path) -> Result<()> {
         let columns = [("activation", Some(&self.act)), ("gradient", self.grad.as_ref())];
         for (what, column) in columns.into_iter().filter_map(|(w, c)| c.map(|c| (w, c))) {
             if let Some(i) = column.view().first_non_finite() {
