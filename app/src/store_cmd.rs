@@ -31,7 +31,10 @@ pub fn info(dir: &Path) -> Result<()> {
         None => println!("model      (none recorded)"),
     }
     match &m.tokenizer {
-        Some(t) => println!("tokenizer  {} vocab {} bos {:?} eos {:?}", t.kind, t.vocab_size, t.bos, t.eos),
+        Some(t) => {
+            let id = |i: Option<u32>| i.map_or("none".to_string(), |i| i.to_string());
+            println!("tokenizer  {} vocab {} bos {} eos {}", t.kind, t.vocab_size, id(t.bos), id(t.eos))
+        }
         None => println!("tokenizer  (none recorded)"),
     }
     println!("hooks      {}", m.hooks.len());

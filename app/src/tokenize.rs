@@ -5,11 +5,14 @@
 //! token, the token spelled as the vocabulary has it and quoted with Rust's `{:?}` so spaces (`▁`),
 //! tabs and newlines stay visible; `--json` prints `{"ids": [...], "tokens": [...]}` instead. The
 //! special tokens the model adds around a text (BOS for Gemma, `[CLS]`/`[SEP]` for BERT) are
-//! included unless `--no-bos`.
+//! included unless `--no-bos`. The text `-` means standard input, read as is (NUL bytes, texts
+//! longer than a command line allows; a trailing newline is part of the text).
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use std::io::Read;
+
+use anyhow::{Context, Result, bail};
 use loupe_trainer::tokenizer::Tokenizer;
 
 use crate::fetch;
@@ -25,7 +28,7 @@ pub struct Args {
     /// Leave out the special tokens the model adds around a text (BOS, [CLS]/[SEP]).
     #[arg(long)]
     no_bos: bool,
-    /// The text to tokenize.
+    /// The text to tokenize; `-` reads it from standard input.
     text: String,
 }
 
@@ -41,7 +44,8 @@ pub fn run(args: &Args) -> Result<()> {
         }
     };
     let tokenizer = Tokenizer::load(&model)?;
-    let ids = tokenizer.encode(&args.text, !args.no_bos)?;
+    let text = if args.text == "-" { stdin_text()? } else { args.text.clone() };
+    let ids = tokenizer.encode(&text, !args.no_bos)?;
     let tokens = tokenizer.token_strings(&ids);
     if args.json {
         println!("{}", serde_json::json!({ "ids": ids, "tokens": tokens }));
@@ -51,4 +55,16 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Standard input, whole, as text.
+fn stdin_text() -> Result<String> {
+    let mut bytes = Vec::new();
+    std::io::stdin().read_to_end(&mut bytes).context("cannot read standard input")?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "standard input is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
 }

@@ -67,8 +67,9 @@ impl JobFlags {
         let store = loupe_store::Store::open(&path)?;
         let manifest = store.manifest();
         let Some(entry) = manifest.hooks.get(hook) else {
-            let known: Vec<&String> = manifest.hooks.keys().collect();
-            bail!("store {} has no activations for hook {hook} (it has: {known:?})", path.display());
+            let known: Vec<&str> = manifest.hooks.keys().map(String::as_str).collect();
+            let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            bail!("store {} has no activations for hook {hook} (it has: {known})", path.display());
         };
         Ok((entry.spec.d as usize, entry.rows()))
     }
@@ -88,6 +89,10 @@ impl JobFlags {
         default_name: String,
     ) -> Result<Job<C>> {
         let (tokens, eval_tokens) = self.split(rows);
+        // (job::run refuses a split that leaves no training rows.)
+        if self.tokens == Some(0) {
+            bail!("--tokens 0 would train nothing; give at least 1 (or leave it out for one pass)");
+        }
         Ok(Job {
             store: self.store()?,
             hook: self.hook()?,
@@ -105,7 +110,8 @@ impl JobFlags {
 
 /// `flags` over the settings of the TOML file `config` (when given): a flag that was given (not
 /// absent, not a `false` switch) wins. `A`'s fields are the flags, with the same snake_case keys
-/// as the file; a key that is not one of them is an error.
+/// as the file; a key that is not one of them is an error. Every error names the file, the line
+/// and the key.
 pub fn merged<A: Serialize + DeserializeOwned + Clone + Default>(
     flags: &A,
     config: Option<&Path>,
@@ -113,19 +119,40 @@ pub fn merged<A: Serialize + DeserializeOwned + Clone + Default>(
     let Some(path) = config else { return Ok(flags.clone()) };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-    let table: toml::Table = toml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("config {} is malformed: {}", path.display(), e.message()))?;
+    let line_at = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let malformed = |e: toml::de::Error| {
+        let at = e.span().map(|s| format!(" at line {}", line_at(s.start))).unwrap_or_default();
+        anyhow::anyhow!("config {} is malformed{at}: {}", path.display(), plain_reason(e.message()))
+    };
+    let spans = toml::de::DeTable::parse(&text).map_err(malformed)?;
+    let lines: Vec<(String, usize)> =
+        spans.get_ref().iter().map(|(k, _)| (k.get_ref().to_string(), line_at(k.span().start))).collect();
+    let line_of = |key: &str| lines.iter().find(|(k, _)| k == key).map_or(0, |(_, l)| *l);
     // (serde's deny_unknown_fields does not work with the flattened JobFlags, so check here.)
     let Value::Object(known) = serde_json::to_value(A::default())? else {
         unreachable!("flags are a struct")
     };
-    if let Some(key) = table.keys().find(|k| !known.contains_key(*k)) {
-        let mut names: Vec<&String> = known.keys().collect();
-        names.sort();
-        bail!("config {} has an unknown field `{key}` (known: {names:?})", path.display());
+    let table: toml::Table = toml::from_str(&text).map_err(malformed)?;
+    for (key, value) in &table {
+        let line = line_of(key);
+        if !known.contains_key(key) {
+            let mut names: Vec<&str> = known.keys().map(String::as_str).collect();
+            names.sort();
+            bail!(
+                "config {}, line {line}: unknown field `{key}` (known: {})",
+                path.display(),
+                names.join(", ")
+            );
+        }
+        // One key at a time, so that a type error names its key.
+        let one = toml::Table::from_iter([(key.clone(), value.clone())]);
+        if let Err(e) = toml::Value::Table(one).try_into::<A>() {
+            bail!("config {}, line {line}, key `{key}`: {}", path.display(), plain_reason(e.message()));
+        }
     }
-    let file: A = toml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("config {} is malformed: {}", path.display(), e.message()))?;
+    let file: A = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| anyhow::anyhow!("config {}: {}", path.display(), plain_reason(e.message())))?;
     let mut out = serde_json::to_value(file)?;
     if let (Value::Object(out), Value::Object(given)) = (&mut out, serde_json::to_value(flags)?) {
         for (key, value) in given {
@@ -135,6 +162,22 @@ pub fn merged<A: Serialize + DeserializeOwned + Clone + Default>(
         }
     }
     Ok(serde_json::from_value(out)?)
+}
+
+/// A deserializer's reason on one line, with Rust's type names said in words.
+fn plain_reason(message: &str) -> String {
+    let mut out = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    for (rust, words) in [
+        ("expected usize", "expected a whole number ≥ 0"),
+        ("expected u64", "expected a whole number ≥ 0"),
+        ("expected u32", "expected a whole number ≥ 0"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        out = out.replace(rust, words);
+    }
+    out
 }
 
 /// Run `job` with a progress bar; print `banner` once the first step is done (so that a refused

@@ -230,3 +230,31 @@ pub fn assert_one_error(store: &Path, args: &[&str], needle: &str) {
     assert!(err.contains(needle), "{args:?}: {err:?} does not mention {needle:?}");
     assert_eq!(before, std::fs::read(store.join("manifest.json")).unwrap(), "{args:?} changed the manifest");
 }
+
+/// A model that needs no download: the 2-layer random GPT-2 fixture (vocab 512, 64 positions) in
+/// `dir`, with a character-level WordLevel `tokenizer.json` (printable ASCII, `\n`, `\t` and NUL;
+/// anything else is `[UNK]`, id 0) and no BOS token. Returns `dir`.
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture(&format!("gpt2-tiny/{file}")), dir.join(file)).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), 0.into());
+    for c in ['\0', '\t', '\n'].into_iter().chain(' '..='~') {
+        vocab.insert(c.to_string(), (vocab.len() as u32).into());
+    }
+    let tokenizer = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(?s)."}, "behavior": "Isolated", "invert": false},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tokenizer).unwrap()).unwrap();
+    dir.to_path_buf()
+}

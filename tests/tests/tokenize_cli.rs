@@ -78,3 +78,46 @@ fn bad_model_paths_give_one_error_line() {
         assert!(err.starts_with("error: ") && err.contains(expect), "{path:?}: {err}");
     }
 }
+
+/// `loupe tokenize --model <model> --json -` with `input` on standard input.
+fn tokenize_stdin(model: &std::path::Path, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(loupe_tests::loupe_bin())
+        .args(["tokenize", "--model", model.to_str().unwrap(), "--json", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    out
+}
+
+#[test]
+fn dash_reads_the_text_from_stdin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = loupe_tests::tiny_model(tmp.path());
+    // A NUL byte cannot pass through argv; stdin keeps it (and the trailing newline).
+    let out = tokenize_stdin(&model, b"a\0b\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["tokens"], json!(["a", "\u{0}", "b", "\n"]));
+    assert_eq!(json["ids"], json!([69, 1, 70, 3]));
+
+    // 4 MiB: far over the 128 KiB a single argument may hold.
+    let long = "whale ".repeat(700_000);
+    let out = tokenize_stdin(&model, long.as_bytes());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ids"].as_array().unwrap().len(), long.len());
+
+    let out = tokenize_stdin(&model, b"caf\xe9");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim(), "error: standard input is not UTF-8 text (invalid byte at offset 3)");
+}

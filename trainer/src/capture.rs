@@ -13,7 +13,12 @@
 //! Resume: the settings and the position reached (next document and context) are stored in the
 //! manifest's `capture` field, committed atomically with the shards of every hook. Restarted with
 //! the same settings, a capture continues after the last commit and ends with the same store as an
-//! uninterrupted run (batches and shard boundaries fall at the same contexts).
+//! uninterrupted run (batches and shard boundaries fall at the same contexts). The corpus is part
+//! of the key by its contents (xxh3-128, [`Corpus::xxh3`]), so an edit that keeps every size is
+//! still noticed; a store written before the hash was recorded resumes on the other settings.
+//!
+//! With `max_tokens`, a document is read only up to [`doc_byte_cap`] bytes (far more than the
+//! run can use), so one huge document costs memory in proportion to what is captured from it.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -57,6 +62,9 @@ struct Settings {
     corpus: String,
     corpus_files: usize,
     corpus_bytes: u64,
+    /// xxh3-128 of the corpus contents (absent in stores written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    corpus_xxh3: Option<String>,
     hooks: Vec<String>,
     context: usize,
     stride: usize,
@@ -119,7 +127,13 @@ pub fn capture(cfg: &CaptureConfig, mut progress: impl FnMut(&Progress)) -> Resu
         bail!("capture: name at least one hook");
     }
     if cfg.batch == 0 {
-        bail!("capture: batch must be at least 1");
+        bail!("capture: --batch must be at least 1");
+    }
+    if cfg.max_tokens == Some(0) {
+        bail!("capture: --max-tokens 0 would capture nothing; give at least 1 (or leave it out)");
+    }
+    if cfg.shard_rows == Some(0) {
+        bail!("capture: --shard-rows must be at least 1");
     }
     let corpus = Corpus::open(&cfg.corpus)?;
     let model = model::load(&cfg.model)?;
@@ -156,6 +170,8 @@ pub fn capture(cfg: &CaptureConfig, mut progress: impl FnMut(&Progress)) -> Resu
     let row_bytes =
         widths.iter().max().copied().unwrap_or(1) * cfg.dtype.size() * if cfg.grads { 2 } else { 1 };
     let shard_rows = cfg.shard_rows.unwrap_or((loupe_store::writer::DEFAULT_SHARD_BYTES / row_bytes).max(1));
+    let doc_cap = cfg.max_tokens.map(|m| doc_byte_cap(m, cfg.batch, cfg.context));
+    check_has_text(&corpus, &cfg.corpus, &tokenizer)?;
 
     let model_sha256 = sha256_of_model(&cfg.model)?;
     let settings = Settings {
@@ -163,6 +179,7 @@ pub fn capture(cfg: &CaptureConfig, mut progress: impl FnMut(&Progress)) -> Resu
         corpus: cfg.corpus.display().to_string(),
         corpus_files: corpus.files().len(),
         corpus_bytes: corpus.bytes(),
+        corpus_xxh3: Some(corpus.xxh3()?),
         hooks: cfg.hooks.clone(),
         context: cfg.context,
         stride,
@@ -180,6 +197,18 @@ pub fn capture(cfg: &CaptureConfig, mut progress: impl FnMut(&Progress)) -> Resu
         Some(value) => {
             let old: State =
                 serde_json::from_value(value.clone()).context("the store's capture state is malformed")?;
+            if let (Some(stored), Some(now)) = (&old.settings.corpus_xxh3, &settings.corpus_xxh3)
+                && stored != now
+            {
+                bail!(
+                    "store {} holds a capture of other corpus contents: {} changed since it began \
+                     (xxh3 {stored}, now {now}); resuming would mix two corpora, so use a new store",
+                    cfg.store.display(),
+                    cfg.corpus.display()
+                );
+            }
+            // A store from before the hash was recorded resumes as it did then.
+            let settings = Settings { corpus_xxh3: old.settings.corpus_xxh3.clone(), ..settings };
             if old.settings != settings {
                 bail!(
                     "store {} holds a capture with other settings ({}); use a new store or the same arguments",
@@ -241,7 +270,7 @@ pub fn capture(cfg: &CaptureConfig, mut progress: impl FnMut(&Progress)) -> Resu
     let total_bytes = corpus.bytes();
     let (first_doc, first_context) = (state.next_doc, state.next_context);
     let mut bytes_done = 0;
-    let skipped = corpus.for_each(first_doc, |doc, bytes| {
+    let skipped = corpus.for_each(first_doc, doc_cap, |doc, bytes| {
         bytes_done = bytes;
         let ids =
             tokenizer.encode(&doc.text, false).with_context(|| format!("cannot tokenize {}", doc.source))?;
@@ -398,6 +427,43 @@ impl Runner<'_, '_> {
             m.capture = Some(value);
             Ok(())
         })
+    }
+}
+
+/// Bytes of a document read when a run stores at most `max_tokens` (plus one batch): 32 bytes for
+/// each token the run could need from one document (Gemma's tokenizer averages about 4 bytes a
+/// token on prose). Fixed by the settings, so a resumed run reads the same text.
+fn doc_byte_cap(max_tokens: u64, batch: usize, context: usize) -> u64 {
+    max_tokens.saturating_add(((batch + 1) * context) as u64).saturating_mul(32)
+}
+
+/// Refuse a corpus with no document that has a token: empty, or nothing but files that are not
+/// UTF-8 text (named). Reads up to the first document with text (its first 64 KiB at most; a
+/// text with a visible character has a token, only whitespace is tokenized to see).
+fn check_has_text(corpus: &Corpus, path: &Path, tokenizer: &Tokenizer) -> Result<()> {
+    let mut found = false;
+    let mut documents = 0u64;
+    let skipped = corpus.for_each(0, Some(1 << 16), |doc, _| {
+        documents += 1;
+        found = doc.text.chars().any(|c| !c.is_whitespace())
+            || !tokenizer
+                .encode(&doc.text, false)
+                .with_context(|| format!("cannot tokenize {}", doc.source))?
+                .is_empty();
+        Ok(!found)
+    })?;
+    if found {
+        return Ok(());
+    }
+    match skipped.first {
+        Some(first) if documents == 0 => {
+            let more = match skipped.invalid_utf8 {
+                1 => String::new(),
+                n => format!(" (and {} more like it)", n - 1),
+            };
+            bail!("corpus {} holds no text to capture: {first} is not UTF-8 text{more}", path.display())
+        }
+        _ => bail!("corpus {} is empty: none of its documents holds any text", path.display()),
     }
 }
 

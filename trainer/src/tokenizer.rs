@@ -28,8 +28,6 @@
 //! Building the Gemma 3 tokenizer (262,144 tokens, 514,906 derived merges) takes well under a second
 //! in release.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -79,12 +77,7 @@ impl Tokenizer {
         if model_path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
             return Tokenizer::from_hf_file(model_path);
         }
-        let mut file = File::open(model_path)
-            .with_context(|| format!("cannot open model file {}", model_path.display()))?;
-        let mut magic = [0u8; 4];
-        if file.read_exact(&mut magic).is_err() || magic != *b"GGUF" {
-            bail!("{} is not a GGUF file (nor a directory with tokenizer.json)", model_path.display());
-        }
+        crate::model::gguf::check_magic(model_path)?;
         Tokenizer::from_gguf(&Gguf::open(model_path)?)
     }
 

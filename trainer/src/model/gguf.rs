@@ -2,7 +2,7 @@
 //! of every ggml quant type it supports; this module adds clear errors and typed metadata access).
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -20,8 +20,26 @@ pub struct Gguf {
     reader: BufReader<File>,
 }
 
+/// Refuse a file that is empty or does not start with the GGUF magic, naming it.
+pub fn check_magic(path: &Path) -> Result<()> {
+    let mut file = File::open(path).with_context(|| format!("cannot open model file {}", path.display()))?;
+    let mut magic = Vec::with_capacity(4);
+    (&mut file)
+        .take(4)
+        .read_to_end(&mut magic)
+        .with_context(|| format!("cannot read model file {}", path.display()))?;
+    if magic.is_empty() {
+        bail!("model file {} is empty (0 bytes), not a GGUF file", path.display());
+    }
+    if magic != b"GGUF" {
+        bail!("{} is not a GGUF file (it does not start with \"GGUF\")", path.display());
+    }
+    Ok(())
+}
+
 impl Gguf {
     pub fn open(path: &Path) -> Result<Gguf> {
+        check_magic(path)?;
         let file = File::open(path).with_context(|| format!("cannot open model file {}", path.display()))?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| {
