@@ -165,7 +165,8 @@ pub struct SearchArgs {
 fn progress_bar(what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {elapsed}").expect("valid template"),
+        indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {elapsed}")
+            .expect("valid template"),
     );
     bar.set_prefix(what.to_string());
     bar
@@ -230,7 +231,9 @@ pub fn run_explain(args: &ExplainArgs) -> Result<()> {
             if bar.prefix() != phase {
                 bar.set_prefix(phase.to_string());
                 if phase == "embed" && n > 0 {
-                    bar.suspend(|| eprintln!("embedding {n} new or changed explanations for the search index"));
+                    bar.suspend(|| {
+                        eprintln!("embedding {n} new or changed explanations for the search index")
+                    });
                 }
             }
             bar.set_length(n as u64);

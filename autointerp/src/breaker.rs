@@ -42,7 +42,8 @@ impl Breaker {
         if n < GIVE_UP_AFTER {
             return None;
         }
-        let reason = format!("the run stopped sending after {n} requests in a row failed for good (the last: {why})");
+        let reason =
+            format!("the run stopped sending after {n} requests in a row failed for good (the last: {why})");
         let mut tripped = false;
         self.stopped.send_if_modified(|s| {
             tripped = s.is_none();

@@ -69,8 +69,12 @@ impl RunSummary {
         if self.finished == 0 || self.failed < self.finished {
             return None;
         }
-        let first = self.failures.first().map(|(f, why)| format!(" (feature {f}: {why})")).unwrap_or_default();
-        Some(format!("{what}: all {} failed{first}; the failed rows are recorded in the store", self.finished))
+        let first =
+            self.failures.first().map(|(f, why)| format!(" (feature {f}: {why})")).unwrap_or_default();
+        Some(format!(
+            "{what}: all {} failed{first}; the failed rows are recorded in the store",
+            self.finished
+        ))
     }
 
     pub fn note_failure(&mut self, feature: u32, why: &str) {

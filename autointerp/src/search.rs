@@ -152,7 +152,8 @@ fn previous_vectors(store: &Store, dict: &str, model: &str) -> HashMap<String, V
 fn read_vectors(store: &Store, dict: &str, model: &str) -> Result<HashMap<String, Vec<f32>>> {
     let mut out = HashMap::new();
     let Some(entry) = store.explanations_entry(dict) else { return Ok(out) };
-    let listed = entry.files.iter().find(|f| f.file.starts_with(INDEX_DIR) && f.file.ends_with(VECTORS_SUFFIX));
+    let listed =
+        entry.files.iter().find(|f| f.file.starts_with(INDEX_DIR) && f.file.ends_with(VECTORS_SUFFIX));
     let (Some(listed), true) = (listed, entry.index_model.as_deref() == Some(model)) else { return Ok(out) };
     let path = store.root().join(&listed.file);
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -160,10 +161,12 @@ fn read_vectors(store: &Store, dict: &str, model: &str) -> Result<HashMap<String
         bail!("{} does not match the manifest", path.display());
     }
     let bad = || anyhow!("{} is not a table of embeddings", path.display());
-    let reader = arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), None).map_err(|_| bad())?;
+    let reader =
+        arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), None).map_err(|_| bad())?;
     for batch in reader {
         let batch = batch.map_err(|_| bad())?;
-        let hashes = batch.column_by_name("text_sha256").and_then(|c| c.as_string_opt::<i32>()).ok_or_else(bad)?;
+        let hashes =
+            batch.column_by_name("text_sha256").and_then(|c| c.as_string_opt::<i32>()).ok_or_else(bad)?;
         let list = batch.column_by_name("vector").and_then(|c| c.as_fixed_size_list_opt()).ok_or_else(bad)?;
         let values = list.values().as_primitive_opt::<Float32Type>().ok_or_else(bad)?;
         let d = list.value_length() as usize;
