@@ -277,7 +277,7 @@ fn huge_answers_become_failures_and_a_run_that_did_nothing_exits_nonzero() {
     let tmp = tempfile::tempdir().unwrap();
     // Even requests: a 10 MB answer; odd ones: a 50,000-character explanation.
     let (server, url) = serve(Box::new(|r: &Req| {
-        if r.n % 2 == 0 {
+        if r.n.is_multiple_of(2) {
             completion(&"whale ".repeat((10 << 20) / 6))
         } else {
             completion(&format!("[EXPLANATION]: {}", "very ".repeat(10_000)))
