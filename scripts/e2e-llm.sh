@@ -238,7 +238,7 @@ echo "e2e-llm: search \"words about the sea\":"
 
 # --- the check ----------------------------------------------------------------------------------
 spent() { # requests sent, prompt tokens, completion tokens of a run's summary line
-  sed -nE 's/.* ([0-9]+) requests sent, ([0-9]+) from the cache, ([0-9]+) prompt \+ ([0-9]+) completion tokens.*/\1 \3 \4/p' "$1" | tail -1
+  sed -nE 's/.* ([0-9]+) requests sent \([0-9]+ of them retries\), ([0-9]+) from the cache, ([0-9]+) prompt \+ ([0-9]+) completion tokens.*/\1 \3 \4/p' "$1" | tail -1
 }
 read -r ex_req ex_prompt ex_completion <<<"$(spent "$run/explain.log")" || true
 read -r sc_req sc_prompt sc_completion <<<"$(spent "$run/score.log")" || true

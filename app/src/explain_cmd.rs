@@ -2,6 +2,7 @@
 //! from the command line — the LLM settings, the cache and budget flags, and the run summaries.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use loupe_autointerp::cache::Cache;
@@ -164,10 +165,19 @@ pub struct SearchArgs {
 fn progress_bar(what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} {{elapsed}}"))
+        indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {elapsed}")
             .expect("valid template"),
     );
+    bar.set_prefix(what.to_string());
     bar
+}
+
+/// Say the client's waits and stops on stderr, above the progress bar.
+fn notify_above(llm: &mut Option<Llm>, bar: &indicatif::ProgressBar) {
+    if let Some(llm) = llm {
+        let bar = bar.clone();
+        llm.client.set_notifier(Arc::new(move |line: &str| bar.suspend(|| eprintln!("{line}"))));
+    }
 }
 
 fn report(what: &str, s: &RunSummary, llm: Option<&Llm>) {
@@ -178,8 +188,14 @@ fn report(what: &str, s: &RunSummary, llm: Option<&Llm>) {
     if llm.is_some() {
         let sp = s.spent;
         line.push_str(&format!(
-            "; {} requests sent, {} from the cache, {} prompt + {} completion tokens, cost {:.4}",
-            sp.requests, sp.cached, sp.prompt_tokens, sp.completion_tokens, sp.cost
+            "; {} requests sent ({} of them retries), {} from the cache, {} prompt + {} completion tokens, cost {:.4}",
+            sp.requests, sp.retries, sp.cached, sp.prompt_tokens, sp.completion_tokens, sp.cost
+        ));
+    }
+    if let Some(index) = s.index {
+        line.push_str(&format!(
+            "; search index: {} explanations embedded, {} kept",
+            index.embedded, index.reused
         ));
     }
     println!("{line}");
@@ -189,7 +205,7 @@ fn report(what: &str, s: &RunSummary, llm: Option<&Llm>) {
 }
 
 pub fn run_explain(args: &ExplainArgs) -> Result<()> {
-    let llm = args.llm.llm()?;
+    let mut llm = args.llm.llm()?;
     let explainer =
         args.explainer.clone().unwrap_or_else(|| if llm.is_some() { DELPHI } else { OFFLINE }.into());
     if explainer == DELPHI && llm.is_none() {
@@ -209,17 +225,30 @@ pub fn run_explain(args: &ExplainArgs) -> Result<()> {
         eprintln!("note: no MiniLM model (run `loupe fetch`), so no semantic-search index is built");
     }
     let bar = progress_bar("explain");
-    let summary = explain(&store, &args.run.dictionary, &opts, llm.as_ref(), embedder.as_ref(), &|i, n| {
-        bar.set_length(n as u64);
-        bar.set_position(i as u64);
-    })?;
+    notify_above(&mut llm, &bar);
+    let summary =
+        explain(&store, &args.run.dictionary, &opts, llm.as_ref(), embedder.as_ref(), &|phase, i, n| {
+            if bar.prefix() != phase {
+                bar.set_prefix(phase.to_string());
+                if phase == "embed" && n > 0 {
+                    bar.suspend(|| {
+                        eprintln!("embedding {n} new or changed explanations for the search index")
+                    });
+                }
+            }
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+        })?;
     bar.finish_and_clear();
     report(&format!("explain ({})", opts.explainer), &summary, llm.as_ref());
-    Ok(())
+    match summary.nothing_done("no feature could be explained") {
+        Some(why) => bail!(why),
+        None => Ok(()),
+    }
 }
 
 pub fn run_score(args: &ScoreArgs) -> Result<()> {
-    let llm = args.llm.llm()?;
+    let mut llm = args.llm.llm()?;
     let scorers: Vec<String> = match &args.scorers {
         Some(list) => list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
         None if llm.is_some() => SCORERS[..4].iter().map(|s| s.to_string()).collect(),
@@ -245,6 +274,7 @@ pub fn run_score(args: &ScoreArgs) -> Result<()> {
         None
     };
     let bar = progress_bar("score");
+    notify_above(&mut llm, &bar);
     let summary =
         score_explanations(&store, &args.run.dictionary, &opts, llm.as_ref(), embedder.as_ref(), &|i, n| {
             bar.set_length(n as u64);
@@ -256,7 +286,10 @@ pub fn run_score(args: &ScoreArgs) -> Result<()> {
         &summary,
         llm.as_ref(),
     );
-    Ok(())
+    match summary.nothing_done("no explanation could be scored") {
+        Some(why) => bail!(why),
+        None => Ok(()),
+    }
 }
 
 pub fn run_search(args: &SearchArgs) -> Result<()> {

@@ -4,7 +4,7 @@
 //! sent; answers read from the cache cost nothing. Requests already in flight when the budget
 //! is reached still complete, so a run may overshoot by at most `concurrency` answers.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::client::Usage;
 
@@ -18,8 +18,9 @@ pub struct Budget {
     pub cost_per_1m_completion: f64,
     prompt: AtomicU64,
     completion: AtomicU64,
-    sent: AtomicU64,
     cached: AtomicU64,
+    /// Whether a request was refused for the budget yet (the run says so once).
+    refused: AtomicBool,
 }
 
 /// A snapshot of the counters.
@@ -27,8 +28,10 @@ pub struct Budget {
 pub struct Spent {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
-    /// Requests that went to the endpoint, and answers read from the cache.
+    /// HTTP requests sent to the endpoint (every attempt, failed ones included; filled in by
+    /// [`crate::llm::Llm::spent`]), of them retries, and answers read from the cache.
     pub requests: u64,
+    pub retries: u64,
     pub cached: u64,
     pub cost: f64,
 }
@@ -52,10 +55,14 @@ impl Budget {
         Ok(())
     }
 
+    /// Whether this is the first request refused for the budget (to say so once).
+    pub fn first_refusal(&self) -> bool {
+        !self.refused.swap(true, Ordering::Relaxed)
+    }
+
     pub fn add(&self, usage: Usage) {
         self.prompt.fetch_add(usage.prompt_tokens, Ordering::Relaxed);
         self.completion.fetch_add(usage.completion_tokens, Ordering::Relaxed);
-        self.sent.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn add_cached(&self) {
@@ -67,7 +74,8 @@ impl Budget {
         Spent {
             prompt_tokens: p,
             completion_tokens: c,
-            requests: self.sent.load(Ordering::Relaxed),
+            requests: 0,
+            retries: 0,
             cached: self.cached.load(Ordering::Relaxed),
             cost: (p as f64 * self.cost_per_1m_prompt + c as f64 * self.cost_per_1m_completion) / 1e6,
         }

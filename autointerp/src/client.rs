@@ -1,17 +1,34 @@
 //! A Chat Completions client for any OpenAI-compatible endpoint (vLLM, llama.cpp server, Ollama,
 //! OpenAI, OpenRouter): a concurrency limit, and retries on connection errors, timeouts, 408,
 //! 409, 429 and 5xx that honour `Retry-After` / `retry-after-ms` and otherwise back off
-//! exponentially with full jitter.
+//! exponentially with full jitter. A wait of [`ANNOUNCE_WAIT`] or more is announced (what for,
+//! and why); the run's [`Breaker`] stops all sending once requests keep failing for good.
 //!
 //! The API key is read from the environment variable the config names and sent only in the
-//! `Authorization` header: it is in no error, no `Debug` output and no request body.
-
+//! `Authorization` header: it is in no error, no `Debug` output and no request body. Nothing the
+//! endpoint sends back is trusted: bodies are read up to [`MAX_RESPONSE_BYTES`], and the key is
+//! replaced by [`REDACTED`] in every string taken from them (an endpoint may echo the header).
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
+
+use crate::breaker::Breaker;
+
+/// The most bytes read of one response body. A chat completion of a few hundred tokens, even with
+/// log-probabilities, is far smaller; a larger answer fails its request (it is not retried), and
+/// only the start of a larger error body is read.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// What replaces the API key in every string that comes back from the endpoint.
+pub const REDACTED: &str = "[redacted]";
+/// Retry waits at least this long are announced through the client's notifier.
+pub const ANNOUNCE_WAIT: Duration = Duration::from_secs(1);
+
+/// Where the client says what it waits for or why it stops (default: a line on stderr).
+pub type Notifier = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Where and how to call the endpoint.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -104,6 +121,19 @@ pub enum ClientError {
     Refused { status: u16, body: String },
     #[error("the endpoint's answer is not a chat completion: {0}")]
     Malformed(String),
+    #[error("the endpoint's answer is larger than {MAX_RESPONSE_BYTES} bytes, the most Loupe reads")]
+    TooLarge,
+    /// The run's breaker tripped before this request could be sent or retried.
+    #[error("not sent: {0}")]
+    Stopped(String),
+}
+
+impl ClientError {
+    /// Whether a run that keeps getting this error should stop asking: retries ran out, or the
+    /// endpoint refuses the key or does not know the route or model.
+    pub fn is_hopeless(&self) -> bool {
+        matches!(self, ClientError::Exhausted { .. } | ClientError::Refused { status: 401 | 403 | 404, .. })
+    }
 }
 
 /// An OpenAI-compatible chat client.
@@ -113,6 +143,11 @@ pub struct Client {
     cfg: ClientConfig,
     key: Option<String>,
     slots: Arc<Semaphore>,
+    /// HTTP requests sent (every attempt, failed ones included), and of them retries.
+    sent: Arc<AtomicU64>,
+    retries: Arc<AtomicU64>,
+    breaker: Arc<Breaker>,
+    notify: Notifier,
 }
 
 impl std::fmt::Debug for Client {
@@ -151,11 +186,64 @@ impl Client {
             .build()
             .map_err(|e| ClientError::Config(format!("cannot build the HTTP client: {e}")))?;
         let slots = Arc::new(Semaphore::new(cfg.concurrency));
-        Ok(Client { http, cfg, key, slots })
+        Ok(Client {
+            http,
+            cfg,
+            key: key.filter(|k| !k.is_empty()),
+            slots,
+            sent: Arc::default(),
+            retries: Arc::default(),
+            breaker: Arc::default(),
+            notify: Arc::new(|line: &str| eprintln!("{line}")),
+        })
     }
 
     pub fn config(&self) -> &ClientConfig {
         &self.cfg
+    }
+
+    /// Say waits and stops through `notify` instead of stderr (e.g. above a progress bar).
+    pub fn set_notifier(&mut self, notify: Notifier) {
+        self.notify = notify;
+    }
+
+    /// Say `line` through the notifier.
+    pub fn notify(&self, line: &str) {
+        (self.notify)(line);
+    }
+
+    /// HTTP requests sent so far by this client and its clones (every attempt), and how many of
+    /// them were retries.
+    pub fn sent(&self) -> (u64, u64) {
+        (self.sent.load(Ordering::Relaxed), self.retries.load(Ordering::Relaxed))
+    }
+
+    /// Why the run stopped sending, once its breaker tripped.
+    pub fn stopped(&self) -> Option<String> {
+        self.breaker.stopped()
+    }
+
+    /// `text` with every occurrence of the API key replaced by [`REDACTED`].
+    pub fn redact(&self, text: &str) -> String {
+        match &self.key {
+            Some(key) if text.contains(key.as_str()) => text.replace(key.as_str(), REDACTED),
+            _ => text.to_string(),
+        }
+    }
+
+    /// [`Client::redact`] applied to every string of an answer.
+    pub fn redact_response(&self, r: &mut ChatResponse) {
+        if self.key.is_none() {
+            return;
+        }
+        r.text = self.redact(&r.text);
+        r.finish_reason = r.finish_reason.as_deref().map(|f| self.redact(f));
+        for t in r.logprobs.iter_mut().flatten() {
+            t.token = self.redact(&t.token);
+            for (token, _) in &mut t.top {
+                *token = self.redact(token);
+            }
+        }
     }
 
     /// The JSON body sent for `req`.
@@ -176,7 +264,7 @@ impl Client {
     /// Send `req`, retrying as the module docs say.
     pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ClientError> {
         let _slot = self.slot().await;
-        self.chat_in_slot(req).await
+        self.chat_in_slot(req, "the request").await
     }
 
     /// Wait for one of the `concurrency` request slots.
@@ -185,12 +273,34 @@ impl Client {
     }
 
     /// [`Client::chat`] for a caller already holding a [`Client::slot`] (e.g. to check a budget
-    /// just before sending).
-    pub async fn chat_in_slot(&self, req: &ChatRequest) -> Result<ChatResponse, ClientError> {
+    /// just before sending). `what` names the request in announced waits (e.g. `feature 3`).
+    pub async fn chat_in_slot(&self, req: &ChatRequest, what: &str) -> Result<ChatResponse, ClientError> {
+        let result = self.send_with_retries(req, what).await;
+        match &result {
+            Ok(_) => self.breaker.success(),
+            Err(e) if e.is_hopeless() => {
+                if let Some(why) = self.breaker.failure(&e.to_string()) {
+                    self.notify(&format!(
+                        "stopping: {why}; the requests left are not sent and are recorded as failed"
+                    ));
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn send_with_retries(&self, req: &ChatRequest, what: &str) -> Result<ChatResponse, ClientError> {
         let body = self.body(req);
         let mut attempt = 0u32;
         loop {
+            if let Some(why) = self.breaker.stopped() {
+                return Err(ClientError::Stopped(why));
+            }
             attempt += 1;
+            if attempt > 1 {
+                self.retries.fetch_add(1, Ordering::Relaxed);
+            }
             match self.attempt(&body).await {
                 Attempt::Done(mut r) => {
                     r.attempts = attempt;
@@ -201,13 +311,21 @@ impl Client {
                     if attempt > self.cfg.max_retries {
                         return Err(ClientError::Exhausted { attempts: attempt, last: why });
                     }
-                    tokio::time::sleep(self.delay(attempt, after)).await;
+                    let wait = self.delay(attempt, after);
+                    if wait >= ANNOUNCE_WAIT {
+                        self.notify(&wait_line(wait, after, what, attempt, self.cfg.max_retries, &why));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        why = self.breaker.tripped() => return Err(ClientError::Stopped(why)),
+                    }
                 }
             }
         }
     }
 
-    /// Full-jitter exponential backoff, or what the server asked for.
+    /// Full-jitter exponential backoff, or what the server asked for (at most
+    /// `backoff_max_seconds`).
     fn delay(&self, attempt: u32, after: Option<Duration>) -> Duration {
         let cap = self.cfg.backoff_max_seconds;
         match after {
@@ -225,34 +343,87 @@ impl Client {
         if let Some(key) = &self.key {
             request = request.bearer_auth(key);
         }
+        self.sent.fetch_add(1, Ordering::Relaxed);
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) if e.is_builder() => {
                 return Attempt::Fail(ClientError::Config(format!("bad base_url {url:?}")));
             }
-            Err(e) => return Attempt::Retry { why: describe(e), after: None },
+            Err(e) => return Attempt::Retry { why: self.redact(&describe(e)), after: None },
         };
         let status = response.status().as_u16();
         let after = retry_after(response.headers());
-        let text = match response.text().await {
+        let (text, too_large) = match read_capped(response).await {
             Ok(t) => t,
-            Err(e) => return Attempt::Retry { why: describe(e), after: None },
+            Err(e) => return Attempt::Retry { why: self.redact(&describe(e)), after: None },
         };
+        let text = self.redact(&text);
         if matches!(status, 408 | 409 | 429) || status >= 500 {
             return Attempt::Retry { why: format!("HTTP {status}: {}", snippet(&text)), after };
         }
         if !(200..300).contains(&status) {
             return Attempt::Fail(ClientError::Refused { status, body: snippet(&text) });
         }
+        if too_large {
+            return Attempt::Fail(ClientError::TooLarge);
+        }
         match parse(&text) {
-            Ok(r) => Attempt::Done(r),
+            Ok(mut r) => {
+                // The key may also come JSON-escaped: redact the decoded strings too.
+                self.redact_response(&mut r);
+                Attempt::Done(r)
+            }
             // A cut-off body is a transport failure; retry it like one.
             Err(e) if serde_json::from_str::<serde_json::Value>(&text).is_err() => {
                 Attempt::Retry { why: format!("truncated or invalid JSON ({e})"), after: None }
             }
-            Err(e) => Attempt::Fail(ClientError::Malformed(e)),
+            Err(e) => Attempt::Fail(ClientError::Malformed(self.redact(&e))),
         }
     }
+}
+
+/// A body read up to [`MAX_RESPONSE_BYTES`]; `true` when there was more (or the declared length
+/// is larger), in which case the text is what was read of it.
+async fn read_capped(mut response: reqwest::Response) -> Result<(String, bool), reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > MAX_RESPONSE_BYTES as u64) {
+        return Ok((String::new(), true));
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_RESPONSE_BYTES - bytes.len();
+        if chunk.len() > room {
+            bytes.extend_from_slice(&chunk[..room]);
+            return Ok((String::from_utf8_lossy(&bytes).into_owned(), true));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), false))
+}
+
+/// The line that announces a retry wait: how long, for what, and why.
+fn wait_line(
+    wait: Duration,
+    asked: Option<Duration>,
+    what: &str,
+    attempt: u32,
+    max_retries: u32,
+    why: &str,
+) -> String {
+    let secs = |d: Duration| {
+        let s = d.as_secs_f64();
+        if s.fract() == 0.0 { format!("{s:.0} s") } else { format!("{s:.1} s") }
+    };
+    let reason = match asked {
+        Some(a) if a > wait => {
+            format!("the server asked Retry-After {} (capped at backoff_max_seconds)", secs(a))
+        }
+        Some(_) => "the server asked for it (Retry-After)".to_string(),
+        None => "backoff".to_string(),
+    };
+    format!(
+        "waiting {} before retrying {what} (retry {attempt} of {max_retries}; {reason}; {why})",
+        secs(wait)
+    )
 }
 
 /// A transport error in one line, without the URL or any header.

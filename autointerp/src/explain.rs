@@ -16,6 +16,9 @@ pub const OFFLINE: &str = "offline";
 
 /// Completion tokens allowed for an explanation.
 pub const EXPLANATION_MAX_TOKENS: u32 = 200;
+/// The longest explanation kept (characters): a phrase, or a few sentences at most. A longer one
+/// (an endpoint that ignores `max_tokens`) is recorded as a failure instead.
+pub const MAX_EXPLANATION_CHARS: usize = 2000;
 
 const SYSTEM: &str = "You are an interpretability researcher studying a feature of a language model: a unit that \
 activates on some tokens of some texts. You will read texts on which the feature activates. In each text the \
@@ -84,7 +87,14 @@ pub fn parse_explanation(answer: &str, truncated: bool) -> Result<String, String
         return Err(format!("the {marker} line is empty: {:?}", snippet(answer)));
     }
     if text.starts_with('<') && text.ends_with('>') {
-        return Err(format!("the {marker} line repeats the prompt's placeholder: {text:?}"));
+        return Err(format!("the {marker} line repeats the prompt's placeholder: {:?}", snippet(text)));
+    }
+    let n = text.chars().count();
+    if n > MAX_EXPLANATION_CHARS {
+        return Err(format!(
+            "the explanation is {n} characters long, more than the {MAX_EXPLANATION_CHARS} kept: {:?}",
+            snippet(text)
+        ));
     }
     Ok(text.to_string())
 }
@@ -164,5 +174,9 @@ mod tests {
         assert!(err("no marker here", true).contains("no [EXPLANATION]: line (it hit max_tokens)"));
         assert!(err("[EXPLANATION]: <your explanation>", false).contains("placeholder"));
         assert!(err("[EXPLANATION]:   \n", false).contains("empty"));
+        let long = format!("[EXPLANATION]: {}", "word ".repeat(1000));
+        let why = err(&long, false);
+        assert!(why.contains("4999 characters long") && why.len() < 300, "{why}");
+        assert_eq!(ok(&format!("[EXPLANATION]: {}", "x".repeat(2000)), false).len(), 2000);
     }
 }

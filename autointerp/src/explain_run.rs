@@ -88,7 +88,7 @@ async fn delphi_record(
         rec.failure = Some("the analysis has no examples of this feature".into());
         return Ok(rec);
     }
-    match llm.ask(&req).await {
+    match llm.ask(&req, &format!("feature {f}")).await {
         Ok(answer) => {
             rec.prompt_tokens = answer.response.usage.prompt_tokens;
             rec.completion_tokens = answer.response.usage.completion_tokens;
@@ -104,14 +104,16 @@ async fn delphi_record(
 }
 
 /// Explain the chosen features of `dict` and commit. `llm` is needed by `delphi`; `embedder`
-/// (MiniLM) builds the semantic-search index over all explanations of the dictionary.
+/// (MiniLM) builds the semantic-search index over all explanations of the dictionary (embedding
+/// only new or changed ones). `progress(phase, done, total)` follows the phases `explain` and
+/// `embed`.
 pub fn explain(
     store: &Store,
     dict: &str,
     opts: &ExplainOptions,
     llm: Option<&Llm>,
     embedder: Option<&Embedder>,
-    progress: &(dyn Fn(usize, usize) + Sync),
+    progress: &(dyn Fn(&str, usize, usize) + Sync),
 ) -> Result<RunSummary> {
     if opts.explainer != DELPHI && opts.explainer != OFFLINE {
         bail!("unknown explainer {:?} (choose {DELPHI} or {OFFLINE})", opts.explainer);
@@ -141,7 +143,7 @@ pub fn explain(
             let rec = offline_record(&tables, f, opts)?;
             journal.append(&rec)?;
             out.push(rec);
-            progress(i + 1, total);
+            progress("explain", i + 1, total);
         }
         out
     } else {
@@ -163,13 +165,13 @@ pub fn explain(
             let mut out = Vec::with_capacity(total);
             while let Some(r) = tasks.join_next().await {
                 out.push(r??);
-                progress(out.len(), total);
+                progress("explain", out.len(), total);
             }
             anyhow::Ok(out)
         })?
     };
     summary.finished = fresh.len();
-    summary.spent = llm.map(|l| l.budget.spent()).unwrap_or_default();
+    summary.spent = llm.map(Llm::spent).unwrap_or_default();
     for r in &fresh {
         if let Some(why) = &r.failure {
             summary.note_failure(r.feature_id, why);
@@ -195,7 +197,9 @@ pub fn explain(
     summary.committed = records.len();
     all.explanations.extend(records.into_values());
     all.explanations.sort_by(|a, b| (a.feature_id, &a.explainer).cmp(&(b.feature_id, &b.explainer)));
-    search::commit_with_index(store, dict, &all, embedder)?;
+    let embed_progress = |done: usize, total: usize| progress("embed", done, total);
+    let report = search::commit_with_index(store, dict, &all, embedder, &embed_progress)?;
+    summary.index = embedder.map(|_| report);
     if all_remade {
         store.mark_explanations_current(dict)?;
     }

@@ -4,13 +4,15 @@
 //! `explanations/<dict>/` (and the search index in `index/<dict>/`) through [`loupe_store`].
 //! - [`client`]: the OpenAI-compatible Chat Completions client (concurrency limit, retries that
 //!   honour `Retry-After`, log-probabilities, the API key kept out of everything but the
-//!   Authorization header); [`cache`], [`budget`] and [`llm`] put the response cache and the token
-//!   budget around it;
+//!   Authorization header, the key redacted from all that comes back; [`breaker`] stops a run
+//!   whose requests keep failing); [`cache`], [`budget`] and [`llm`] put the response cache and
+//!   the token budget around it;
 //! - [`examples`]: delphi's train and test example sets; [`explain`]: the `delphi` and `offline`
 //!   explainers; [`score`]: detection, fuzzing, simulation and embedding scorers;
 //! - [`explain_run`] / [`score_run`]: runs over many features with per-feature resume
 //!   ([`journal`]); [`search`]: semantic search over explanations.
 
+pub mod breaker;
 pub mod budget;
 pub mod cache;
 pub mod client;

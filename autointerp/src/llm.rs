@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
-use crate::budget::Budget;
+use crate::budget::{Budget, Spent};
 use crate::cache::{Cache, request_key};
 use crate::client::{ChatRequest, ChatResponse, Client, ClientConfig, ClientError, Message};
 
@@ -67,8 +67,9 @@ impl LlmConfig {
     pub fn load(path: &Path) -> Result<LlmConfig> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: LlmConfig = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is not a valid LLM config: {e}", path.display()))?;
+        let cfg: LlmConfig = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("{} is not a valid LLM config: {}", path.display(), config_error(&text, &e))
+        })?;
         if !cfg.base_url.starts_with("http://") && !cfg.base_url.starts_with("https://") {
             bail!("{}: base_url must start with http:// or https://", path.display());
         }
@@ -84,6 +85,22 @@ impl LlmConfig {
         c.backoff_seconds = self.backoff_seconds.unwrap_or(c.backoff_seconds);
         c.backoff_max_seconds = self.backoff_max_seconds.unwrap_or(c.backoff_max_seconds);
         c
+    }
+}
+
+/// A TOML error of `text` on one line: where (line and key, when the error points at one) and
+/// why (the parser's own message, which already names a missing or unknown key).
+pub fn config_error(text: &str, e: &toml::de::Error) -> String {
+    let why = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span().filter(|s| s.start <= text.len()) else { return why };
+    let line_no = text[..span.start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| {
+        !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"'))
+    });
+    match key {
+        Some(key) => format!("line {line_no}, key {key}: {why}"),
+        None => format!("line {line_no}: {why}"),
     }
 }
 
@@ -105,8 +122,20 @@ pub fn default_cache_dir() -> PathBuf {
 pub enum LlmError {
     #[error("{0}")]
     Budget(String),
+    /// The run stopped sending (its breaker tripped).
+    #[error("not sent: {0}")]
+    Stopped(String),
     #[error(transparent)]
-    Client(#[from] ClientError),
+    Client(ClientError),
+}
+
+impl From<ClientError> for LlmError {
+    fn from(e: ClientError) -> LlmError {
+        match e {
+            ClientError::Stopped(why) => LlmError::Stopped(why),
+            e => LlmError::Client(e),
+        }
+    }
 }
 
 /// An answer, with the key (SHA-256) of the request that produced it.
@@ -181,17 +210,34 @@ impl Llm {
         }
     }
 
-    /// The cached answer to `req`, else the endpoint's (if the budget allows), cached.
-    pub async fn ask(&self, req: &ChatRequest) -> Result<Answer, LlmError> {
+    /// What this run spent: tokens, cost, answers from the cache, and the HTTP requests its
+    /// client sent (every attempt, failed ones included).
+    pub fn spent(&self) -> Spent {
+        let (requests, retries) = self.client.sent();
+        Spent { requests, retries, ..self.budget.spent() }
+    }
+
+    /// The cached answer to `req`, else the endpoint's (if the budget allows), cached. `what`
+    /// names the request in announced waits (e.g. `feature 3`).
+    pub async fn ask(&self, req: &ChatRequest, what: &str) -> Result<Answer, LlmError> {
         let key = request_key(&self.client.body(req));
-        if let Some(response) = self.cache.as_ref().and_then(|c| c.get(&key)) {
+        if let Some(mut response) = self.cache.as_ref().and_then(|c| c.get(&key)) {
+            // An older cache may hold what an endpoint echoed before redaction existed.
+            self.client.redact_response(&mut response);
             self.budget.add_cached();
             return Ok(Answer { response, key, cached: true });
         }
         // Checked once a slot is free, so at most `concurrency` requests overshoot the budget.
         let slot = self.client.slot().await;
-        self.budget.check().map_err(LlmError::Budget)?;
-        let response = self.client.chat_in_slot(req).await?;
+        if let Err(why) = self.budget.check() {
+            if self.budget.first_refusal() {
+                self.client.notify(&format!(
+                    "stopping: {why}; the requests left are not sent and are recorded as failed"
+                ));
+            }
+            return Err(LlmError::Budget(why));
+        }
+        let response = self.client.chat_in_slot(req, what).await?;
         drop(slot);
         self.budget.add(response.usage);
         if let Some(cache) = &self.cache
@@ -201,5 +247,29 @@ impl Llm {
             eprintln!("warning: {e:#}");
         }
         Ok(Answer { response, key, cached: false })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> String {
+        let e = toml::from_str::<LlmConfig>(text).unwrap_err();
+        config_error(text, &e)
+    }
+
+    #[test]
+    fn config_errors_name_the_line_the_key_and_the_reason() {
+        let base = "base_url = \"http://x/v1\"\nmodel = \"m\"\n";
+        let e = error_of(&format!("{base}concurrency = \"sixty-four\"\n"));
+        assert!(e.starts_with("line 3, key concurrency: invalid type: string \"sixty-four\""), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = error_of(&format!("{base}concurency = 4\n"));
+        assert!(e.contains("line 3") && e.contains("unknown field `concurency`"), "{e}");
+        let e = error_of("base_url = \"http://x/v1\"\n");
+        assert!(e.contains("missing field `model`"), "{e}");
+        let e = error_of(&format!("{base}timeout_seconds = = 3\n"));
+        assert!(e.starts_with("line 3") && e.len() > "line 3, key timeout_seconds: ".len(), "{e}");
     }
 }

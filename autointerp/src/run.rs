@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use loupe_store::FeatureTables;
 
 use crate::budget::Spent;
+use crate::search::IndexReport;
 
 /// Which features a run covers: `None` means every feature that is not dead. Ranges are
 /// checked against the dictionary before they are expanded.
@@ -68,9 +69,25 @@ pub struct RunSummary {
     pub spent: Spent,
     /// Records committed for this explainer or scorer set.
     pub committed: usize,
+    /// What rebuilding the search index took (explain runs with an embedder).
+    pub index: Option<IndexReport>,
 }
 
 impl RunSummary {
+    /// Why the run did no work at all, when every record it finished failed (the failed records
+    /// are committed all the same): the caller exits non-zero with this line.
+    pub fn nothing_done(&self, what: &str) -> Option<String> {
+        if self.finished == 0 || self.failed < self.finished {
+            return None;
+        }
+        let first =
+            self.failures.first().map(|(f, why)| format!(" (feature {f}: {why})")).unwrap_or_default();
+        Some(format!(
+            "{what}: all {} failed{first}; the failed rows are recorded in the store",
+            self.finished
+        ))
+    }
+
     pub fn note_failure(&mut self, feature: u32, why: &str) {
         self.failed += 1;
         if self.failures.len() < 5 {

@@ -84,9 +84,10 @@ async fn llm_score(
     let sets = examples::sets(tables, e.feature_id, opts.sizes, opts.seed, true)?;
     let text = e.explanation.as_deref().unwrap_or_default();
     let seed = opts.seed ^ u64::from(e.feature_id);
+    let what = format!("feature {} ({scorer})", e.feature_id);
     let result = match scorer {
-        SIMULATION => score::simulation::score(llm, text, &sets, opts.simulation_windows).await,
-        _ => score::classify::score(llm, scorer, text, &sets, seed).await,
+        SIMULATION => score::simulation::score(llm, text, &sets, opts.simulation_windows, &what).await,
+        _ => score::classify::score(llm, scorer, text, &sets, seed, &what).await,
     };
     Ok(record(e, scorer, llm.model(), llm.temperature, result))
 }
@@ -194,7 +195,7 @@ pub fn score_explanations(
         fresh.extend(more);
     }
     summary.finished = fresh.len();
-    summary.spent = llm.map(|l| l.budget.spent()).unwrap_or_default();
+    summary.spent = llm.map(Llm::spent).unwrap_or_default();
     for r in &fresh {
         if let Some(why) = &r.failure {
             summary.note_failure(r.feature_id, &format!("{}: {why}", r.scorer));

@@ -251,10 +251,12 @@ fn flaky_server_and_budget_lose_no_feature() {
     }
     assert!(!s.explanations_dir("sae").join("explain-delphi.journal.jsonl").exists());
 
-    // A rerun finds everything done or cached: failed features are retried from the cache.
+    // A rerun finds everything done or cached: failed features are retried from the cache, fail
+    // again, and so the run, which explained nothing, says so and exits non-zero.
     let sent = server.bodies.lock().unwrap().len();
     let out = run(&explain, &[]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&format!("no feature could be explained: all {} failed", failed.len())));
     assert_eq!(server.bodies.lock().unwrap().len(), sent, "a rerun sends nothing");
 
     let mut score = args("score", &store, &cfg, &cache, &["--scorers", "detection,fuzzing,simulation"]);
@@ -292,11 +294,14 @@ fn flaky_server_and_budget_lose_no_feature() {
     budget.drain(at..at + 2);
     budget.extend(["--max-tokens-total", "1"]);
     let out = run(&budget, &[]);
-    assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("token budget reached"), "{text}");
+    assert!(stderr(&out).contains("stopping: token budget reached"), "said once: {}", stderr(&out));
     let all = Store::open(&store).unwrap().explanations("sae").unwrap();
     let rows: Vec<_> = all.scores.iter().filter(|s| s.scorer == "detection").collect();
+    // A run in which every score failed exits non-zero (its rows are committed all the same).
+    let all_failed = rows.iter().all(|s| s.failure.is_some());
+    assert_eq!(out.status.success(), !all_failed, "{}", stderr(&out));
     assert_eq!(rows.iter().map(|s| s.feature_id).collect::<HashSet<_>>(), ok);
     let over =
         rows.iter().filter(|s| s.failure.as_deref().is_some_and(|f| f.contains("token budget reached")));

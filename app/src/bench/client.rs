@@ -214,7 +214,7 @@ async fn bench(args: &Args, workers: usize) -> Result<()> {
             move |i: usize| {
                 let (llm, requests) = (llm.clone(), requests.clone());
                 async move {
-                    let answer = llm.ask(&requests[i]).await?;
+                    let answer = llm.ask(&requests[i], "the request").await?;
                     if answer.cached != want_cached || answer.response.text != TEXT {
                         bail!("Llm::ask: request {i} cached {} (expected {want_cached})", answer.cached);
                     }
@@ -224,7 +224,7 @@ async fn bench(args: &Args, workers: usize) -> Result<()> {
         };
         let cold_r = drive(n, c, ask(false)).await.context("Llm::ask, cold cache")?;
         let hits_r = drive(n, c, ask(true)).await.context("Llm::ask, all hits")?;
-        let spent = llm.budget.spent();
+        let spent = llm.spent();
         if spent.requests != n as u64 || spent.cached != n as u64 {
             bail!("Llm::ask: {} sent and {} cached, expected {n} each", spent.requests, spent.cached);
         }

@@ -96,8 +96,15 @@ pub fn label_probabilities(logprobs: &[TokenLogprob], n: usize) -> Option<Vec<f3
 }
 
 /// Score `explanation` with `scorer` (`detection` or `fuzzing`) on the test examples; a failure
-/// (the budget, or no readable answer) is in `failure`.
-pub async fn score(llm: &Llm, scorer: &str, explanation: &str, sets: &Sets, seed: u64) -> Measured {
+/// (the budget, or no readable answer) is in `failure`. `what` names the feature in messages.
+pub async fn score(
+    llm: &Llm,
+    scorer: &str,
+    explanation: &str,
+    sets: &Sets,
+    seed: u64,
+    what: &str,
+) -> Measured {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut items: Vec<(&Window, bool)> = sets
         .test_activating
@@ -127,7 +134,7 @@ pub async fn score(llm: &Llm, scorer: &str, explanation: &str, sets: &Sets, seed
             .collect();
         let max_tokens = 8 + 4 * batch.len() as u32;
         let req = llm.request(system(scorer, explanation), user, max_tokens, Some(5));
-        let answer = match m.ask(llm, &req, &mut first_failure).await {
+        let answer = match m.ask(llm, &req, &mut first_failure, what).await {
             Ok(Some(answer)) => answer,
             Ok(None) => continue,
             Err(why) => return m.failed(why),

@@ -47,17 +47,19 @@ impl Measured {
         self
     }
 
-    /// Send one of a scorer's requests, counting its key and tokens. `Ok(None)`: this request
-    /// failed for good (the first such reason is kept in `first_failure`) and the scorer goes on
-    /// without it; `Err`: the run must stop asking (the budget is spent).
+    /// Send one of a scorer's requests (`what` names it in announced waits), counting its key
+    /// and tokens. `Ok(None)`: this request failed for good (the first such reason is kept in
+    /// `first_failure`) and the scorer goes on without it; `Err`: the run must stop asking (the
+    /// budget is spent, or the run stopped sending).
     async fn ask(
         &mut self,
         llm: &Llm,
         req: &ChatRequest,
         first_failure: &mut Option<String>,
+        what: &str,
     ) -> Result<Option<ChatResponse>, String> {
         self.max_tokens = req.max_tokens;
-        match llm.ask(req).await {
+        match llm.ask(req, what).await {
             Ok(answer) => {
                 self.request_keys.push(answer.key);
                 self.prompt_tokens += answer.response.usage.prompt_tokens;

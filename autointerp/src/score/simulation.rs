@@ -31,8 +31,9 @@ pub fn parse_predictions(answer: &str, n: usize) -> Vec<Option<f32>> {
     out
 }
 
-/// Score with up to `windows` test windows, half activating.
-pub async fn score(llm: &Llm, explanation: &str, sets: &Sets, windows: usize) -> Measured {
+/// Score with up to `windows` test windows, half activating (`what` names the feature in
+/// messages).
+pub async fn score(llm: &Llm, explanation: &str, sets: &Sets, windows: usize, what: &str) -> Measured {
     let half = windows.div_ceil(2);
     let chosen = sets.test_activating.iter().take(half).chain(sets.test_other.iter().take(windows / 2));
     let mut m = Measured::default();
@@ -47,7 +48,7 @@ pub async fn score(llm: &Llm, explanation: &str, sets: &Sets, windows: usize) ->
             .collect();
         let max_tokens = 6 * w.tokens.len() as u32 + 16;
         let req = llm.request(system(explanation), user, max_tokens, None);
-        let answer = match m.ask(llm, &req, &mut first_failure).await {
+        let answer = match m.ask(llm, &req, &mut first_failure, what).await {
             Ok(Some(answer)) => answer,
             Ok(None) => continue,
             Err(why) => return m.failed(why),
