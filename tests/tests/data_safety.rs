@@ -336,3 +336,32 @@ fn huge_counts_from_files_and_flags_fail_before_allocating() {
     assert!(!verify.status.success(), "verify accepted 4e9 features");
     assert!(stderr(&verify).contains("4000000000"), "{}", stderr(&verify));
 }
+
+/// A truncated or edited search index (`.hnsw.data`, `.hnsw.graph`) is refused with one line
+/// naming the file, where hnsw_rs used to panic (exit 101) or exit 1 without a word. Needs the
+/// fetched MiniLM model for the index.
+#[test]
+fn search_refuses_a_truncated_index() {
+    let (_tmp, store) = sandbox();
+    let s = store.to_str().unwrap();
+    let out = loupe(&["analyze", "--store", s, "--dictionary", "sae", "--top", "3", "--rows", "all"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = loupe(&["explain", "--store", s, "--dictionary", "sae", "--features", "0..6"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entry = Store::open(&store).unwrap().explanations_entry("sae").unwrap();
+    let search = ["search", "--store", s, "--dictionary", "sae", "a token"];
+    let out = loupe(&search);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for ending in [".hnsw.data", ".hnsw.graph"] {
+        let file = entry.files.iter().find(|f| f.file.ends_with(ending)).expect("the index is listed");
+        let path = store.join(&file.file);
+        let clean = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &clean[..clean.len() / 2]).unwrap();
+        assert_one_error(&store, &search, &format!("{} is", path.display()));
+        let mut edited = clean.clone();
+        edited[clean.len() / 2] ^= 0x40;
+        std::fs::write(&path, &edited).unwrap();
+        assert_one_error(&store, &search, "checksum");
+        std::fs::write(&path, &clean).unwrap();
+    }
+}

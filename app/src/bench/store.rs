@@ -106,7 +106,12 @@ fn run_store_bench(dir: &Path, args: &StoreArgs) -> Result<()> {
         checksum = checksum.min(time(|| {
             for (i, shard) in shards.iter().enumerate() {
                 let entry = &acts.shard_entries()[i];
-                loupe_store::fsutil::check_bytes(&acts.shard_path(i), shard.file_bytes(), entry.bytes, &entry.xxh3)?;
+                loupe_store::fsutil::check_bytes(
+                    &acts.shard_path(i),
+                    shard.file_bytes(),
+                    entry.bytes,
+                    &entry.xxh3,
+                )?;
             }
             Ok(())
         })?);
