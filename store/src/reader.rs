@@ -17,6 +17,7 @@ use arrow_buffer::{Buffer, ScalarBuffer};
 use arrow_ipc::convert::try_fb_to_schema;
 use arrow_ipc::reader::{FileDecoder, read_footer_length};
 use arrow_ipc::root_as_footer;
+use arrow_schema::{DataType, Fields, Schema};
 use half::f16;
 use memmap2::Mmap;
 
@@ -225,7 +226,7 @@ impl Shard {
 /// Check the record batch message's buffer ranges and lengths before arrow-ipc decodes it: arrow
 /// slices buffers at the offsets the file claims and panics if they lie outside the block, so a
 /// corrupt byte there must become an error here instead.
-fn check_message(block: &[u8], meta_len: usize) -> Result<()> {
+fn check_message(block: &[u8], meta_len: usize, schema: &Schema) -> Result<()> {
     if meta_len < 8 || meta_len > block.len() {
         bail!("bad metadata length {meta_len}");
     }
@@ -247,9 +248,38 @@ fn check_message(block: &[u8], meta_len: usize) -> Result<()> {
             bail!("buffer [{offset}, +{len}) lies outside the record batch body ({body_len} bytes)");
         }
     }
-    for node in batch.nodes().into_iter().flatten() {
+    let nodes = batch.nodes().ok_or_else(|| anyhow!("record batch lists no columns"))?;
+    for node in nodes {
         if node.length() < 0 || node.null_count() < 0 || node.null_count() > node.length() {
             bail!("bad column length {} or null count {}", node.length(), node.null_count());
+        }
+    }
+    check_fixed_size_lists(schema.fields(), &mut nodes.iter())
+}
+
+/// Check `length × size` of each fixed-size list column (arrow computes it with a panic on
+/// overflow), walking the schema in the order of the batch's column nodes.
+fn check_fixed_size_lists<'a>(
+    fields: &Fields,
+    nodes: &mut impl Iterator<Item = &'a arrow_ipc::FieldNode>,
+) -> Result<()> {
+    for field in fields {
+        let node = nodes.next().ok_or_else(|| anyhow!("fewer column nodes than columns"))?;
+        match field.data_type() {
+            DataType::FixedSizeList(child, size) => {
+                if *size < 0 || i64::from(*size).checked_mul(node.length()).is_none() {
+                    bail!("column {} has {} lists of {size} values", field.name(), node.length());
+                }
+                check_fixed_size_lists(&Fields::from(vec![child.clone()]), nodes)?;
+            }
+            DataType::List(child) | DataType::LargeList(child) => {
+                check_fixed_size_lists(&Fields::from(vec![child.clone()]), nodes)?;
+            }
+            DataType::Struct(children) => check_fixed_size_lists(children, nodes)?,
+            other if other.is_nested() => {
+                bail!("column {} has a type Loupe never writes ({other})", field.name())
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -275,8 +305,8 @@ pub(crate) fn decode_single_batch(map: &Arc<Mmap>) -> Result<RecordBatch> {
     let footer = root_as_footer(&buffer[len - 10 - footer_len..len - 10])
         .map_err(|e| anyhow!("unreadable footer: {e}"))?;
     let schema = footer.schema().ok_or_else(|| anyhow!("footer has no schema"))?;
-    let decoder =
-        FileDecoder::new(Arc::new(try_fb_to_schema(schema)?), footer.version()).with_require_alignment(true);
+    let schema = Arc::new(try_fb_to_schema(schema)?);
+    let decoder = FileDecoder::new(schema.clone(), footer.version()).with_require_alignment(true);
     let blocks = footer.recordBatches().ok_or_else(|| anyhow!("footer lists no record batches"))?;
     if blocks.len() != 1 {
         bail!("expected exactly one record batch, found {}", blocks.len());
@@ -292,6 +322,6 @@ pub(crate) fn decode_single_batch(map: &Arc<Mmap>) -> Result<RecordBatch> {
         bail!("record batch block [{start}, +{block_len}) lies outside the file");
     }
     let data = buffer.slice_with_length(start, block_len);
-    check_message(&data, block.metaDataLength() as usize)?;
+    check_message(&data, block.metaDataLength() as usize, &schema)?;
     decoder.read_record_batch(block, &data)?.ok_or_else(|| anyhow!("record batch block is empty"))
 }
