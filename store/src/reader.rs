@@ -254,32 +254,51 @@ fn check_message(block: &[u8], meta_len: usize, schema: &Schema) -> Result<()> {
             bail!("bad column length {} or null count {}", node.length(), node.null_count());
         }
     }
-    check_fixed_size_lists(schema.fields(), &mut nodes.iter())
+    let buffers = batch.buffers().ok_or_else(|| anyhow!("record batch lists no buffers"))?;
+    check_columns(schema.fields(), &mut nodes.iter(), &mut buffers.iter())
 }
 
-/// Check `length × size` of each fixed-size list column (arrow computes it with a panic on
-/// overflow), walking the schema in the order of the batch's column nodes.
-fn check_fixed_size_lists<'a>(
+/// Walk the schema in the order of the batch's column nodes and buffers, for what arrow would
+/// panic on: a fixed-size list whose `length × size` overflows, an offsets or values buffer
+/// whose length is not a whole number of its elements. Only the column types Loupe writes are
+/// accepted (its readers check the exact schema afterwards).
+fn check_columns<'a>(
     fields: &Fields,
     nodes: &mut impl Iterator<Item = &'a arrow_ipc::FieldNode>,
+    buffers: &mut impl Iterator<Item = &'a arrow_ipc::Buffer>,
 ) -> Result<()> {
     for field in fields {
+        let name = field.name();
         let node = nodes.next().ok_or_else(|| anyhow!("fewer column nodes than columns"))?;
+        // Each buffer of this column, in order, with the width of its elements.
+        let mut expect = |widths: &[i64]| -> Result<()> {
+            for width in widths {
+                let buffer = buffers.next().ok_or_else(|| anyhow!("column {name} is missing buffers"))?;
+                if buffer.length() % width != 0 {
+                    bail!(
+                        "column {name} has a buffer of {} bytes, not of {width}-byte values",
+                        buffer.length()
+                    );
+                }
+            }
+            Ok(())
+        };
         match field.data_type() {
             DataType::FixedSizeList(child, size) => {
                 if *size < 0 || i64::from(*size).checked_mul(node.length()).is_none() {
-                    bail!("column {} has {} lists of {size} values", field.name(), node.length());
+                    bail!("column {name} has {} lists of {size} values", node.length());
                 }
-                check_fixed_size_lists(&Fields::from(vec![child.clone()]), nodes)?;
+                expect(&[1])?;
+                check_columns(&Fields::from(vec![child.clone()]), nodes, buffers)?;
             }
-            DataType::List(child) | DataType::LargeList(child) => {
-                check_fixed_size_lists(&Fields::from(vec![child.clone()]), nodes)?;
+            DataType::List(child) => {
+                expect(&[1, 4])?;
+                check_columns(&Fields::from(vec![child.clone()]), nodes, buffers)?;
             }
-            DataType::Struct(children) => check_fixed_size_lists(children, nodes)?,
-            other if other.is_nested() => {
-                bail!("column {} has a type Loupe never writes ({other})", field.name())
-            }
-            _ => {}
+            DataType::Utf8 => expect(&[1, 4, 1])?,
+            DataType::Boolean => expect(&[1, 1])?,
+            t if t.is_numeric() => expect(&[1, t.primitive_width().expect("numeric") as i64])?,
+            other => bail!("column {name} has a type Loupe never writes ({other})"),
         }
     }
     Ok(())

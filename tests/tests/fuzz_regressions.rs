@@ -37,12 +37,18 @@ fn arrow_files_that_panicked_the_arrow_decoder_are_errors() {
     let err = open_shard(dir.path(), &input[4..], spec, u64::from(u16::from_le_bytes([input[2], input[3]])));
     assert!(err.contains("lists of"), "{err}");
 
-    // features target: table, n_features, then the file (the vocabulary table, decoded by the
-    // same function as shards): a union column made arrow slice past a buffer.
-    let input = regression("features/union-column");
+    // features target: table, n_features, then the file (a table, decoded by the same function
+    // as shards): a union column made arrow slice past a buffer; a list's offsets
+    // buffer that was not a whole number of offsets failed an assertion in arrow.
     let spec = HookSpec { d: 4, dtype: DType::F32, grad: false };
-    let err = open_shard(dir.path(), &input[2..], spec, 0);
-    assert!(err.contains("a type Loupe never writes"), "{err}");
+    for (input, expected) in [
+        ("features/union-column", "a type Loupe never writes"),
+        ("features/list-offsets-partial-value", "not of 4-byte values"),
+    ] {
+        let input = regression(input);
+        let err = open_shard(dir.path(), &input[2..], spec, 0);
+        assert!(err.contains(expected), "{err}");
+    }
 }
 
 #[test]
