@@ -52,14 +52,19 @@ fn arrow_files_that_panicked_the_arrow_decoder_are_errors() {
 }
 
 #[test]
-fn gguf_tensors_candle_cannot_size_are_errors() {
+fn gguf_files_that_crashed_the_loader_are_errors() {
     // gguf target: the model file itself. A tensor whose dimensions multiply past usize (candle
-    // multiplies unchecked), and an empty one (candle views it through a misaligned pointer).
+    // multiplies unchecked), an empty one (candle views it through a misaligned pointer), and a
+    // block count of billions (a 10 GB `Vec::with_capacity`).
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.gguf");
-    for input in ["gguf/tensor-shape-overflow", "gguf/empty-tensor"] {
+    for (input, expected) in [
+        ("gguf/tensor-shape-overflow", "impossible shape"),
+        ("gguf/empty-tensor", "impossible shape"),
+        ("gguf/huge-block-count", "does not fit a file of"),
+    ] {
         std::fs::write(&path, regression(input)).unwrap();
         let err = format!("{:#}", loupe_trainer::model::load(&path).err().expect("the model loaded"));
-        assert!(err.contains("impossible shape"), "{input}: {err}");
+        assert!(err.contains(expected), "{input}: {err}");
     }
 }
