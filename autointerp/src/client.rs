@@ -148,7 +148,7 @@ impl Client {
         ] {
             if Duration::try_from_secs_f64(seconds).is_err() {
                 return Err(ClientError::Config(format!(
-                    "{key} = {seconds} is not a usable number of seconds"
+                    "{key} = {seconds:?} is not a usable number of seconds"
                 )));
             }
         }
@@ -353,7 +353,7 @@ mod tests {
         // `Duration::from_secs_f64`; a negative backoff would have at the first retry.
         let cases: [(fn(&mut ClientConfig), &str); 4] = [
             (|c| c.timeout_seconds = 1e300, "timeout_seconds = 1e300 is not a usable number of seconds"),
-            (|c| c.backoff_seconds = -1.0, "backoff_seconds = -1 is not a usable number of seconds"),
+            (|c| c.backoff_seconds = -1.0, "backoff_seconds = -1.0 is not a usable number of seconds"),
             (|c| c.backoff_max_seconds = f64::INFINITY, "backoff_max_seconds = inf is not a usable"),
             (|c| c.concurrency = usize::MAX, "is too large"),
         ];
