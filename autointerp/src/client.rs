@@ -351,7 +351,8 @@ mod tests {
     fn settings_that_would_panic_are_config_errors() {
         // Found by the llm_toml fuzz target: `timeout_seconds = 1e300` panicked in
         // `Duration::from_secs_f64`; a negative backoff would have at the first retry.
-        let cases: [(fn(&mut ClientConfig), &str); 4] = [
+        type Change = fn(&mut ClientConfig);
+        let cases: [(Change, &str); 4] = [
             (|c| c.timeout_seconds = 1e300, "timeout_seconds = 1e300 is not a usable number of seconds"),
             (|c| c.backoff_seconds = -1.0, "backoff_seconds = -1.0 is not a usable number of seconds"),
             (|c| c.backoff_max_seconds = f64::INFINITY, "backoff_max_seconds = inf is not a usable"),
