@@ -175,6 +175,21 @@ impl Client {
         if cfg.concurrency == 0 || !cfg.timeout_seconds.is_finite() || cfg.timeout_seconds <= 0.0 {
             return Err(ClientError::Config("concurrency and timeout_seconds must be positive".into()));
         }
+        // Each becomes a `Duration`, which panics on a negative or too large number.
+        for (key, seconds) in [
+            ("timeout_seconds", cfg.timeout_seconds),
+            ("backoff_seconds", cfg.backoff_seconds),
+            ("backoff_max_seconds", cfg.backoff_max_seconds),
+        ] {
+            if Duration::try_from_secs_f64(seconds).is_err() {
+                return Err(ClientError::Config(format!(
+                    "{key} = {seconds:?} is not a usable number of seconds"
+                )));
+            }
+        }
+        if cfg.concurrency > Semaphore::MAX_PERMITS {
+            return Err(ClientError::Config(format!("concurrency = {} is too large", cfg.concurrency)));
+        }
         let key = match &cfg.api_key_env {
             Some(var) => Some(std::env::var(var).map_err(|_| {
                 ClientError::Config(format!("the environment variable {var} (api_key_env) is not set"))
@@ -497,4 +512,29 @@ pub fn parse(text: &str) -> Result<ChatResponse, String> {
         });
     let finish_reason = choice.get("finish_reason").and_then(|f| f.as_str()).map(str::to_string);
     Ok(ChatResponse { text: content.to_string(), usage, logprobs, attempts: 0, finish_reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_that_would_panic_are_config_errors() {
+        // Found by the llm_toml fuzz target: `timeout_seconds = 1e300` panicked in
+        // `Duration::from_secs_f64`; a negative backoff would have at the first retry.
+        type Change = fn(&mut ClientConfig);
+        let cases: [(Change, &str); 4] = [
+            (|c| c.timeout_seconds = 1e300, "timeout_seconds = 1e300 is not a usable number of seconds"),
+            (|c| c.backoff_seconds = -1.0, "backoff_seconds = -1.0 is not a usable number of seconds"),
+            (|c| c.backoff_max_seconds = f64::INFINITY, "backoff_max_seconds = inf is not a usable"),
+            (|c| c.concurrency = usize::MAX, "is too large"),
+        ];
+        for (change, expected) in cases {
+            let mut cfg = ClientConfig::new("http://127.0.0.1:1/v1", "m");
+            change(&mut cfg);
+            let err = Client::new(cfg).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+        assert!(Client::new(ClientConfig::new("http://127.0.0.1:1/v1", "m")).is_ok());
+    }
 }

@@ -17,6 +17,7 @@ use arrow_buffer::{Buffer, ScalarBuffer};
 use arrow_ipc::convert::try_fb_to_schema;
 use arrow_ipc::reader::{FileDecoder, read_footer_length};
 use arrow_ipc::root_as_footer;
+use arrow_schema::{DataType, Fields, Schema};
 use half::f16;
 use memmap2::Mmap;
 
@@ -259,7 +260,7 @@ impl Shard {
 /// Check the record batch message's buffer ranges and lengths before arrow-ipc decodes it: arrow
 /// slices buffers at the offsets the file claims and panics if they lie outside the block, so a
 /// corrupt byte there must become an error here instead.
-fn check_message(block: &[u8], meta_len: usize) -> Result<()> {
+fn check_message(block: &[u8], meta_len: usize, schema: &Schema) -> Result<()> {
     if meta_len < 8 || meta_len > block.len() {
         bail!("bad metadata length {meta_len}");
     }
@@ -281,9 +282,57 @@ fn check_message(block: &[u8], meta_len: usize) -> Result<()> {
             bail!("buffer [{offset}, +{len}) lies outside the record batch body ({body_len} bytes)");
         }
     }
-    for node in batch.nodes().into_iter().flatten() {
+    let nodes = batch.nodes().ok_or_else(|| anyhow!("record batch lists no columns"))?;
+    for node in nodes {
         if node.length() < 0 || node.null_count() < 0 || node.null_count() > node.length() {
             bail!("bad column length {} or null count {}", node.length(), node.null_count());
+        }
+    }
+    let buffers = batch.buffers().ok_or_else(|| anyhow!("record batch lists no buffers"))?;
+    check_columns(schema.fields(), &mut nodes.iter(), &mut buffers.iter())
+}
+
+/// Walk the schema in the order of the batch's column nodes and buffers, for what arrow would
+/// panic on: a fixed-size list whose `length × size` overflows, an offsets or values buffer
+/// whose length is not a whole number of its elements. Only the column types Loupe writes are
+/// accepted (its readers check the exact schema afterwards).
+fn check_columns<'a>(
+    fields: &Fields,
+    nodes: &mut impl Iterator<Item = &'a arrow_ipc::FieldNode>,
+    buffers: &mut impl Iterator<Item = &'a arrow_ipc::Buffer>,
+) -> Result<()> {
+    for field in fields {
+        let name = field.name();
+        let node = nodes.next().ok_or_else(|| anyhow!("fewer column nodes than columns"))?;
+        // Each buffer of this column, in order, with the width of its elements.
+        let mut expect = |widths: &[i64]| -> Result<()> {
+            for width in widths {
+                let buffer = buffers.next().ok_or_else(|| anyhow!("column {name} is missing buffers"))?;
+                if buffer.length() % width != 0 {
+                    bail!(
+                        "column {name} has a buffer of {} bytes, not of {width}-byte values",
+                        buffer.length()
+                    );
+                }
+            }
+            Ok(())
+        };
+        match field.data_type() {
+            DataType::FixedSizeList(child, size) => {
+                if *size < 0 || i64::from(*size).checked_mul(node.length()).is_none() {
+                    bail!("column {name} has {} lists of {size} values", node.length());
+                }
+                expect(&[1])?;
+                check_columns(&Fields::from(vec![child.clone()]), nodes, buffers)?;
+            }
+            DataType::List(child) => {
+                expect(&[1, 4])?;
+                check_columns(&Fields::from(vec![child.clone()]), nodes, buffers)?;
+            }
+            DataType::Utf8 => expect(&[1, 4, 1])?,
+            DataType::Boolean => expect(&[1, 1])?,
+            t if t.is_numeric() => expect(&[1, t.primitive_width().expect("numeric") as i64])?,
+            other => bail!("column {name} has a type Loupe never writes ({other})"),
         }
     }
     Ok(())
@@ -309,8 +358,8 @@ pub(crate) fn decode_single_batch(map: &Arc<Mmap>) -> Result<RecordBatch> {
     let footer = root_as_footer(&buffer[len - 10 - footer_len..len - 10])
         .map_err(|e| anyhow!("unreadable footer: {e}"))?;
     let schema = footer.schema().ok_or_else(|| anyhow!("footer has no schema"))?;
-    let decoder =
-        FileDecoder::new(Arc::new(try_fb_to_schema(schema)?), footer.version()).with_require_alignment(true);
+    let schema = Arc::new(try_fb_to_schema(schema)?);
+    let decoder = FileDecoder::new(schema.clone(), footer.version()).with_require_alignment(true);
     let blocks = footer.recordBatches().ok_or_else(|| anyhow!("footer lists no record batches"))?;
     if blocks.len() != 1 {
         bail!("expected exactly one record batch, found {}", blocks.len());
@@ -326,6 +375,6 @@ pub(crate) fn decode_single_batch(map: &Arc<Mmap>) -> Result<RecordBatch> {
         bail!("record batch block [{start}, +{block_len}) lies outside the file");
     }
     let data = buffer.slice_with_length(start, block_len);
-    check_message(&data, block.metaDataLength() as usize)?;
+    check_message(&data, block.metaDataLength() as usize, &schema)?;
     decoder.read_record_batch(block, &data)?.ok_or_else(|| anyhow!("record batch block is empty"))
 }

@@ -92,6 +92,14 @@ impl Gemma3 {
         let n_layers = file.u32("gemma3.block_count")? as usize;
         let d_model = file.u32("gemma3.embedding_length")? as usize;
         let n_heads = file.u32("gemma3.attention.head_count")? as usize;
+        // Checked before anything is sized from them: every layer has tensors of its own.
+        if n_layers == 0 || n_layers > file.tensor_names().len() || n_heads == 0 {
+            bail!(
+                "{}: gemma3.block_count {n_layers} or attention.head_count {n_heads} does not fit a file of {} tensors",
+                file.path().display(),
+                file.tensor_names().len()
+            );
+        }
         let d_head = if file.has("gemma3.attention.key_length") {
             file.u32("gemma3.attention.key_length")? as usize
         } else {

@@ -120,8 +120,19 @@ impl Gguf {
 
     /// Read and dequantize a tensor to f32 (shape in PyTorch order, e.g. `[out, in]`).
     pub fn tensor(&mut self, name: &str, device: &Device) -> Result<Tensor> {
-        if !self.content.tensor_infos.contains_key(name) {
+        let Some(info) = self.content.tensor_infos.get(name) else {
             bail!("{}: GGUF has no tensor {name}", self.path.display());
+        };
+        // candle sizes the tensor with unchecked products, and views an empty one through a
+        // misaligned pointer: refuse both shapes first (it checks the size against the file).
+        let dims = info.shape.dims();
+        let dtype = info.ggml_dtype;
+        let bytes = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|elems| (elems / dtype.block_size()).checked_mul(dtype.type_size()));
+        if bytes.is_none_or(|b| b == 0) {
+            bail!("{}: tensor {name} has an impossible shape {dims:?} (corrupt file?)", self.path.display());
         }
         let q = self.content.tensor(&mut self.reader, name, device).map_err(|e| {
             anyhow!("{}: cannot read tensor {name}: {e} (truncated or corrupt file?)", self.path.display())
@@ -134,5 +145,45 @@ impl Gguf {
             )
         })?;
         Ok(t.to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+
+    use super::*;
+
+    /// A GGUF with one `[4, 32]` F32 tensor whose dimensions are then patched to `dims`.
+    fn with_dims(dims: [u64; 2]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let t = Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let arch = gguf_file::Value::String("gemma3".into());
+        let mut f = File::create(&path).unwrap();
+        gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("w", &q)]).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The tensor info: name length, "w", n_dims (2), then the dims (innermost first).
+        let at = bytes.windows(13).position(|w| w == b"\x01\0\0\0\0\0\0\0w\x02\0\0\0").unwrap() + 13;
+        bytes[at..at + 8].copy_from_slice(&dims[1].to_le_bytes());
+        bytes[at + 8..at + 16].copy_from_slice(&dims[0].to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn a_shape_whose_size_overflows_is_an_error() {
+        // Found by the gguf fuzz target: candle multiplied these dimensions unchecked.
+        let (_dir, path) = with_dims([1 << 32, 1 << 32]);
+        let mut file = Gguf::open(&path).unwrap();
+        let err = file.tensor("w", &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("tensor w has an impossible shape"), "{err}");
+        // Found next: an empty tensor, which candle viewed through a misaligned pointer.
+        let (_dir, path) = with_dims([0, 32]);
+        let err = Gguf::open(&path).unwrap().tensor("w", &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("tensor w has an impossible shape [0, 32]"), "{err}");
+        let (_dir, path) = with_dims([4, 32]);
+        assert_eq!(Gguf::open(&path).unwrap().tensor("w", &Device::Cpu).unwrap().dims(), [4, 32]);
     }
 }
