@@ -202,7 +202,8 @@ pub fn clear_leftovers(dir: &Path, ours: impl Fn(&str) -> bool) -> Result<()> {
 }
 
 /// Files this process has already checked against their listing: (path, size, checksum).
-static CHECKED: std::sync::Mutex<Vec<(PathBuf, u64, String)>> = std::sync::Mutex::new(Vec::new());
+type Checked = std::collections::HashSet<(PathBuf, u64, String)>;
+static CHECKED: std::sync::LazyLock<std::sync::Mutex<Checked>> = std::sync::LazyLock::new(Default::default);
 
 /// Check the bytes of a listed file (typically its memory mapping) against the size and xxh3
 /// its listing records, the first time this process reads it; later calls for the same file and
@@ -238,7 +239,7 @@ pub fn already_checked(path: &Path, listed_bytes: u64, listed_xxh3: &str) -> boo
 /// Record that the file at `path` passed its checks against this listing.
 pub fn mark_checked(path: &Path, listed_bytes: u64, listed_xxh3: &str) {
     let key = (path.to_path_buf(), listed_bytes, listed_xxh3.to_string());
-    CHECKED.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+    CHECKED.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
 }
 
 /// The size and checksum of `bytes` (the content of `path`) against its listing, every time.
