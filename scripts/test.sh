@@ -17,4 +17,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --release --workspace --bins --locked
 ./target/release/loupe fetch
 cargo test --release --workspace --locked
+# A short coverage-guided run of every fuzz target (README, "Fuzzing"): builds the instrumented
+# targets (their own workspace and target folder), then 10 s each; a crash fails the run.
+FUZZ_SECONDS=10 scripts/fuzz.sh
 echo "all checks passed"
