@@ -1,6 +1,7 @@
 //! Corpora: a JSONL file (one `{"text": …}` per line) or a plain text file, as
 //! `loupe capture --corpus` reads them (`Corpus::open`, then every document in order).
-//! The first byte picks the file kind and the first document to visit.
+//! The first byte picks the file kind (bit 0), whether a document's text is capped at 64 bytes as
+//! `--max-tokens` does (bit 1), and the first document to visit (the rest).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,8 +15,10 @@ fuzz_target!(|data: &[u8]| {
     put(&path, text);
     let Ok(corpus) = Corpus::open(&path) else { return };
     let mut seen = 0u64;
-    let _ = corpus.for_each(u32::from(first >> 1), |doc, done| {
+    let cap = (first & 2 != 0).then_some(64);
+    let _ = corpus.for_each(u32::from(first >> 2), cap, |doc, done| {
         seen += doc.text.len() as u64;
+        assert!(cap.is_none_or(|c| doc.text.len() as u64 <= c), "a capped document holds {} bytes", doc.text.len());
         assert!(done <= corpus.bytes() + 1, "read {done} bytes of a {}-byte corpus", corpus.bytes());
         Ok(true)
     });

@@ -2,7 +2,7 @@
 //! an analysis (`FeatureTables::open`, then every lookup of every feature). A store written by
 //! the store's own writer is the baseline; each input replaces one table: the first byte picks
 //! it (`loupe_fuzz::analysis::TABLES`), the second is the manifest's `n_features`, the rest is
-//! the file (listed in the manifest with its size).
+//! the file (listed in the manifest with its size and checksum).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -10,7 +10,6 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use loupe_fuzz::analysis::{self, DICT, TABLES};
 use loupe_fuzz::{put, scratch};
-use loupe_store::features::FEATURES_DIR;
 use loupe_store::store::MANIFEST_FILE;
 use loupe_store::{FeatureTables, Manifest, Store};
 
@@ -20,9 +19,10 @@ fn baseline() -> &'static (Manifest, Vec<Vec<u8>>) {
     BASE.get_or_init(|| {
         let root = scratch().join("store");
         let store = analysis::write(&root).expect("baseline analysis");
+        let entry = store.features(DICT).expect("baseline lists the analysis");
         let tables = TABLES
             .iter()
-            .map(|t| std::fs::read(root.join(FEATURES_DIR).join(DICT).join(t)).expect("baseline table"))
+            .map(|t| std::fs::read(root.join(&entry.find(t).expect("table listed").file)).expect("baseline table"))
             .collect();
         (store.manifest(), tables)
     })
@@ -33,13 +33,17 @@ fuzz_target!(|data: &[u8]| {
     let (manifest, originals) = baseline();
     let root = scratch().join("store");
     let i = *pick as usize % TABLES.len();
-    let rel = format!("{FEATURES_DIR}/{DICT}/{}", TABLES[i]);
     let mut manifest = manifest.clone();
     let entry = manifest.features.get_mut(DICT).expect("baseline lists the analysis");
     entry.n_features = u32::from(*n_features);
-    entry.files.iter_mut().find(|f| f.file == rel).expect("table listed").bytes = table.len() as u64;
-    put(&root.join(MANIFEST_FILE), manifest.to_json().as_bytes());
+    let listed = entry.files.iter_mut().find(|f| f.file.ends_with(&format!("/{}", TABLES[i]))).expect("table listed");
+    let rel = listed.file.clone();
     put(&root.join(&rel), table);
+    // The listing matches the bytes (an edited store whose checksums were updated), so the input
+    // reaches the decoder past the first-read checksum check.
+    listed.bytes = table.len() as u64;
+    listed.xxh3 = loupe_store::fsutil::file_xxh3(&root.join(&rel)).expect("hash the scratch file");
+    put(&root.join(MANIFEST_FILE), manifest.to_json().as_bytes());
 
     if let Ok(store) = Store::open(&root)
         && let Ok(tables) = FeatureTables::open(&store, DICT)

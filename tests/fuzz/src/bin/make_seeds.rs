@@ -11,7 +11,6 @@ use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use loupe_fuzz::analysis::{self, DICT, N_FEATURES, TABLES};
 use loupe_fuzz::join2;
-use loupe_store::features::FEATURES_DIR;
 use loupe_store::{DType, HookSpec};
 use loupe_trainer::dict::io::{SaeMeta, save_sae, save_state};
 use loupe_trainer::dict::monet::{Decomposition, Monet, MonetSpec};
@@ -52,7 +51,8 @@ fn store_seeds(out: &Path, tmp: &Path) -> Result<()> {
     let root = tmp.join("store");
     let store = analysis::write(&root)?;
     for (i, table) in TABLES.iter().enumerate() {
-        let bytes = std::fs::read(root.join(FEATURES_DIR).join(DICT).join(table))?;
+        let listed = store.features(DICT).and_then(|e| e.find(table).cloned()).context("table listed")?;
+        let bytes = std::fs::read(root.join(&listed.file))?;
         let mut input = vec![i as u8, N_FEATURES as u8];
         input.extend(bytes);
         seed(out, "features", table, &input)?;
