@@ -15,8 +15,9 @@ fn regression(rel: &str) -> Vec<u8> {
 fn open_shard(dir: &Path, file: &[u8], spec: HookSpec, rows: u64) -> String {
     let path: PathBuf = dir.join("shard-000000.arrow");
     std::fs::write(&path, file).unwrap();
-    let entry =
-        ShardEntry { file: "shard-000000.arrow".into(), rows, bytes: file.len() as u64, xxh3: String::new() };
+    // Listed with its real checksum (as the target does), so that the input reaches the decoder.
+    let xxh3 = loupe_store::fsutil::file_xxh3(&path).unwrap();
+    let entry = ShardEntry { file: "shard-000000.arrow".into(), rows, bytes: file.len() as u64, xxh3 };
     match Shard::open(&path, &entry, &spec) {
         Ok(_) => panic!("the regression input opened as a shard"),
         Err(e) => format!("{e:#}"),
