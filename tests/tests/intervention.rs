@@ -101,9 +101,13 @@ fn steering_effects_match_their_own_explanations() {
         assert_eq!((s.scorer.as_str(), s.n_examples, s.example_rows.len()), ("intervention", 8, 4));
     }
 
-    // One feature alone has nothing to be compared with: a recorded failure, not a score.
+    // One feature alone has nothing to be compared with: a recorded failure, not a score; a run
+    // in which every record failed exits non-zero with one line saying why.
     let out = score(&["--redo"], "3");
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!out.status.success(), "a run that scored nothing succeeded");
+    let errors: Vec<String> =
+        stderr(&out).lines().filter(|l| l.starts_with("error: ")).map(str::to_string).collect();
+    assert!(errors.len() == 1 && errors[0].contains("at least two"), "{}", stderr(&out));
     let all = Store::open(&dir).unwrap().explanations("words").unwrap();
     let three = all.scores.iter().find(|s| s.feature_id == 3).unwrap();
     assert!(three.failure.as_deref().is_some_and(|f| f.contains("at least two")), "{three:?}");
