@@ -497,7 +497,15 @@ fn remove_old_checkpoints<F: Fit>(root: &Path, keep: Option<&str>) -> Result<()>
         .collect();
     let refs: Vec<&str> = old.iter().map(String::as_str).collect();
     loupe_store::fsutil::remove_files(root, &refs)?;
-    let _ = std::fs::remove_dir(root.join("checkpoints"));
+    // Folders a killed checkpoint left empty (its `.tmp` files were removed when the store was
+    // opened); `remove_dir` takes only empty ones.
+    let checkpoints = root.join("checkpoints");
+    for step in std::fs::read_dir(&checkpoints).into_iter().flatten().flatten() {
+        if keep.is_none_or(|k| step.path() != root.join(k)) {
+            let _ = std::fs::remove_dir(step.path());
+        }
+    }
+    let _ = std::fs::remove_dir(checkpoints);
     Ok(())
 }
 
