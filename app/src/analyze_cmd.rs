@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use loupe_trainer::analysis::{AnalyzeConfig, Rows, analyze};
+use loupe_analysis::features::{AnalyzeConfig, Rows, analyze};
 
 #[derive(clap::Args)]
 pub struct Args {

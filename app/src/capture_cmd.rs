@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
+use loupe_model::capture::{CaptureConfig, capture};
 use loupe_store::DType;
-use loupe_trainer::capture::{CaptureConfig, capture};
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -135,7 +135,7 @@ fn main() -> ExitCode {
         Command::Export(args) => export_cmd::run(&args),
         Command::Gui(args) => gui_cmd::run(&args),
         Command::Import { path, store, name, hook } => {
-            loupe_trainer::dict::import::import(&store, &path, name.as_deref(), hook.as_deref()).map(|name| {
+            loupe_dict::import::import(&store, &path, name.as_deref(), hook.as_deref()).map(|name| {
                 println!("imported {} into {} as dictionary {name}", path.display(), store.display());
             })
         }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::io::Read;
 
 use anyhow::{Context, Result, bail};
-use loupe_trainer::tokenizer::Tokenizer;
+use loupe_model::tokenizer::Tokenizer;
 
 use crate::fetch;
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use loupe_trainer::dict::job::{self, Fit, Job};
+use loupe_dict::job::{self, Fit, Job};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;

@@ -3,9 +3,9 @@
 //! config — the same job, checkpoints, resume and evaluation as `train-sae`.
 
 use anyhow::Result;
-use loupe_trainer::dict::job::Job;
-use loupe_trainer::dict::monet::train::{MonetTrainConfig, MonetTrainer};
-use loupe_trainer::dict::monet::{Decomposition, MonetSpec};
+use loupe_dict::job::Job;
+use loupe_dict::monet::train::{MonetTrainConfig, MonetTrainer};
+use loupe_dict::monet::{Decomposition, MonetSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::train_job::JobFlags;

@@ -2,9 +2,9 @@
 //! (`--config`; a flag given on the command line wins over the file).
 
 use anyhow::{Result, bail};
-use loupe_trainer::dict::job::Job;
-use loupe_trainer::dict::jumprelu::L0Penalty;
-use loupe_trainer::dict::{TrainConfig, Trainer, Variant};
+use loupe_dict::job::Job;
+use loupe_dict::jumprelu::L0Penalty;
+use loupe_dict::{TrainConfig, Trainer, Variant};
 use serde::{Deserialize, Serialize};
 
 use crate::train_job::JobFlags;
@@ -144,7 +144,7 @@ pub fn run(args: &Args) -> Result<()> {
         job.eval_tokens
     );
     let banner = match t.variant {
-        Variant::Topk => format!("{banner}\nselection: {}", loupe_trainer::dict::amx::describe()),
+        Variant::Topk => format!("{banner}\nselection: {}", loupe_dict::amx::describe()),
         _ => banner,
     };
     crate::train_job::run::<Trainer>(&job, banner, "L0")

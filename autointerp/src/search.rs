@@ -15,10 +15,10 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::Float32Type;
 use arrow_array::{Array, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
+use loupe_analysis::features::similar::{self, Index, IndexParams};
 use loupe_store::explanations::EXPLANATIONS_INDEX;
 use loupe_store::features::INDEX_DIR;
 use loupe_store::{Explanation, Explanations, Store, fsutil};
-use loupe_trainer::analysis::similar::{self, Index, IndexParams};
 use sha2::{Digest, Sha256};
 
 use crate::cache::hex;

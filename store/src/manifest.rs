@@ -131,7 +131,7 @@ pub struct Manifest {
     #[serde(default)]
     pub hooks: BTreeMap<String, HookEntry>,
     /// Settings and progress of the capture that filled `hooks`; opaque to the store (owned by
-    /// loupe-trainer's capture) but committed atomically with the shards it describes.
+    /// loupe-model's capture) but committed atomically with the shards it describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<serde_json::Value>,
     /// Dictionaries by name (`dictionaries/<name>/`).

@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
+use loupe_dict::io::{SaeMeta, save_sae};
+use loupe_dict::sae::SaeSpec;
+use loupe_dict::{Sae, Variant};
 use loupe_store::{DType, DictEntry, HookSpec, Store};
-use loupe_trainer::dict::io::{SaeMeta, save_sae};
-use loupe_trainer::dict::sae::SaeSpec;
-use loupe_trainer::dict::{Sae, Variant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -2,10 +2,10 @@
 //! activations (brute force over the planted values), quantile buckets hold what they claim,
 //! neighbours and co-occurring features are the planted ones; bad input gets one error line.
 
+use loupe_dict::io::SaeMeta;
 use loupe_store::{DictEntry, FeatureTables, Store};
 use loupe_tests::planted::{D, DOC_LEN, HOOK, N, commit_sae, planted_sae, planted_store, planted_values};
 use loupe_tests::{assert_one_error, loupe, stderr};
-use loupe_trainer::dict::io::SaeMeta;
 
 #[test]
 fn analysis_of_a_planted_dictionary_is_exact() {
@@ -30,14 +30,14 @@ fn analysis_of_a_planted_dictionary_is_exact() {
     let index_dir = dir.join(&graph.file).parent().unwrap().to_path_buf();
     assert_eq!(index_dir.parent().unwrap(), store.index_dir("sae"));
     // The index answers queries by direction: each decoder row finds itself first.
-    let index = loupe_trainer::analysis::similar::load(
+    let index = loupe_analysis::features::similar::load(
         &index_dir,
         "decoder",
-        loupe_trainer::analysis::similar::IndexParams::default(),
+        loupe_analysis::features::similar::IndexParams::default(),
     )
     .unwrap();
     let sae = planted_sae();
-    for (f, row) in loupe_trainer::analysis::similar::normalised(&sae.w_dec, D).iter().enumerate() {
+    for (f, row) in loupe_analysis::features::similar::normalised(&sae.w_dec, D).iter().enumerate() {
         assert_eq!(index.search(row, 2)[0].0, f);
     }
     for f in 0..N {
@@ -148,8 +148,8 @@ fn analysis_of_a_planted_dictionary_is_exact() {
 
 #[test]
 fn monet_experts_are_analysed_with_their_mean_output_as_direction() {
-    use loupe_trainer::dict::Dictionary;
-    use loupe_trainer::dict::monet::{Decomposition, Monet, MonetSpec};
+    use loupe_dict::Dictionary;
+    use loupe_dict::monet::{Decomposition, Monet, MonetSpec};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");
     let spec = MonetSpec {
@@ -164,13 +164,8 @@ fn monet_experts_are_analysed_with_their_mean_output_as_direction() {
     let monet = Monet::init(spec, 1).unwrap();
     {
         let store = planted_store(&dir, &planted_values());
-        loupe_trainer::dict::monet::io::save(
-            &monet,
-            &SaeMeta::default(),
-            None,
-            &store.dictionary_dir("monet"),
-        )
-        .unwrap();
+        loupe_dict::monet::io::save(&monet, &SaeMeta::default(), None, &store.dictionary_dir("monet"))
+            .unwrap();
         let entry = DictEntry {
             hook: HOOK.to_string(),
             output_hook: None,

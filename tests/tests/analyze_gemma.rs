@@ -2,11 +2,11 @@
 //! analysed on activations captured on the fly (into a temporary store that is then deleted),
 //! with token strings and logit effects from the model.
 
+use loupe_dict::sae::SaeSpec;
+use loupe_dict::{Sae, Variant};
 use loupe_store::{FeatureTables, Store};
 use loupe_tests::planted::commit_sae;
 use loupe_tests::{gemma_gguf, loupe, stderr};
-use loupe_trainer::dict::sae::SaeSpec;
-use loupe_trainer::dict::{Sae, Variant};
 
 #[test]
 fn a_missing_hook_is_captured_on_the_fly_with_token_strings_and_logit_effects() {

@@ -78,14 +78,42 @@ fn empty_and_binary_corpora_and_zero_counts_are_refused() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("captured 63 tokens"), "{:?}", out);
 }
 
-/// Peak resident memory (KiB) of the largest child this process has waited for.
-fn children_max_rss_kib() -> i64 {
-    // SAFETY: getrusage only writes into the struct it is given.
-    unsafe {
+/// Runs `command` to the end and returns its output with its own peak resident memory (KiB).
+///
+/// `wait4` reports the one child it reaps; `getrusage(RUSAGE_CHILDREN)` would report the largest
+/// child of the whole test binary, which runs many other tests' commands.
+fn output_and_max_rss_kib(mut command: Command) -> (std::process::Output, i64) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut out_pipe = child.stdout.take().unwrap();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        out_pipe.read_to_end(&mut buf).unwrap();
+        buf
+    });
+    let mut stderr_bytes = Vec::new();
+    err_pipe.read_to_end(&mut stderr_bytes).unwrap();
+    let stdout_bytes = reader.join().unwrap();
+    let mut status = 0;
+    // SAFETY: wait4 reaps the child we spawned and only writes into the two values it is given;
+    // `child` is not waited on again.
+    let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
-        assert_eq!(libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage), 0);
-        usage.ru_maxrss
-    }
+        assert_eq!(
+            libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage),
+            child.id() as libc::pid_t
+        );
+        usage
+    };
+    let output = std::process::Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: stdout_bytes,
+        stderr: stderr_bytes,
+    };
+    (output, usage.ru_maxrss)
 }
 
 #[test]
@@ -105,7 +133,9 @@ fn one_huge_jsonl_line_costs_only_what_max_tokens_uses() {
     }
     let store = tmp.path().join("store");
     let args = capture_args(&model, &corpus, &store, &["--max-tokens", "300"]);
-    let out = Command::new(loupe_bin()).args(&args).output().unwrap();
+    let mut command = Command::new(loupe_bin());
+    command.args(&args);
+    let (out, max_rss_kib) = output_and_max_rss_kib(command);
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     // 300 tokens, rounded up to a whole batch of 2 contexts of 16.
@@ -113,7 +143,7 @@ fn one_huge_jsonl_line_costs_only_what_max_tokens_uses() {
     // The capture reads 64 KiB of the line at most (11 KiB to tokenize for the run, 64 KiB to see
     // that the corpus has text); a reader that reads the line whole holds 50 MiB twice over (the
     // raw line and its decoded text), and tokenizing it all took 7.2 GB with Gemma.
-    let peak_mib = children_max_rss_kib() / 1024;
+    let peak_mib = max_rss_kib / 1024;
     println!("peak RSS of capture: {peak_mib} MiB for a {} MiB line", line_bytes >> 20);
     assert!(peak_mib < 64, "capture of 300 tokens from a 50 MiB line peaked at {peak_mib} MiB");
 

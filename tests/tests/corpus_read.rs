@@ -1,8 +1,8 @@
-//! Reading corpora (`loupe_trainer::corpus`): JSONL lines parsed as they are read (escapes,
+//! Reading corpora (`loupe_model::corpus`): JSONL lines parsed as they are read (escapes,
 //! nested fields, CRLF, a line that is not UTF-8 skipped, malformed lines named), a byte cap that
 //! never cuts a character, and a content hash that sees an edit keeping every size.
 
-use loupe_trainer::corpus::{Corpus, Skipped};
+use loupe_model::corpus::{Corpus, Skipped};
 
 fn texts(corpus: &Corpus, cap: Option<u64>) -> (Vec<(u32, String)>, Skipped) {
     let mut docs = Vec::new();

@@ -65,7 +65,7 @@ fn gguf_files_that_crashed_the_loader_are_errors() {
         ("gguf/huge-block-count", "does not fit a file of"),
     ] {
         std::fs::write(&path, regression(input)).unwrap();
-        let err = format!("{:#}", loupe_trainer::model::load(&path).err().expect("the model loaded"));
+        let err = format!("{:#}", loupe_model::load(&path).err().expect("the model loaded"));
         assert!(err.contains(expected), "{input}: {err}");
     }
 }

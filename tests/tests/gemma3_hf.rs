@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
+use loupe_model::{self as model, Hooks, gguf::Gguf};
 use loupe_tests::{fixture, gemma_gguf};
-use loupe_trainer::model::{self, Hooks, gguf::Gguf};
 
 fn hf_name(gguf: &str) -> (String, bool) {
     if gguf == "token_embd.weight" {

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use loupe_model::{self as model, Hooks, next_token_loss};
 use loupe_tests::{fixture, gemma_gguf};
-use loupe_trainer::model::{self, Hooks, next_token_loss};
 
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("gemma3/forward.safetensors"), &Device::Cpu).unwrap()
@@ -122,7 +122,7 @@ fn mary_is_the_top_prediction() {
     // transformers gives p(" Mary") ≈ 0.85 here (tests/fixtures/README.md).
     let path = gemma_gguf();
     let model = model::load(&path).unwrap();
-    let tokenizer = loupe_trainer::tokenizer::Tokenizer::load(&path).unwrap();
+    let tokenizer = loupe_model::tokenizer::Tokenizer::load(&path).unwrap();
     let ids = tokenizer.encode("When Mary and John went to the store, John gave a drink to", true).unwrap();
     let tokens = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let logits = model.forward(&tokens, &mut Hooks::new()).unwrap().unwrap();

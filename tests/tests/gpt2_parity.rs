@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use loupe_model::{self as model, HookedModel, Hooks, next_token_loss};
 use loupe_tests::fixture;
-use loupe_trainer::model::{self, HookedModel, Hooks, next_token_loss};
 
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("gpt2-tiny/reference.safetensors"), &Device::Cpu).unwrap()

@@ -12,11 +12,11 @@ use egui::accesskit::Role;
 use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::{Harness, SnapshotOptions};
 use loupe_app::gui::{LoupeApp, Options};
+use loupe_dict::sae::SaeSpec;
+use loupe_dict::{Sae, Variant};
 use loupe_store::Store;
 use loupe_tests::planted::commit_sae;
 use loupe_tests::{gemma_gguf, loupe, minilm_dir, stderr};
-use loupe_trainer::dict::sae::SaeSpec;
-use loupe_trainer::dict::{Sae, Variant};
 
 const DICT: &str = "l3";
 const HOOK: &str = "blocks.3.hook_resid_post";

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use loupe_model::{self as model, HookedModel, Hooks, Intervention};
 use loupe_tests::fixture;
-use loupe_trainer::model::{self, HookedModel, Hooks, Intervention};
 
 fn setup() -> (Box<dyn HookedModel>, Tensor, Tensor) {
     let model = model::load(&fixture("gpt2-tiny")).unwrap();

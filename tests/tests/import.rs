@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 
+use loupe_dict::Dictionary;
+use loupe_dict::io::load_sae;
 use loupe_store::{DType, HookSpec, Store};
 use loupe_tests::{loupe, stderr};
-use loupe_trainer::dict::Dictionary;
-use loupe_trainer::dict::io::load_sae;
 use safetensors::{Dtype, tensor::TensorView};
 
 const HOOK: &str = "blocks.0.hook_resid_post";

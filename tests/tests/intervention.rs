@@ -2,12 +2,12 @@
 //! unembedding rows of chosen words, explained as those words, must be matched to their own
 //! steering effects far better than chance; a feature count of one is a recorded failure.
 
+use loupe_dict::sae::SaeSpec;
+use loupe_dict::{Sae, Variant};
+use loupe_model::tokenizer::Tokenizer;
 use loupe_store::{Explanation, Explanations, Store};
 use loupe_tests::planted::commit_sae;
 use loupe_tests::{gemma_gguf, loupe, minilm_dir, stderr};
-use loupe_trainer::dict::sae::SaeSpec;
-use loupe_trainer::dict::{Sae, Variant};
-use loupe_trainer::tokenizer::Tokenizer;
 
 const WORDS: [&str; 8] = [" whale", " river", " castle", " music", " doctor", " green", " bread", " winter"];
 
@@ -39,7 +39,7 @@ fn steering_effects_match_their_own_explanations() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     // Decoder rows: the unembedding (tied embedding) rows of the words, unit norm.
-    let model = loupe_trainer::model::load(&m).unwrap();
+    let model = loupe_model::load(&m).unwrap();
     let tokenizer = Tokenizer::load(&m).unwrap();
     let unembed = model.unembedding().unwrap();
     // A ReLU SAE whose encoder reads nothing and whose bias is 1: every feature fires with

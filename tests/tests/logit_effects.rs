@@ -3,10 +3,10 @@
 //! LayerNorm, its bias), so the promoted tokens of a direction are what the model would predict.
 
 use candle_core::{D, DType, Device, Tensor};
+use loupe_analysis::features::logits::logit_effects;
+use loupe_model::tokenizer::Tokenizer;
+use loupe_model::{self as model, HookedModel, Hooks};
 use loupe_tests::{fixture, gemma_gguf};
-use loupe_trainer::analysis::logits::logit_effects;
-use loupe_trainer::model::{self, HookedModel, Hooks};
-use loupe_trainer::tokenizer::Tokenizer;
 
 /// The last block's output and the logits at every position of `ids`.
 fn run(model: &dyn HookedModel, ids: &[u32], hook: &str) -> (Tensor, Tensor) {

@@ -6,10 +6,10 @@
 
 use std::path::Path;
 
+use loupe_dict::io::load_sae;
+use loupe_dict::{Dictionary, Sae};
 use loupe_store::{DType, HookSpec, ModelInfo, Store};
 use loupe_tests::{assert_one_error, fixture, loupe, stderr, write_synthetic};
-use loupe_trainer::dict::io::load_sae;
-use loupe_trainer::dict::{Dictionary, Sae};
 use serde_json::{Value, json};
 
 const HOOK: &str = "blocks.6.hook_resid_post";

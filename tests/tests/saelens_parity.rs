@@ -9,10 +9,10 @@
 
 use std::collections::BTreeSet;
 
+use loupe_dict::io::{SaeMeta, load_sae, save_sae, transpose};
+use loupe_dict::sae::SaeSpec;
+use loupe_dict::{Dictionary, Sae, Variant};
 use loupe_tests::fixture;
-use loupe_trainer::dict::io::{SaeMeta, load_sae, save_sae, transpose};
-use loupe_trainer::dict::sae::SaeSpec;
-use loupe_trainer::dict::{Dictionary, Sae, Variant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;

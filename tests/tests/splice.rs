@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use loupe_trainer::dict::splice::{contexts_from_rows, eval_splice};
-use loupe_trainer::dict::{Codes, Dictionary};
-use loupe_trainer::model;
+use loupe_dict::splice::{contexts_from_rows, eval_splice};
+use loupe_dict::{Codes, Dictionary};
+use loupe_model as model;
 
 /// A "dictionary" with one feature per dimension: `scale = 1` reconstructs exactly, 0 gives zeros.
 struct Scaled {

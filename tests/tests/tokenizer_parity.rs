@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use loupe_trainer::model::gguf::Gguf;
-use loupe_trainer::tokenizer::Tokenizer;
+use loupe_model::gguf::Gguf;
+use loupe_model::tokenizer::Tokenizer;
 use serde_json::Value;
 
 fn cache() -> PathBuf {

@@ -13,11 +13,11 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
+use loupe_analysis::features::{AnalyzeConfig, Rows, analyze, pass};
+use loupe_dict::io::{SaeMeta, save_sae};
+use loupe_dict::sae::SaeSpec;
+use loupe_dict::{Sae, Variant};
 use loupe_store::{DType, DictEntry, HookSpec, Store};
-use loupe_trainer::analysis::{AnalyzeConfig, Rows, analyze, pass};
-use loupe_trainer::dict::io::{SaeMeta, save_sae};
-use loupe_trainer::dict::sae::SaeSpec;
-use loupe_trainer::dict::{Sae, Variant};
 
 const HOOK: &str = "blocks.6.hook_resid_post";
 
@@ -79,7 +79,7 @@ pub fn run(args: &Args) -> Result<()> {
     cfg.rows = Rows::All;
     cfg.neighbours = 0; // the index is per feature, not per token: `bench similar`
     let store = Store::open(&dir)?;
-    let (_, dict) = loupe_trainer::dict::open_in_store(&store, "sae")?;
+    let (_, dict) = loupe_dict::open_in_store(&store, "sae")?;
     let acts = store.activations(HOOK)?;
     // Warm the page cache and the allocator once, untimed.
     pass::encode_only(&acts, 0..4096, dict.as_ref(), cfg.chunk)?;

@@ -17,8 +17,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use loupe_trainer::model::{self, HookedModel, Hooks, loss_gradients};
-use loupe_trainer::tokenizer::Tokenizer;
+use loupe_model::tokenizer::Tokenizer;
+use loupe_model::{self as model, HookedModel, Hooks, loss_gradients};
 use serde_json::Value;
 
 use crate::fetch;
@@ -150,7 +150,7 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// One batch as `loupe capture` runs it (`Runner::flush_batch` in trainer/src/capture.rs; keep the
+/// One batch as `loupe capture` runs it (`Runner::flush_batch` in trainer/model/src/capture.rs; keep the
 /// two in step): the activations at [`HOOK`] and, with `grads`, the gradient there of the summed
 /// next-token loss (by [`loss_gradients`], as capture does), both copied to host memory.
 fn capture_batch(

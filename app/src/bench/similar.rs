@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use loupe_trainer::analysis::similar::{Index, IndexParams, brute_force, normalised};
+use loupe_analysis::features::similar::{Index, IndexParams, brute_force, normalised};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -50,7 +50,7 @@ pub fn run(args: &Args) -> Result<()> {
             let store = loupe_store::Store::open(store)?;
             let mut vectors = Vec::new();
             for name in names.split(',') {
-                let (_, dict) = loupe_trainer::dict::open_in_store(&store, name)?;
+                let (_, dict) = loupe_dict::open_in_store(&store, name)?;
                 let dirs = dict
                     .decoder_directions()
                     .with_context(|| format!("{name}'s features have no fixed directions"))?;

@@ -11,9 +11,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use loupe_trainer::dict::monet::train::{MonetTrainConfig, MonetTrainer};
-use loupe_trainer::dict::monet::{Decomposition, MonetSpec};
-use loupe_trainer::dict::{TrainConfig, Trainer, Variant};
+use loupe_dict::monet::train::{MonetTrainConfig, MonetTrainer};
+use loupe_dict::monet::{Decomposition, MonetSpec};
+use loupe_dict::{TrainConfig, Trainer, Variant};
 
 use super::train_sae::synthetic;
 

@@ -12,7 +12,7 @@
 //!
 //! The limit set by the encoder GEMM is `rate / (2·d·n)` tokens/s, where `rate` is the FLOP/s of
 //! Loupe's GEMM at the training shape (`[batch, d] × [d, n]`), measured in this run. Where TopK
-//! selects on AMX (`loupe_trainer::dict::amx`), the f32 GEMM no longer bounds the step; the bench
+//! selects on AMX (`loupe_dict::amx`), the f32 GEMM no longer bounds the step; the bench
 //! then also measures the AMX bf16 products alone and reports the share of that limit.
 
 use std::path::Path;
@@ -20,10 +20,10 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use loupe_trainer::dict::amx;
-use loupe_trainer::dict::kernels::matmul_nt;
-use loupe_trainer::dict::train::{default_lr, sq_dist, total_variance};
-use loupe_trainer::dict::{Dictionary, TrainConfig, Trainer, Variant};
+use loupe_dict::amx;
+use loupe_dict::kernels::matmul_nt;
+use loupe_dict::train::{default_lr, sq_dist, total_variance};
+use loupe_dict::{Dictionary, TrainConfig, Trainer, Variant};
 use rand::distr::Distribution;
 use rand::distr::weighted::WeightedIndex;
 use rand::rngs::StdRng;
@@ -107,7 +107,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
 
     println!("timing Loupe ({} steps, {} untimed)", args.steps, args.warmup_steps);
-    println!("  selection: {}", loupe_trainer::dict::amx::describe());
+    println!("  selection: {}", loupe_dict::amx::describe());
     let mut start = Instant::now();
     let mut last = Default::default();
     for (step, x) in train.chunks(batch * d).enumerate() {

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow, bail};
 use candle_core::{D, Device, IndexOp, Tensor};
+use loupe_dict::{self as dict, Dictionary};
+use loupe_model::hooks::{Hooks, Intervention};
+use loupe_model::tokenizer::Tokenizer;
+use loupe_model::{self as model, HookedModel};
 use loupe_store::Store;
-use loupe_trainer::dict::{self, Dictionary};
-use loupe_trainer::model::hooks::{Hooks, Intervention};
-use loupe_trainer::model::{self, HookedModel};
-use loupe_trainer::tokenizer::Tokenizer;
 
 use super::jobs::Progress;
 

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use loupe_trainer::model::bert::Bert;
-use loupe_trainer::tokenizer::Tokenizer;
+use loupe_model::bert::Bert;
+use loupe_model::tokenizer::Tokenizer;
 
 use super::{Measured, metrics};
 use crate::examples::Sets;

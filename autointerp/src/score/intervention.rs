@@ -20,9 +20,9 @@ use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
 use candle_core::{D, Device, IndexOp, Tensor};
+use loupe_model::hooks::{Hooks, Intervention};
+use loupe_model::{self as model, HookedModel};
 use loupe_store::{FeatureTables, Store};
-use loupe_trainer::model::hooks::{Hooks, Intervention};
-use loupe_trainer::model::{self, HookedModel};
 use rand::SeedableRng;
 use rand::seq::IndexedRandom;
 
@@ -68,7 +68,7 @@ impl Steering {
             })?,
         };
         let model = model::load(&path)?;
-        let (entry, dictionary) = loupe_trainer::dict::open_in_store(store, dict)?;
+        let (entry, dictionary) = loupe_dict::open_in_store(store, dict)?;
         let directions = dictionary.decoder_directions().map(<[f32]>::to_vec);
         let d = entry.d_in as usize;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED);

@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use loupe_fuzz::{fresh_dir, put};
-use loupe_trainer::corpus::Corpus;
+use loupe_model::corpus::Corpus;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&first, text)) = data.split_first() else { return };

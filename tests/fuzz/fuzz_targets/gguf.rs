@@ -8,6 +8,6 @@ use loupe_fuzz::{put, scratch};
 fuzz_target!(|data: &[u8]| {
     let path = scratch().join("model.gguf");
     put(&path, data);
-    let _ = loupe_trainer::model::load(&path);
-    let _ = loupe_trainer::tokenizer::Tokenizer::load(&path);
+    let _ = loupe_model::load(&path);
+    let _ = loupe_model::tokenizer::Tokenizer::load(&path);
 });

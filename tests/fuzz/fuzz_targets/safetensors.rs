@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use loupe_fuzz::{fresh_dir, put, split2};
-use loupe_trainer::dict::{io, monet};
+use loupe_dict::{io, monet};
 
 /// (JSON file, weights file) of each layout.
 pub const LAYOUTS: [(&str, &str); 4] = [

@@ -12,11 +12,11 @@ use candle_core::{Device, Tensor};
 use loupe_fuzz::analysis::{self, DICT, N_FEATURES, TABLES};
 use loupe_fuzz::join2;
 use loupe_store::{DType, HookSpec};
-use loupe_trainer::dict::io::{SaeMeta, save_sae, save_state};
-use loupe_trainer::dict::monet::{Decomposition, Monet, MonetSpec};
-use loupe_trainer::dict::sae::SaeSpec;
-use loupe_trainer::dict::train::{Moments, TrainerState};
-use loupe_trainer::dict::{Sae, TrainConfig, Variant};
+use loupe_dict::io::{SaeMeta, save_sae, save_state};
+use loupe_dict::monet::{Decomposition, Monet, MonetSpec};
+use loupe_dict::sae::SaeSpec;
+use loupe_dict::train::{Moments, TrainerState};
+use loupe_dict::{Sae, TrainConfig, Variant};
 
 // Built with the targets' coverage flags, so it links libFuzzer for the coverage callbacks;
 // libFuzzer then wants the entry point a target defines (never called here).
@@ -183,7 +183,7 @@ fn dictionary_seeds(out: &Path, tmp: &Path) -> Result<()> {
         let dir = tmp.join(format!("monet-{name}"));
         let spec = MonetSpec { decomposition, d_in: 4, d_out: 4, experts: 3, heads: 2, topk: 1, dim: 2 };
         let monet = Monet::init(spec, 0)?;
-        loupe_trainer::dict::monet::io::save(&monet, &meta, None, &dir)?;
+        loupe_dict::monet::io::save(&monet, &meta, None, &dir)?;
         seed(
             out,
             "safetensors",
@@ -253,8 +253,8 @@ fn gguf_seeds(out: &Path, tmp: &Path) -> Result<()> {
         gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
         drop(f);
         // The seed must load: it is the path into the model and tokenizer code.
-        loupe_trainer::model::load(&path).with_context(|| format!("seed {name} does not load"))?;
-        loupe_trainer::tokenizer::Tokenizer::load(&path)
+        loupe_model::load(&path).with_context(|| format!("seed {name} does not load"))?;
+        loupe_model::tokenizer::Tokenizer::load(&path)
             .with_context(|| format!("seed {name}'s tokenizer"))?;
         seed(out, "gguf", name, &std::fs::read(&path)?)?;
     }

@@ -1,0 +1,272 @@
+//! Hook points: read, replace or differentiate any named activation of a forward pass.
+//!
+//! Models call [`Hooks::apply`] at every hook point (TransformerLens names, see DESIGN.md). A
+//! [`Hooks`] value says which points to cache, which to change ([`Intervention`]) and at which to
+//! take the gradient of a loss: there the activation is swapped for a fresh candle `Var`, so
+//! `loss.backward()` reaches it without computing any weight gradient (weights are not variables).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use candle_core::{Tensor, Var};
+
+/// A function applied to an activation by [`Intervention::Map`].
+pub type MapFn = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// A change made to an activation as it passes its hook point.
+#[derive(Clone)]
+pub enum Intervention {
+    /// Replace with this tensor (same shape). Patching from another run is `Replace` with a
+    /// tensor from that run's cache.
+    Replace(Tensor),
+    /// Add this tensor (broadcast), e.g. a feature's decoder direction times a strength.
+    Add(Tensor),
+    /// Set to zero.
+    Zero,
+    /// Zero these heads of a per-head activation `[batch, pos, head, d_head]`.
+    ZeroHeads(Vec<usize>),
+    /// Any function of the activation, e.g. a dictionary's reconstruction spliced in.
+    Map(MapFn),
+}
+
+impl Intervention {
+    fn apply(&self, x: Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Intervention::Replace(t) => {
+                if t.dims() != x.dims() {
+                    bail!("replacement has shape {:?}, the activation has {:?}", t.dims(), x.dims());
+                }
+                t.to_dtype(x.dtype())?
+            }
+            Intervention::Add(t) => x.broadcast_add(&t.to_dtype(x.dtype())?)?,
+            Intervention::Zero => x.zeros_like()?,
+            Intervention::ZeroHeads(heads) => {
+                let dims = x.dims();
+                if dims.len() != 4 {
+                    bail!("ZeroHeads needs a per-head activation [batch, pos, head, d_head], got {dims:?}");
+                }
+                let n = dims[2];
+                if let Some(h) = heads.iter().find(|&&h| h >= n) {
+                    bail!("head {h} does not exist (the layer has {n} heads)");
+                }
+                let keep: Vec<f32> = (0..n).map(|h| if heads.contains(&h) { 0.0 } else { 1.0 }).collect();
+                let keep = Tensor::from_vec(keep, (1, 1, n, 1), x.device())?.to_dtype(x.dtype())?;
+                x.broadcast_mul(&keep)?
+            }
+            Intervention::Map(f) => f(&x)?,
+        })
+    }
+}
+
+/// What to do at which hook points during one forward pass; holds the cache afterwards.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    capture: BTreeSet<String>,
+    interventions: BTreeMap<String, Vec<Intervention>>,
+    grad_at: BTreeSet<String>,
+    stop_after_layer: Option<usize>,
+    skip_unembed: bool,
+    cache: BTreeMap<String, Tensor>,
+    vars: BTreeMap<String, Var>,
+}
+
+impl Hooks {
+    pub fn new() -> Hooks {
+        Hooks::default()
+    }
+
+    /// Cache the activation at `hook`.
+    pub fn capture(mut self, hook: impl Into<String>) -> Hooks {
+        self.capture.insert(hook.into());
+        self
+    }
+
+    /// Change the activation at `hook` (interventions at one hook apply in the order added).
+    pub fn intervene(mut self, hook: impl Into<String>, intervention: Intervention) -> Hooks {
+        self.interventions.entry(hook.into()).or_default().push(intervention);
+        self
+    }
+
+    /// Make the activation at `hook` (after interventions) a gradient target; see [`Hooks::var`].
+    pub fn grad(mut self, hook: impl Into<String>) -> Hooks {
+        self.grad_at.insert(hook.into());
+        self
+    }
+
+    /// Stop the forward pass after block `layer` (no logits): for capture of early layers.
+    /// Ignored when a gradient is requested, since the loss needs the logits.
+    pub fn stop_after_layer(mut self, layer: usize) -> Hooks {
+        self.stop_after_layer = Some(layer);
+        self
+    }
+
+    /// Return the final normalized hidden state `[batch, seq, d_model]` instead of logits (the
+    /// chunked loss in [`crate::loss`] applies the unembedding itself).
+    pub fn skip_unembed(mut self) -> Hooks {
+        self.skip_unembed = true;
+        self
+    }
+
+    /// Whether the model should stop before the unembedding.
+    pub fn skips_unembed(&self) -> bool {
+        self.skip_unembed
+    }
+
+    /// Whether a gradient will be taken (models then use differentiable ops throughout).
+    pub fn wants_grad(&self) -> bool {
+        !self.grad_at.is_empty()
+    }
+
+    /// Whether block `layer` must run differentiable ops: a gradient is taken inside it or
+    /// upstream of it (at `hook_embed`, or at a hook of this or an earlier block that the block's
+    /// output depends on). Blocks before the first gradient hook may use the fast fused kernels.
+    pub fn diff_at(&self, layer: usize) -> bool {
+        self.grad_at.iter().any(|hook| match hook_layer(hook) {
+            // A block's own `hook_resid_post` is its output: only later blocks depend on it.
+            Some(l) if hook.ends_with(".hook_resid_post") => layer > l,
+            Some(l) => layer >= l,
+            None => hook == "hook_embed",
+        })
+    }
+
+    /// The layer after which the model may stop, if any.
+    pub fn stop_layer(&self) -> Option<usize> {
+        if self.wants_grad() { None } else { self.stop_after_layer }
+    }
+
+    /// Whether anything happens at `hook` (lets models skip computing optional activations).
+    pub fn is_active(&self, hook: &str) -> bool {
+        self.capture.contains(hook) || self.interventions.contains_key(hook) || self.grad_at.contains(hook)
+    }
+
+    /// Every hook this value refers to.
+    pub fn names(&self) -> BTreeSet<&str> {
+        self.capture
+            .iter()
+            .chain(self.interventions.keys())
+            .chain(&self.grad_at)
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// Check every named hook against the model's; an unknown name gets the nearest valid ones.
+    pub fn validate(&self, valid: &[String]) -> Result<()> {
+        for name in self.names() {
+            if !valid.iter().any(|v| v == name) {
+                let mut near: Vec<(usize, &String)> =
+                    valid.iter().map(|v| (edit_distance(name, v), v)).collect();
+                near.sort();
+                let near: Vec<&str> = near.iter().take(3).map(|(_, v)| v.as_str()).collect();
+                bail!("unknown hook {name:?}; nearest valid hooks: {}", near.join(", "));
+            }
+        }
+        Ok(())
+    }
+
+    /// Called by models at each hook point: intervene, cache, and mark as a gradient target.
+    pub fn apply(&mut self, hook: &str, mut x: Tensor) -> Result<Tensor> {
+        if let Some(list) = self.interventions.get(hook) {
+            for intervention in list {
+                x = intervention.apply(x).map_err(|e| anyhow::anyhow!("intervention at {hook}: {e:#}"))?;
+            }
+        }
+        if self.grad_at.contains(hook) {
+            let var = Var::from_tensor(&x.detach())?;
+            x = var.as_tensor().clone();
+            self.vars.insert(hook.to_string(), var);
+        }
+        if self.capture.contains(hook) || self.grad_at.contains(hook) {
+            self.cache.insert(hook.to_string(), x.clone());
+        }
+        Ok(x)
+    }
+
+    /// Cached activations of the last forward pass.
+    pub fn cache(&self) -> &BTreeMap<String, Tensor> {
+        &self.cache
+    }
+
+    /// The cached activation at `hook`.
+    pub fn get(&self, hook: &str) -> Result<&Tensor> {
+        match self.cache.get(hook) {
+            Some(t) => Ok(t),
+            None => bail!("hook {hook} was not captured in this forward pass"),
+        }
+    }
+
+    /// The gradient target at `hook`: pass `var.as_tensor()` to `GradStore::get`.
+    pub fn var(&self, hook: &str) -> Option<&Var> {
+        self.vars.get(hook)
+    }
+
+    /// Forget the cache and gradient targets (keep the configuration) before another pass.
+    pub fn clear(&mut self) {
+        self.cache.clear();
+        self.vars.clear();
+    }
+}
+
+/// The block of a `blocks.{L}.…` hook name.
+fn hook_layer(hook: &str) -> Option<usize> {
+    hook.strip_prefix("blocks.")?.split('.').next()?.parse().ok()
+}
+
+/// A model's hook names in forward order: `first`, then `blocks.{L}.{name}` for every block and
+/// every name in `per_block`, then `last`.
+pub fn hook_names(n_layers: usize, first: &[&str], per_block: &[&str], last: &[&str]) -> Vec<String> {
+    let blocks = (0..n_layers).flat_map(|i| per_block.iter().map(move |s| format!("blocks.{i}.{s}")));
+    first.iter().map(|s| s.to_string()).chain(blocks).chain(last.iter().map(|s| s.to_string())).collect()
+}
+
+/// Levenshtein distance, for "did you mean" suggestions (too small a need for a crate).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_hook_suggests_nearest() {
+        let valid: Vec<String> =
+            ["blocks.6.hook_resid_post", "blocks.6.hook_resid_pre", "blocks.5.hook_resid_post", "hook_embed"]
+                .map(String::from)
+                .to_vec();
+        let err = Hooks::new().capture("blocks.6.hook_resid_pots").validate(&valid).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(
+                "unknown hook \"blocks.6.hook_resid_pots\"; nearest valid hooks: blocks.6.hook_resid_post"
+            ),
+            "{msg}"
+        );
+        assert!(Hooks::new().capture("hook_embed").validate(&valid).is_ok());
+    }
+
+    #[test]
+    fn blocks_before_the_gradient_hook_are_not_differentiated() {
+        let at = |hook: &str| (0..4).map(|l| Hooks::new().grad(hook).diff_at(l)).collect::<Vec<_>>();
+        assert_eq!(at("blocks.1.hook_resid_post"), [false, false, true, true]);
+        assert_eq!(at("blocks.1.hook_resid_pre"), [false, true, true, true]);
+        assert_eq!(at("blocks.2.attn.hook_z"), [false, false, true, true]);
+        assert_eq!(at("hook_embed"), [true; 4]);
+        assert_eq!(at("ln_final.hook_normalized"), [false; 4]);
+        assert_eq!(
+            (0..4).map(|l| Hooks::new().capture("hook_embed").diff_at(l)).collect::<Vec<_>>(),
+            [false; 4]
+        );
+    }
+}
