@@ -13,6 +13,8 @@ use loupe_store::Store;
 
 use super::data::DictData;
 use super::jobs::{Loading, error_ui};
+use super::navigation::Item;
+use super::view::{View, ViewContext};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Sort {
@@ -169,8 +171,8 @@ impl FeatureList {
         });
     }
 
-    /// Draw the list; returns the feature clicked, if any.
-    pub fn ui(
+    /// Draw the list of `data`; returns the feature clicked, if any.
+    fn draw(
         &mut self,
         ui: &mut Ui,
         store: &Arc<Store>,
@@ -319,6 +321,19 @@ impl FeatureList {
             }
             ui.label(RichText::new("Explanation").strong());
         });
+    }
+}
+
+impl View for FeatureList {
+    fn title(&self) -> &str {
+        "Features"
+    }
+
+    fn ui(&mut self, ui: &mut Ui, cx: &mut ViewContext) {
+        let Some(data) = cx.dictionary(ui) else { return };
+        if let Some(feature) = self.draw(ui, cx.store, data, cx.current_feature()) {
+            cx.open(Item::Feature { dictionary: data.name.clone(), feature });
+        }
     }
 }
 
