@@ -78,44 +78,18 @@ fn empty_and_binary_corpora_and_zero_counts_are_refused() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("captured 63 tokens"), "{:?}", out);
 }
 
-/// Runs `command` to the end and returns its output with its own peak resident memory (KiB).
-///
-/// `wait4` reports the one child it reaps; `getrusage(RUSAGE_CHILDREN)` would report the largest
-/// child of the whole test binary, which runs many other tests' commands.
-fn output_and_max_rss_kib(mut command: Command) -> (std::process::Output, i64) {
-    use std::io::Read;
-    use std::os::unix::process::ExitStatusExt;
-    use std::process::Stdio;
-    // Reaped by the wait4 below, which std cannot see.
-    #[allow(clippy::zombie_processes)]
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut out_pipe = child.stdout.take().unwrap();
-    let mut err_pipe = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        out_pipe.read_to_end(&mut buf).unwrap();
-        buf
-    });
-    let mut stderr_bytes = Vec::new();
-    err_pipe.read_to_end(&mut stderr_bytes).unwrap();
-    let stdout_bytes = reader.join().unwrap();
-    let mut status = 0;
-    // SAFETY: wait4 reaps the child we spawned and only writes into the two values it is given;
-    // `child` is not waited on again.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        assert_eq!(
-            libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage),
-            child.id() as libc::pid_t
-        );
-        usage
-    };
-    let output = std::process::Output {
-        status: std::process::ExitStatus::from_raw(status),
-        stdout: stdout_bytes,
-        stderr: stderr_bytes,
-    };
-    (output, usage.ru_maxrss)
+/// Runs `loupe` with `args` to the end; returns its output and its own peak resident memory (KiB),
+/// measured by the small `peak_rss` process (see src/bin/peak_rss.rs for why not from here).
+fn loupe_output_and_max_rss_kib(args: &[String], dir: &Path) -> (std::process::Output, i64) {
+    let rss_file = dir.join("peak_rss_kib");
+    let out = Command::new(env!("CARGO_BIN_EXE_peak_rss"))
+        .arg(&rss_file)
+        .arg(loupe_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    let kib = std::fs::read_to_string(&rss_file).expect("peak_rss wrote its file").parse().unwrap();
+    (out, kib)
 }
 
 #[test]
@@ -135,9 +109,7 @@ fn one_huge_jsonl_line_costs_only_what_max_tokens_uses() {
     }
     let store = tmp.path().join("store");
     let args = capture_args(&model, &corpus, &store, &["--max-tokens", "300"]);
-    let mut command = Command::new(loupe_bin());
-    command.args(&args);
-    let (out, max_rss_kib) = output_and_max_rss_kib(command);
+    let (out, max_rss_kib) = loupe_output_and_max_rss_kib(&args, tmp.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     // 300 tokens, rounded up to a whole batch of 2 contexts of 16.
