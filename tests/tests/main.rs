@@ -21,6 +21,7 @@ mod gemma3_hf;
 mod gemma3_parity;
 mod gpt2_parity;
 mod gui;
+mod hook_shapes;
 mod hooks;
 mod import;
 mod intervention;
