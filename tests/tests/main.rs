@@ -28,6 +28,7 @@ mod intervention;
 mod kill_writer;
 mod logit_effects;
 mod monet;
+mod old_spellings;
 mod sae_train;
 mod saelens_import;
 mod saelens_parity;
