@@ -29,6 +29,7 @@ mod kill_writer;
 mod logit_effects;
 mod monet;
 mod old_spellings;
+mod progress;
 mod sae_train;
 mod saelens_import;
 mod saelens_parity;
