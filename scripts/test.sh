@@ -12,6 +12,7 @@ fi
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+scripts/check-layers.sh
 # Tests run in release: several run the real Gemma 3 270M. The CLI tests run the `loupe`
 # binary, so build every binary first; then fetch the defaults the model tests need.
 cargo build --release --workspace --bins --locked

@@ -23,7 +23,7 @@ pub struct Args {
     pub(crate) embedder: Option<PathBuf>,
     /// The view to show first.
     #[arg(long, value_enum)]
-    pub(crate) view: Option<gui::View>,
+    pub(crate) view: Option<gui::Tab>,
     /// A prompt to run in the prompt lab as soon as the dictionary is loaded.
     #[arg(long)]
     pub(crate) prompt: Option<String>,

@@ -86,6 +86,8 @@ fn output_and_max_rss_kib(mut command: Command) -> (std::process::Output, i64) {
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
     use std::process::Stdio;
+    // Reaped by the wait4 below, which std cannot see.
+    #[allow(clippy::zombie_processes)]
     let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut out_pipe = child.stdout.take().unwrap();
     let mut err_pipe = child.stderr.take().unwrap();

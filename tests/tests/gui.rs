@@ -223,6 +223,37 @@ fn a_missing_store_is_an_error_in_the_window() {
     assert!(has_label(&h, "Error:"));
 }
 
+/// Without a dictionary, or without its analysis, the app still draws every view, and each says
+/// what the store lacks and the command that makes it.
+#[test]
+fn views_say_what_the_store_lacks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let spec = loupe_store::HookSpec { d: 16, dtype: loupe_store::DType::F32, grad: false };
+    loupe_tests::write_synthetic(&Store::create(&dir).unwrap(), HOOK, spec, 2, 8, 16, 5);
+    let lacks = |message: &str| {
+        let app = LoupeApp::new(Options { store: dir.clone(), ..Options::default() });
+        let mut h = Harness::builder()
+            .with_size([1280.0, 800.0])
+            .build_ui_state(|ui, app: &mut LoupeApp| app.show(ui), app);
+        h.run_steps(3);
+        assert_eq!(h.state().error(), None);
+        assert!(!has_label(&h, "Error:"));
+        assert!(has_label(&h, message), "the feature list says {message:?}");
+        assert!(has_label(&h, "No feature open."), "the feature page draws");
+        h.get_by_label("Prompt lab").click();
+        h.run_steps(2);
+        assert!(has_label(&h, "Prompt lab") && has_label(&h, message), "the prompt lab says {message:?}");
+        h.get_by_label("Features").click();
+        h.run_steps(2);
+        assert!(has_label(&h, message));
+    };
+    lacks("no dictionary in this store: run `loupe train-sae`");
+    let sae = Sae::init(SaeSpec { variant: Variant::Topk, d_in: 16, n_features: 8, k: 2 }, 3);
+    commit_sae(&Store::open_rw(&dir).unwrap(), "sae", &sae, HOOK);
+    lacks("no analysed dictionary in this store: run `loupe analyze --dictionary sae`");
+}
+
 /// The planted store records no model, and its dictionary reads width 32: the prompt lab says so in
 /// the window, for each of the two problems, and the app goes on.
 #[test]
@@ -274,6 +305,24 @@ fn dictionaries_are_selectable() {
     assert!(has_label(&h, "of 32 features"), "the list shows its features");
     assert_eq!(h.state().current_feature(), None, "pages of the other dictionary are closed");
     assert!(has_label(&h, "none yet: run `loupe explain`") || has_label(&h, "Select a feature"));
+}
+
+/// Back after a switch of dictionary opens the page left in the other one, in its dictionary.
+#[test]
+fn back_returns_across_a_dictionary_switch() {
+    let mut h = harness(app());
+    wait_for(&mut h, "the dictionary and its explanations to load", |h| h.state().notes_loaded());
+    h.get_by_role_and_label(Role::Button, "feature 3").click();
+    h.run_steps(2);
+    h.get_by_label("Dictionary").click();
+    h.run_steps(2);
+    h.get_by_label("l3-small").click();
+    wait_for(&mut h, "the other dictionary to load", |h| has_label(h, "sae/topk · 32 features"));
+    assert_eq!(h.state().current_feature(), None);
+    h.get_by_label("« Back").click();
+    wait_for(&mut h, "the first dictionary to load again", |h| has_label(h, "sae/topk · 48 features"));
+    assert_eq!(h.state().current_feature(), Some(3));
+    assert!(has_label(&h, &format!("Feature 3 of {DICT}")));
 }
 
 /// `loupe gui` checks its arguments before it opens a window: one error line, non-zero exit.

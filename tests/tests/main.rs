@@ -6,6 +6,7 @@ mod analysis;
 mod analyze;
 mod analyze_gemma;
 mod autointerp;
+mod autointerp_client;
 mod autointerp_hostile;
 mod bad_input;
 mod bert_parity;

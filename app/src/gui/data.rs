@@ -168,11 +168,23 @@ impl DictData {
         self.scores().get(f as usize).copied().unwrap_or(f32::NAN)
     }
 
-    /// The explanation the list shows for feature `f`, if any.
-    pub fn explanation(&self, f: u32) -> Option<&str> {
+    /// The explanation the list shows for feature `f` (a successful one), if any.
+    fn shown(&self, f: u32) -> Option<&Explanation> {
         let notes = self.ready_notes()?;
         let i = *notes.shown.get(f as usize)?;
-        (i != NONE).then(|| notes.explanations[i as usize].explanation.as_deref()).flatten()
+        (i != NONE).then(|| &notes.explanations[i as usize])
+    }
+
+    /// The text of the explanation the list shows for feature `f`, if any, without the label its
+    /// explainer may open it with (that goes in a column of its own: [`DictData::explainer`]).
+    pub fn explanation(&self, f: u32) -> Option<&str> {
+        let e = self.shown(f)?;
+        e.explanation.as_deref().map(|text| without_label(text, &e.explainer))
+    }
+
+    /// The explainer of the explanation the list shows for feature `f`, if any.
+    pub fn explainer(&self, f: u32) -> Option<&str> {
+        self.shown(f).map(|e| e.explainer.as_str())
     }
 
     /// Every explanation of feature `f` with its scores.
@@ -189,6 +201,22 @@ impl DictData {
             })
             .collect()
     }
+}
+
+/// `text` without a leading label of its explainer, `<explainer> explainer[ (…)]: ` (the offline
+/// explainer opens every text with "offline explainer (token statistics): "), which would hide the
+/// text in a narrow column; other texts whole. No allocation: the list filters a million texts
+/// through it per keystroke.
+pub fn without_label<'a>(text: &'a str, explainer: &str) -> &'a str {
+    let label_end = || {
+        let rest = text.strip_prefix(explainer)?.strip_prefix(" explainer")?;
+        let rest = match rest.strip_prefix(" (") {
+            Some(r) => &r[r.find(')')? + 1..],
+            None => rest,
+        };
+        rest.strip_prefix(": ")
+    };
+    label_end().unwrap_or(text)
 }
 
 /// The dictionaries of `store` that have an analysis (what the app can show).
@@ -211,4 +239,25 @@ pub fn load_in_stages(
         done();
     });
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_label;
+
+    #[test]
+    fn only_the_explainers_own_label_is_taken_off() {
+        let offline = "offline explainer (token statistics): fires on \" whale\" (40%)";
+        assert_eq!(without_label(offline, "offline"), "fires on \" whale\" (40%)");
+        assert_eq!(without_label("delphi explainer: nouns", "delphi"), "nouns");
+        for (text, explainer) in [
+            (offline, "delphi"),
+            ("offline explainer (token statistics) fires", "offline"),
+            ("offline explainer (unclosed: x", "offline"),
+            ("Months of the year: names", "offline"),
+            ("", "offline"),
+        ] {
+            assert_eq!(without_label(text, explainer), text, "{text:?} by {explainer}");
+        }
+    }
 }

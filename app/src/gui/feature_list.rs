@@ -6,13 +6,15 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use egui::{Align, Layout, RichText, Ui};
+use egui::{Align, Layout, RichText, Ui, vec2};
 use loupe_autointerp::score::embedding::Embedder;
 use loupe_autointerp::search::Searcher;
 use loupe_store::Store;
 
 use super::data::DictData;
 use super::jobs::{Loading, error_ui};
+use super::navigation::Item;
+use super::view::{View, ViewContext};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Sort {
@@ -52,6 +54,8 @@ pub struct FeatureList {
 }
 
 const ROW: f32 = 20.0;
+/// Width of the explainer column, the last one.
+const EXPLAINER: f32 = 56.0;
 
 /// A semantic search's answer: the embedder and index it loaded (kept for the next query) and
 /// the `(feature, similarity)` hits, best first.
@@ -169,8 +173,8 @@ impl FeatureList {
         });
     }
 
-    /// Draw the list; returns the feature clicked, if any.
-    pub fn ui(
+    /// Draw the list of `data`; returns the feature clicked, if any.
+    fn draw(
         &mut self,
         ui: &mut Ui,
         store: &Arc<Store>,
@@ -317,8 +321,40 @@ impl FeatureList {
                     self.dirty = true;
                 }
             }
-            ui.label(RichText::new("Explanation").strong());
+            cell(ui, text_width(ui), |ui| {
+                ui.label(RichText::new("Explanation").strong());
+            });
+            cell(ui, EXPLAINER, |ui| {
+                ui.label(RichText::new("Explainer").strong().small());
+            });
         });
+    }
+}
+
+/// A cell of exactly `width` (the panel takes the width its rows use: a row narrower than the
+/// panel would shrink it frame by frame), its contents from the left.
+fn cell(ui: &mut Ui, width: f32, add_contents: impl FnOnce(&mut Ui)) {
+    ui.allocate_ui_with_layout(vec2(width, ROW), Layout::left_to_right(Align::Center), |ui| {
+        ui.set_width(width);
+        add_contents(ui);
+    });
+}
+
+/// The explanation column's width: what is left of the row but the explainer column.
+fn text_width(ui: &Ui) -> f32 {
+    (ui.available_width() - EXPLAINER - ui.spacing().item_spacing.x).max(0.0)
+}
+
+impl View for FeatureList {
+    fn title(&self) -> &str {
+        "Features"
+    }
+
+    fn ui(&mut self, ui: &mut Ui, cx: &mut ViewContext) {
+        let Some(data) = cx.dictionary(ui) else { return };
+        if let Some(feature) = self.draw(ui, cx.store, data, cx.current_feature()) {
+            cx.open(Item::Feature { dictionary: data.name.clone(), feature });
+        }
     }
 }
 
@@ -358,12 +394,17 @@ fn row(ui: &mut Ui, data: &DictData, f: u32, selected: bool, similarity: Option<
         ui.add_sized([70.0, ROW], egui::Label::new(format!("{max:.3}")));
         let score = if score.is_nan() { "–".into() } else { format!("{score:.2}") };
         ui.add_sized([50.0, ROW], egui::Label::new(score));
-        ui.with_layout(Layout::left_to_right(Align::Center), |ui| {
+        // The text first, then who wrote it.
+        cell(ui, text_width(ui), |ui| {
             if let Some(sim) = similarity {
                 ui.label(RichText::new(format!("{sim:.2}")).weak());
             }
             let text = data.explanation(f).unwrap_or("");
             ui.add(egui::Label::new(text).truncate());
+        });
+        cell(ui, EXPLAINER, |ui| {
+            let explainer = data.explainer(f).unwrap_or("");
+            ui.add(egui::Label::new(RichText::new(explainer).small().weak()).truncate());
         });
         open.clicked()
     })

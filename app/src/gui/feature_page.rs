@@ -11,7 +11,9 @@ use loupe_store::{Example, Explanation, FeatureRow, Score};
 
 use super::data::DictData;
 use super::jobs::error_ui;
+use super::navigation::Item;
 use super::tokens::tokens_ui;
+use super::view::{View, ViewContext};
 
 /// Examples shown per section.
 const TOP_SHOWN: usize = 12;
@@ -100,10 +102,33 @@ fn load(data: &DictData, f: u32) -> anyhow::Result<Content> {
     })
 }
 
+impl View for FeaturePage {
+    fn title(&self) -> &str {
+        "Feature"
+    }
+
+    /// The open feature's page (nothing open: a hint; its dictionary still loading: that).
+    fn ui(&mut self, ui: &mut Ui, cx: &mut ViewContext) {
+        if cx.current.is_none() && cx.dict.is_none() {
+            // The list beside says what the store lacks.
+            ui.label(RichText::new("No feature open.").weak());
+            return;
+        }
+        let Some(data) = cx.dictionary(ui) else { return };
+        let Some(f) = cx.current_feature() else {
+            ui.label("Select a feature in the list to open its page.");
+            return;
+        };
+        if let Some(feature) = self.draw(ui, data, f, cx.store_root) {
+            cx.open(Item::Feature { dictionary: data.name.clone(), feature });
+        }
+    }
+}
+
 impl FeaturePage {
     /// Draw feature `f` of `data`; returns a feature to open (a click on a similar or
     /// co-occurring feature).
-    pub fn ui(&mut self, ui: &mut Ui, data: &DictData, f: u32, store_root: &str) -> Option<u32> {
+    fn draw(&mut self, ui: &mut Ui, data: &DictData, f: u32, store_root: &str) -> Option<u32> {
         let stale = match &self.content {
             Some(Ok(c)) => c.dict != data.name || c.feature != f || c.with_notes != data.notes().is_some(),
             _ => true,

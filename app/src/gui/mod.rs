@@ -2,12 +2,14 @@
 //!
 //! Like rerun's viewer, the views read immutable store tables; heavy work (loading a dictionary's
 //! tables and explanations, semantic search, the model in the prompt lab) runs on background
-//! threads ([`jobs`]); lists lay out only their visible rows. One struct per view, each with a
-//! `ui` method that returns what the user asked to open; [`LoupeApp`] owns the navigation
-//! (views, dictionary, back/forward history) and is what both eframe and the egui_kittest tests
-//! drive.
+//! threads ([`jobs`]); lists lay out only their visible rows. Every view is a struct behind the
+//! [`view::View`] trait, drawn with a [`view::ViewContext`] (store, dictionary, live model, open
+//! item) into which it puts what the user asked to open, a [`navigation::Item`]; [`LoupeApp`]
+//! owns the tabs, the dictionary and the back/forward [`navigation::History`], and is what both
+//! eframe and the egui_kittest tests drive. Compute stays out of the views: `data.rs` and `lab.rs`
+//! hold no UI.
 //!
-//! Views: Features (list + page), Prompt lab. Heads and Circuits have their place in the
+//! Tabs: Features (list + page), Prompt lab. Heads and Circuits have their place in the
 //! navigation and are not built yet (they say so).
 
 pub mod data;
@@ -15,8 +17,10 @@ pub mod feature_list;
 pub mod feature_page;
 pub mod jobs;
 pub mod lab;
+pub mod navigation;
 pub mod prompt_lab;
 pub mod tokens;
+pub mod view;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,7 +33,9 @@ use data::DictData;
 use feature_list::FeatureList;
 use feature_page::FeaturePage;
 use jobs::{Loading, error_ui};
+use navigation::{History, Item};
 use prompt_lab::PromptLab;
+use view::{LiveModel, View, ViewContext};
 
 /// What `loupe gui` was asked to open.
 #[derive(Clone, Debug, Default)]
@@ -43,49 +49,19 @@ pub struct Options {
     pub model: Option<PathBuf>,
     /// The MiniLM folder for semantic search (None: no semantic search).
     pub embedder: Option<PathBuf>,
-    /// The view to show first.
-    pub view: Option<View>,
+    /// The tab to show first.
+    pub view: Option<Tab>,
     /// A prompt to put in the prompt lab and run as soon as the dictionary is loaded.
     pub prompt: Option<String>,
 }
 
+/// The tabs of the navigation bar (`loupe gui --view`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
-pub enum View {
+pub enum Tab {
     Features,
     PromptLab,
     Heads,
     Circuits,
-}
-
-/// Back/forward over the features opened in the current dictionary.
-#[derive(Default)]
-struct History {
-    back: Vec<u32>,
-    current: Option<u32>,
-    forward: Vec<u32>,
-}
-
-impl History {
-    fn open(&mut self, f: u32) {
-        if self.current == Some(f) {
-            return;
-        }
-        self.back.extend(self.current);
-        self.current = Some(f);
-        self.forward.clear();
-    }
-    fn back(&mut self) {
-        if let Some(f) = self.back.pop() {
-            self.forward.extend(self.current);
-            self.current = Some(f);
-        }
-    }
-    fn forward(&mut self) {
-        if let Some(f) = self.forward.pop() {
-            self.back.extend(self.current);
-            self.current = Some(f);
-        }
-    }
 }
 
 /// The whole app.
@@ -95,11 +71,12 @@ pub struct LoupeApp {
     dicts: Vec<String>,
     dict: Option<String>,
     data: Loading<Arc<DictData>>,
-    pub view: View,
+    pub tab: Tab,
     list: FeatureList,
     page: FeaturePage,
     lab: PromptLab,
-    history: History,
+    model: LiveModel,
+    history: History<Item>,
     /// The dictionary to load at the first frame.
     pending: Option<String>,
     open_at_start: Option<u32>,
@@ -113,26 +90,26 @@ impl LoupeApp {
         let store = Store::open(&options.store).map(Arc::new).map_err(|e| format!("{e:#}"));
         let dicts = store.as_ref().map(|s| data::analysed(s)).unwrap_or_default();
         let dict = options.dictionary.clone().or_else(|| dicts.first().cloned());
-        let mut app = LoupeApp {
+        let mut lab = PromptLab::default();
+        if let Some(p) = &options.prompt {
+            lab.text = p.clone();
+        }
+        LoupeApp {
             pending: dict,
             root: options.store.display().to_string(),
             dicts,
             dict: None,
             data: Loading::Idle,
-            view: View::Features,
+            tab: options.view.unwrap_or(Tab::Features),
             list: FeatureList::new(options.embedder.clone()),
             page: FeaturePage::default(),
-            lab: PromptLab::new(options.model.clone()),
+            lab,
+            model: LiveModel { path: options.model.clone(), ..LiveModel::default() },
             history: History::default(),
             open_at_start: options.feature,
             run_at_start: options.prompt.is_some(),
             store,
-        };
-        if let Some(p) = options.prompt {
-            app.lab.text = p;
         }
-        app.view = options.view.unwrap_or(View::Features);
-        app
     }
 
     /// The store could not be opened, or a dictionary failed to load: the message shown.
@@ -157,13 +134,16 @@ impl LoupeApp {
 
     /// The feature whose page is open.
     pub fn current_feature(&self) -> Option<u32> {
-        self.history.current
+        match self.history.current()? {
+            Item::Feature { feature, .. } => Some(*feature),
+        }
     }
 
     pub fn prompt_lab(&mut self) -> &mut PromptLab {
         &mut self.lab
     }
 
+    /// Start loading `dict` (nothing when it is the chosen one already).
     fn select(&mut self, ctx: &egui::Context, dict: String) {
         let Ok(store) = &self.store else { return };
         if self.dict.as_ref() == Some(&dict) {
@@ -174,13 +154,21 @@ impl LoupeApp {
             data::load_in_stages(store, &name, p, move || repaint.request_repaint())
         });
         self.dict = Some(dict);
-        self.history = History::default();
     }
 
-    /// Open feature `f`'s page (and the Features view).
+    /// Open feature `f` of the chosen dictionary (and the Features tab).
     pub fn open(&mut self, f: u32) {
-        self.history.open(f);
-        self.view = View::Features;
+        if let Some(dictionary) = self.dict.clone() {
+            self.open_item(Item::Feature { dictionary, feature: f });
+        }
+    }
+
+    /// Open `item` (and the tab that shows it; its dictionary loads at the next frame).
+    pub fn open_item(&mut self, item: Item) {
+        match &item {
+            Item::Feature { .. } => self.tab = Tab::Features,
+        }
+        self.history.open(item);
     }
 
     /// Draw one frame.
@@ -188,19 +176,21 @@ impl LoupeApp {
         if let Some(d) = self.pending.take() {
             self.select(ui.ctx(), d);
         }
-        if self.data.poll() {
-            if let (Some(f), Some(data)) = (self.open_at_start.take(), self.data.ready())
-                && (f as usize) < data.n_features()
-            {
-                self.history.open(f);
+        if self.data.poll()
+            && let Some(data) = self.data.ready().cloned()
+        {
+            if let Some(f) = self.open_at_start.take().filter(|&f| (f as usize) < data.n_features()) {
+                self.history.open(Item::Feature { dictionary: data.name.clone(), feature: f });
             }
-            if let (true, Ok(store), Some(data)) =
-                (std::mem::take(&mut self.run_at_start), &self.store, self.data.ready())
-            {
-                self.lab.start_run(ui.ctx(), store, &data.name);
+            if let (true, Ok(store)) = (std::mem::take(&mut self.run_at_start), &self.store) {
+                self.lab.start_run(ui.ctx(), store, &self.model, &data.name);
             }
         }
         egui::Panel::top("navigation").show(ui, |ui| self.navigation(ui));
+        // The open item may belong to another dictionary (back/forward across a switch).
+        if let Some(d) = self.history.current().map(|i| i.dictionary().to_string()) {
+            self.select(ui.ctx(), d);
+        }
         let store = match &self.store {
             Ok(s) => s.clone(),
             Err(e) => {
@@ -211,68 +201,60 @@ impl LoupeApp {
                 return;
             }
         };
-        let Some(data) = self.data.ready().cloned() else {
-            egui::CentralPanel::default().show(ui, |ui| {
-                if self.dicts.is_empty() {
-                    ui.label(
-                        "This store has no analysed dictionary yet: run `loupe analyze` (or `loupe demo`).",
-                    );
-                }
-                self.data.status_ui(ui);
-            });
-            return;
+        let data = self.data.ready().cloned();
+        let mut cx = ViewContext {
+            store: &store,
+            store_root: &self.root,
+            dict: data.as_deref(),
+            dict_loading: &self.data,
+            model: &self.model,
+            current: self.history.current(),
+            open: None,
         };
-        match self.view {
-            View::Features => {
-                let mut open = None;
+        match self.tab {
+            Tab::Features => {
+                let (list, page) = (&mut self.list, &mut self.page);
                 egui::Panel::left("feature list").resizable(true).default_size(560.0).show(ui, |ui| {
-                    open = self.list.ui(ui, &store, &data, self.history.current);
+                    // Keep the panel's width while the list has little to show (loading).
+                    ui.take_available_width();
+                    list.ui(ui, &mut cx);
                 });
-                egui::CentralPanel::default().show(ui, |ui| match self.history.current {
-                    Some(f) => open = open.or(self.page.ui(ui, &data, f, &self.root)),
-                    None => {
-                        ui.label("Select a feature in the list to open its page.");
-                    }
-                });
-                if let Some(f) = open {
-                    self.open(f);
-                }
+                egui::CentralPanel::default().show(ui, |ui| page.ui(ui, &mut cx));
             }
-            View::PromptLab => {
-                let mut open = None;
-                egui::CentralPanel::default().show(ui, |ui| {
-                    egui::ScrollArea::vertical().show(ui, |ui| open = self.lab.ui(ui, &store, &data));
-                });
-                if let Some(f) = open {
-                    self.open(f);
-                }
+            Tab::PromptLab => {
+                let lab = &mut self.lab;
+                egui::CentralPanel::default()
+                    .show(ui, |ui| egui::ScrollArea::vertical().show(ui, |ui| lab.ui(ui, &mut cx)));
             }
-            View::Heads | View::Circuits => {
+            Tab::Heads | Tab::Circuits => {
                 egui::CentralPanel::default().show(ui, |ui| {
                     ui.label("Not built yet: the heads and circuits views come with a later part of Loupe.");
                 });
             }
         }
+        if let Some(item) = cx.open {
+            self.open_item(item);
+        }
     }
 
     fn navigation(&mut self, ui: &mut Ui) {
         ui.horizontal(|ui| {
-            let back = ui.add_enabled(!self.history.back.is_empty(), egui::Button::new("« Back"));
+            let back = ui.add_enabled(self.history.can_go_back(), egui::Button::new("« Back"));
             if back.clicked() || ui.input(|i| i.modifiers.alt && i.key_pressed(egui::Key::ArrowLeft)) {
                 self.history.back();
-                self.view = View::Features;
+                self.tab = Tab::Features;
             }
-            let forward = ui.add_enabled(!self.history.forward.is_empty(), egui::Button::new("Forward »"));
+            let forward = ui.add_enabled(self.history.can_go_forward(), egui::Button::new("Forward »"));
             if forward.clicked() || ui.input(|i| i.modifiers.alt && i.key_pressed(egui::Key::ArrowRight)) {
                 self.history.forward();
-                self.view = View::Features;
+                self.tab = Tab::Features;
             }
             ui.separator();
-            for (view, name) in [(View::Features, "Features"), (View::PromptLab, "Prompt lab")] {
-                ui.selectable_value(&mut self.view, view, name);
+            for (tab, title) in [(Tab::Features, self.list.title()), (Tab::PromptLab, self.lab.title())] {
+                ui.selectable_value(&mut self.tab, tab, title);
             }
-            for (view, name) in [(View::Heads, "Heads"), (View::Circuits, "Circuits")] {
-                ui.add_enabled_ui(false, |ui| ui.selectable_value(&mut self.view, view, name))
+            for (tab, title) in [(Tab::Heads, "Heads"), (Tab::Circuits, "Circuits")] {
+                ui.add_enabled_ui(false, |ui| ui.selectable_value(&mut self.tab, tab, title))
                     .response
                     .on_disabled_hover_text("not built yet");
             }
@@ -290,7 +272,9 @@ impl LoupeApp {
                 })
                 .response
                 .labelled_by(label.id);
-            if let Some(d) = chosen {
+            // Another dictionary closes the page (Back opens it again, in its dictionary).
+            if let Some(d) = chosen.filter(|d| self.dict.as_ref() != Some(d)) {
+                self.history.close();
                 self.select(ui.ctx(), d);
             }
             if let Some(data) = self.data.ready() {
@@ -317,33 +301,4 @@ pub fn run(options: Options) -> Result<()> {
     };
     eframe::run_native("Loupe", native, Box::new(|_| Ok(Box::new(LoupeApp::new(options)))))
         .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::History;
-
-    #[test]
-    fn history_goes_back_and_forward_and_a_new_page_drops_the_forward_list() {
-        let mut h = History::default();
-        for f in [1, 2, 2, 3] {
-            h.open(f);
-        }
-        assert_eq!(
-            (h.back.clone(), h.current),
-            (vec![1, 2], Some(3)),
-            "reopening the current page adds nothing"
-        );
-        h.back();
-        h.back();
-        assert_eq!(h.current, Some(1));
-        h.back();
-        assert_eq!(h.current, Some(1), "nothing before the first page");
-        h.forward();
-        assert_eq!(h.current, Some(2));
-        h.open(5);
-        assert!(h.forward.is_empty());
-        h.back();
-        assert_eq!(h.current, Some(2));
-    }
 }

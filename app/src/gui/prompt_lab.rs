@@ -3,7 +3,6 @@
 //! distribution, and steer with a feature (its decoder direction added at the hook, strength in
 //! units of the prompt's mean activation norm there) to see how that distribution changes.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use egui::{RichText, Ui};
@@ -11,13 +10,13 @@ use loupe_store::Store;
 
 use super::data::DictData;
 use super::jobs::Loading;
-use super::lab::{Lab, Run, Steer};
+use super::lab::{Run, Steer};
+use super::navigation::Item;
 use super::tokens::{tokens_ui, visible};
+use super::view::{LiveModel, View, ViewContext};
 
 pub struct PromptLab {
     pub text: String,
-    lab: Lab,
-    model: Option<PathBuf>,
     run: Loading<Arc<Run>>,
     steer: Loading<Steer>,
     /// The token whose features are listed.
@@ -27,12 +26,10 @@ pub struct PromptLab {
     pub strength: f32,
 }
 
-impl PromptLab {
-    pub fn new(model: Option<PathBuf>) -> PromptLab {
+impl Default for PromptLab {
+    fn default() -> PromptLab {
         PromptLab {
             text: "When Mary and John went to the store, John gave a drink to".into(),
-            lab: Lab::default(),
-            model,
             run: Loading::Idle,
             steer: Loading::Idle,
             token: None,
@@ -40,26 +37,49 @@ impl PromptLab {
             strength: 0.5,
         }
     }
+}
 
-    pub fn start_run(&mut self, ctx: &egui::Context, store: &Arc<Store>, dict: &str) {
-        let (lab, store, model, dict, text) =
-            (self.lab.clone(), store.clone(), self.model.clone(), dict.to_string(), self.text.clone());
+impl View for PromptLab {
+    fn title(&self) -> &str {
+        "Prompt lab"
+    }
+
+    fn ui(&mut self, ui: &mut Ui, cx: &mut ViewContext) {
+        ui.heading("Prompt lab");
+        let Some(data) = cx.dictionary(ui) else { return };
+        if let Some(feature) = self.draw(ui, cx.store, cx.model, data) {
+            cx.open(Item::Feature { dictionary: data.name.clone(), feature });
+        }
+    }
+}
+
+impl PromptLab {
+    /// Run the prompt on `model` with dictionary `dict`, in the background.
+    pub fn start_run(&mut self, ctx: &egui::Context, store: &Arc<Store>, model: &LiveModel, dict: &str) {
+        let (model, store, dict, text) = (model.clone(), store.clone(), dict.to_string(), self.text.clone());
         self.run = Loading::start(ctx, "starting", move |p| {
-            Ok(Arc::new(lab.run(&store, model.as_ref(), &dict, &text, p)?))
+            Ok(Arc::new(model.lab.run(&store, model.path.as_ref(), &dict, &text, p)?))
         });
         self.steer = Loading::Idle;
         self.token = None;
     }
 
-    fn start_steer(&mut self, ctx: &egui::Context, store: &Arc<Store>, run: Arc<Run>, f: u32) {
-        let (lab, store, model, strength) =
-            (self.lab.clone(), store.clone(), self.model.clone(), self.strength);
-        self.steer =
-            Loading::start(ctx, "starting", move |p| lab.steer(&store, model.as_ref(), &run, f, strength, p));
+    fn start_steer(
+        &mut self,
+        ctx: &egui::Context,
+        store: &Arc<Store>,
+        model: &LiveModel,
+        run: Arc<Run>,
+        f: u32,
+    ) {
+        let (model, store, strength) = (model.clone(), store.clone(), self.strength);
+        self.steer = Loading::start(ctx, "starting", move |p| {
+            model.lab.steer(&store, model.path.as_ref(), &run, f, strength, p)
+        });
     }
 
-    /// Draw the lab; returns a feature to open.
-    pub fn ui(&mut self, ui: &mut Ui, store: &Arc<Store>, data: &DictData) -> Option<u32> {
+    /// Draw the lab over `data`; returns a feature to open.
+    fn draw(&mut self, ui: &mut Ui, store: &Arc<Store>, model: &LiveModel, data: &DictData) -> Option<u32> {
         if self.run.poll()
             && let Some(run) = self.run.ready()
         {
@@ -72,7 +92,6 @@ impl PromptLab {
         }
         self.steer.poll();
         let mut open = None;
-        ui.heading("Prompt lab");
         ui.label(
             RichText::new(format!(
                 "dictionary {} at {} · the model runs in the background",
@@ -86,7 +105,7 @@ impl PromptLab {
         ui.horizontal(|ui| {
             let running = self.run.is_running();
             if ui.add_enabled(!running, egui::Button::new("Run")).clicked() {
-                self.start_run(ui.ctx(), store, &data.name);
+                self.start_run(ui.ctx(), store, model, &data.name);
             }
             self.run.status_ui(ui);
         });
@@ -119,7 +138,7 @@ impl PromptLab {
             next_tokens(&mut cols[1], &run, data);
         });
         ui.separator();
-        self.steering(ui, store, run, data);
+        self.steering(ui, store, model, run, data);
         open
     }
 
@@ -182,7 +201,14 @@ impl PromptLab {
         open
     }
 
-    fn steering(&mut self, ui: &mut Ui, store: &Arc<Store>, run: Arc<Run>, data: &DictData) {
+    fn steering(
+        &mut self,
+        ui: &mut Ui,
+        store: &Arc<Store>,
+        model: &LiveModel,
+        run: Arc<Run>,
+        data: &DictData,
+    ) {
         ui.label(RichText::new("Steering").strong());
         if !data.steerable {
             ui.label(
@@ -207,7 +233,7 @@ impl PromptLab {
             let go = ui.add_enabled(!self.steer.is_running(), egui::Button::new("Steer"));
             if go.clicked() {
                 self.feature = Some(f);
-                self.start_steer(ui.ctx(), store, run.clone(), f);
+                self.start_steer(ui.ctx(), store, model, run.clone(), f);
             }
         });
         self.steer.status_ui(ui);
