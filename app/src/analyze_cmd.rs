@@ -4,17 +4,16 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressStyle};
 use loupe_analysis::features::{AnalyzeConfig, Rows, analyze};
 
+use crate::dict_args::{self, DictArgs};
+use crate::progress::Bar;
+
 #[derive(clap::Args)]
+#[command(mut_args(dict_args::required))]
 pub struct Args {
-    /// The store holding the dictionary.
-    #[arg(long)]
-    pub(crate) store: PathBuf,
-    /// The dictionary's name in the store.
-    #[arg(long)]
-    pub(crate) dictionary: String,
+    #[command(flatten)]
+    pub(crate) target: DictArgs,
     /// Rows of the hook to analyse: held-out (the dictionary's, or all when it records none),
     /// all, or START..END.
     #[arg(long, default_value = "held-out")]
@@ -34,7 +33,7 @@ pub struct Args {
     /// Tokens per example window.
     #[arg(long, default_value_t = 32)]
     pub(crate) window: usize,
-    /// Similar features (by decoder direction) listed per feature.
+    /// Neighbours (the features nearest by decoder direction) listed per feature.
     #[arg(long, default_value_t = 10)]
     pub(crate) neighbours: usize,
     /// Co-occurring features listed per feature.
@@ -53,7 +52,7 @@ pub struct Args {
     /// Tokens to capture on the fly in that case.
     #[arg(long, default_value_t = 65_536)]
     pub(crate) capture_tokens: u64,
-    /// Skip the hnsw similarity index (minutes for 65k features on 2 cores); the neighbour
+    /// Skip the hnsw similarity index (minutes for 65k features on 2 cores); the neighbours
     /// table is exact and is still written.
     #[arg(long)]
     pub(crate) no_index: bool,
@@ -64,8 +63,7 @@ impl Args {
     pub(crate) fn demo(store: PathBuf, dictionary: String) -> Args {
         let cfg = AnalyzeConfig::new(store.clone(), dictionary.clone());
         Args {
-            store,
-            dictionary,
+            target: DictArgs::new(store, dictionary),
             rows: Rows::All,
             max_tokens: None,
             top: cfg.top,
@@ -82,8 +80,9 @@ impl Args {
         }
     }
 
-    pub(crate) fn config(&self) -> AnalyzeConfig {
-        let mut cfg = AnalyzeConfig::new(self.store.clone(), self.dictionary.clone());
+    pub(crate) fn config(&self) -> Result<AnalyzeConfig> {
+        let mut cfg =
+            AnalyzeConfig::new(self.target.store()?.to_path_buf(), self.target.dictionary()?.into());
         cfg.rows = self.rows.clone();
         cfg.max_tokens = self.max_tokens;
         cfg.top = self.top;
@@ -97,20 +96,14 @@ impl Args {
         cfg.corpus = self.corpus.clone();
         cfg.capture_tokens = self.capture_tokens;
         cfg.build_index = !self.no_index;
-        cfg
+        Ok(cfg)
     }
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{msg:16} {bar:30} {pos}/{len}  [{elapsed}]").expect("valid template"),
-    );
-    let report = analyze(&args.config(), |p| {
-        bar.set_message(p.phase);
-        bar.set_length(p.total);
-        bar.set_position(p.done);
-    })?;
-    bar.finish_and_clear();
+    let bar = Bar::new("{prefix:16} {bar:30} {pos}/{len}  [{elapsed}]");
+    let report = analyze(&args.config()?, &bar)?;
+    bar.indicatif().finish_and_clear();
     let source = if report.captured_on_the_fly { " (captured on the fly)" } else { "" };
     println!(
         "analysed {} on {} tokens of {} (rows {}..{}{source}) at {:.0} tokens/s: {} dead, {} dense features",
@@ -128,7 +121,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!(
         "wrote {}/features/{}/ and index/{}/ ({:.1} s)",
-        args.store.display(),
+        args.target.store()?.display(),
         report.dictionary,
         report.dictionary,
         report.seconds

@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressStyle};
 use loupe_model::capture::{CaptureConfig, capture};
 use loupe_store::DType;
+
+use crate::progress::Bar;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -62,16 +63,9 @@ pub fn run(args: &Args) -> Result<()> {
         shard_rows: args.shard_rows,
         max_tokens: args.max_tokens,
     };
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("capturing {bar:30} {percent}% of corpus  {msg}  [{elapsed} < {eta}]")
-            .expect("valid template"),
-    );
-    let report = capture(&cfg, |p| {
-        bar.set_length(p.corpus_bytes.max(1));
-        bar.set_position(p.corpus_bytes_done);
-        bar.set_message(format!("{} tokens, {:.0} tokens/s", p.tokens, p.tokens_per_second));
-    })?;
-    bar.finish_and_clear();
+    let bar = Bar::new("{prefix} {bar:30} {percent}% of corpus  {msg}  [{elapsed} < {eta}]");
+    let report = capture(&cfg, &bar)?;
+    bar.indicatif().finish_and_clear();
     if report.already_complete {
         println!("capture already complete in {}: {} tokens", args.store.display(), report.tokens);
         return Ok(());

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use loupe_store::{DType, Store};
 
+use crate::dict_args::DictArgs;
 use crate::{analyze_cmd, capture_cmd, explain_cmd, fetch, train_sae_cmd};
 
 #[derive(clap::Args)]
@@ -65,9 +66,8 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         train_sae_cmd::run(&train_sae_cmd::Args {
             job: crate::train_job::JobFlags {
-                store: Some(args.store.clone()),
+                target: DictArgs::new(args.store.clone(), DICTIONARY.to_string()),
                 hook: Some(HOOK.to_string()),
-                name: Some(DICTIONARY.to_string()),
                 batch: Some(1024),
                 eval_contexts: Some(4),
                 ..Default::default()
@@ -78,7 +78,7 @@ pub fn run(args: &Args) -> Result<()> {
         })?;
     }
     println!(
-        "\n[3/4] analyse its features (stats, examples, logit effects, similar and co-occurring features)"
+        "\n[3/4] analyse its features (stats, examples, logit effects, neighbours and co-occurring features)"
     );
     if Store::open(&args.store)?.features(DICTIONARY).is_some() {
         println!("already analysed: {}", args.store.join("features").join(DICTIONARY).display());
@@ -89,8 +89,7 @@ pub fn run(args: &Args) -> Result<()> {
         "\n[4/4] explain every feature offline (token statistics, no LLM), score {SCORED} by embedding, index them"
     );
     let run = |features: Option<String>| explain_cmd::RunFlags {
-        store: args.store.clone(),
-        dictionary: DICTIONARY.to_string(),
+        target: DictArgs::new(args.store.clone(), DICTIONARY.to_string()),
         features,
         train_examples: 40,
         test_examples: 50,

@@ -16,6 +16,9 @@ use loupe_autointerp::score::{EMBEDDING, INTERVENTION, SCORERS};
 use loupe_autointerp::score_run::{ScoreOptions, score_explanations};
 use loupe_store::Store;
 
+use crate::dict_args::{self, DictArgs};
+use crate::progress::Bar;
+
 /// The LLM and how much of it to use.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct LlmFlags {
@@ -57,13 +60,10 @@ impl LlmFlags {
 
 /// Which features, which examples.
 #[derive(clap::Args, Clone, Debug)]
+#[command(mut_args(dict_args::required))]
 pub struct RunFlags {
-    /// The store holding the analysis.
-    #[arg(long)]
-    pub store: PathBuf,
-    /// The analysed dictionary.
-    #[arg(long)]
-    pub dictionary: String,
+    #[command(flatten)]
+    pub target: DictArgs,
     /// Features: `0..20`, `3,7,9` or a mix (default: every feature that is not dead).
     #[arg(long)]
     pub features: Option<String>,
@@ -145,13 +145,10 @@ pub struct ScoreArgs {
 }
 
 #[derive(clap::Args)]
+#[command(mut_args(dict_args::required))]
 pub struct SearchArgs {
-    /// The store holding the explanations.
-    #[arg(long)]
-    pub store: PathBuf,
-    /// The dictionary whose explanations to search.
-    #[arg(long)]
-    pub dictionary: String,
+    #[command(flatten)]
+    pub target: DictArgs,
     /// What to look for, in words.
     pub query: String,
     /// Results to print.
@@ -162,20 +159,14 @@ pub struct SearchArgs {
     pub embedder: Option<PathBuf>,
 }
 
-fn progress_bar(what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {elapsed}")
-            .expect("valid template"),
-    );
-    bar.set_prefix(what.to_string());
-    bar
+fn progress_bar() -> Bar {
+    Bar::new("{prefix} {bar:30} {pos}/{len} {elapsed}")
 }
 
 /// Say the client's waits and stops on stderr, above the progress bar.
-fn notify_above(llm: &mut Option<Llm>, bar: &indicatif::ProgressBar) {
+fn notify_above(llm: &mut Option<Llm>, bar: &Bar) {
     if let Some(llm) = llm {
-        let bar = bar.clone();
+        let bar = bar.indicatif().clone();
         llm.client.set_notifier(Arc::new(move |line: &str| bar.suspend(|| eprintln!("{line}"))));
     }
 }
@@ -219,27 +210,16 @@ pub fn run_explain(args: &ExplainArgs) -> Result<()> {
         seed: args.run.seed,
         redo: args.run.redo,
     };
-    let store = Store::open_rw(&args.run.store)?;
+    let store = Store::open_rw(args.run.target.store()?)?;
     let embedder = args.run.embedder()?;
     if embedder.is_none() {
         eprintln!("note: no MiniLM model (run `loupe fetch`), so no semantic-search index is built");
     }
-    let bar = progress_bar("explain");
+    let bar = progress_bar();
     notify_above(&mut llm, &bar);
-    let summary =
-        explain(&store, &args.run.dictionary, &opts, llm.as_ref(), embedder.as_ref(), &|phase, i, n| {
-            if bar.prefix() != phase {
-                bar.set_prefix(phase.to_string());
-                if phase == "embed" && n > 0 {
-                    bar.suspend(|| {
-                        eprintln!("embedding {n} new or changed explanations for the search index")
-                    });
-                }
-            }
-            bar.set_length(n as u64);
-            bar.set_position(i as u64);
-        })?;
-    bar.finish_and_clear();
+    let dictionary = args.run.target.dictionary()?;
+    let summary = explain(&store, dictionary, &opts, llm.as_ref(), embedder.as_ref(), &bar)?;
+    bar.indicatif().finish_and_clear();
     report(&format!("explain ({})", opts.explainer), &summary, llm.as_ref());
     match summary.nothing_done("no feature could be explained") {
         Some(why) => bail!(why),
@@ -267,20 +247,17 @@ pub fn run_score(args: &ScoreArgs) -> Result<()> {
         steer_scale: args.steer_scale,
         redo: args.run.redo,
     };
-    let store = Store::open_rw(&args.run.store)?;
+    let store = Store::open_rw(args.run.target.store()?)?;
     let embedder = if opts.scorers.iter().any(|s| s == EMBEDDING || s == INTERVENTION) {
         args.run.embedder()?
     } else {
         None
     };
-    let bar = progress_bar("score");
+    let bar = progress_bar();
     notify_above(&mut llm, &bar);
-    let summary =
-        score_explanations(&store, &args.run.dictionary, &opts, llm.as_ref(), embedder.as_ref(), &|i, n| {
-            bar.set_length(n as u64);
-            bar.set_position(i as u64);
-        })?;
-    bar.finish_and_clear();
+    let dictionary = args.run.target.dictionary()?;
+    let summary = score_explanations(&store, dictionary, &opts, llm.as_ref(), embedder.as_ref(), &bar)?;
+    bar.indicatif().finish_and_clear();
     report(
         &format!("score ({} explanations; {})", opts.explainer, opts.scorers.join(", ")),
         &summary,
@@ -295,8 +272,9 @@ pub fn run_score(args: &ScoreArgs) -> Result<()> {
 pub fn run_search(args: &SearchArgs) -> Result<()> {
     let dir = args.embedder.clone().unwrap_or_else(|| crate::fetch::defaults().minilm_dir);
     let embedder = Embedder::load(&dir)?;
-    let store = Store::open(&args.store)?;
-    let hits = loupe_autointerp::search::search(&store, &args.dictionary, &embedder, &args.query, args.k)?;
+    let store = Store::open(args.target.store()?)?;
+    let hits =
+        loupe_autointerp::search::search(&store, args.target.dictionary()?, &embedder, &args.query, args.k)?;
     if hits.is_empty() {
         println!("no explanations match");
     }

@@ -8,14 +8,13 @@ use anyhow::Result;
 use loupe_store::Store;
 use loupe_store::export::{DEFAULT_BATCH_SIZE, ExportOptions, export};
 
+use crate::dict_args::{self, DictArgs};
+
 #[derive(clap::Args)]
+#[command(mut_args(dict_args::required))]
 pub struct Args {
-    /// The store holding the explanations.
-    #[arg(long)]
-    pub(crate) store: PathBuf,
-    /// The explained dictionary.
-    #[arg(long)]
-    pub(crate) dictionary: String,
+    #[command(flatten)]
+    pub(crate) target: DictArgs,
     /// The folder to write (created if missing).
     #[arg(long)]
     pub(crate) out: PathBuf,
@@ -34,14 +33,14 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let store = Store::open(&args.store)?;
+    let store = Store::open(args.target.store()?)?;
     let opts = ExportOptions {
         batch_size: args.batch_size,
         model_id: args.model_id.clone(),
         layer: args.layer.clone(),
         overwrite: args.overwrite,
     };
-    let s = export(&store, &args.dictionary, &args.out, &opts)?;
+    let s = export(&store, args.target.dictionary()?, &args.out, &opts)?;
     let batches = s.files.iter().filter(|f| f.ends_with(".jsonl.gz")).count();
     println!(
         "exported {} explanations ({} failed) and {} scores of {} to {}: 2 Parquet files, {} Neuronpedia records in {} batches",

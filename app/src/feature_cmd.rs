@@ -1,20 +1,17 @@
 //! `loupe feature`: print what the analysis of a dictionary found for one feature — stats, top
-//! and quantile examples (the example token in «»), logit effects, similar and co-occurring
+//! and quantile examples (the example token in «»), logit effects, neighbours and co-occurring
 //! features — read from the store's `features/<dict>/` tables.
-
-use std::path::PathBuf;
 
 use anyhow::Result;
 use loupe_store::{Example, FeatureTables, Store};
 
+use crate::dict_args::{self, DictArgs};
+
 #[derive(clap::Args)]
+#[command(mut_args(dict_args::required))]
 pub struct Args {
-    /// The store holding the analysis.
-    #[arg(long)]
-    pub(crate) store: PathBuf,
-    /// The analysed dictionary.
-    #[arg(long)]
-    pub(crate) dictionary: String,
+    #[command(flatten)]
+    pub(crate) target: DictArgs,
     /// The feature id.
     pub(crate) feature: u32,
     /// Top examples to print.
@@ -42,8 +39,9 @@ fn window(tables: &FeatureTables, e: &Example) -> String {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let store = Store::open(&args.store)?;
-    let tables = FeatureTables::open(&store, &args.dictionary)?;
+    let store = Store::open(args.target.store()?)?;
+    let dictionary = args.target.dictionary()?;
+    let tables = FeatureTables::open(&store, dictionary)?;
     let f = args.feature;
     let s = tables.stats(f)?;
     let flags = match (s.dead, s.dense) {
@@ -52,8 +50,7 @@ pub fn run(args: &Args) -> Result<()> {
         _ => "",
     };
     println!(
-        "feature {f} of {}{flags}: fired on {} of {} tokens (density {:.3e}), mean {}, max {}",
-        args.dictionary,
+        "feature {f} of {dictionary}{flags}: fired on {} of {} tokens (density {:.3e}), mean {}, max {}",
         s.count,
         tables.entry().tokens,
         s.density,
@@ -89,10 +86,10 @@ pub fn run(args: &Args) -> Result<()> {
         println!("promotes:   {}", list(true));
         println!("suppresses: {}", list(false));
     }
-    let similar: Vec<String> =
+    let neighbours: Vec<String> =
         tables.neighbours(f)?.iter().map(|n| format!("{} ({:.2})", n.neighbour, n.cosine)).collect();
-    if !similar.is_empty() {
-        println!("similar features (cosine): {}", similar.join(", "));
+    if !neighbours.is_empty() {
+        println!("neighbours (decoder cosine): {}", neighbours.join(", "));
     }
     let co: Vec<String> =
         tables.cooccurrence(f)?.iter().map(|c| format!("{} ({:.2})", c.other, c.jaccard)).collect();

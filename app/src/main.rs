@@ -7,11 +7,13 @@ mod analyze_cmd;
 mod bench;
 mod capture_cmd;
 mod demo;
+mod dict_args;
 mod explain_cmd;
 mod export_cmd;
 mod feature_cmd;
 mod fetch;
 mod gui_cmd;
+mod progress;
 mod store_cmd;
 mod tokenize;
 mod train_job;
@@ -52,9 +54,9 @@ enum Command {
     TrainSae(train_sae_cmd::Args),
     /// Fit Monet product-key experts (autoencoder on a hook, or transcoder between two hooks).
     TrainMonet(train_monet_cmd::Args),
-    /// Analyse a dictionary's features: stats, top and quantile examples, logit effects, similar and co-occurring features.
+    /// Analyse a dictionary's features: stats, top and quantile examples, logit effects, neighbours and co-occurring features.
     Analyze(analyze_cmd::Args),
-    /// Print one analysed feature: stats, examples, logit effects, similar and co-occurring features.
+    /// Print one analysed feature: stats, examples, logit effects, neighbours and co-occurring features.
     Feature(feature_cmd::Args),
     /// Explain features with an LLM (delphi-style prompt) or offline from token statistics.
     Explain(explain_cmd::ExplainArgs),
@@ -64,16 +66,14 @@ enum Command {
     Search(explain_cmd::SearchArgs),
     /// Export a dictionary's explanations and scores as Parquet and Neuronpedia-style JSONL.gz batches.
     Export(export_cmd::Args),
-    /// Import an SAELens or sparsify dictionary folder into a store.
+    /// Import an SAELens or sparsify dictionary folder into a store (named after the folder
+    /// unless --dictionary is given).
+    #[command(mut_arg("store", |a| a.required(true)))]
     Import {
         /// The dictionary folder (cfg.json + sae_weights.safetensors or sae.safetensors).
         path: PathBuf,
-        /// The store to add it to.
-        #[arg(long)]
-        store: PathBuf,
-        /// Name in the store (default: the folder's name).
-        #[arg(long)]
-        name: Option<String>,
+        #[command(flatten)]
+        target: dict_args::DictArgs,
         /// The TransformerLens hook it reads (default: the checkpoint's metadata.hook_name).
         #[arg(long)]
         hook: Option<String>,
@@ -134,11 +134,13 @@ fn main() -> ExitCode {
         Command::Search(args) => explain_cmd::run_search(&args),
         Command::Export(args) => export_cmd::run(&args),
         Command::Gui(args) => gui_cmd::run(&args),
-        Command::Import { path, store, name, hook } => {
-            loupe_dict::import::import(&store, &path, name.as_deref(), hook.as_deref()).map(|name| {
-                println!("imported {} into {} as dictionary {name}", path.display(), store.display());
-            })
-        }
+        Command::Import { path, target, hook } => target.store().and_then(|store| {
+            loupe_dict::import::import(store, &path, target.dictionary.as_deref(), hook.as_deref()).map(
+                |name| {
+                    println!("imported {} into {} as dictionary {name}", path.display(), store.display());
+                },
+            )
+        }),
         Command::Store(StoreCommand::Info { dir }) => store_cmd::info(&dir),
         Command::Store(StoreCommand::Verify { dir }) => store_cmd::verify(&dir),
         Command::Store(StoreCommand::RemoveDictionary { dir, name }) => {

@@ -3,8 +3,9 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use loupe_store::Store;
+
+use crate::progress::Bar;
 
 /// Human-readable byte count.
 pub fn bytes(n: u64) -> String {
@@ -132,13 +133,9 @@ fn more(n: usize) -> String {
 
 pub fn verify(dir: &Path) -> Result<()> {
     let store = Store::open(dir)?;
-    let total: u64 = store.manifest().hooks.values().map(|h| h.bytes()).sum();
-    let bar = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template("verifying {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
-            .expect("valid template"),
-    );
-    let report = store.verify(|done| bar.set_position(done));
-    bar.finish_and_clear();
+    let bar = Bar::new("{prefix} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}");
+    let report = store.verify(&bar);
+    bar.indicatif().finish_and_clear();
     for path in &report.unlisted {
         eprintln!(
             "note: {} is not listed in the manifest (left by an interrupted write; ignored)",

@@ -4,11 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use loupe_dict::job::{self, Fit, Job};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use crate::dict_args::DictArgs;
+use crate::progress::Bar;
 
 /// The settings of every training job, as flags (flattened into each command's) or TOML keys.
 #[derive(clap::Args, Serialize, serde::Deserialize, Default, Debug, Clone)]
@@ -17,15 +19,14 @@ pub struct JobFlags {
     #[arg(long)]
     #[serde(skip)]
     pub(crate) config: Option<PathBuf>,
-    /// The store holding the activations; the dictionary is written into it.
-    #[arg(long)]
-    pub(crate) store: Option<PathBuf>,
+    /// The store holding the activations (the dictionary is written into it) and the name of
+    /// the dictionary (`--name`, the key `name`: its old spelling).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) target: DictArgs,
     /// The hook the dictionary reconstructs and is spliced at (e.g. blocks.6.hook_resid_post).
     #[arg(long)]
     pub(crate) hook: Option<String>,
-    /// Dictionary name in the store (default: made from the hook and the settings).
-    #[arg(long)]
-    pub(crate) name: Option<String>,
     /// Training tokens (default: one pass over the training rows).
     #[arg(long)]
     pub(crate) tokens: Option<u64>,
@@ -54,7 +55,7 @@ pub struct JobFlags {
 
 impl JobFlags {
     pub fn store(&self) -> Result<PathBuf> {
-        self.store.clone().context("no --store given (flag or config)")
+        self.target.store.clone().context("no --store given (flag or config)")
     }
 
     pub fn hook(&self) -> Result<String> {
@@ -80,7 +81,7 @@ impl JobFlags {
         (self.tokens.unwrap_or(rows.saturating_sub(eval_tokens)), eval_tokens)
     }
 
-    /// The job, with `train` and the dictionary name `default_name` unless --name was given.
+    /// The job, with `train` and the dictionary name `default_name` unless --dictionary was given.
     pub fn job<C>(
         &self,
         train: C,
@@ -97,7 +98,7 @@ impl JobFlags {
             store: self.store()?,
             hook: self.hook()?,
             input_hook,
-            name: self.name.clone().unwrap_or(default_name),
+            name: self.target.dictionary.clone().unwrap_or(default_name),
             train,
             tokens,
             checkpoint_every: self.checkpoint_every.unwrap_or(50),
@@ -108,10 +109,13 @@ impl JobFlags {
     }
 }
 
+/// Keys of a config read under a newer name: (old, new).
+const RENAMED_KEYS: [(&str, &str); 1] = [("name", "dictionary")];
+
 /// `flags` over the settings of the TOML file `config` (when given): a flag that was given (not
 /// absent, not a `false` switch) wins. `A`'s fields are the flags, with the same snake_case keys
-/// as the file; a key that is not one of them is an error. Every error names the file, the line
-/// and the key.
+/// as the file (or their old names, [`RENAMED_KEYS`]); a key that is not one of them is an error.
+/// Every error names the file, the line and the key.
 pub fn merged<A: Serialize + DeserializeOwned + Clone + Default>(
     flags: &A,
     config: Option<&Path>,
@@ -132,10 +136,18 @@ pub fn merged<A: Serialize + DeserializeOwned + Clone + Default>(
     let Value::Object(known) = serde_json::to_value(A::default())? else {
         unreachable!("flags are a struct")
     };
-    let table: toml::Table = toml::from_str(&text).map_err(malformed)?;
-    for (key, value) in &table {
+    let written: toml::Table = toml::from_str(&text).map_err(malformed)?;
+    let mut table = toml::Table::new();
+    for (key, value) in &written {
         let line = line_of(key);
-        if !known.contains_key(key) {
+        let name = RENAMED_KEYS.iter().find(|(old, _)| old == key).map_or(key.as_str(), |(_, new)| new);
+        if name != key && written.contains_key(name) {
+            bail!(
+                "config {}, line {line}: `{key}` is the old name of `{name}`; give one of them",
+                path.display()
+            );
+        }
+        if !known.contains_key(name) {
             let mut names: Vec<&str> = known.keys().map(String::as_str).collect();
             names.sort();
             bail!(
@@ -145,10 +157,11 @@ pub fn merged<A: Serialize + DeserializeOwned + Clone + Default>(
             );
         }
         // One key at a time, so that a type error names its key.
-        let one = toml::Table::from_iter([(key.clone(), value.clone())]);
+        let one = toml::Table::from_iter([(name.to_string(), value.clone())]);
         if let Err(e) = toml::Value::Table(one).try_into::<A>() {
             bail!("config {}, line {line}, key `{key}`: {}", path.display(), plain_reason(e.message()));
         }
+        table.insert(name.to_string(), value.clone());
     }
     let file: A = toml::Value::Table(table)
         .try_into()
@@ -182,39 +195,22 @@ fn plain_reason(message: &str) -> String {
 
 /// Run `job` with a progress bar; print `banner` once the first step is done (so that a refused
 /// job prints only its error line), then the outcome.
-pub fn run<F: Fit>(job: &Job<F::Config>, banner: String, active: &str) -> Result<()> {
-    let bar = ProgressBar::new(job.tokens);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} tokens {per_sec} ETA {eta} {msg}")
-            .expect("valid template"),
-    );
-    let mut banner = Some(banner);
-    let outcome = job::run::<F>(job, |p| {
-        if let Some(b) = banner.take() {
-            if bar.is_hidden() { eprintln!("{b}") } else { bar.println(b) }
-        }
-        bar.set_position(p.tokens.min(p.target));
-        let saved = if p.checkpointed { " (checkpoint)" } else { "" };
-        bar.set_message(format!(
-            "step {} FVU {:.4} {active} {:.1} dead {:.1}%{saved}",
-            p.step,
-            p.stats.fvu,
-            p.stats.l0,
-            100.0 * p.stats.dead_fraction
-        ));
-    })?;
-    bar.finish();
+pub fn run<F: Fit>(job: &Job<F::Config>, banner: String) -> Result<()> {
+    let bar = Bar::new("{bar:30} {pos}/{len} tokens {per_sec} ETA {eta} {msg}").with_banner(banner);
+    let outcome = job::run::<F>(job, &bar)?;
+    bar.indicatif().finish();
     if let Some(step) = outcome.resumed_from {
         eprintln!("resumed from the checkpoint at step {step}");
     }
     let e = &outcome.eval;
     eprintln!(
-        "done: {} steps, {} tokens → {}\nheld-out ({} tokens): FVU {:.4}, {active} {:.2}, dead {:.2}%, dense {:.2}%",
+        "done: {} steps, {} tokens → {}\nheld-out ({} tokens): FVU {:.4}, {} {:.2}, dead {:.2}%, dense {:.2}%",
         outcome.steps,
         outcome.tokens,
         outcome.dir.display(),
         e.tokens,
         e.fvu,
+        F::ACTIVE,
         e.l0,
         100.0 * e.dead_fraction,
         100.0 * e.dense_fraction

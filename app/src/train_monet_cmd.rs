@@ -110,5 +110,5 @@ pub fn run(args: &Args) -> Result<()> {
         job.tokens,
         job.eval_tokens
     );
-    crate::train_job::run::<MonetTrainer>(&job, banner, "experts/token")
+    crate::train_job::run::<MonetTrainer>(&job, banner)
 }

@@ -147,5 +147,5 @@ pub fn run(args: &Args) -> Result<()> {
         Variant::Topk => format!("{banner}\nselection: {}", loupe_dict::amx::describe()),
         _ => banner,
     };
-    crate::train_job::run::<Trainer>(&job, banner, "L0")
+    crate::train_job::run::<Trainer>(&job, banner)
 }

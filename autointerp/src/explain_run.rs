@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use loupe_store::{Explanation, FeatureTables, Store};
+use loupe_store::{Explanation, FeatureTables, Progress, Store};
 
 use crate::cache::request_key;
 use crate::examples::{self, Sizes};
@@ -105,15 +105,14 @@ async fn delphi_record(
 
 /// Explain the chosen features of `dict` and commit. `llm` is needed by `delphi`; `embedder`
 /// (MiniLM) builds the semantic-search index over all explanations of the dictionary (embedding
-/// only new or changed ones). `progress(phase, done, total)` follows the phases `explain` and
-/// `embed`.
+/// only new or changed ones). `progress` follows the stages `explain` and `embed`.
 pub fn explain(
     store: &Store,
     dict: &str,
     opts: &ExplainOptions,
     llm: Option<&Llm>,
     embedder: Option<&Embedder>,
-    progress: &(dyn Fn(&str, usize, usize) + Sync),
+    progress: &dyn Progress,
 ) -> Result<RunSummary> {
     if opts.explainer != DELPHI && opts.explainer != OFFLINE {
         bail!("unknown explainer {:?} (choose {DELPHI} or {OFFLINE})", opts.explainer);
@@ -137,13 +136,14 @@ pub fn explain(
     let mut summary = RunSummary { skipped: features.len() - todo.len(), ..RunSummary::default() };
     let total = todo.len();
     let journal = Arc::new(journal);
+    progress.stage("explain");
     let fresh: Vec<Explanation> = if opts.explainer == OFFLINE {
         let mut out = Vec::with_capacity(total);
         for (i, &f) in todo.iter().enumerate() {
             let rec = offline_record(&tables, f, opts)?;
             journal.append(&rec)?;
             out.push(rec);
-            progress("explain", i + 1, total);
+            progress.set(i as u64 + 1, total as u64);
         }
         out
     } else {
@@ -165,7 +165,7 @@ pub fn explain(
             let mut out = Vec::with_capacity(total);
             while let Some(r) = tasks.join_next().await {
                 out.push(r??);
-                progress("explain", out.len(), total);
+                progress.set(out.len() as u64, total as u64);
             }
             anyhow::Ok(out)
         })?
@@ -197,8 +197,7 @@ pub fn explain(
     summary.committed = records.len();
     all.explanations.extend(records.into_values());
     all.explanations.sort_by(|a, b| (a.feature_id, &a.explainer).cmp(&(b.feature_id, &b.explainer)));
-    let embed_progress = |done: usize, total: usize| progress("embed", done, total);
-    let report = search::commit_with_index(store, dict, &all, embedder, &embed_progress)?;
+    let report = search::commit_with_index(store, dict, &all, embedder, progress)?;
     summary.index = embedder.map(|_| report);
     if all_remade {
         store.mark_explanations_current(dict)?;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use loupe_store::{Explanation, FeatureTables, Score, Store};
+use loupe_store::{Explanation, FeatureTables, Progress, Score, Store};
 
 use crate::cache::request_key;
 use crate::examples::{self, Sizes};
@@ -99,7 +99,7 @@ pub fn score_explanations(
     opts: &ScoreOptions,
     llm: Option<&Llm>,
     embedder: Option<&Embedder>,
-    progress: &(dyn Fn(usize, usize) + Sync),
+    progress: &dyn Progress,
 ) -> Result<RunSummary> {
     for s in &opts.scorers {
         if !SCORERS.contains(&s.as_str()) {
@@ -148,6 +148,7 @@ pub fn score_explanations(
     let total = todo.len();
     let journal = Arc::new(journal);
     let mut fresh = Vec::with_capacity(total);
+    progress.stage("score");
     // The embedding scorer runs here (CPU); the LLM scorers concurrently below.
     for (e, _) in todo.iter().filter(|(_, s)| s == EMBEDDING) {
         let embedder = embedder.expect("checked above");
@@ -157,7 +158,7 @@ pub fn score_explanations(
         let rec = record(e, EMBEDDING, &embedder.name, 0.0, measured);
         journal.append(&rec)?;
         fresh.push(rec);
-        progress(fresh.len(), total);
+        progress.set(fresh.len() as u64, total as u64);
     }
     let steer: Vec<&Explanation> = todo.iter().filter(|(_, s)| s == INTERVENTION).map(|(e, _)| e).collect();
     if !steer.is_empty() {
@@ -165,7 +166,7 @@ pub fn score_explanations(
         for rec in intervention_scores(store, dict, &tables, opts, embedder, &steer)? {
             journal.append(&rec)?;
             fresh.push(rec);
-            progress(fresh.len(), total);
+            progress.set(fresh.len() as u64, total as u64);
         }
     }
     let llm_todo: Vec<(Explanation, String)> =
@@ -188,7 +189,7 @@ pub fn score_explanations(
             let mut out = Vec::new();
             while let Some(r) = tasks.join_next().await {
                 out.push(r??);
-                progress(done_before + out.len(), total);
+                progress.set((done_before + out.len()) as u64, total as u64);
             }
             anyhow::Ok(out)
         })?;

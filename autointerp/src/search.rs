@@ -18,7 +18,7 @@ use arrow_schema::{DataType, Field, Schema};
 use loupe_analysis::features::similar::{self, Index, IndexParams};
 use loupe_store::explanations::EXPLANATIONS_INDEX;
 use loupe_store::features::INDEX_DIR;
-use loupe_store::{Explanation, Explanations, Store, fsutil};
+use loupe_store::{Explanation, Explanations, Progress, Store, fsutil};
 use sha2::{Digest, Sha256};
 
 use crate::cache::hex;
@@ -41,14 +41,14 @@ pub struct IndexReport {
 
 /// Commit `all` as the explanations of `dict`, with a fresh search index when `embedder` is
 /// given (else the entry lists none), and delete the index files it replaced. Only texts the
-/// previous index did not embed (with the same model) are embedded; `progress(done, total)`
-/// follows them.
+/// previous index did not embed (with the same model) are embedded; `progress` follows them
+/// (stage `embed`, with a note of how many there are).
 pub fn commit_with_index(
     store: &Store,
     dict: &str,
     all: &Explanations,
     embedder: Option<&Embedder>,
-    progress: &(dyn Fn(usize, usize) + Sync),
+    progress: &dyn Progress,
 ) -> Result<IndexReport> {
     let dir = store.index_dir(dict);
     let mut index = None;
@@ -70,14 +70,22 @@ pub fn commit_with_index(
                 .map(|(i, h)| (h.as_str(), all.explanations[*i].explanation.as_deref().expect("has text")))
                 .collect();
             report.embedded = missing.len();
+            progress.stage("embed");
+            if !missing.is_empty() {
+                progress.note(&format!(
+                    "embedding {} new or changed explanations for the search index",
+                    missing.len()
+                ));
+            }
+            let total = missing.len() as u64;
             for (done, chunk) in missing.chunks(EMBED_CHUNK).enumerate() {
-                progress(done * EMBED_CHUNK, missing.len());
+                progress.set((done * EMBED_CHUNK) as u64, total);
                 let texts: Vec<String> = chunk.iter().map(|(_, t)| t.to_string()).collect();
                 for ((h, _), v) in chunk.iter().zip(embedder.embed(&texts)?) {
                     known.insert(h.to_string(), v);
                 }
             }
-            progress(missing.len(), missing.len());
+            progress.set(total, total);
             let d = known[&rows[0].1].len();
             if rows.iter().any(|(_, h)| known[h].len() != d) {
                 bail!("the kept embeddings of {dict} do not all have {d} dimensions");

@@ -12,7 +12,8 @@
 //! - [`features`]: feature analyses (`features/<dict>/` tables, `index/<dict>/` ANN dumps);
 //! - [`explanations`]: explanations and scores (`explanations/<dict>/`) and their search index;
 //! - [`export`]: explanations and scores as Parquet and Neuronpedia-style JSONL batches;
-//! - [`fsutil`]: the temp-file/fsync/rename discipline behind every write.
+//! - [`fsutil`]: the temp-file/fsync/rename discipline behind every write;
+//! - [`progress`]: the [`Progress`] trait every long job reports through.
 //!
 //! Invariant: a reader trusts only what the manifest lists, and the manifest is updated last.
 
@@ -22,6 +23,7 @@ pub mod export;
 pub mod features;
 pub mod fsutil;
 pub mod manifest;
+pub mod progress;
 pub mod reader;
 pub mod sampler;
 pub mod schema;
@@ -37,6 +39,7 @@ pub use features::{
     Neighbour,
 };
 pub use manifest::{DType, HookEntry, HookSpec, Manifest, ModelInfo, ShardEntry, TokenizerInfo};
+pub use progress::Progress;
 pub use reader::{Activations, Shard};
 pub use sampler::{Batch, Epoch, Sampler, SamplerConfig};
 pub use store::Store;

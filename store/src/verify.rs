@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use crate::Progress;
 use crate::fsutil::file_xxh3;
 use crate::store::Store;
 
@@ -37,9 +38,11 @@ impl Report {
 }
 
 impl Store {
-    /// Verify every shard; `progress` is called with the bytes checked so far.
-    pub fn verify(&self, mut progress: impl FnMut(u64)) -> Report {
+    /// Verify every shard; `progress` follows the bytes checked.
+    pub fn verify(&self, progress: &dyn Progress) -> Report {
         let manifest = self.manifest();
+        let total: u64 = manifest.hooks.values().map(|h| h.bytes()).sum();
+        progress.stage("verifying");
         let mut report = Report { hooks: manifest.hooks.len(), ..Report::default() };
         let mut checked = 0u64;
         for (hook, entry) in &manifest.hooks {
@@ -58,7 +61,7 @@ impl Store {
                     report.problems.push(problem);
                 }
                 checked += shard.bytes;
-                progress(checked);
+                progress.set(checked, total);
             }
         }
         for (name, entry) in &manifest.dictionaries {

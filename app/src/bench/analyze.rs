@@ -89,7 +89,7 @@ pub fn run(args: &Args) -> Result<()> {
     drop(store);
 
     let started = Instant::now();
-    let report = analyze(&cfg, |_| {})?;
+    let report = analyze(&cfg, &())?;
     let total = started.elapsed().as_secs_f64();
     let per_token: f64 = report.pass_seconds
         + report

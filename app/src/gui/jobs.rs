@@ -1,6 +1,7 @@
 //! Work off the UI thread: a [`Job`] runs one computation on its own thread and the UI polls it
-//! each frame; a [`Progress`] is what the job reports while it runs. Panics in a job become its
-//! error, so a bug shows as a message in the UI rather than a crash.
+//! each frame; a [`Progress`] is what the job reports while it runs (it implements
+//! [`loupe_store::Progress`], so a job can hand it to a capture, training or analysis). Panics in a
+//! job become its error, so a bug shows as a message in the UI rather than a crash.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,16 +24,24 @@ impl Progress {
         self.total.store(0, Ordering::Relaxed);
     }
 
-    pub fn count(&self, done: u64, total: u64) {
-        self.done.store(done, Ordering::Relaxed);
-        self.total.store(total, Ordering::Relaxed);
-    }
-
     /// Stage text and the fraction done, when known.
     pub fn read(&self) -> (String, Option<f32>) {
         let stage = self.stage.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (done, total) = (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed));
         (stage, (total > 0).then(|| done as f32 / total as f32))
+    }
+}
+
+/// The app's side of the pipeline's progress: the stage's text and fraction under the spinner
+/// (messages and notes are not shown).
+impl loupe_store::Progress for Progress {
+    fn stage(&self, name: &str) {
+        Progress::stage(self, name);
+    }
+
+    fn set(&self, done: u64, total: u64) {
+        self.done.store(done, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
     }
 }
 
@@ -152,4 +161,21 @@ impl<T: Send + 'static> Loading<T> {
 /// One error line in the UI's error colour.
 pub fn error_ui(ui: &mut egui::Ui, message: &str) {
     ui.colored_label(ui.visuals().error_fg_color, format!("Error: {message}"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn a_job_shows_what_the_pipeline_reports() {
+        let progress = Progress::default();
+        let report: &dyn loupe_store::Progress = &progress;
+        report.stage("encoding");
+        report.set(1, 4);
+        report.message("not shown");
+        assert_eq!(progress.read(), ("encoding".to_string(), Some(0.25)));
+        report.stage("examples");
+        assert_eq!(progress.read(), ("examples".to_string(), None));
+    }
 }

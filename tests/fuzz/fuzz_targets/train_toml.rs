@@ -6,6 +6,10 @@
 use libfuzzer_sys::fuzz_target;
 use loupe_fuzz::{put, scratch};
 
+#[path = "../../../app/src/dict_args.rs"]
+mod dict_args;
+#[path = "../../../app/src/progress.rs"]
+mod progress;
 #[path = "../../../app/src/train_job.rs"]
 mod train_job;
 #[path = "../../../app/src/train_monet_cmd.rs"]

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use loupe_store::dictionaries::{TrainLogRow, write_train_log};
-use loupe_store::{DictEntry, SamplerConfig, Store};
+use loupe_store::{DictEntry, Progress, SamplerConfig, Store};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -56,6 +56,8 @@ pub trait Fit: Sized {
     const CHECKPOINT_FILES: &'static [&'static str];
     /// Files of the final dictionary (besides `train_log.arrow` and `eval.json`).
     const FINAL_FILES: &'static [&'static str];
+    /// What [`StepStats::l0`] counts, as progress and reports name it ("L0", "experts/token").
+    const ACTIVE: &'static str;
     fn needs(cfg: &Self::Config) -> Needs;
     /// `cfg` for activations multiplied by `input` and targets by `output` while training.
     fn with_scales(cfg: Self::Config, input: f32, output: f32) -> Self::Config;
@@ -98,16 +100,6 @@ pub struct Job<C> {
     pub normalize: bool,
 }
 
-/// Reported after every step.
-pub struct Progress<'a> {
-    pub step: u64,
-    pub tokens: u64,
-    pub target: u64,
-    pub stats: &'a StepStats,
-    /// Set when this step wrote a checkpoint.
-    pub checkpointed: bool,
-}
-
 /// How a job ended.
 #[derive(Debug)]
 pub struct Outcome {
@@ -128,7 +120,9 @@ struct Position {
     batch: u64,
 }
 
-pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) -> Result<Outcome> {
+/// Run `job`. `progress` follows the tokens trained on (stage "training"); after every step its
+/// message says the step, FVU, [`Fit::ACTIVE`], the dead fraction and whether it checkpointed.
+pub fn run<F: Fit>(job: &Job<F::Config>, progress: &dyn Progress) -> Result<Outcome> {
     // The name becomes a folder: check it before anything touches the disk.
     loupe_store::dictionaries::check_dictionary_name(&job.name)?;
     let store = Store::open_rw(&job.store)?;
@@ -247,6 +241,7 @@ pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) ->
 
     let mut epochs = Epochs::new(&sampler, target_sampler.as_ref(), pos)?;
     let (mut x, mut g) = (Vec::new(), Vec::new());
+    progress.stage("training");
     while trainer.tokens() < job.tokens {
         let (batch, target) = epochs.next(train_rows)?;
         // The trainer scales inputs and targets itself (`with_scales`).
@@ -283,13 +278,16 @@ pub fn run<F: Fit>(job: &Job<F::Config>, mut progress: impl FnMut(&Progress)) ->
         if checkpointed {
             checkpoint(&store, job, &trainer, &meta, &log, pos)?;
         }
-        progress(&Progress {
-            step: trainer.steps(),
-            tokens: trainer.tokens(),
-            target: job.tokens,
-            stats: &stats,
-            checkpointed,
-        });
+        progress.set(trainer.tokens().min(job.tokens), job.tokens);
+        let saved = if checkpointed { " (checkpoint)" } else { "" };
+        progress.message(&format!(
+            "step {} FVU {:.4} {} {:.1} dead {:.1}%{saved}",
+            trainer.steps(),
+            stats.fvu,
+            F::ACTIVE,
+            stats.l0,
+            100.0 * stats.dead_fraction
+        ));
     }
 
     // Final files (raw-activation space), evaluation, listing.
@@ -546,6 +544,7 @@ impl Fit for Trainer {
     const CHECKPOINT_FILES: &'static [&'static str] =
         &["cfg.json", "sae_weights.safetensors", "state.safetensors", "state.json"];
     const FINAL_FILES: &'static [&'static str] = &["cfg.json", "sae_weights.safetensors"];
+    const ACTIVE: &'static str = "L0";
 
     fn needs(cfg: &TrainConfig) -> Needs {
         let grad = cfg.variant == super::Variant::Gsae;

@@ -7,27 +7,52 @@
 //! to the block input → LayerNorm; MLP (intermediate dense, exact erf GELU, output dense) → add →
 //! LayerNorm. The forward pass returns the last hidden state `[batch, seq, d_model]`.
 //!
-//! Hooks (TransformerLens names; the residual stream is post-norm, so each residual hook holds a
-//! LayerNorm output and there are no `ln*.hook_normalized` hooks):
-//! - `hook_embed`: word embeddings; `hook_pos_embed`: position embeddings, `[batch, pos, d_model]`.
-//! - `blocks.{L}.hook_resid_pre`: the block's input (for L = 0, the normalized embedding sum).
-//! - `blocks.{L}.attn.hook_q|k|v` `[batch, pos, head, d_head]` (with biases), `attn.hook_pattern`
-//!   `[batch, head, query, key]`, `attn.hook_z`, `attn.hook_result` `[batch, pos, head, d_model]`
-//!   (per-head output before the output bias).
-//! - `blocks.{L}.hook_attn_out`: the attention output dense with its bias, before the residual add.
-//! - `blocks.{L}.hook_resid_mid`: LayerNorm(resid_pre + attn_out).
-//! - `blocks.{L}.mlp.hook_pre` (intermediate dense), `mlp.hook_post` (after GELU),
-//!   `hook_mlp_out` (output dense with its bias, before the residual add).
-//! - `blocks.{L}.hook_resid_post`: LayerNorm(resid_mid + mlp_out), the block's output.
+//! Hooks: [`HOOKS`], each with where it sits. The residual stream is post-norm, so each residual
+//! hook holds a LayerNorm output and there are no `ln*.hook_normalized` hooks.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 
-use super::hooks;
+use super::hooks::{self, HookList, HookPoint, Shape, names::*};
 use super::ops::{Activation, Attention, LayerNorm, linear};
 use super::{HookedModel, Hooks, ModelConfig};
+
+/// BERT's hook points (TransformerLens names), in forward order.
+pub static HOOKS: HookList = HookList {
+    first: &[
+        // Word embeddings.
+        HookPoint { name: EMBED, shape: Shape::Model },
+        // Position embeddings.
+        HookPoint { name: POS_EMBED, shape: Shape::Model },
+    ],
+    block: &[
+        // The block's input (for block 0, the normalized embedding sum).
+        HookPoint { name: RESID_PRE, shape: Shape::Model },
+        // With biases.
+        HookPoint { name: Q, shape: Shape::Heads },
+        HookPoint { name: K, shape: Shape::Heads },
+        HookPoint { name: V, shape: Shape::Heads },
+        HookPoint { name: PATTERN, shape: Shape::Pattern },
+        HookPoint { name: Z, shape: Shape::Heads },
+        // Per-head output, before the output bias.
+        HookPoint { name: RESULT, shape: Shape::HeadResults },
+        // The attention output dense with its bias, before the residual add.
+        HookPoint { name: ATTN_OUT, shape: Shape::Model },
+        // LayerNorm(resid_pre + attn_out).
+        HookPoint { name: RESID_MID, shape: Shape::Model },
+        // The intermediate dense.
+        HookPoint { name: MLP_PRE, shape: Shape::Mlp },
+        // After GELU.
+        HookPoint { name: MLP_POST, shape: Shape::Mlp },
+        // The output dense with its bias, before the residual add.
+        HookPoint { name: MLP_OUT, shape: Shape::Model },
+        // LayerNorm(resid_mid + mlp_out), the block's output.
+        HookPoint { name: RESID_POST, shape: Shape::Model },
+    ],
+    last: &[],
+};
 
 /// Sequences per forward pass in [`Bert::mean_pooled_embedding`].
 const EMBED_BATCH: usize = 32;
@@ -250,21 +275,21 @@ impl Bert {
         hooks.validate(&self.hook_names())?;
         let ids = tokens.flatten_all()?;
         let embed = self.word.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
-        let embed = hooks.apply("hook_embed", embed)?;
+        let embed = hooks.apply(EMBED, embed)?;
         let pos = self.position.narrow(0, 0, seq)?.unsqueeze(0)?.broadcast_as((batch, seq, c.d_model))?;
-        let pos = hooks.apply("hook_pos_embed", pos.contiguous()?)?;
+        let pos = hooks.apply(POS_EMBED, pos.contiguous()?)?;
         let mut x = self.embed_ln.forward(&(embed + pos)?.broadcast_add(&self.token_type)?)?;
         let scale = (c.d_head as f64).powf(-0.5);
         for (i, b) in self.blocks.iter().enumerate() {
-            let name = |s: &str| format!("blocks.{i}.{s}");
-            x = hooks.apply(&name("hook_resid_pre"), x)?;
+            let name = |s: &str| hooks::in_block(i, s);
+            x = hooks.apply(&name(RESID_PRE), x)?;
             let attn = b.attn.forward(i, &x, c.n_heads, scale, mask, hooks)?;
-            let attn = hooks.apply(&name("hook_attn_out"), attn)?;
-            x = hooks.apply(&name("hook_resid_mid"), b.attn_ln.forward(&(x + attn)?)?)?;
-            let pre = hooks.apply(&name("mlp.hook_pre"), linear(&x, &b.fc, Some(&b.fc_bias))?)?;
-            let post = hooks.apply(&name("mlp.hook_post"), self.cfg.activation.apply(&pre)?)?;
-            let mlp = hooks.apply(&name("hook_mlp_out"), linear(&post, &b.proj, Some(&b.proj_bias))?)?;
-            x = hooks.apply(&name("hook_resid_post"), b.mlp_ln.forward(&(x + mlp)?)?)?;
+            let attn = hooks.apply(&name(ATTN_OUT), attn)?;
+            x = hooks.apply(&name(RESID_MID), b.attn_ln.forward(&(x + attn)?)?)?;
+            let pre = hooks.apply(&name(MLP_PRE), linear(&x, &b.fc, Some(&b.fc_bias))?)?;
+            let post = hooks.apply(&name(MLP_POST), self.cfg.activation.apply(&pre)?)?;
+            let mlp = hooks.apply(&name(MLP_OUT), linear(&post, &b.proj, Some(&b.proj_bias))?)?;
+            x = hooks.apply(&name(RESID_POST), b.mlp_ln.forward(&(x + mlp)?)?)?;
             if hooks.stop_layer() == Some(i) {
                 return Ok(None);
             }
@@ -278,23 +303,8 @@ impl HookedModel for Bert {
         &self.cfg.base
     }
 
-    fn hook_names(&self) -> Vec<String> {
-        let per_block = [
-            "hook_resid_pre",
-            "attn.hook_q",
-            "attn.hook_k",
-            "attn.hook_v",
-            "attn.hook_pattern",
-            "attn.hook_z",
-            "attn.hook_result",
-            "hook_attn_out",
-            "hook_resid_mid",
-            "mlp.hook_pre",
-            "mlp.hook_post",
-            "hook_mlp_out",
-            "hook_resid_post",
-        ];
-        hooks::hook_names(self.cfg.base.n_layers, &["hook_embed", "hook_pos_embed"], &per_block, &[])
+    fn hook_list(&self) -> &'static HookList {
+        &HOOKS
     }
 
     /// Every token is real (no padding); see [`Bert::forward_masked`] for padded batches.

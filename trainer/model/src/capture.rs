@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use loupe_store::{DType, HookSpec, ModelInfo, Store, TokenizerInfo};
+use loupe_store::{DType, HookSpec, ModelInfo, Progress, Store, TokenizerInfo};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -88,15 +88,6 @@ struct State {
     complete: bool,
 }
 
-/// Live progress, for a progress bar.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Progress {
-    pub tokens: u64,
-    pub corpus_bytes_done: u64,
-    pub corpus_bytes: u64,
-    pub tokens_per_second: f64,
-}
-
 /// What a capture did.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
@@ -120,8 +111,9 @@ struct Ctx {
     first_new: usize,
 }
 
-/// Run (or resume) a capture.
-pub fn capture(cfg: &CaptureConfig, mut progress: impl FnMut(&Progress)) -> Result<Report> {
+/// Run (or resume) a capture. `progress` follows the corpus bytes read (stage "capturing"), with
+/// the tokens stored and their rate as its message.
+pub fn capture(cfg: &CaptureConfig, progress: &dyn Progress) -> Result<Report> {
     let started = Instant::now();
     if cfg.hooks.is_empty() {
         bail!("capture: name at least one hook");
@@ -270,6 +262,7 @@ pub fn capture(cfg: &CaptureConfig, mut progress: impl FnMut(&Progress)) -> Resu
     let total_bytes = corpus.bytes();
     let (first_doc, first_context) = (state.next_doc, state.next_context);
     let mut bytes_done = 0;
+    progress.stage("capturing");
     let skipped = corpus.for_each(first_doc, doc_cap, |doc, bytes| {
         bytes_done = bytes;
         let ids =
@@ -302,12 +295,8 @@ pub fn capture(cfg: &CaptureConfig, mut progress: impl FnMut(&Progress)) -> Resu
                         run.commit(&store, &mut state, next_doc, next_context, false)?;
                     }
                     let done = cfg.max_tokens.is_some_and(|m| run.tokens >= m);
-                    progress(&Progress {
-                        tokens: run.tokens,
-                        corpus_bytes_done: bytes_done,
-                        corpus_bytes: total_bytes,
-                        tokens_per_second: run.rate(),
-                    });
+                    progress.set(bytes_done, total_bytes.max(1));
+                    progress.message(&format!("{} tokens, {:.0} tokens/s", run.tokens, run.rate()));
                     if done {
                         state.next_doc = next_doc;
                         state.next_context = next_context;

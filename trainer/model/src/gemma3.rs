@@ -7,13 +7,7 @@
 //! held as the factor the activations are multiplied by: HF stores `w` and uses `1 + w`, llama.cpp's
 //! converter stores `1 + w` already.
 //!
-//! Hooks (TransformerLens names): `hook_embed`; per block `L`: `hook_resid_pre`, `ln1.hook_normalized`,
-//! `attn.hook_q|k|v` (after QK-norm, before RoPE), `attn.hook_rot_q|rot_k`, `attn.hook_pattern`
-//! `[batch, head, query, key]`, `attn.hook_z`, `attn.hook_result` `[batch, pos, head, d_model]`
-//! (per-head output before the post-attention norm), `hook_attn_out` (after it, as added to the
-//! residual), `hook_resid_mid`, `ln2.hook_normalized`, `mlp.hook_pre` (gate pre-activation),
-//! `mlp.hook_pre_linear`, `mlp.hook_post`, `hook_mlp_out`, `hook_resid_post`; then
-//! `ln_final.hook_normalized`.
+//! Hooks: [`HOOKS`], each with where it sits.
 
 use std::path::Path;
 
@@ -21,10 +15,44 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 use super::gguf::Gguf;
-use super::hooks;
+use super::hooks::{self, HookList, HookPoint, Shape, names::*};
 use super::kernels;
 use super::ops::{causal_mask, geglu, linear, rms_norm, rope, rope_tables, softmax};
 use super::{HookedModel, Hooks, ModelConfig};
+
+/// Gemma 3's hook points (TransformerLens names), in forward order.
+pub static HOOKS: HookList = HookList {
+    // Scaled by √d_model.
+    first: &[HookPoint { name: EMBED, shape: Shape::Model }],
+    block: &[
+        HookPoint { name: RESID_PRE, shape: Shape::Model },
+        HookPoint { name: LN1, shape: Shape::Model },
+        // After QK-norm, before RoPE.
+        HookPoint { name: Q, shape: Shape::Heads },
+        HookPoint { name: K, shape: Shape::KvHeads },
+        HookPoint { name: V, shape: Shape::KvHeads },
+        // After RoPE.
+        HookPoint { name: ROT_Q, shape: Shape::Heads },
+        HookPoint { name: ROT_K, shape: Shape::KvHeads },
+        HookPoint { name: PATTERN, shape: Shape::Pattern },
+        HookPoint { name: Z, shape: Shape::Heads },
+        // Per-head output, before the post-attention norm.
+        HookPoint { name: RESULT, shape: Shape::HeadResults },
+        // After the post-attention norm, as added to the residual.
+        HookPoint { name: ATTN_OUT, shape: Shape::Model },
+        HookPoint { name: RESID_MID, shape: Shape::Model },
+        HookPoint { name: LN2, shape: Shape::Model },
+        // The gate's pre-activation.
+        HookPoint { name: MLP_PRE, shape: Shape::Mlp },
+        // The up projection.
+        HookPoint { name: MLP_PRE_LINEAR, shape: Shape::Mlp },
+        HookPoint { name: MLP_POST, shape: Shape::Mlp },
+        // After the post-MLP norm, as added to the residual.
+        HookPoint { name: MLP_OUT, shape: Shape::Model },
+        HookPoint { name: RESID_POST, shape: Shape::Model },
+    ],
+    last: &[HookPoint { name: LN_FINAL, shape: Shape::Model }],
+};
 
 /// Gemma 3 hyper-parameters beyond [`ModelConfig`].
 #[derive(Clone, Debug)]
@@ -267,9 +295,9 @@ impl Gemma3 {
         let b = &self.blocks[i];
         let diff = hooks.diff_at(i);
         let (batch, seq, _) = x.dims3()?;
-        let name = |s: &str| format!("blocks.{i}.attn.{s}");
+        let name = |s: &str| hooks::in_block(i, s);
         let scale = self.cfg.query_pre_attn_scalar.powf(-0.5);
-        let inner = ["hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_pattern"];
+        let inner = [Q, K, V, ROT_Q, ROT_K, PATTERN];
         let fusable = x.dtype() == DType::F32 && x.device().is_cpu();
         if !diff && fusable && !inner.iter().any(|h| hooks.is_active(&name(h))) {
             // Fused path: one projection GEMM, then QK-norm + RoPE and the attention in two kernels.
@@ -294,15 +322,15 @@ impl Gemma3 {
         let k =
             rms_norm(&heads(linear(x, &b.k(c)?, None)?, c.n_kv_heads)?, &b.k_norm, self.cfg.rms_eps, diff)?;
         let v = heads(linear(x, &b.v(c)?, None)?, c.n_kv_heads)?;
-        let q = hooks.apply(&name("hook_q"), q)?;
-        let k = hooks.apply(&name("hook_k"), k)?;
-        let v = hooks.apply(&name("hook_v"), v)?;
+        let q = hooks.apply(&name(Q), q)?;
+        let k = hooks.apply(&name(K), k)?;
+        let v = hooks.apply(&name(V), v)?;
         // [b, s, h, d] -> [b, h, s, d] for RoPE and the score matmuls.
         let (cos, sin) = rope_t;
         let q = rope(&q.transpose(1, 2)?.contiguous()?, cos, sin, diff)?;
         let k = rope(&k.transpose(1, 2)?.contiguous()?, cos, sin, diff)?;
-        let q = hooks.apply(&name("hook_rot_q"), q.transpose(1, 2)?)?.transpose(1, 2)?;
-        let k = hooks.apply(&name("hook_rot_k"), k.transpose(1, 2)?)?.transpose(1, 2)?;
+        let q = hooks.apply(&name(ROT_Q), q.transpose(1, 2)?)?.transpose(1, 2)?;
+        let k = hooks.apply(&name(ROT_K), k.transpose(1, 2)?)?.transpose(1, 2)?;
         let v = v.transpose(1, 2)?.contiguous()?;
         // Grouped KV heads: query head h reads KV head h / (n_heads / n_kv_heads).
         let group = c.n_heads / c.n_kv_heads;
@@ -310,7 +338,7 @@ impl Gemma3 {
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         let scores = scores.reshape((batch, c.n_heads, seq, seq))?.broadcast_add(mask)?;
         let pattern = softmax(&scores, diff)?;
-        let pattern = hooks.apply(&name("hook_pattern"), pattern)?;
+        let pattern = hooks.apply(&name(PATTERN), pattern)?;
         let z = pattern.reshape((batch, c.n_kv_heads, group * seq, seq))?.matmul(&v)?;
         let z = z.reshape((batch, c.n_heads, seq, c.d_head))?.transpose(1, 2)?.contiguous()?;
         self.attention_out(i, z, hooks)
@@ -322,14 +350,14 @@ impl Gemma3 {
         let c = &self.cfg.base;
         let b = &self.blocks[i];
         let (batch, seq, _, _) = z.dims4()?;
-        let name = |s: &str| format!("blocks.{i}.attn.{s}");
-        let z = hooks.apply(&name("hook_z"), z)?;
-        if hooks.is_active(&name("hook_result")) {
+        let name = |s: &str| hooks::in_block(i, s);
+        let z = hooks.apply(&name(Z), z)?;
+        if hooks.is_active(&name(RESULT)) {
             // Per-head output z_h @ W_O[:, h] -> [b, s, h, d_model].
             let wo = b.o.reshape((c.d_model, c.n_heads, c.d_head))?.transpose(0, 1)?.contiguous()?;
             let zh = z.transpose(1, 2)?.contiguous()?; // [b, h, s, d_head]
             let result = zh.broadcast_matmul(&wo.transpose(1, 2)?.unsqueeze(0)?)?; // [b, h, s, d_model]
-            hooks.apply(&name("hook_result"), result.transpose(1, 2)?.contiguous()?)?;
+            hooks.apply(&name(RESULT), result.transpose(1, 2)?.contiguous()?)?;
         }
         linear(&z.reshape((batch, seq, c.n_heads * c.d_head))?, &b.o, None)
     }
@@ -352,28 +380,8 @@ impl HookedModel for Gemma3 {
         &self.cfg.base
     }
 
-    fn hook_names(&self) -> Vec<String> {
-        let per_block = [
-            "hook_resid_pre",
-            "ln1.hook_normalized",
-            "attn.hook_q",
-            "attn.hook_k",
-            "attn.hook_v",
-            "attn.hook_rot_q",
-            "attn.hook_rot_k",
-            "attn.hook_pattern",
-            "attn.hook_z",
-            "attn.hook_result",
-            "hook_attn_out",
-            "hook_resid_mid",
-            "ln2.hook_normalized",
-            "mlp.hook_pre",
-            "mlp.hook_pre_linear",
-            "mlp.hook_post",
-            "hook_mlp_out",
-            "hook_resid_post",
-        ];
-        hooks::hook_names(self.cfg.base.n_layers, &["hook_embed"], &per_block, &["ln_final.hook_normalized"])
+    fn hook_list(&self) -> &'static HookList {
+        &HOOKS
     }
 
     fn forward(&self, tokens: &Tensor, hooks: &mut Hooks) -> Result<Option<Tensor>> {
@@ -388,41 +396,38 @@ impl HookedModel for Gemma3 {
         let (batch, _) = tokens.dims2()?;
         let ids = tokens.flatten_all()?;
         let x = self.embed.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
-        let mut x = hooks.apply("hook_embed", (x * (c.d_model as f64).sqrt())?)?;
+        let mut x = hooks.apply(EMBED, (x * (c.d_model as f64).sqrt())?)?;
         let global = rope_tables(seq, c.d_head, self.cfg.rope_global, &self.device)?;
         let local = rope_tables(seq, c.d_head, self.cfg.rope_local, &self.device)?;
         let full_mask = causal_mask(seq, None, &self.device)?;
         let window_mask = causal_mask(seq, Some(self.cfg.sliding_window), &self.device)?;
         for (i, b) in self.blocks.iter().enumerate() {
-            let name = |s: &str| format!("blocks.{i}.{s}");
+            let name = |s: &str| hooks::in_block(i, s);
             let diff = hooks.diff_at(i);
-            x = hooks.apply(&name("hook_resid_pre"), x)?;
-            let h = hooks.apply(&name("ln1.hook_normalized"), rms_norm(&x, &b.attn_norm, eps, diff)?)?;
+            x = hooks.apply(&name(RESID_PRE), x)?;
+            let h = hooks.apply(&name(LN1), rms_norm(&x, &b.attn_norm, eps, diff)?)?;
             let (rope_t, mask) =
                 if self.cfg.sliding[i] { (&local, &window_mask) } else { (&global, &full_mask) };
             let attn = self.attention(i, &h, rope_t, mask, hooks)?;
-            let attn = hooks.apply(&name("hook_attn_out"), rms_norm(&attn, &b.post_attn_norm, eps, diff)?)?;
-            x = hooks.apply(&name("hook_resid_mid"), (x + attn)?)?;
-            let h = hooks.apply(&name("ln2.hook_normalized"), rms_norm(&x, &b.ffn_norm, eps, diff)?)?;
-            let act = if diff
-                || hooks.is_active(&name("mlp.hook_pre"))
-                || hooks.is_active(&name("mlp.hook_pre_linear"))
-            {
-                let gate = hooks.apply(&name("mlp.hook_pre"), linear(&h, &b.gate(c)?, None)?)?;
-                let up = hooks.apply(&name("mlp.hook_pre_linear"), linear(&h, &b.up(c)?, None)?)?;
+            let attn = hooks.apply(&name(ATTN_OUT), rms_norm(&attn, &b.post_attn_norm, eps, diff)?)?;
+            x = hooks.apply(&name(RESID_MID), (x + attn)?)?;
+            let h = hooks.apply(&name(LN2), rms_norm(&x, &b.ffn_norm, eps, diff)?)?;
+            let act = if diff || hooks.is_active(&name(MLP_PRE)) || hooks.is_active(&name(MLP_PRE_LINEAR)) {
+                let gate = hooks.apply(&name(MLP_PRE), linear(&h, &b.gate(c)?, None)?)?;
+                let up = hooks.apply(&name(MLP_PRE_LINEAR), linear(&h, &b.up(c)?, None)?)?;
                 geglu(&gate, &up, diff)?
             } else {
                 kernels::geglu_fused(&linear(&h, &b.gate_up, None)?)?
             };
-            let act = hooks.apply(&name("mlp.hook_post"), act)?;
+            let act = hooks.apply(&name(MLP_POST), act)?;
             let mlp = rms_norm(&linear(&act, &b.down, None)?, &b.post_ffn_norm, eps, diff)?;
-            let mlp = hooks.apply(&name("hook_mlp_out"), mlp)?;
-            x = hooks.apply(&name("hook_resid_post"), (x + mlp)?)?;
+            let mlp = hooks.apply(&name(MLP_OUT), mlp)?;
+            x = hooks.apply(&name(RESID_POST), (x + mlp)?)?;
             if hooks.stop_layer() == Some(i) {
                 return Ok(None);
             }
         }
-        let x = hooks.apply("ln_final.hook_normalized", rms_norm(&x, &self.final_norm, eps, diff)?)?;
+        let x = hooks.apply(LN_FINAL, rms_norm(&x, &self.final_norm, eps, diff)?)?;
         if hooks.skips_unembed() {
             return Ok(Some(x));
         }

@@ -8,21 +8,46 @@
 //! stores GPT-2's linear layers as `Conv1D` with weights `[in, out]`; they are transposed at load to
 //! the `[out, in]` layout of [`linear`].
 //!
-//! Hooks (TransformerLens names): `hook_embed`, `hook_pos_embed`; per block `L`: `hook_resid_pre`,
-//! `ln1.hook_normalized` (after the affine), `attn.hook_q|k|v` `[batch, pos, head, d_head]` (with
-//! biases), `attn.hook_pattern` `[batch, head, query, key]`, `attn.hook_z`, `attn.hook_result`
-//! `[batch, pos, head, d_model]` (per-head output, before the output bias), `hook_attn_out` (with
-//! the bias), `hook_resid_mid`, `ln2.hook_normalized`, `mlp.hook_pre`, `mlp.hook_post`,
-//! `hook_mlp_out`, `hook_resid_post`; then `ln_final.hook_normalized`.
+//! Hooks: [`HOOKS`], each with where it sits.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
-use super::hooks;
+use super::hooks::{self, HookList, HookPoint, Shape, names::*};
 use super::ops::{Activation, Attention, LayerNorm, causal_mask, linear};
 use super::{HookedModel, Hooks, ModelConfig};
+
+/// GPT-2's hook points (TransformerLens names), in forward order.
+pub static HOOKS: HookList = HookList {
+    first: &[
+        HookPoint { name: EMBED, shape: Shape::Model },
+        HookPoint { name: POS_EMBED, shape: Shape::Model },
+    ],
+    block: &[
+        HookPoint { name: RESID_PRE, shape: Shape::Model },
+        // After the affine.
+        HookPoint { name: LN1, shape: Shape::Model },
+        // With biases.
+        HookPoint { name: Q, shape: Shape::Heads },
+        HookPoint { name: K, shape: Shape::Heads },
+        HookPoint { name: V, shape: Shape::Heads },
+        HookPoint { name: PATTERN, shape: Shape::Pattern },
+        HookPoint { name: Z, shape: Shape::Heads },
+        // Per-head output, before the output bias.
+        HookPoint { name: RESULT, shape: Shape::HeadResults },
+        // With the output bias.
+        HookPoint { name: ATTN_OUT, shape: Shape::Model },
+        HookPoint { name: RESID_MID, shape: Shape::Model },
+        HookPoint { name: LN2, shape: Shape::Model },
+        HookPoint { name: MLP_PRE, shape: Shape::Mlp },
+        HookPoint { name: MLP_POST, shape: Shape::Mlp },
+        HookPoint { name: MLP_OUT, shape: Shape::Model },
+        HookPoint { name: RESID_POST, shape: Shape::Model },
+    ],
+    last: &[HookPoint { name: LN_FINAL, shape: Shape::Model }],
+};
 
 /// GPT-2 hyper-parameters beyond [`ModelConfig`].
 #[derive(Clone, Debug)]
@@ -200,30 +225,8 @@ impl HookedModel for Gpt2 {
         &self.cfg.base
     }
 
-    fn hook_names(&self) -> Vec<String> {
-        let per_block = [
-            "hook_resid_pre",
-            "ln1.hook_normalized",
-            "attn.hook_q",
-            "attn.hook_k",
-            "attn.hook_v",
-            "attn.hook_pattern",
-            "attn.hook_z",
-            "attn.hook_result",
-            "hook_attn_out",
-            "hook_resid_mid",
-            "ln2.hook_normalized",
-            "mlp.hook_pre",
-            "mlp.hook_post",
-            "hook_mlp_out",
-            "hook_resid_post",
-        ];
-        hooks::hook_names(
-            self.cfg.base.n_layers,
-            &["hook_embed", "hook_pos_embed"],
-            &per_block,
-            &["ln_final.hook_normalized"],
-        )
+    fn hook_list(&self) -> &'static HookList {
+        &HOOKS
     }
 
     fn forward(&self, tokens: &Tensor, hooks: &mut Hooks) -> Result<Option<Tensor>> {
@@ -235,32 +238,32 @@ impl HookedModel for Gpt2 {
         hooks.validate(&self.hook_names())?;
         let ids = tokens.flatten_all()?;
         let embed = self.wte.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
-        let embed = hooks.apply("hook_embed", embed)?;
+        let embed = hooks.apply(EMBED, embed)?;
         let pos = self.wpe.narrow(0, 0, seq)?.unsqueeze(0)?.broadcast_as((batch, seq, c.d_model))?;
-        let pos = hooks.apply("hook_pos_embed", pos.contiguous()?)?;
+        let pos = hooks.apply(POS_EMBED, pos.contiguous()?)?;
         let mut x = (embed + pos)?;
         let mask = causal_mask(seq, None, &self.device)?;
         for (i, b) in self.blocks.iter().enumerate() {
-            let name = |s: &str| format!("blocks.{i}.{s}");
-            x = hooks.apply(&name("hook_resid_pre"), x)?;
-            let h = hooks.apply(&name("ln1.hook_normalized"), b.ln1.forward(&x)?)?;
+            let name = |s: &str| hooks::in_block(i, s);
+            x = hooks.apply(&name(RESID_PRE), x)?;
+            let h = hooks.apply(&name(LN1), b.ln1.forward(&x)?)?;
             let mut scale = if self.cfg.scale_attn_weights { (c.d_head as f64).powf(-0.5) } else { 1.0 };
             if self.cfg.scale_attn_by_inverse_layer_idx {
                 scale /= (i + 1) as f64;
             }
             let attn = b.attn.forward(i, &h, c.n_heads, scale, &mask, hooks)?;
-            let attn = hooks.apply(&name("hook_attn_out"), attn)?;
-            x = hooks.apply(&name("hook_resid_mid"), (x + attn)?)?;
-            let h = hooks.apply(&name("ln2.hook_normalized"), b.ln2.forward(&x)?)?;
-            let pre = hooks.apply(&name("mlp.hook_pre"), linear(&h, &b.fc, Some(&b.fc_bias))?)?;
-            let post = hooks.apply(&name("mlp.hook_post"), self.cfg.activation.apply(&pre)?)?;
-            let mlp = hooks.apply(&name("hook_mlp_out"), linear(&post, &b.proj, Some(&b.proj_bias))?)?;
-            x = hooks.apply(&name("hook_resid_post"), (x + mlp)?)?;
+            let attn = hooks.apply(&name(ATTN_OUT), attn)?;
+            x = hooks.apply(&name(RESID_MID), (x + attn)?)?;
+            let h = hooks.apply(&name(LN2), b.ln2.forward(&x)?)?;
+            let pre = hooks.apply(&name(MLP_PRE), linear(&h, &b.fc, Some(&b.fc_bias))?)?;
+            let post = hooks.apply(&name(MLP_POST), self.cfg.activation.apply(&pre)?)?;
+            let mlp = hooks.apply(&name(MLP_OUT), linear(&post, &b.proj, Some(&b.proj_bias))?)?;
+            x = hooks.apply(&name(RESID_POST), (x + mlp)?)?;
             if hooks.stop_layer() == Some(i) {
                 return Ok(None);
             }
         }
-        let x = hooks.apply("ln_final.hook_normalized", self.ln_f.forward(&x)?)?;
+        let x = hooks.apply(LN_FINAL, self.ln_f.forward(&x)?)?;
         if hooks.skips_unembed() {
             return Ok(Some(x));
         }

@@ -1,6 +1,8 @@
 //! Hook points: read, replace or differentiate any named activation of a forward pass.
 //!
-//! Models call [`Hooks::apply`] at every hook point (TransformerLens names, see DESIGN.md). A
+//! Models call [`Hooks::apply`] at every hook point (TransformerLens names, see DESIGN.md). The
+//! names are spelled once, in [`names`]; each architecture lists its hook points once, with the
+//! shape of each, as a [`HookList`] (tested: every listed hook fires with that shape). A
 //! [`Hooks`] value says which points to cache, which to change ([`Intervention`]) and at which to
 //! take the gradient of a loss: there the activation is swapped for a fresh candle `Var`, so
 //! `loss.backward()` reaches it without computing any weight gradient (weights are not variables).
@@ -10,6 +12,99 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use candle_core::{Tensor, Var};
+
+use crate::ModelConfig;
+
+/// TransformerLens hook names; those inside a block are relative to `blocks.{L}.`.
+pub mod names {
+    pub const EMBED: &str = "hook_embed";
+    pub const POS_EMBED: &str = "hook_pos_embed";
+    pub const RESID_PRE: &str = "hook_resid_pre";
+    pub const LN1: &str = "ln1.hook_normalized";
+    pub const Q: &str = "attn.hook_q";
+    pub const K: &str = "attn.hook_k";
+    pub const V: &str = "attn.hook_v";
+    pub const ROT_Q: &str = "attn.hook_rot_q";
+    pub const ROT_K: &str = "attn.hook_rot_k";
+    pub const PATTERN: &str = "attn.hook_pattern";
+    pub const Z: &str = "attn.hook_z";
+    pub const RESULT: &str = "attn.hook_result";
+    pub const ATTN_OUT: &str = "hook_attn_out";
+    pub const RESID_MID: &str = "hook_resid_mid";
+    pub const LN2: &str = "ln2.hook_normalized";
+    pub const MLP_PRE: &str = "mlp.hook_pre";
+    pub const MLP_PRE_LINEAR: &str = "mlp.hook_pre_linear";
+    pub const MLP_POST: &str = "mlp.hook_post";
+    pub const MLP_OUT: &str = "hook_mlp_out";
+    pub const RESID_POST: &str = "hook_resid_post";
+    pub const LN_FINAL: &str = "ln_final.hook_normalized";
+}
+
+/// The shape of the activation at a hook point, for an input of `batch` sequences of `pos` tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// `[batch, pos, d_model]`: the residual stream, and what is added to it.
+    Model,
+    /// `[batch, pos, d_mlp]`: inside the MLP.
+    Mlp,
+    /// `[batch, pos, head, d_head]`: per query head.
+    Heads,
+    /// `[batch, pos, kv_head, d_head]`: per key/value head (fewer than the query heads when
+    /// queries share them).
+    KvHeads,
+    /// `[batch, head, query_pos, key_pos]`: the attention pattern.
+    Pattern,
+    /// `[batch, pos, head, d_model]`: each head's output, before it is summed.
+    HeadResults,
+}
+
+impl Shape {
+    pub fn dims(self, c: &ModelConfig, batch: usize, pos: usize) -> Vec<usize> {
+        match self {
+            Shape::Model => vec![batch, pos, c.d_model],
+            Shape::Mlp => vec![batch, pos, c.d_mlp],
+            Shape::Heads => vec![batch, pos, c.n_heads, c.d_head],
+            Shape::KvHeads => vec![batch, pos, c.n_kv_heads, c.d_head],
+            Shape::Pattern => vec![batch, c.n_heads, pos, pos],
+            Shape::HeadResults => vec![batch, pos, c.n_heads, c.d_model],
+        }
+    }
+}
+
+/// One hook point of an architecture: its name (from [`names`]) and shape.
+#[derive(Clone, Copy, Debug)]
+pub struct HookPoint {
+    pub name: &'static str,
+    pub shape: Shape,
+}
+
+/// Every hook point of an architecture, in forward order: before the blocks, in each block, after.
+#[derive(Debug)]
+pub struct HookList {
+    pub first: &'static [HookPoint],
+    pub block: &'static [HookPoint],
+    pub last: &'static [HookPoint],
+}
+
+impl HookList {
+    /// Every hook point with its full name, for a model of `n_layers` blocks.
+    pub fn points(&self, n_layers: usize) -> Vec<(String, Shape)> {
+        let blocks = (0..n_layers)
+            .flat_map(|i| self.block.iter().map(move |p| (format!("blocks.{i}.{}", p.name), p.shape)));
+        let plain = |p: &HookPoint| (p.name.to_string(), p.shape);
+        self.first.iter().map(plain).chain(blocks).chain(self.last.iter().map(plain)).collect()
+    }
+
+    /// Every hook name, in forward order.
+    pub fn names(&self, n_layers: usize) -> Vec<String> {
+        self.points(n_layers).into_iter().map(|(name, _)| name).collect()
+    }
+}
+
+/// The full name of hook `name` (from [`names`]) in block `layer`.
+pub fn in_block(layer: usize, name: &str) -> String {
+    format!("blocks.{layer}.{name}")
+}
 
 /// A function applied to an activation by [`Intervention::Map`].
 pub type MapFn = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
@@ -210,13 +305,6 @@ impl Hooks {
 /// The block of a `blocks.{L}.…` hook name.
 fn hook_layer(hook: &str) -> Option<usize> {
     hook.strip_prefix("blocks.")?.split('.').next()?.parse().ok()
-}
-
-/// A model's hook names in forward order: `first`, then `blocks.{L}.{name}` for every block and
-/// every name in `per_block`, then `last`.
-pub fn hook_names(n_layers: usize, first: &[&str], per_block: &[&str], last: &[&str]) -> Vec<String> {
-    let blocks = (0..n_layers).flat_map(|i| per_block.iter().map(move |s| format!("blocks.{i}.{s}")));
-    first.iter().map(|s| s.to_string()).chain(blocks).chain(last.iter().map(|s| s.to_string())).collect()
 }
 
 /// Levenshtein distance, for "did you mean" suggestions (too small a need for a crate).

@@ -30,7 +30,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 
-pub use hooks::{Hooks, Intervention};
+pub use hooks::{HookList, HookPoint, Hooks, Intervention, Shape};
 pub use loss::{loss_gradients, next_token_loss};
 
 /// Architectures Loupe can run, for error messages.
@@ -73,8 +73,13 @@ pub trait HookedModel: Send + Sync {
         bail!("{} has no unembedding, so directions have no logit effects", self.config().architecture)
     }
 
+    /// Every hook point of the architecture, with its shape.
+    fn hook_list(&self) -> &'static HookList;
+
     /// Every hook point, in forward order.
-    fn hook_names(&self) -> Vec<String>;
+    fn hook_names(&self) -> Vec<String> {
+        self.hook_list().names(self.config().n_layers)
+    }
 
     /// Run on token ids `[batch, seq]` (u32). Returns logits `[batch, seq, vocab]` for causal
     /// models (the last hidden state for encoders), or `None` when `hooks` stopped the pass early.

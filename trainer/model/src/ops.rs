@@ -7,6 +7,10 @@ use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 
 use super::Hooks;
+use super::hooks::{
+    self,
+    names::{K, PATTERN, Q, RESULT, V, Z},
+};
 
 /// `x @ w.T` for `x` of shape `[.., in]` and `w` of `[out, in]`, plus an optional bias. On the CPU
 /// in f32 through [`super::kernels::linear`], whose backward computes no weight gradient.
@@ -169,23 +173,23 @@ impl Attention {
         let (batch, seq, _) = x.dims3()?;
         let d_head = self.q.dim(0)? / n_heads;
         let diff = hooks.wants_grad();
-        let name = |s: &str| format!("blocks.{layer}.attn.{s}");
+        let name = |s: &str| hooks::in_block(layer, s);
         let heads = |w: &Tensor, b: &Tensor| -> Result<Tensor> {
             Ok(linear(x, w, Some(b))?.reshape((batch, seq, n_heads, d_head))?)
         };
-        let q = hooks.apply(&name("hook_q"), heads(&self.q, &self.q_bias)?)?;
-        let k = hooks.apply(&name("hook_k"), heads(&self.k, &self.k_bias)?)?;
-        let v = hooks.apply(&name("hook_v"), heads(&self.v, &self.v_bias)?)?;
+        let q = hooks.apply(&name(Q), heads(&self.q, &self.q_bias)?)?;
+        let k = hooks.apply(&name(K), heads(&self.k, &self.k_bias)?)?;
+        let v = hooks.apply(&name(V), heads(&self.v, &self.v_bias)?)?;
         // [b, s, h, d] -> [b, h, s, d] for the score matmuls.
         let q = q.transpose(1, 2)?.contiguous()?;
         let k = k.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
-        let pattern = hooks.apply(&name("hook_pattern"), softmax(&scores, diff)?)?;
+        let pattern = hooks.apply(&name(PATTERN), softmax(&scores, diff)?)?;
         let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?;
-        let z = hooks.apply(&name("hook_z"), z)?;
-        if hooks.is_active(&name("hook_result")) {
-            hooks.apply(&name("hook_result"), per_head_result(&z, &self.o)?)?;
+        let z = hooks.apply(&name(Z), z)?;
+        if hooks.is_active(&name(RESULT)) {
+            hooks.apply(&name(RESULT), per_head_result(&z, &self.o)?)?;
         }
         linear(&z.reshape((batch, seq, n_heads * d_head))?, &self.o, Some(&self.o_bias))
     }

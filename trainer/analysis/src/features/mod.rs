@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use loupe_store::features::hist_bin_edge;
-use loupe_store::{Bucket, DType, Example, FeatureRow, FeaturesEntry, Store};
+use loupe_store::{Bucket, DType, Example, FeatureRow, FeaturesEntry, Progress, Store};
 use serde::Serialize;
 
 use loupe_dict::Dictionary;
@@ -124,14 +124,6 @@ impl AnalyzeConfig {
     }
 }
 
-/// Live progress.
-#[derive(Clone, Copy, Debug)]
-pub struct Progress {
-    pub phase: &'static str,
-    pub done: u64,
-    pub total: u64,
-}
-
 /// What an analysis did (also written as `features/<dict>/analysis.json`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -154,8 +146,10 @@ pub struct Report {
     pub seconds: f64,
 }
 
-/// Run an analysis and list its tables in the store.
-pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Result<Report> {
+/// Run an analysis and list its tables in the store. `progress` follows the stages: "encoding"
+/// (rows), then "expert outputs" (Monet), "examples", "co-occurrence", "logit effects", "similarity
+/// index" and "writing".
+pub fn analyze(cfg: &AnalyzeConfig, progress: &dyn Progress) -> Result<Report> {
     let started = Instant::now();
     if cfg.window == 0 || cfg.window > u16::MAX as usize || cfg.chunk == 0 {
         bail!("--window must be 1..65535 and --chunk at least 1");
@@ -225,8 +219,9 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
     let codes_path = writer.dir().join(format!("codes{}", loupe_store::fsutil::TMP_SUFFIX));
     let total = rows.end - rows.start;
     let pass_cfg = pass::PassConfig { chunk: cfg.chunk, top: cfg.top, per_quantile: cfg.per_quantile };
+    progress.stage("encoding");
     let out = pass::run(&acts, rows.clone(), dict.as_ref(), pass_cfg, &codes_path, |done| {
-        progress(&Progress { phase: "encoding", done, total })
+        progress.set(done, total)
     })?;
     // Each feature's direction: an SAE's decoder row, or a Monet expert's mean output on its top
     // examples (read back from the rows while they are still at hand).
@@ -234,7 +229,8 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
     let directions: Option<std::borrow::Cow<[f32]>> = match dict.decoder_directions() {
         Some(dirs) => Some(dirs.into()),
         None => {
-            progress(&Progress { phase: "expert outputs", done: 0, total: dict.n_features() as u64 });
+            progress.stage("expert outputs");
+            progress.set(0, dict.n_features() as u64);
             let inputs = top_example_inputs(&acts, rows.start, &out.top)?;
             let dirs = dict.mean_feature_outputs(&inputs);
             if dirs.is_some() {
@@ -262,7 +258,7 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         report.phase_seconds.push((phase.to_string(), clock.elapsed().as_secs_f64()));
         clock = Instant::now();
     };
-    let tables = build_tables(cfg, dict.as_ref(), &out, &mut report, &mut progress)?;
+    let tables = build_tables(cfg, dict.as_ref(), &out, &mut report, progress)?;
     lap(&mut report, "examples and co-occurrence");
 
     // Model-dependent parts: token strings and logit effects.
@@ -278,7 +274,8 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
         _ => Vec::new(),
     };
     lap(&mut report, "model and vocabulary");
-    progress(&Progress { phase: "logit effects", done: 0, total: dict.n_features() as u64 });
+    progress.stage("logit effects");
+    progress.set(0, dict.n_features() as u64);
     let logit_rows = match (&model, directions.as_deref()) {
         (Some(m), Some(dirs)) if dict.d_out() == m.config().d_model => {
             // Unit directions, so that values compare across features and dictionaries (an SAE's
@@ -304,7 +301,8 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
 
     lap(&mut report, "logit effects");
     // Similar features.
-    progress(&Progress { phase: "similarity index", done: 0, total: dict.n_features() as u64 });
+    progress.stage("similarity index");
+    progress.set(0, dict.n_features() as u64);
     let mut writer = writer;
     let neighbour_rows = match directions.as_deref() {
         Some(_) if cfg.neighbours == 0 => None,
@@ -324,7 +322,8 @@ pub fn analyze(cfg: &AnalyzeConfig, mut progress: impl FnMut(&Progress)) -> Resu
     };
 
     lap(&mut report, "similarity index");
-    progress(&Progress { phase: "writing", done: 0, total: 1 });
+    progress.stage("writing");
+    progress.set(0, 1);
     writer.features(&tables.features)?;
     writer.examples(&tables.top, false)?;
     writer.examples(&tables.quantile, true)?;
@@ -444,7 +443,7 @@ fn capture_on_the_fly(
         shard_rows: None,
         max_tokens: Some(cfg.capture_tokens),
     };
-    loupe_model::capture::capture(&capture, |_| {}).context("on-the-fly capture failed")?;
+    loupe_model::capture::capture(&capture, &()).context("on-the-fly capture failed")?;
     Ok(())
 }
 
@@ -461,7 +460,7 @@ fn build_tables(
     dict: &dyn Dictionary,
     out: &pass::PassOutput,
     report: &mut Report,
-    progress: &mut impl FnMut(&Progress),
+    progress: &dyn Progress,
 ) -> Result<Tables> {
     let n = dict.n_features();
     let stats = &out.stats;
@@ -488,7 +487,8 @@ fn build_tables(
     report.dead = features.iter().filter(|r| r.dead).count();
     report.dense = features.iter().filter(|r| r.dense).count();
 
-    progress(&Progress { phase: "examples", done: 0, total: n as u64 });
+    progress.stage("examples");
+    progress.set(0, n as u64);
     let windows = examples::Windows { info: &out.info, codes: &out.codes, window: cfg.window };
     let mut top = Vec::new();
     let mut quantile = Vec::new();
@@ -510,7 +510,8 @@ fn build_tables(
         }
     }
 
-    progress(&Progress { phase: "co-occurrence", done: 0, total: n as u64 });
+    progress.stage("co-occurrence");
+    progress.set(0, n as u64);
     let used = cooccur::rows_used(&out.codes, cfg.cooccurrence_work);
     report.cooccurrence_rows = used as u64;
     let cooccurrence = cooccur::cooccurrence(&out.codes, n, used, cfg.cooccurring);

@@ -189,6 +189,7 @@ impl Fit for MonetTrainer {
     const CHECKPOINT_FILES: &'static [&'static str] =
         &["cfg.json", "monet_weights.safetensors", "state.safetensors", "state.json"];
     const FINAL_FILES: &'static [&'static str] = &["cfg.json", "monet_weights.safetensors"];
+    const ACTIVE: &'static str = "experts/token";
 
     fn needs(cfg: &MonetTrainConfig) -> Needs {
         Needs { d_in: cfg.spec.d_in, d_out: cfg.spec.d_out, batch: cfg.batch, seed: cfg.seed, grad: false }
