@@ -151,11 +151,11 @@ fn browse_search_open_follow_and_go_back() {
     assert!(has_label(&h, "explainer offline"), "the explanation's provenance");
     snapshot(&mut h, "feature_page");
 
-    // Follow a similar feature, then go back.
+    // Follow a neighbour, then go back.
     let similar = h
         .query_all_by_role(Role::Link)
         .find_map(|n| n.accesskit_node().label().and_then(|l| l.strip_prefix("feature ").map(str::to_string)))
-        .expect("a similar feature link");
+        .expect("a neighbour link");
     let similar: u32 = similar.parse().unwrap();
     // (By accessibility action: the link may be below the page's visible part.)
     h.get_all_by_role_and_label(Role::Link, &format!("feature {similar}")).next().unwrap().click_accesskit();

@@ -1,6 +1,6 @@
 //! The feature page: everything the analysis and auto-interp stored about one feature — stats and
 //! density, explanations with their scores and provenance, top and quantile examples coloured by
-//! activation, the activation histogram and logit effects (egui_plot), similar and co-occurring
+//! activation, the activation histogram and logit effects (egui_plot), neighbours and co-occurring
 //! features to click through. The page's content is read once when it opens (memory-mapped
 //! tables, microseconds) and kept until another feature opens.
 
@@ -41,7 +41,7 @@ struct Content {
     quantile: Vec<Shown>,
     promoted: Vec<(String, f32)>,
     suppressed: Vec<(String, f32)>,
-    similar: Vec<(u32, f32)>,
+    neighbours: Vec<(u32, f32)>,
     cooccurring: Vec<(u32, f32)>,
 }
 
@@ -94,7 +94,7 @@ fn load(data: &DictData, f: u32) -> anyhow::Result<Content> {
             .collect(),
         promoted: side(true),
         suppressed: side(false),
-        similar: t.neighbours(f)?.iter().map(|n| (n.neighbour, n.cosine)).collect(),
+        neighbours: t.neighbours(f)?.iter().map(|n| (n.neighbour, n.cosine)).collect(),
         cooccurring: t.cooccurrence(f)?.iter().map(|c| (c.other, c.jaccard)).collect(),
         stats,
         top,
@@ -126,7 +126,7 @@ impl View for FeaturePage {
 }
 
 impl FeaturePage {
-    /// Draw feature `f` of `data`; returns a feature to open (a click on a similar or
+    /// Draw feature `f` of `data`; returns a feature to open (a click on a neighbour or
     /// co-occurring feature).
     fn draw(&mut self, ui: &mut Ui, data: &DictData, f: u32, store_root: &str) -> Option<u32> {
         let stale = match &self.content {
@@ -163,7 +163,7 @@ impl FeaturePage {
                 logit_bars(&mut cols[1], content);
             });
             ui.add_space(6.0);
-            open = open.or(links(ui, "Similar features (decoder cosine)", &content.similar));
+            open = open.or(links(ui, "Neighbours (decoder cosine)", &content.neighbours));
             open = open.or(links(ui, "Co-occurring features (Jaccard)", &content.cooccurring));
         });
         open
