@@ -335,7 +335,7 @@ mod tests {
     fn outer(i: u32) -> Outer {
         Outer {
             id: i,
-            flag: i % 2 == 0,
+            flag: i.is_multiple_of(2),
             name: format!("n{i}"),
             note: (i != 1).then(|| "x".repeat(i as usize)),
             inner: Inner { a: i as u8, b: (i > 0).then_some(i as f32 / 2.0) },
