@@ -38,7 +38,8 @@ pub trait Listed: Sized {
     fn files_mut(&mut self) -> &mut Vec<FileEntry>;
 }
 
-/// Every file that a [`Listed`] entry of `manifest` lists (relative to the store root).
+/// Every file that a [`Listed`] entry of `manifest` lists (relative to the store root): what no
+/// sweep may remove. A new kind of [`Listed`] entry adds its map here.
 fn listed_files(manifest: &Manifest) -> HashSet<&str> {
     let features = manifest.features.values().flat_map(|e| e.files());
     let explanations = manifest.explanations.values().flat_map(|e| e.files());
