@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use loupe_store::{Explanation, FeatureTables, Progress, Store};
+use loupe_store::{Explanation, FeatureTables, Progress, Provenance, Store};
 
 use crate::cache::request_key;
 use crate::examples::{self, Sizes};
@@ -52,13 +52,12 @@ fn offline_record(tables: &FeatureTables, f: u32, opts: &ExplainOptions) -> Resu
         explainer: OFFLINE.into(),
         explanation: Some(explain::offline(tables, f, &sets.train)),
         failure: None,
-        model: OFFLINE.into(),
-        prompt_hash: request_key(&inputs),
-        temperature: 0.0,
-        max_tokens: 0,
-        example_rows: rows,
-        prompt_tokens: 0,
-        completion_tokens: 0,
+        provenance: Provenance {
+            model: OFFLINE.into(),
+            prompt_hash: request_key(&inputs),
+            example_rows: rows,
+            ..Provenance::default()
+        },
     })
 }
 
@@ -76,13 +75,14 @@ async fn delphi_record(
         explainer: DELPHI.into(),
         explanation: None,
         failure: None,
-        model: llm.model().to_string(),
-        prompt_hash: request_key(&llm.client.body(&req)),
-        temperature: req.temperature,
-        max_tokens: req.max_tokens,
-        example_rows: sets.train.iter().map(|w| w.row).collect(),
-        prompt_tokens: 0,
-        completion_tokens: 0,
+        provenance: Provenance {
+            model: llm.model().to_string(),
+            prompt_hash: request_key(&llm.client.body(&req)),
+            temperature: req.temperature,
+            max_tokens: req.max_tokens,
+            example_rows: sets.train.iter().map(|w| w.row).collect(),
+            ..Provenance::default()
+        },
     };
     if sets.train.is_empty() {
         rec.failure = Some("the analysis has no examples of this feature".into());
@@ -90,8 +90,8 @@ async fn delphi_record(
     }
     match llm.ask(&req, &format!("feature {f}")).await {
         Ok(answer) => {
-            rec.prompt_tokens = answer.response.usage.prompt_tokens;
-            rec.completion_tokens = answer.response.usage.completion_tokens;
+            rec.provenance.prompt_tokens = answer.response.usage.prompt_tokens;
+            rec.provenance.completion_tokens = answer.response.usage.completion_tokens;
             let truncated = answer.response.finish_reason.as_deref() == Some("length");
             match explain::parse_explanation(&answer.response.text, truncated) {
                 Ok(text) => rec.explanation = Some(text),

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use loupe_store::{Explanation, FeatureTables, Progress, Score, Store};
+use loupe_store::{Explanation, FeatureTables, Progress, Provenance, Score, Store};
 
 use crate::cache::request_key;
 use crate::examples::{self, Sizes};
@@ -52,7 +52,7 @@ impl Default for ScoreOptions {
 
 /// A score row from what a scorer measured (or why it failed).
 fn record(e: &Explanation, scorer: &str, model: &str, temperature: f32, m: Measured) -> Score {
-    let provenance = serde_json::json!({"scorer": scorer, "model": model, "requests": m.request_keys, "rows": m.example_rows});
+    let inputs = serde_json::json!({"scorer": scorer, "model": model, "requests": m.request_keys, "rows": m.example_rows});
     Score {
         feature_id: e.feature_id,
         explainer: e.explainer.clone(),
@@ -64,13 +64,15 @@ fn record(e: &Explanation, scorer: &str, model: &str, temperature: f32, m: Measu
         pearson: m.pearson,
         n_examples: m.n_examples,
         failure: m.failure,
-        model: model.to_string(),
-        prompt_hash: request_key(&provenance),
-        temperature,
-        max_tokens: m.max_tokens,
-        example_rows: m.example_rows,
-        prompt_tokens: m.prompt_tokens,
-        completion_tokens: m.completion_tokens,
+        provenance: Provenance {
+            model: model.to_string(),
+            prompt_hash: request_key(&inputs),
+            temperature,
+            max_tokens: m.max_tokens,
+            example_rows: m.example_rows,
+            prompt_tokens: m.prompt_tokens,
+            completion_tokens: m.completion_tokens,
+        },
     }
 }
 

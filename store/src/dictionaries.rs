@@ -8,16 +8,14 @@
 //! training ends they are the final SAELens-layout files at the top of the folder (status `done`).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use arrow_array::{Array, Float32Array, RecordBatch, UInt64Array};
-use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
 use crate::manifest::check_hook_name;
 use crate::store::Store;
+use crate::table::{self, table};
 
 /// Folder of all dictionaries, inside the store.
 pub const DICTIONARIES_DIR: &str = "dictionaries";
@@ -149,50 +147,22 @@ pub(crate) fn hash_files(dir: &Path, files: &[&str]) -> Result<Vec<FileEntry>> {
     Ok(entries)
 }
 
-/// One row of a training log: what a step measured.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct TrainLogRow {
-    pub step: u64,
-    pub tokens: u64,
-    pub fvu: f32,
-    pub l0: f32,
-    pub aux_loss: f32,
-    pub dead_fraction: f32,
-}
-
-fn train_log_schema() -> Arc<Schema> {
-    Arc::new(Schema::new(vec![
-        Field::new("step", DataType::UInt64, false),
-        Field::new("tokens", DataType::UInt64, false),
-        Field::new("fvu", DataType::Float32, false),
-        Field::new("l0", DataType::Float32, false),
-        Field::new("aux_loss", DataType::Float32, false),
-        Field::new("dead_fraction", DataType::Float32, false),
-    ]))
+table! {
+    /// One row of a training log (`train_log.arrow`): what a step measured.
+    #[derive(Clone, Copy, Debug, Default, PartialEq)]
+    pub struct TrainLogRow, view TrainLogColumns {
+        pub step: u64,
+        pub tokens: u64,
+        pub fvu: f32,
+        pub l0: f32,
+        pub aux_loss: f32,
+        pub dead_fraction: f32,
+    }
 }
 
 /// Write a training log as an Arrow IPC file, atomically.
 pub fn write_train_log(path: &Path, rows: &[TrainLogRow]) -> Result<()> {
-    let u64s = |f: fn(&TrainLogRow) -> u64| Arc::new(UInt64Array::from_iter_values(rows.iter().map(f)));
-    let f32s = |f: fn(&TrainLogRow) -> f32| Arc::new(Float32Array::from_iter_values(rows.iter().map(f)));
-    let batch = RecordBatch::try_new(
-        train_log_schema(),
-        vec![
-            u64s(|r| r.step),
-            u64s(|r| r.tokens),
-            f32s(|r| r.fvu),
-            f32s(|r| r.l0),
-            f32s(|r| r.aux_loss),
-            f32s(|r| r.dead_fraction),
-        ],
-    )?;
-    let mut bytes = Vec::new();
-    {
-        let mut writer = arrow_ipc::writer::FileWriter::try_new(&mut bytes, &batch.schema())?;
-        writer.write(&batch)?;
-        writer.finish()?;
-    }
-    fsutil::write_atomic(path, &bytes)
+    fsutil::write_atomic(path, &table::ipc_bytes(&table::batch(rows)?)?)
 }
 
 /// Read a training log written by [`write_train_log`].
@@ -200,29 +170,14 @@ pub fn read_train_log(path: &Path) -> Result<Vec<TrainLogRow>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = arrow_ipc::reader::FileReader::try_new(file, None)
         .with_context(|| format!("{} is not an Arrow IPC file", path.display()))?;
-    if reader.schema() != train_log_schema() {
+    if reader.schema() != table::schema::<TrainLogRow>() {
         bail!("{} does not have the training log's schema", path.display());
     }
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.with_context(|| format!("cannot read {}", path.display()))?;
-        let u = |i: usize| {
-            batch.column(i).as_any().downcast_ref::<UInt64Array>().expect("schema checked").clone()
-        };
-        let f = |i: usize| {
-            batch.column(i).as_any().downcast_ref::<Float32Array>().expect("schema checked").clone()
-        };
-        let (step, tokens, fvu, l0, aux, dead) = (u(0), u(1), f(2), f(3), f(4), f(5));
-        for i in 0..batch.num_rows() {
-            rows.push(TrainLogRow {
-                step: step.value(i),
-                tokens: tokens.value(i),
-                fvu: fvu.value(i),
-                l0: l0.value(i),
-                aux_loss: aux.value(i),
-                dead_fraction: dead.value(i),
-            });
-        }
+        let columns = table::view::<TrainLogRow>(&batch)?;
+        rows.extend((0..batch.num_rows()).map(|i| columns.row(i)));
     }
     Ok(rows)
 }

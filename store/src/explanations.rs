@@ -5,25 +5,25 @@
 //! Every row carries its provenance: which explainer or scorer made it, the LLM (or `offline`),
 //! the SHA-256 of the exact request bodies (`prompt_hash`), the sampling parameters, the store
 //! rows of the examples used, and the tokens spent. A feature whose explanation or score failed
-//! has a row too, with `failure` saying why, so no feature silently drops out.
+//! has a row too, with `failure` saying why, so no feature silently drops out. Both row types
+//! end with the same [`Provenance`] columns.
 //!
 //! The tables are small (one row per feature and explainer or scorer), so they are read whole.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow, bail};
-use arrow_array::builder::{ListBuilder, UInt64Builder};
-use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, UInt32Type, UInt64Type};
-use arrow_array::{Array, ArrayRef, Float32Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
-use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use anyhow::Result;
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
 use serde::{Deserialize, Serialize};
 
-use crate::dictionaries::{FileEntry, check_dictionary_name, hash_files};
+use crate::dictionaries::FileEntry;
 use crate::features::INDEX_DIR;
-use crate::fsutil;
+use crate::listing::Listed;
+use crate::manifest::Manifest;
 use crate::store::Store;
+use crate::table::{self, Columns, table};
 
 /// Folder of all explanations, inside the store.
 pub const EXPLANATIONS_DIR: &str = "explanations";
@@ -48,54 +48,78 @@ pub struct ExplanationsEntry {
     pub files: Vec<FileEntry>,
 }
 
-/// One explanation of one feature by one explainer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Explanation {
-    pub feature_id: u32,
-    /// `delphi` (an LLM with the delphi-style prompt) or `offline` (token and logit statistics).
-    pub explainer: String,
-    /// None when it failed.
-    pub explanation: Option<String>,
-    /// Why it failed (None when it did not).
-    pub failure: Option<String>,
-    /// The LLM that answered, or `offline`.
-    pub model: String,
-    /// SHA-256 (hex) of the request bodies sent, or of the offline explainer's inputs.
-    pub prompt_hash: String,
-    pub temperature: f32,
-    pub max_tokens: u32,
-    /// Store rows (the examples' `row`) of the examples shown.
-    pub example_rows: Vec<u64>,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
+impl Listed for ExplanationsEntry {
+    const WHAT: &'static str = "explanations";
+    const FOLDERS: &'static [&'static str] = &[EXPLANATIONS_DIR];
+    fn entries(manifest: &mut Manifest) -> &mut BTreeMap<String, Self> {
+        &mut manifest.explanations
+    }
+    fn files(&self) -> &[FileEntry] {
+        &self.files
+    }
+    fn files_mut(&mut self) -> &mut Vec<FileEntry> {
+        &mut self.files
+    }
 }
 
-/// One score of one explanation by one scorer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Score {
-    pub feature_id: u32,
-    /// The explainer whose explanation was scored.
-    pub explainer: String,
-    /// `detection`, `fuzzing`, `simulation`, `embedding` or `intervention`.
-    pub scorer: String,
-    /// The headline: balanced accuracy (detection, fuzzing), Pearson r (simulation), AUROC
-    /// (embedding, intervention). None when it failed.
-    pub score: Option<f32>,
-    pub balanced_accuracy: Option<f32>,
-    pub f1: Option<f32>,
-    /// From log-probabilities or similarities, when available.
-    pub auroc: Option<f32>,
-    pub pearson: Option<f32>,
-    /// Examples (or tokens, for simulation) scored.
-    pub n_examples: u32,
-    pub failure: Option<String>,
-    pub model: String,
-    pub prompt_hash: String,
-    pub temperature: f32,
-    pub max_tokens: u32,
-    pub example_rows: Vec<u64>,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
+table! {
+    /// Who or what made an explanation or a score, from what, and at what cost: the columns
+    /// both tables end with (after `failure`).
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct Provenance, view ProvenanceColumns {
+        /// The LLM that answered (or the embedding model), or `offline`.
+        pub model: String,
+        /// SHA-256 (hex) of the request bodies sent, or of the offline method's inputs.
+        pub prompt_hash: String,
+        pub temperature: f32,
+        pub max_tokens: u32,
+        /// Store rows (the examples' `row`) of the examples used.
+        pub example_rows: Vec<u64>,
+        pub prompt_tokens: u64,
+        pub completion_tokens: u64,
+    }
+}
+
+table! {
+    /// One explanation of one feature by one explainer: a row of `explanations.arrow`.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Explanation, view ExplanationColumns {
+        pub feature_id: u32,
+        /// `delphi` (an LLM with the delphi-style prompt) or `offline` (token and logit statistics).
+        pub explainer: String,
+        /// None when it failed.
+        pub explanation: Option<String>,
+        /// Why it failed (None when it did not).
+        pub failure: Option<String>,
+        #[serde(flatten)]
+        pub provenance: Provenance,
+    }
+}
+
+table! {
+    /// One score of one explanation by one scorer: a row of `scores.arrow`.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Score, view ScoreColumns {
+        pub feature_id: u32,
+        /// The explainer whose explanation was scored.
+        pub explainer: String,
+        /// `detection`, `fuzzing`, `simulation`, `embedding` or `intervention`.
+        pub scorer: String,
+        /// The headline: balanced accuracy (detection, fuzzing), Pearson r (simulation), AUROC
+        /// (embedding, intervention). None when it failed.
+        pub score: Option<f32>,
+        pub balanced_accuracy: Option<f32>,
+        pub f1: Option<f32>,
+        /// From log-probabilities or similarities, when available.
+        pub auroc: Option<f32>,
+        pub pearson: Option<f32>,
+        /// Examples (or tokens, for simulation) scored.
+        pub n_examples: u32,
+        /// Why it failed (None when it did not).
+        pub failure: Option<String>,
+        #[serde(flatten)]
+        pub provenance: Provenance,
+    }
 }
 
 /// Everything stored for one dictionary.
@@ -105,219 +129,20 @@ pub struct Explanations {
     pub scores: Vec<Score>,
 }
 
-fn field(name: &str, dt: DataType, nullable: bool) -> Field {
-    Field::new(name, dt, nullable)
-}
-
-fn rows_field() -> Field {
-    field("example_rows", DataType::List(Arc::new(field("item", DataType::UInt64, true))), false)
-}
-
-/// The provenance columns shared by both tables, after their own columns.
-fn provenance() -> Vec<Field> {
-    vec![
-        field("failure", DataType::Utf8, true),
-        field("model", DataType::Utf8, false),
-        field("prompt_hash", DataType::Utf8, false),
-        field("temperature", DataType::Float32, false),
-        field("max_tokens", DataType::UInt32, false),
-        rows_field(),
-        field("prompt_tokens", DataType::UInt64, false),
-        field("completion_tokens", DataType::UInt64, false),
-    ]
-}
-
+/// The schema of `explanations.arrow` (and of the exported `explanations.parquet`).
 pub fn explanations_schema() -> SchemaRef {
-    let mut fields = vec![
-        field("feature_id", DataType::UInt32, false),
-        field("explainer", DataType::Utf8, false),
-        field("explanation", DataType::Utf8, true),
-    ];
-    fields.extend(provenance());
-    Arc::new(Schema::new(fields))
+    table::schema::<Explanation>()
 }
 
+/// The schema of `scores.arrow` (and of the exported `scores.parquet`).
 pub fn scores_schema() -> SchemaRef {
-    let mut fields = vec![
-        field("feature_id", DataType::UInt32, false),
-        field("explainer", DataType::Utf8, false),
-        field("scorer", DataType::Utf8, false),
-        field("score", DataType::Float32, true),
-        field("balanced_accuracy", DataType::Float32, true),
-        field("f1", DataType::Float32, true),
-        field("auroc", DataType::Float32, true),
-        field("pearson", DataType::Float32, true),
-        field("n_examples", DataType::UInt32, false),
-    ];
-    fields.extend(provenance());
-    Arc::new(Schema::new(fields))
+    table::schema::<Score>()
 }
 
-/// The provenance columns of rows, in [`provenance`] order.
-struct Provenance<'a> {
-    failure: Option<&'a str>,
-    model: &'a str,
-    prompt_hash: &'a str,
-    temperature: f32,
-    max_tokens: u32,
-    example_rows: &'a [u64],
-    prompt_tokens: u64,
-    completion_tokens: u64,
-}
-
-/// The [`Provenance`] of an [`Explanation`] or a [`Score`] (they share the fields).
-macro_rules! provenance_of {
-    ($r:expr) => {
-        Provenance {
-            failure: $r.failure.as_deref(),
-            model: &$r.model,
-            prompt_hash: &$r.prompt_hash,
-            temperature: $r.temperature,
-            max_tokens: $r.max_tokens,
-            example_rows: &$r.example_rows,
-            prompt_tokens: $r.prompt_tokens,
-            completion_tokens: $r.completion_tokens,
-        }
-    };
-}
-
-fn provenance_columns(rows: &[Provenance]) -> Vec<ArrayRef> {
-    let mut lists = ListBuilder::new(UInt64Builder::new());
-    for r in rows {
-        lists.values().append_slice(r.example_rows);
-        lists.append(true);
-    }
-    vec![
-        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.failure))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.model))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.prompt_hash))),
-        Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.temperature))),
-        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.max_tokens))),
-        Arc::new(lists.finish()),
-        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.prompt_tokens))),
-        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.completion_tokens))),
-    ]
-}
-
-/// The explanations as one record batch (the table's and the export's layout).
-pub fn explanations_batch(rows: &[Explanation]) -> Result<RecordBatch> {
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.feature_id))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.explainer.as_str()))),
-        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.explanation.as_deref()))),
-    ];
-    columns.extend(provenance_columns(&rows.iter().map(|r| provenance_of!(r)).collect::<Vec<_>>()));
-    Ok(RecordBatch::try_new(explanations_schema(), columns)?)
-}
-
-/// The scores as one record batch.
-pub fn scores_batch(rows: &[Score]) -> Result<RecordBatch> {
-    let f32s =
-        |f: fn(&Score) -> Option<f32>| -> ArrayRef { Arc::new(Float32Array::from_iter(rows.iter().map(f))) };
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.feature_id))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.explainer.as_str()))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.scorer.as_str()))),
-        f32s(|r| r.score),
-        f32s(|r| r.balanced_accuracy),
-        f32s(|r| r.f1),
-        f32s(|r| r.auroc),
-        f32s(|r| r.pearson),
-        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.n_examples))),
-    ];
-    columns.extend(provenance_columns(&rows.iter().map(|r| provenance_of!(r)).collect::<Vec<_>>()));
-    Ok(RecordBatch::try_new(scores_schema(), columns)?)
-}
-
-/// A table's columns by name, read row by row: rows are built straight from the mapped columns,
-/// with no intermediate vector per column (a million explanations allocate only what they own).
-struct Columns<'a>(&'a RecordBatch);
-
-impl<'a> Columns<'a> {
-    fn col(&self, name: &str) -> &'a ArrayRef {
-        self.0.column_by_name(name).expect("schema checked")
-    }
-    /// Strings (null → None).
-    fn text(&self, name: &str) -> impl Fn(usize) -> Option<String> + 'a {
-        let col = self.col(name).as_string::<i32>();
-        move |i| col.is_valid(i).then(|| col.value(i).to_string())
-    }
-    /// Strings (null → "").
-    fn required(&self, name: &str) -> impl Fn(usize) -> String + 'a {
-        let text = self.text(name);
-        move |i| text(i).unwrap_or_default()
-    }
-    fn float(&self, name: &str) -> impl Fn(usize) -> Option<f32> + 'a {
-        let col = self.col(name).as_primitive::<Float32Type>();
-        move |i| col.is_valid(i).then(|| col.value(i))
-    }
-    fn u32s(&self, name: &str) -> &'a [u32] {
-        self.col(name).as_primitive::<UInt32Type>().values()
-    }
-    fn u64s(&self, name: &str) -> &'a [u64] {
-        self.col(name).as_primitive::<UInt64Type>().values()
-    }
-    fn example_rows(&self) -> impl Fn(usize) -> Vec<u64> + 'a {
-        let list = self.col("example_rows").as_list::<i32>();
-        let (offsets, values) = (list.value_offsets(), list.values().as_primitive::<UInt64Type>().values());
-        move |i| values[offsets[i] as usize..offsets[i + 1] as usize].to_vec()
-    }
-}
-
-fn read_explanations(batch: &RecordBatch) -> Vec<Explanation> {
-    let c = Columns(batch);
-    let (ids, explainer, explanation) =
-        (c.u32s("feature_id"), c.required("explainer"), c.text("explanation"));
-    let (failure, model, hash) = (c.text("failure"), c.required("model"), c.required("prompt_hash"));
-    let (temp, max_tokens, rows) = (c.float("temperature"), c.u32s("max_tokens"), c.example_rows());
-    let (pt, ct) = (c.u64s("prompt_tokens"), c.u64s("completion_tokens"));
-    (0..ids.len())
-        .map(|i| Explanation {
-            feature_id: ids[i],
-            explainer: explainer(i),
-            explanation: explanation(i),
-            failure: failure(i),
-            model: model(i),
-            prompt_hash: hash(i),
-            temperature: temp(i).unwrap_or_default(),
-            max_tokens: max_tokens[i],
-            example_rows: rows(i),
-            prompt_tokens: pt[i],
-            completion_tokens: ct[i],
-        })
-        .collect()
-}
-
-fn read_scores(batch: &RecordBatch) -> Vec<Score> {
-    let c = Columns(batch);
-    let (ids, explainer, scorer, failure) =
-        (c.u32s("feature_id"), c.required("explainer"), c.required("scorer"), c.text("failure"));
-    let (score, bacc, f1) = (c.float("score"), c.float("balanced_accuracy"), c.float("f1"));
-    let (auroc, pearson, n) = (c.float("auroc"), c.float("pearson"), c.u32s("n_examples"));
-    let (model, hash) = (c.required("model"), c.required("prompt_hash"));
-    let (temp, max_tokens, rows) = (c.float("temperature"), c.u32s("max_tokens"), c.example_rows());
-    let (pt, ct) = (c.u64s("prompt_tokens"), c.u64s("completion_tokens"));
-    (0..ids.len())
-        .map(|i| Score {
-            feature_id: ids[i],
-            explainer: explainer(i),
-            scorer: scorer(i),
-            score: score(i),
-            balanced_accuracy: bacc(i),
-            f1: f1(i),
-            auroc: auroc(i),
-            pearson: pearson(i),
-            n_examples: n[i],
-            failure: failure(i),
-            model: model(i),
-            prompt_hash: hash(i),
-            temperature: temp(i).unwrap_or_default(),
-            max_tokens: max_tokens[i],
-            example_rows: rows(i),
-            prompt_tokens: pt[i],
-            completion_tokens: ct[i],
-        })
-        .collect()
+/// All rows of a table whose schema was checked.
+fn read_all<T: Columns>(batch: &RecordBatch) -> Vec<T> {
+    let view = T::view(&mut batch.columns().iter());
+    (0..batch.num_rows()).map(|i| T::get(&view, i)).collect()
 }
 
 impl Store {
@@ -360,25 +185,11 @@ impl Store {
         let Some(entry) = self.explanations_entry(dict) else {
             return Ok(Explanations::default());
         };
-        let read = |file: &str, schema: SchemaRef| -> Result<RecordBatch> {
-            let listed = crate::features::find_listed(&entry.files, file)
-                .ok_or_else(|| anyhow!("the explanations of {dict} list no {file}"))?;
-            let path = self.root().join(&listed.file);
-            let handle = std::fs::File::open(&path)
-                .with_context(|| format!("{} is listed but missing", path.display()))?;
-            // SAFETY: listed files are immutable (written under a temporary name, then renamed).
-            let map = Arc::new(unsafe { memmap2::Mmap::map(&handle) }?);
-            crate::fsutil::check_listed(&path, &map, listed.bytes, &listed.xxh3)?;
-            let batch = crate::reader::decode_single_batch(&map)
-                .map_err(|e| anyhow!("{} is not a valid table: {e}", path.display()))?;
-            if batch.schema().fields() != schema.fields() {
-                bail!("{} does not have the {file} schema", path.display());
-            }
-            Ok(batch)
-        };
+        let what = format!("the explanations of {dict}");
+        let read = |file: &str, schema: SchemaRef| self.read_listed_table(&entry.files, &what, file, &schema);
         Ok(Explanations {
-            explanations: read_explanations(&read(EXPLANATIONS_TABLE, explanations_schema())?),
-            scores: read_scores(&read(SCORES_TABLE, scores_schema())?),
+            explanations: read_all(&read(EXPLANATIONS_TABLE, explanations_schema())?),
+            scores: read_all(&read(SCORES_TABLE, scores_schema())?),
         })
     }
 
@@ -391,56 +202,27 @@ impl Store {
         all: &Explanations,
         index: Option<(&str, &[String])>,
     ) -> Result<()> {
-        check_dictionary_name(dict)?;
-        if !self.is_writable() {
-            bail!("store {} is open read-only", self.root().display());
-        }
         // New tables go into a folder of their own: the listed ones stay untouched until the
         // manifest names the new ones, and are removed after.
-        let generation = fsutil::generation();
-        let dir = self.explanations_dir(dict).join(&generation);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut files = Vec::new();
-        for (file, batch) in [
-            (EXPLANATIONS_TABLE, explanations_batch(&all.explanations)?),
-            (SCORES_TABLE, scores_batch(&all.scores)?),
-        ] {
-            let mut bytes = Vec::new();
-            {
-                let mut writer = arrow_ipc::writer::FileWriter::try_new(&mut bytes, &batch.schema())?;
-                writer.write(&batch)?;
-                writer.finish()?;
-            }
-            fsutil::write_atomic(&dir.join(file), &bytes)
-                .with_context(|| format!("cannot write {file} of the explanations of {dict}"))?;
-            files.push(format!("{EXPLANATIONS_DIR}/{dict}/{generation}/{file}"));
-        }
-        let index_model = index.map(|(model, _)| model.to_string());
+        let mut listing = self.start_listing::<ExplanationsEntry>(dict)?;
+        listing.write_table(EXPLANATIONS_DIR, EXPLANATIONS_TABLE, &table::batch(&all.explanations)?)?;
+        listing.write_table(EXPLANATIONS_DIR, SCORES_TABLE, &table::batch(&all.scores)?)?;
         for file in index.map(|(_, f)| f).unwrap_or_default() {
-            files.push(format!("{INDEX_DIR}/{dict}/{file}"));
+            listing.add(format!("{INDEX_DIR}/{dict}/{file}"));
         }
-        let refs: Vec<&str> = files.iter().map(String::as_str).collect();
         let entry = ExplanationsEntry {
             n_explanations: all.explanations.len() as u32,
             n_scores: all.scores.len() as u32,
-            index_model,
+            index_model: index.map(|(model, _)| model.to_string()),
             // Rewriting the tables (a score run, a partial explain run) does not make older
             // explanations current: keep what the previous entry recorded.
             analysis: match self.explanations_entry(dict) {
                 Some(previous) => previous.analysis,
                 None => self.features(dict).as_ref().map(crate::features::analysis_id),
             },
-            files: hash_files(self.root(), &refs)?,
+            files: Vec::new(),
         };
-        let previous = self.explanations_entry(dict).map(|e| e.files).unwrap_or_default();
-        self.commit(|m| {
-            m.explanations.insert(dict.to_string(), entry);
-            Ok(())
-        })?;
-        // Unlisted now, so no reader trusts them: failing to delete them only wastes space.
-        let old: Vec<&str> = previous.iter().map(|f| f.file.as_str()).filter(|f| !refs.contains(f)).collect();
-        let _ = fsutil::remove_files(self.root(), &old);
-        Ok(())
+        self.commit_listing(listing, entry)
     }
 }
 
@@ -454,13 +236,15 @@ mod tests {
             explainer: if f.is_multiple_of(2) { "delphi".into() } else { "offline".into() },
             explanation: text.map(Into::into),
             failure: text.is_none().then(|| "timed out".into()),
-            model: format!("model-{f}"),
-            prompt_hash: format!("{f:064x}"),
-            temperature: 0.5 * f as f32,
-            max_tokens: 100 + f,
-            example_rows: (0..f as u64).collect(),
-            prompt_tokens: 7 * f as u64,
-            completion_tokens: 3 * f as u64,
+            provenance: Provenance {
+                model: format!("model-{f}"),
+                prompt_hash: format!("{f:064x}"),
+                temperature: 0.5 * f as f32,
+                max_tokens: 100 + f,
+                example_rows: (0..f as u64).collect(),
+                prompt_tokens: 7 * f as u64,
+                completion_tokens: 3 * f as u64,
+            },
         }
     }
 
@@ -476,13 +260,15 @@ mod tests {
             pearson: None,
             n_examples: 10 + f,
             failure: value.is_none().then(|| "bad answer".into()),
-            model: "m".into(),
-            prompt_hash: format!("{f:064x}"),
-            temperature: 0.0,
-            max_tokens: 1,
-            example_rows: vec![f as u64, 2],
-            prompt_tokens: 1,
-            completion_tokens: 2,
+            provenance: Provenance {
+                model: "m".into(),
+                prompt_hash: format!("{f:064x}"),
+                temperature: 0.0,
+                max_tokens: 1,
+                example_rows: vec![f as u64, 2],
+                prompt_tokens: 1,
+                completion_tokens: 2,
+            },
         }
     }
 

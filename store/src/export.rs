@@ -29,9 +29,10 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use crate::dictionaries::FileEntry;
-use crate::explanations::{EXPLANATIONS_DIR, Explanation, Score, explanations_batch, scores_batch};
+use crate::explanations::{EXPLANATIONS_DIR, Explanation, Score};
 use crate::fsutil;
 use crate::store::Store;
+use crate::table;
 
 pub const EXPLANATIONS_PARQUET: &str = "explanations.parquet";
 pub const SCORES_PARQUET: &str = "scores.parquet";
@@ -202,13 +203,13 @@ fn neuronpedia_records<'a>(
                 layer,
                 index: e.feature_id.to_string(),
                 description,
-                explanation_model_name: &e.model,
+                explanation_model_name: &e.provenance.model,
                 type_name: &e.explainer,
                 scores,
-                prompt_hash: &e.prompt_hash,
-                temperature: e.temperature,
-                max_tokens: e.max_tokens,
-                example_rows: &e.example_rows,
+                prompt_hash: &e.provenance.prompt_hash,
+                temperature: e.provenance.temperature,
+                max_tokens: e.provenance.max_tokens,
+                example_rows: &e.provenance.example_rows,
             })
         })
         .collect()
@@ -266,8 +267,8 @@ pub fn export(store: &Store, dict: &str, out: &Path, opts: &ExportOptions) -> Re
         files.push(rel);
         Ok(())
     };
-    write(EXPLANATIONS_PARQUET.to_string(), &parquet_bytes(&explanations_batch(&all.explanations)?)?)?;
-    write(SCORES_PARQUET.to_string(), &parquet_bytes(&scores_batch(&all.scores)?)?)?;
+    write(EXPLANATIONS_PARQUET.to_string(), &parquet_bytes(&table::batch(&all.explanations)?)?)?;
+    write(SCORES_PARQUET.to_string(), &parquet_bytes(&table::batch(&all.scores)?)?)?;
     let records = neuronpedia_records(&all.explanations, &all.scores, &model_id, &layer);
     let mut written = Vec::new();
     for (i, chunk) in records.chunks(opts.batch_size).enumerate() {

@@ -12,6 +12,8 @@
 //! - [`features`]: feature analyses (`features/<dict>/` tables, `index/<dict>/` ANN dumps);
 //! - [`explanations`]: explanations and scores (`explanations/<dict>/`) and their search index;
 //! - [`export`]: explanations and scores as Parquet and Neuronpedia-style JSONL batches;
+//! - [`table`]: how a table is declared once (row struct, schema, writer, zero-copy reader);
+//! - [`listing`]: writing the files of one manifest entry, then listing them in one commit;
 //! - [`fsutil`]: the temp-file/fsync/rename discipline behind every write;
 //! - [`progress`]: the [`Progress`] trait every long job reports through.
 //!
@@ -22,18 +24,20 @@ pub mod explanations;
 pub mod export;
 pub mod features;
 pub mod fsutil;
+pub mod listing;
 pub mod manifest;
 pub mod progress;
 pub mod reader;
 pub mod sampler;
 pub mod schema;
 pub mod store;
+pub mod table;
 pub mod values;
 pub mod verify;
 pub mod writer;
 
 pub use dictionaries::{DictEntry, FileEntry, TrainLogRow};
-pub use explanations::{Explanation, Explanations, ExplanationsEntry, Score};
+pub use explanations::{Explanation, Explanations, ExplanationsEntry, Provenance, Score};
 pub use features::{
     Bucket, Cooccurrence, Example, FeatureRow, FeatureTables, FeaturesEntry, FeaturesWriter, LogitEffect,
     Neighbour,

@@ -240,9 +240,9 @@ fn flaky_server_and_budget_lose_no_feature() {
     assert_eq!(failed.len(), server.unparseable.load(Ordering::SeqCst));
     assert!(!failed.is_empty());
     for e in &all.explanations {
-        assert_eq!((e.explainer.as_str(), e.model.as_str()), ("delphi", "scripted"));
-        assert_eq!(e.prompt_hash.len(), 64);
-        assert!(!e.example_rows.is_empty() && e.prompt_tokens > 0);
+        assert_eq!((e.explainer.as_str(), e.provenance.model.as_str()), ("delphi", "scripted"));
+        assert_eq!(e.provenance.prompt_hash.len(), 64);
+        assert!(!e.provenance.example_rows.is_empty() && e.provenance.prompt_tokens > 0);
         match (&e.explanation, &e.failure) {
             (Some(x), None) => assert!(x.starts_with("the token "), "{x}"),
             (None, Some(why)) => assert!(why.contains("[EXPLANATION]:"), "{why}"),
@@ -276,7 +276,7 @@ fn flaky_server_and_budget_lose_no_feature() {
         assert_eq!(rows.iter().map(|s| s.feature_id).collect::<HashSet<_>>(), ok, "{scorer}");
         for r in rows {
             assert!(r.failure.is_none(), "{scorer} of {}: {:?}", r.feature_id, r.failure);
-            assert!(r.score.is_some() && r.n_examples > 0 && !r.example_rows.is_empty());
+            assert!(r.score.is_some() && r.n_examples > 0 && !r.provenance.example_rows.is_empty());
             if scorer == "simulation" {
                 assert!(r.pearson.is_some() && r.auroc.is_none());
             } else {
@@ -437,7 +437,8 @@ fn offline_explanations_are_scored_and_searchable() {
     let all = s.explanations("sae").unwrap();
     assert_eq!(all.explanations.iter().map(|e| e.feature_id).collect::<HashSet<_>>(), live());
     for e in &all.explanations {
-        assert_eq!((e.explainer.as_str(), e.model.as_str(), e.prompt_tokens), ("offline", "offline", 0));
+        let p = &e.provenance;
+        assert_eq!((e.explainer.as_str(), p.model.as_str(), p.prompt_tokens), ("offline", "offline", 0));
         assert!(
             e.explanation.as_ref().unwrap().starts_with("offline explainer (token statistics): fires on ")
         );
@@ -447,7 +448,7 @@ fn offline_explanations_are_scored_and_searchable() {
     for sc in scores {
         let auroc = sc.auroc.unwrap_or_else(|| panic!("feature {}: {:?}", sc.feature_id, sc.failure));
         assert!((0.0..=1.0).contains(&auroc) && sc.score == Some(auroc) && sc.n_examples == 16);
-        assert_eq!(sc.model, "all-MiniLM-L6-v2");
+        assert_eq!(sc.provenance.model, "all-MiniLM-L6-v2");
     }
     assert_eq!(s.explanations_entry("sae").unwrap().index_model.as_deref(), Some("all-MiniLM-L6-v2"));
 

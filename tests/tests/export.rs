@@ -15,7 +15,7 @@ use arrow_schema::{DataType, SchemaRef};
 use flate2::read::GzDecoder;
 use loupe_store::explanations::{explanations_schema, scores_schema};
 use loupe_store::export::{ExportOptions, ExportSummary, export};
-use loupe_store::{Explanation, Explanations, ModelInfo, Score, Store};
+use loupe_store::{Explanation, Explanations, ModelInfo, Provenance, Score, Store};
 use loupe_tests::{assert_one_error, fixture, loupe, snapshot, stderr};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Map, Value, json};
@@ -34,13 +34,15 @@ fn explanation(feature_id: u32, explainer: &str, text: Result<&str, &str>) -> Ex
         explainer: explainer.to_string(),
         explanation: text.ok().map(String::from),
         failure: text.err().map(String::from),
-        model: if llm { "qwen3-4b-instruct" } else { "offline" }.to_string(),
-        prompt_hash: hash(u128::from(feature_id) * 1_000_003 + u128::from(llm)),
-        temperature: if llm { 0.7 } else { 0.0 },
-        max_tokens: if llm { 256 } else { 0 },
-        example_rows: vec![u64::from(feature_id) * 100, u64::from(feature_id) * 100 + 17, 1 << 40],
-        prompt_tokens: if llm { 812 + u64::from(feature_id) } else { 0 },
-        completion_tokens: if llm { 23 } else { 0 },
+        provenance: Provenance {
+            model: if llm { "qwen3-4b-instruct" } else { "offline" }.to_string(),
+            prompt_hash: hash(u128::from(feature_id) * 1_000_003 + u128::from(llm)),
+            temperature: if llm { 0.7 } else { 0.0 },
+            max_tokens: if llm { 256 } else { 0 },
+            example_rows: vec![u64::from(feature_id) * 100, u64::from(feature_id) * 100 + 17, 1 << 40],
+            prompt_tokens: if llm { 812 + u64::from(feature_id) } else { 0 },
+            completion_tokens: if llm { 23 } else { 0 },
+        },
     }
 }
 
@@ -64,13 +66,15 @@ fn score(
         pearson: v[4],
         n_examples: n,
         failure: failure.map(String::from),
-        model: "qwen3-4b-instruct".to_string(),
-        prompt_hash: hash((u128::from(feature_id) << 64) | scorer.len() as u128),
-        temperature: 0.0,
-        max_tokens: 8,
-        example_rows: vec![u64::from(feature_id), 5, 9],
-        prompt_tokens: 1500,
-        completion_tokens: u64::from(n),
+        provenance: Provenance {
+            model: "qwen3-4b-instruct".to_string(),
+            prompt_hash: hash((u128::from(feature_id) << 64) | scorer.len() as u128),
+            temperature: 0.0,
+            max_tokens: 8,
+            example_rows: vec![u64::from(feature_id), 5, 9],
+            prompt_tokens: 1500,
+            completion_tokens: u64::from(n),
+        },
     }
 }
 

@@ -5,7 +5,7 @@
 use loupe_dict::sae::SaeSpec;
 use loupe_dict::{Sae, Variant};
 use loupe_model::tokenizer::Tokenizer;
-use loupe_store::{Explanation, Explanations, Store};
+use loupe_store::{Explanation, Explanations, Provenance, Store};
 use loupe_tests::planted::commit_sae;
 use loupe_tests::{gemma_gguf, loupe, minilm_dir, stderr};
 
@@ -68,13 +68,7 @@ fn steering_effects_match_their_own_explanations() {
                 explainer: "planted".into(),
                 explanation: Some(format!("the word{w}")),
                 failure: None,
-                model: "planted".into(),
-                prompt_hash: String::new(),
-                temperature: 0.0,
-                max_tokens: 0,
-                example_rows: Vec::new(),
-                prompt_tokens: 0,
-                completion_tokens: 0,
+                provenance: Provenance { model: "planted".into(), ..Provenance::default() },
             })
             .collect();
         store.commit_explanations("words", &Explanations { explanations, scores: Vec::new() }, None).unwrap();
@@ -98,7 +92,10 @@ fn steering_effects_match_their_own_explanations() {
     let perfect = scores.iter().filter(|&&s| s == 1.0).count();
     assert!(mean >= 0.85 && perfect >= 5, "intervention scores {scores:?}");
     for s in &all.scores {
-        assert_eq!((s.scorer.as_str(), s.n_examples, s.example_rows.len()), ("intervention", 8, 4));
+        assert_eq!(
+            (s.scorer.as_str(), s.n_examples, s.provenance.example_rows.len()),
+            ("intervention", 8, 4)
+        );
     }
 
     // One feature alone has nothing to be compared with: a recorded failure, not a score; a run

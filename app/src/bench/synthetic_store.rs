@@ -18,7 +18,7 @@ use anyhow::{Result, bail};
 use loupe_store::features::hist_bin;
 use loupe_store::{
     Bucket, Cooccurrence, Example, Explanation, Explanations, FeatureRow, FeaturesEntry, LogitEffect,
-    Neighbour, Score, Store,
+    Neighbour, Provenance, Score, Store,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -278,13 +278,12 @@ fn explanations(n: u32, words: &[String]) -> Explanations {
             explainer: "offline".into(),
             explanation: Some(format!("words about {} and {}", word(), word())),
             failure: None,
-            model: "offline".into(),
-            prompt_hash: hash_hex(f, 1),
-            temperature: 0.0,
-            max_tokens: 0,
-            example_rows: vec![mix(f as u64) % TOKENS, mix(f as u64 + 1) % TOKENS],
-            prompt_tokens: 0,
-            completion_tokens: 0,
+            provenance: Provenance {
+                model: "offline".into(),
+                prompt_hash: hash_hex(f, 1),
+                example_rows: vec![mix(f as u64) % TOKENS, mix(f as u64 + 1) % TOKENS],
+                ..Provenance::default()
+            },
         })
         .collect();
     let mut rng = self::rng(8);
@@ -303,13 +302,11 @@ fn explanations(n: u32, words: &[String]) -> Explanations {
                 pearson: None,
                 n_examples: 20,
                 failure: None,
-                model: "all-MiniLM-L6-v2".into(),
-                prompt_hash: hash_hex(f, 2),
-                temperature: 0.0,
-                max_tokens: 0,
-                example_rows: Vec::new(),
-                prompt_tokens: 0,
-                completion_tokens: 0,
+                provenance: Provenance {
+                    model: "all-MiniLM-L6-v2".into(),
+                    prompt_hash: hash_hex(f, 2),
+                    ..Provenance::default()
+                },
             }
         })
         .collect();

@@ -211,14 +211,14 @@ fn explanations(ui: &mut Ui, all: &[(Explanation, Vec<Score>)]) {
                 ),
             };
             // By characters: a store written by another tool may hold any text here.
-            let hash: String = e.prompt_hash.chars().take(12).collect();
+            let hash: String = e.provenance.prompt_hash.chars().take(12).collect();
             ui.label(
                 RichText::new(format!(
                     "explainer {} · model {} · temperature {} · prompt {hash}… · {} example rows",
                     e.explainer,
-                    e.model,
-                    e.temperature,
-                    e.example_rows.len()
+                    e.provenance.model,
+                    e.provenance.temperature,
+                    e.provenance.example_rows.len()
                 ))
                 .weak(),
             );
@@ -226,7 +226,7 @@ fn explanations(ui: &mut Ui, all: &[(Explanation, Vec<Score>)]) {
                 for s in scores {
                     let text = match (s.score, &s.failure) {
                         (Some(v), _) => {
-                            format!("{} {v:.3} ({} examples, {})", s.scorer, s.n_examples, s.model)
+                            format!("{} {v:.3} ({} examples, {})", s.scorer, s.n_examples, s.provenance.model)
                         }
                         (None, f) => format!("{} failed: {}", s.scorer, f.as_deref().unwrap_or("?")),
                     };

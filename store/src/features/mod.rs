@@ -15,19 +15,25 @@
 //!   fire on the same tokens;
 //! - `vocab.arrow`: the token strings (row i is token i), shared by the example and logit tables.
 //!
-//! Files are written atomically one by one, then listed in one manifest update
-//! ([`Store::commit_features`]): a reader never sees a half-written analysis. [`write`] holds
-//! the writer, [`read`] the reader ([`FeatureTables`]).
+//! Each table's row type is declared once with `table!` (schema, writer and zero-copy column
+//! views follow from it, see [`crate::table`]). Files are written atomically one by one, then
+//! listed in one manifest update ([`Store::commit_features`], a [`crate::listing::Listing`]): a
+//! reader never sees a half-written analysis. [`write`] holds the writer, [`read`] the reader
+//! ([`FeatureTables`]).
 
 pub mod read;
 pub mod write;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use arrow_schema::{Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 
 use crate::dictionaries::FileEntry;
+use crate::listing::Listed;
+use crate::manifest::Manifest;
+use crate::table::{self, table};
 
 pub use read::FeatureTables;
 pub use write::FeaturesWriter;
@@ -84,90 +90,129 @@ impl FeaturesEntry {
     }
 }
 
+impl Listed for FeaturesEntry {
+    const WHAT: &'static str = "analysis";
+    const FOLDERS: &'static [&'static str] = &[FEATURES_DIR, INDEX_DIR];
+    fn entries(manifest: &mut Manifest) -> &mut BTreeMap<String, Self> {
+        &mut manifest.features
+    }
+    fn files(&self) -> &[FileEntry] {
+        &self.files
+    }
+    fn files_mut(&mut self) -> &mut Vec<FileEntry> {
+        &mut self.files
+    }
+}
+
 /// The entry of `files` whose last path component is `name`.
 pub(crate) fn find_listed<'a>(files: &'a [FileEntry], name: &str) -> Option<&'a FileEntry> {
     files.iter().find(|f| f.file.rsplit('/').next() == Some(name))
 }
 
-/// One row of `features.arrow`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FeatureRow {
-    pub feature_id: u32,
-    pub count: u64,
-    pub density: f32,
-    pub mean_activation: f32,
-    pub max_activation: f32,
-    pub dead: bool,
-    pub dense: bool,
-    /// The histogram's first non-empty bin; `hist[i]` counts bin `hist_first_bin + i`.
-    pub hist_first_bin: u16,
-    pub hist: Vec<u32>,
+table! {
+    /// One row of `features.arrow`.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct FeatureRow, view FeatureColumns {
+        pub feature_id: u32,
+        pub count: u64,
+        pub density: f32,
+        pub mean_activation: f32,
+        pub max_activation: f32,
+        pub dead: bool,
+        pub dense: bool,
+        /// The histogram's first non-empty bin; `hist[i]` counts bin `hist_first_bin + i`.
+        pub hist_first_bin: u16,
+        pub hist: Vec<u32>,
+    }
 }
 
-/// An activation quantile bucket of a feature: the tokens with `lo <= activation < hi`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Bucket {
-    /// 0 = lowest activations.
-    pub index: u8,
-    pub lo: f32,
-    pub hi: f32,
-    /// Tokens of the pass in the bucket (the examples are a uniform sample of them).
-    pub tokens: u64,
+table! {
+    /// An activation quantile bucket of a feature: the tokens with `lo <= activation < hi`
+    /// (stored after the [`Example`] columns in `quantile_examples.arrow`).
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub struct Bucket, view BucketColumns {
+        /// 0 = lowest activations.
+        pub index: u8 as "bucket",
+        pub lo: f32 as "bucket_lo",
+        pub hi: f32 as "bucket_hi",
+        /// Tokens of the pass in the bucket (the examples are a uniform sample of them).
+        pub tokens: u64 as "bucket_tokens",
+    }
 }
 
-/// A token window around one activation of a feature.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Example {
-    pub feature_id: u32,
-    /// Order within the feature (top examples: 0 = largest activation) or within the bucket.
-    pub rank: u16,
-    /// The feature's activation at the example token.
-    pub activation: f32,
-    /// The token's row in the analysed stream (storage order of the hook's shards).
-    pub row: u64,
-    pub doc: u32,
-    pub pos: u32,
-    /// Index of the example token in `tokens`.
-    pub center: u16,
-    /// The window's token ids (contiguous positions of one document).
-    pub tokens: Vec<u32>,
-    /// The feature's activation at each token of the window.
-    pub activations: Vec<f32>,
-    /// The quantile bucket (quantile examples only).
-    pub bucket: Option<Bucket>,
+table! {
+    /// A token window around one activation of a feature: a row of `top_examples.arrow`, and
+    /// of `quantile_examples.arrow` followed by its [`Bucket`].
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct Example, view ExampleColumns {
+        pub feature_id: u32,
+        /// Order within the feature (top examples: 0 = largest activation) or within the bucket.
+        pub rank: u16,
+        /// The feature's activation at the example token.
+        pub activation: f32,
+        /// The token's row in the analysed stream (storage order of the hook's shards).
+        pub row: u64,
+        pub doc: u32,
+        pub pos: u32,
+        /// Index of the example token in `tokens`.
+        pub center: u16,
+        /// The window's token ids (contiguous positions of one document).
+        pub tokens: Vec<u32>,
+        /// The feature's activation at each token of the window.
+        pub activations: Vec<f32>,
+    }
+    not stored {
+        /// The quantile bucket (quantile examples only; stored in the [`Bucket`] columns).
+        pub bucket: Option<Bucket>,
+    }
 }
 
-/// One row of `logits.arrow`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LogitEffect {
-    pub feature_id: u32,
-    /// 1 = most promoted token, -1 = most suppressed.
-    pub rank: i8,
-    pub token: u32,
-    pub value: f32,
+table! {
+    /// One row of `logits.arrow`.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub struct LogitEffect, view LogitColumns {
+        pub feature_id: u32,
+        /// 1 = most promoted token, -1 = most suppressed.
+        pub rank: i8,
+        pub token: u32,
+        pub value: f32,
+    }
 }
 
-/// One row of `neighbours.arrow`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Neighbour {
-    pub feature_id: u32,
-    /// 0 = most similar.
-    pub rank: u8,
-    pub neighbour: u32,
-    pub cosine: f32,
+table! {
+    /// One row of `neighbours.arrow`.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub struct Neighbour, view NeighbourColumns {
+        pub feature_id: u32,
+        /// 0 = most similar.
+        pub rank: u8,
+        pub neighbour: u32,
+        pub cosine: f32,
+    }
 }
 
-/// One row of `cooccurrence.arrow`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Cooccurrence {
-    pub feature_id: u32,
-    /// 0 = highest Jaccard index.
-    pub rank: u8,
-    pub other: u32,
-    /// Tokens on which both fired.
-    pub shared: u64,
-    /// shared / (tokens either fired on).
-    pub jaccard: f32,
+table! {
+    /// One row of `cooccurrence.arrow`.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub struct Cooccurrence, view CooccurrenceColumns {
+        pub feature_id: u32,
+        /// 0 = highest Jaccard index.
+        pub rank: u8,
+        pub other: u32,
+        /// Tokens on which both fired.
+        pub shared: u64,
+        /// shared / (tokens either fired on).
+        pub jaccard: f32,
+    }
+}
+
+table! {
+    /// One row of `vocab.arrow`: row i is token i.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct VocabRow, view VocabColumns {
+        pub token: u32,
+        pub string: String,
+    }
 }
 
 /// Table file names.
@@ -179,79 +224,9 @@ pub const NEIGHBOURS_TABLE: &str = "neighbours.arrow";
 pub const COOCCURRENCE_TABLE: &str = "cooccurrence.arrow";
 pub const VOCAB_TABLE: &str = "vocab.arrow";
 
-fn list_of(item: DataType) -> DataType {
-    DataType::List(Arc::new(Field::new("item", item, true)))
-}
-
-fn schema(fields: Vec<(&str, DataType)>) -> SchemaRef {
-    Arc::new(Schema::new(fields.into_iter().map(|(n, t)| Field::new(n, t, false)).collect::<Vec<_>>()))
-}
-
-fn features_schema() -> SchemaRef {
-    schema(vec![
-        ("feature_id", DataType::UInt32),
-        ("count", DataType::UInt64),
-        ("density", DataType::Float32),
-        ("mean_activation", DataType::Float32),
-        ("max_activation", DataType::Float32),
-        ("dead", DataType::Boolean),
-        ("dense", DataType::Boolean),
-        ("hist_first_bin", DataType::UInt16),
-        ("hist", list_of(DataType::UInt32)),
-    ])
-}
-
-fn examples_schema(quantile: bool) -> SchemaRef {
-    let mut fields = vec![
-        ("feature_id", DataType::UInt32),
-        ("rank", DataType::UInt16),
-        ("activation", DataType::Float32),
-        ("row", DataType::UInt64),
-        ("doc", DataType::UInt32),
-        ("pos", DataType::UInt32),
-        ("center", DataType::UInt16),
-        ("tokens", list_of(DataType::UInt32)),
-        ("activations", list_of(DataType::Float32)),
-    ];
-    if quantile {
-        fields.extend([
-            ("bucket", DataType::UInt8),
-            ("bucket_lo", DataType::Float32),
-            ("bucket_hi", DataType::Float32),
-            ("bucket_tokens", DataType::UInt64),
-        ]);
-    }
-    schema(fields)
-}
-
-fn logits_schema() -> SchemaRef {
-    schema(vec![
-        ("feature_id", DataType::UInt32),
-        ("rank", DataType::Int8),
-        ("token", DataType::UInt32),
-        ("value", DataType::Float32),
-    ])
-}
-
-fn neighbours_schema() -> SchemaRef {
-    schema(vec![
-        ("feature_id", DataType::UInt32),
-        ("rank", DataType::UInt8),
-        ("neighbour", DataType::UInt32),
-        ("cosine", DataType::Float32),
-    ])
-}
-
-fn cooccurrence_schema() -> SchemaRef {
-    schema(vec![
-        ("feature_id", DataType::UInt32),
-        ("rank", DataType::UInt8),
-        ("other", DataType::UInt32),
-        ("shared", DataType::UInt64),
-        ("jaccard", DataType::Float32),
-    ])
-}
-
-fn vocab_schema() -> SchemaRef {
-    schema(vec![("token", DataType::UInt32), ("string", DataType::Utf8)])
+/// The schema of `quantile_examples.arrow`: the [`Example`] columns, then the [`Bucket`] ones.
+pub fn quantile_examples_schema() -> SchemaRef {
+    let mut fields = table::fields::<Example>();
+    fields.extend(table::fields::<Bucket>());
+    Arc::new(Schema::new(fields))
 }

@@ -1,17 +1,16 @@
 //! Reading an analysis: the tables mapped read-only, looked up per feature.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, Int8Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
+use arrow_array::types::UInt32Type;
 use arrow_array::{Array, RecordBatch, StringArray};
 use arrow_schema::SchemaRef;
-use memmap2::Mmap;
 
 use super::*;
 use crate::store::Store;
+use crate::table::{Columns, schema};
 
 /// A table mapped read-only, with each feature's row range.
 struct Table {
@@ -29,18 +28,8 @@ impl Table {
         file: &str,
         schema: SchemaRef,
     ) -> Result<Table> {
-        let listed = entry.find(file).ok_or_else(|| anyhow!("the analysis of {dict} lists no {file}"))?;
-        let path = store.root().join(&listed.file);
-        let file_handle = std::fs::File::open(&path)
-            .with_context(|| format!("{} is listed but cannot be opened", path.display()))?;
-        // SAFETY: listed files are immutable (written under a temporary name, then renamed).
-        let map = Arc::new(unsafe { Mmap::map(&file_handle) }?);
-        crate::fsutil::check_listed(&path, &map, listed.bytes, &listed.xxh3)?;
-        let batch = crate::reader::decode_single_batch(&map)
-            .map_err(|e| anyhow!("{} is not a valid table: {e}", path.display()))?;
-        if batch.schema().fields() != schema.fields() {
-            bail!("{} does not have the {file} schema", path.display());
-        }
+        let what = format!("the analysis of {dict}");
+        let batch = store.read_listed_table(&entry.files, &what, file, &schema)?;
         Ok(Table { batch, starts: Vec::new() })
     }
 
@@ -65,13 +54,9 @@ impl Table {
         self.starts[f] as usize..self.starts[f + 1] as usize
     }
 
-    fn col<T: arrow_array::types::ArrowPrimitiveType>(&self, name: &str) -> &[T::Native] {
-        self.batch.column_by_name(name).expect("schema checked").as_primitive::<T>().values()
-    }
-
-    fn list<T: arrow_array::types::ArrowPrimitiveType>(&self, name: &str, row: usize) -> Vec<T::Native> {
-        let list = self.batch.column_by_name(name).expect("schema checked").as_list::<i32>();
-        list.value(row).as_primitive::<T>().values().to_vec()
+    /// The column views of the table (its schema was checked when it was opened).
+    fn view<T: Columns>(&self) -> T::View<'_> {
+        T::view(&mut self.batch.columns().iter())
     }
 }
 
@@ -99,7 +84,7 @@ impl FeatureTables {
         let n = entry.n_features as usize;
         // The features table has one row per feature: check the listed count against it before
         // anything is sized by that count.
-        let features = Table::open(store, &entry, dict, FEATURES_TABLE, features_schema())?;
+        let features = Table::open(store, &entry, dict, FEATURES_TABLE, schema::<FeatureRow>())?;
         if features.batch.num_rows() != n {
             bail!(
                 "the analysis of {dict} lists {} features but {FEATURES_TABLE} has {} rows",
@@ -109,19 +94,19 @@ impl FeatureTables {
         }
         let features = features.indexed(n, FEATURES_TABLE)?;
         let open = |file: &str, schema| Table::open(store, &entry, dict, file, schema)?.indexed(n, file);
-        let vocab = Table::open(store, &entry, dict, VOCAB_TABLE, vocab_schema())?;
-        let vocab = vocab.batch.column(1).as_string::<i32>().clone();
+        let vocab = Table::open(store, &entry, dict, VOCAB_TABLE, schema::<VocabRow>())?;
+        let vocab = vocab.view::<VocabRow>().string.clone();
         Ok(FeatureTables {
             features,
-            top: open(TOP_EXAMPLES_TABLE, examples_schema(false))?,
-            quantile: open(QUANTILE_EXAMPLES_TABLE, examples_schema(true))?,
-            logits: if has(LOGITS_TABLE) { Some(open(LOGITS_TABLE, logits_schema())?) } else { None },
+            top: open(TOP_EXAMPLES_TABLE, schema::<Example>())?,
+            quantile: open(QUANTILE_EXAMPLES_TABLE, quantile_examples_schema())?,
+            logits: if has(LOGITS_TABLE) { Some(open(LOGITS_TABLE, schema::<LogitEffect>())?) } else { None },
             neighbours: if has(NEIGHBOURS_TABLE) {
-                Some(open(NEIGHBOURS_TABLE, neighbours_schema())?)
+                Some(open(NEIGHBOURS_TABLE, schema::<Neighbour>())?)
             } else {
                 None
             },
-            cooccurrence: open(COOCCURRENCE_TABLE, cooccurrence_schema())?,
+            cooccurrence: open(COOCCURRENCE_TABLE, schema::<Cooccurrence>())?,
             vocab,
             vocab_index: std::sync::OnceLock::new(),
             dict: dict.to_string(),
@@ -147,55 +132,36 @@ impl FeatureTables {
     /// Feature `f`'s statistics.
     pub fn stats(&self, f: u32) -> Result<FeatureRow> {
         let i = self.check(f)?;
-        let t = &self.features;
-        let bool_col = |name: &str| t.batch.column_by_name(name).expect("checked").as_boolean().value(i);
-        Ok(FeatureRow {
-            feature_id: f,
-            count: t.col::<UInt64Type>("count")[i],
-            density: t.col::<Float32Type>("density")[i],
-            mean_activation: t.col::<Float32Type>("mean_activation")[i],
-            max_activation: t.col::<Float32Type>("max_activation")[i],
-            dead: bool_col("dead"),
-            dense: bool_col("dense"),
-            hist_first_bin: t.col::<UInt16Type>("hist_first_bin")[i],
-            hist: t.list::<UInt32Type>("hist", i),
-        })
+        Ok(FeatureRow { feature_id: f, ..self.features.view::<FeatureRow>().row(i) })
     }
 
     /// Feature `f`'s (dead, dense) flags, without reading the rest of its row; `f` must exist.
     pub fn flags(&self, f: u32) -> (bool, bool) {
-        let col = |name: &str| {
-            self.features.batch.column_by_name(name).expect("checked").as_boolean().value(f as usize)
-        };
-        (col("dead"), col("dense"))
+        let columns = self.features.view::<FeatureRow>();
+        (columns.dead.value(f as usize), columns.dense.value(f as usize))
     }
 
     /// Column views over all features (for sorting and filtering lists).
     pub fn densities(&self) -> &[f32] {
-        self.features.col::<Float32Type>("density")
+        self.features.view::<FeatureRow>().density
     }
     pub fn max_activations(&self) -> &[f32] {
-        self.features.col::<Float32Type>("max_activation")
+        self.features.view::<FeatureRow>().max_activation
     }
 
     fn examples(t: &Table, f: usize, quantile: bool) -> Vec<Example> {
+        let examples = t.view::<Example>();
+        // The bucket columns follow the example columns (quantile examples only).
+        let buckets = quantile.then(|| {
+            let mut columns = t.batch.columns().iter();
+            Example::view(&mut columns);
+            Bucket::view(&mut columns)
+        });
         t.rows(f)
             .map(|i| Example {
                 feature_id: f as u32,
-                rank: t.col::<UInt16Type>("rank")[i],
-                activation: t.col::<Float32Type>("activation")[i],
-                row: t.col::<UInt64Type>("row")[i],
-                doc: t.col::<UInt32Type>("doc")[i],
-                pos: t.col::<UInt32Type>("pos")[i],
-                center: t.col::<UInt16Type>("center")[i],
-                tokens: t.list::<UInt32Type>("tokens", i),
-                activations: t.list::<Float32Type>("activations", i),
-                bucket: quantile.then(|| Bucket {
-                    index: t.col::<UInt8Type>("bucket")[i],
-                    lo: t.col::<Float32Type>("bucket_lo")[i],
-                    hi: t.col::<Float32Type>("bucket_hi")[i],
-                    tokens: t.col::<UInt64Type>("bucket_tokens")[i],
-                }),
+                bucket: buckets.as_ref().map(|b| b.row(i)),
+                ..examples.row(i)
             })
             .collect()
     }
@@ -210,48 +176,29 @@ impl FeatureTables {
         Ok(Self::examples(&self.quantile, self.check(f)?, true))
     }
 
+    /// The rows of feature `f` in table `t`, each with `feature_id` `f`.
+    fn rows_of<T: Columns>(t: &Table, f: usize) -> Vec<T> {
+        let view = t.view::<T>();
+        t.rows(f).map(|i| T::get(&view, i)).collect()
+    }
+
     /// Feature `f`'s logit effects (most promoted first, then most suppressed), or none when the
     /// analysis had no unembedding for the dictionary's output space.
     pub fn logits(&self, f: u32) -> Result<Vec<LogitEffect>> {
         let i = self.check(f)?;
-        let Some(t) = &self.logits else { return Ok(Vec::new()) };
-        Ok(t.rows(i)
-            .map(|r| LogitEffect {
-                feature_id: f,
-                rank: t.col::<Int8Type>("rank")[r],
-                token: t.col::<UInt32Type>("token")[r],
-                value: t.col::<Float32Type>("value")[r],
-            })
-            .collect())
+        Ok(self.logits.as_ref().map(|t| Self::rows_of(t, i)).unwrap_or_default())
     }
 
     /// Feature `f`'s most similar features by decoder direction.
     pub fn neighbours(&self, f: u32) -> Result<Vec<Neighbour>> {
         let i = self.check(f)?;
-        let Some(t) = &self.neighbours else { return Ok(Vec::new()) };
-        Ok(t.rows(i)
-            .map(|r| Neighbour {
-                feature_id: f,
-                rank: t.col::<UInt8Type>("rank")[r],
-                neighbour: t.col::<UInt32Type>("neighbour")[r],
-                cosine: t.col::<Float32Type>("cosine")[r],
-            })
-            .collect())
+        Ok(self.neighbours.as_ref().map(|t| Self::rows_of(t, i)).unwrap_or_default())
     }
 
     /// The features that fire most often together with `f` (by Jaccard index).
     pub fn cooccurrence(&self, f: u32) -> Result<Vec<Cooccurrence>> {
         let i = self.check(f)?;
-        let t = &self.cooccurrence;
-        Ok(t.rows(i)
-            .map(|r| Cooccurrence {
-                feature_id: f,
-                rank: t.col::<UInt8Type>("rank")[r],
-                other: t.col::<UInt32Type>("other")[r],
-                shared: t.col::<UInt64Type>("shared")[r],
-                jaccard: t.col::<Float32Type>("jaccard")[r],
-            })
-            .collect())
+        Ok(Self::rows_of(&self.cooccurrence, i))
     }
 
     /// The string of token `id` (`"<unk:id>"` outside the vocabulary).
