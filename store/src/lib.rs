@@ -10,17 +10,21 @@
 //! - [`verify`]: checksums, schemas and row counts against the manifest;
 //! - [`dictionaries`]: trained dictionaries (`dictionaries/<name>/`) and their training logs;
 //! - [`features`]: feature analyses (`features/<dict>/` tables, `index/<dict>/` ANN dumps);
-//! - [`explanations`]: explanations and scores (`explanations/<dict>/`) and their search index;
+//! - [`explanations`]: explanations and scores (`explanations/<dict>/`);
+//! - [`index`]: the ANN index files in `index/<dict>/` (hnsw_rs dumps, kept embeddings);
+//! - [`capture`]: the manifest's record of the capture that filled the hooks (typed settings);
 //! - [`export`]: explanations and scores as Parquet and Neuronpedia-style JSONL batches;
 //! - [`fsutil`]: the temp-file/fsync/rename discipline behind every write.
 //!
 //! Invariant: a reader trusts only what the manifest lists, and the manifest is updated last.
 
+pub mod capture;
 pub mod dictionaries;
 pub mod explanations;
 pub mod export;
 pub mod features;
 pub mod fsutil;
+pub mod index;
 pub mod manifest;
 pub mod reader;
 pub mod sampler;
@@ -30,6 +34,7 @@ pub mod values;
 pub mod verify;
 pub mod writer;
 
+pub use capture::{CaptureSettings, CaptureState};
 pub use dictionaries::{DictEntry, FileEntry, TrainLogRow};
 pub use explanations::{Explanation, Explanations, ExplanationsEntry, Score};
 pub use features::{
