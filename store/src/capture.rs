@@ -55,7 +55,9 @@ impl Manifest {
     pub fn capture_state(&self) -> Result<Option<CaptureState>> {
         self.capture
             .as_ref()
-            .map(|value| serde_json::from_value(value.clone()).context("the store's capture state is malformed"))
+            .map(|value| {
+                serde_json::from_value(value.clone()).context("the store's capture state is malformed")
+            })
             .transpose()
     }
 

@@ -173,8 +173,10 @@ pub fn open_listed(store: &Store, files: &[FileEntry], params: IndexParams) -> R
         bail!("the listed index {} has no folder", graph.file);
     };
     let prefix = graph.file.strip_suffix(".hnsw.graph").expect("checked above");
-    let listed: Vec<&FileEntry> =
-        files.iter().filter(|f| f.file.strip_prefix(prefix).is_some_and(|s| s.starts_with(".hnsw."))).collect();
+    let listed: Vec<&FileEntry> = files
+        .iter()
+        .filter(|f| f.file.strip_prefix(prefix).is_some_and(|s| s.starts_with(".hnsw.")))
+        .collect();
     store.check_listed_files(store.root(), &listed)?;
     load(dir, basename, params).map(Some)
 }
