@@ -10,7 +10,9 @@
 //! - [`verify`]: checksums, schemas and row counts against the manifest;
 //! - [`dictionaries`]: trained dictionaries (`dictionaries/<name>/`) and their training logs;
 //! - [`features`]: feature analyses (`features/<dict>/` tables, `index/<dict>/` ANN dumps);
-//! - [`explanations`]: explanations and scores (`explanations/<dict>/`) and their search index;
+//! - [`explanations`]: explanations and scores (`explanations/<dict>/`);
+//! - [`index`]: the ANN index files in `index/<dict>/` (hnsw_rs dumps, kept embeddings);
+//! - [`capture`]: the manifest's record of the capture that filled the hooks (typed settings);
 //! - [`export`]: explanations and scores as Parquet and Neuronpedia-style JSONL batches;
 //! - [`table`]: how a table is declared once (row struct, schema, writer, zero-copy reader);
 //! - [`listing`]: writing the files of one manifest entry, then listing them in one commit;
@@ -19,11 +21,13 @@
 //!
 //! Invariant: a reader trusts only what the manifest lists, and the manifest is updated last.
 
+pub mod capture;
 pub mod dictionaries;
 pub mod explanations;
 pub mod export;
 pub mod features;
 pub mod fsutil;
+pub mod index;
 pub mod listing;
 pub mod manifest;
 pub mod progress;
@@ -36,6 +40,7 @@ pub mod values;
 pub mod verify;
 pub mod writer;
 
+pub use capture::{CaptureSettings, CaptureState};
 pub use dictionaries::{DictEntry, FileEntry, TrainLogRow};
 pub use explanations::{Explanation, Explanations, ExplanationsEntry, Provenance, Score};
 pub use features::{

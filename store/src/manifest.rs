@@ -130,8 +130,10 @@ pub struct Manifest {
     /// Activation tables by TransformerLens hook name.
     #[serde(default)]
     pub hooks: BTreeMap<String, HookEntry>,
-    /// Settings and progress of the capture that filled `hooks`; opaque to the store (owned by
-    /// loupe-model's capture) but committed atomically with the shards it describes.
+    /// Settings and progress of the capture that filled `hooks`, committed atomically with the
+    /// shards it describes. Read it typed, through [`Manifest::capture_state`]
+    /// ([`crate::capture::CaptureState`]); kept as JSON here so that a malformed record is an
+    /// error for the readers that need it, not for every reader of the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<serde_json::Value>,
     /// Dictionaries by name (`dictionaries/<name>/`).

@@ -30,12 +30,8 @@ fn analysis_of_a_planted_dictionary_is_exact() {
     let index_dir = dir.join(&graph.file).parent().unwrap().to_path_buf();
     assert_eq!(index_dir.parent().unwrap(), store.index_dir("sae"));
     // The index answers queries by direction: each decoder row finds itself first.
-    let index = loupe_analysis::features::similar::load(
-        &index_dir,
-        "decoder",
-        loupe_analysis::features::similar::IndexParams::default(),
-    )
-    .unwrap();
+    let index =
+        loupe_store::index::load(&index_dir, "decoder", loupe_store::index::IndexParams::default()).unwrap();
     let sae = planted_sae();
     for (f, row) in loupe_analysis::features::similar::normalised(&sae.w_dec, D).iter().enumerate() {
         assert_eq!(index.search(row, 2)[0].0, f);

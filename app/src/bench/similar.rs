@@ -9,7 +9,8 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use loupe_analysis::features::similar::{Index, IndexParams, brute_force, normalised};
+use loupe_analysis::features::similar::{brute_force, normalised};
+use loupe_store::index::{Index, IndexParams};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;

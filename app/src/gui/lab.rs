@@ -1,17 +1,18 @@
-//! The prompt lab's model work, no UI: load the store's model and a dictionary once, run a prompt
-//! (each token's top features, the next-token distribution), and steer (add a feature's decoder
-//! direction at its hook and compare next-token distributions). Runs inside background jobs; the
-//! loaded model is shared behind a mutex so one prompt runs at a time.
+//! The prompt lab's model work, no UI: load the store's model ([`Session`]) and a dictionary once,
+//! run a prompt (each token's top features, the next-token distribution), and steer (add a
+//! feature's decoder direction at its hook with [`loupe_dict::steer`] and compare next-token
+//! distributions). Runs inside background jobs; the loaded model is shared behind a mutex so one
+//! prompt runs at a time.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow, bail};
 use candle_core::{D, Device, IndexOp, Tensor};
+use loupe_dict::steer::Steering;
 use loupe_dict::{self as dict, Dictionary};
-use loupe_model::hooks::{Hooks, Intervention};
-use loupe_model::tokenizer::Tokenizer;
-use loupe_model::{self as model, HookedModel};
+use loupe_model::Session;
+use loupe_model::hooks::Hooks;
 use loupe_store::Store;
 
 use super::jobs::Progress;
@@ -24,9 +25,7 @@ pub const TOP_TOKENS: usize = 10;
 pub const MAX_PROMPT_TOKENS: usize = 512;
 
 struct Loaded {
-    model_path: PathBuf,
-    model: Box<dyn HookedModel>,
-    tokenizer: Tokenizer,
+    session: Session,
     dict: String,
     hook: String,
     dictionary: Box<dyn Dictionary>,
@@ -91,26 +90,15 @@ impl Lab {
         dict: &str,
         progress: &Progress,
     ) -> Result<&'a Loaded> {
-        let path = match model_path {
-            Some(p) => p.clone(),
-            None => store.manifest().model.as_ref().map(|m| PathBuf::from(&m.path)).ok_or_else(|| {
-                anyhow!("the store records no model; start the app with --model to run prompts")
-            })?,
-        };
-        if slot.as_ref().is_none_or(|l| l.model_path != path) {
+        let remedy = Some("start the app with --model to run prompts");
+        let path = Session::require(&store.manifest(), model_path.map(PathBuf::as_path), remedy)?;
+        if slot.as_ref().is_none_or(|l| l.session.path() != path) {
             progress.stage(format!("loading the model {}", path.display()));
-            let model = model::load(&path)?;
-            let tokenizer = Tokenizer::load(&path)?;
+            let session = Session::load(&path)?;
+            session.tokenizer()?;
             progress.stage(format!("loading the dictionary {dict}"));
             let (entry, dictionary) = dict::open_in_store(store, dict)?;
-            *slot = Some(Loaded {
-                model_path: path,
-                model,
-                tokenizer,
-                dict: dict.into(),
-                hook: entry.hook,
-                dictionary,
-            });
+            *slot = Some(Loaded { session, dict: dict.into(), hook: entry.hook, dictionary });
         } else if slot.as_ref().is_some_and(|l| l.dict != dict) {
             progress.stage(format!("loading the dictionary {dict}"));
             let (entry, dictionary) = dict::open_in_store(store, dict)?;
@@ -118,11 +106,11 @@ impl Lab {
             (l.dict, l.hook, l.dictionary) = (dict.into(), entry.hook, dictionary);
         }
         let l = slot.as_ref().expect("loaded above");
-        if l.dictionary.d_in() != l.model.config().d_model {
+        if l.dictionary.d_in() != l.session.model().config().d_model {
             bail!(
                 "dictionary {dict} reads width {} but the model's residual stream is {} wide",
                 l.dictionary.d_in(),
-                l.model.config().d_model
+                l.session.model().config().d_model
             );
         }
         Ok(l)
@@ -140,18 +128,21 @@ impl Lab {
         let mut guard = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         let l = Self::ensure(&mut guard, store, model_path, dict, p)?;
         p.stage("running the prompt");
-        let ids = l.tokenizer.encode(text, true)?;
+        let ids = l.session.tokenizer()?.encode(text, true)?;
         if ids.is_empty() {
             bail!("the prompt is empty");
         }
-        let limit = MAX_PROMPT_TOKENS.min(l.model.config().max_context);
+        let limit = MAX_PROMPT_TOKENS.min(l.session.model().config().max_context);
         if ids.len() > limit {
             bail!("the prompt has {} tokens; the lab runs at most {limit}", ids.len());
         }
         let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
         let mut hooks = Hooks::new().capture(l.hook.clone());
-        let logits =
-            l.model.forward(&input, &mut hooks)?.ok_or_else(|| anyhow!("the model gave no logits"))?;
+        let logits = l
+            .session
+            .model()
+            .forward(&input, &mut hooks)?
+            .ok_or_else(|| anyhow!("the model gave no logits"))?;
         let acts = hooks.get(&l.hook)?.i(0)?.to_dtype(candle_core::DType::F32)?;
         let rows: Vec<Vec<f32>> = acts.to_vec2()?;
         let norm =
@@ -189,24 +180,11 @@ impl Lab {
     ) -> Result<Steer> {
         let mut guard = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         let l = Self::ensure(&mut guard, store, model_path, &run.dict, p)?;
-        let Some(dirs) = l.dictionary.decoder_directions() else {
-            bail!(
-                "{} has no fixed decoder directions (Monet experts cannot be steered by adding one)",
-                run.dict
-            );
-        };
-        let d = l.dictionary.d_out();
-        if f as usize >= l.dictionary.n_features() {
-            bail!("feature {f} does not exist ({} has {} features)", run.dict, l.dictionary.n_features());
-        }
         p.stage(format!("steering with feature {f}"));
+        let steering = Steering { dictionary: l.dictionary.as_ref(), name: &run.dict, hook: &l.hook };
         let coefficient = strength * run.norm;
-        let row = &dirs[f as usize * d..(f as usize + 1) * d];
-        let add = (Tensor::from_slice(row, d, &Device::Cpu)? * f64::from(coefficient))?;
         let input = Tensor::from_slice(&run.ids, (1, run.ids.len()), &Device::Cpu)?;
-        let mut hooks = Hooks::new().intervene(l.hook.clone(), Intervention::Add(add));
-        let logits =
-            l.model.forward(&input, &mut hooks)?.ok_or_else(|| anyhow!("the model gave no logits"))?;
+        let logits = steering.logits(l.session.model(), &input, f, coefficient)?;
         let after = probs_last(&logits)?;
         let mut tokens = top_indices(&after, TOP_TOKENS);
         tokens.extend(run.next.iter().map(|n| n.0).filter(|t| !tokens.contains(t)).collect::<Vec<_>>());

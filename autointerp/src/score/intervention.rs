@@ -4,8 +4,8 @@
 //! 1. Prompts: 4 windows of 24 tokens from the analysis' examples of random features (the same
 //!    for every feature of a run).
 //! 2. Steering: the model runs on each prompt with `scale × max_activation × direction` added at
-//!    the dictionary's hook on every position (the feature's decoder row, through the runtime's
-//!    hooks), and once without.
+//!    the dictionary's hook on every position (the feature's decoder row, through
+//!    [`loupe_dict::steer`]), and once without.
 //! 3. Effect: the 10 output tokens whose log-probability at the last position rises most,
 //!    averaged over the prompts, written as text.
 //! 4. Score: the MiniLM cosine between the explanation and its own feature's effect, against the
@@ -14,14 +14,15 @@
 //!    other; 0.5: chance). So a run must score at least two features.
 //!
 //! Dictionaries without a fixed decoder direction (Monet experts) cannot be steered this way;
-//! their intervention scores fail with that reason.
+//! their intervention scores fail with that reason (loupe-dict's refusal).
 
 use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
 use candle_core::{D, Device, IndexOp, Tensor};
-use loupe_model::hooks::{Hooks, Intervention};
-use loupe_model::{self as model, HookedModel};
+use loupe_dict::Dictionary;
+use loupe_model::Session;
+use loupe_model::hooks::Hooks;
 use loupe_store::{FeatureTables, Store};
 use rand::SeedableRng;
 use rand::seq::IndexedRandom;
@@ -33,12 +34,12 @@ const PROMPTS: usize = 4;
 const PROMPT_TOKENS: usize = 24;
 const EFFECT_TOKENS: usize = 10;
 
-/// The model, the dictionary's directions and the prompts of one run.
+/// The model, the dictionary and the prompts of one run.
 pub struct Steering {
-    model: Box<dyn HookedModel>,
+    session: Session,
+    dict: String,
     hook: String,
-    directions: Option<Vec<f32>>,
-    d: usize,
+    dictionary: Box<dyn Dictionary>,
     prompts: Tensor,
     prompt_rows: Vec<u64>,
     baseline: Tensor,
@@ -61,16 +62,9 @@ impl Steering {
         scale: f32,
         seed: u64,
     ) -> Result<Steering> {
-        let path = match model_path {
-            Some(p) => p.to_path_buf(),
-            None => store.manifest().model.as_ref().map(|m| m.path.clone().into()).ok_or_else(|| {
-                anyhow!("the store records no model; pass --model to steer with the {dict} features")
-            })?,
-        };
-        let model = model::load(&path)?;
+        let remedy = format!("pass --model to steer with the {dict} features");
+        let session = Session::open(&store.manifest(), model_path, Some(&remedy))?;
         let (entry, dictionary) = loupe_dict::open_in_store(store, dict)?;
-        let directions = dictionary.decoder_directions().map(<[f32]>::to_vec);
-        let d = entry.d_in as usize;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED);
         let (mut ids, mut rows) = (Vec::new(), Vec::new());
         let n = tables.n_features() as u32;
@@ -90,15 +84,17 @@ impl Steering {
             bail!("the analysis of {dict} has too few examples of {PROMPT_TOKENS} tokens to steer on");
         }
         let prompts = Tensor::from_vec(ids, (PROMPTS, PROMPT_TOKENS), &Device::Cpu)?;
-        let logits =
-            model.forward(&prompts, &mut Hooks::new())?.ok_or_else(|| anyhow!("the model gave no logits"))?;
+        let logits = session
+            .model()
+            .forward(&prompts, &mut Hooks::new())?
+            .ok_or_else(|| anyhow!("the model gave no logits"))?;
         let baseline = last_log_probs(&logits)?;
-        let model_name = path.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned());
+        let model_name = session.name();
         Ok(Steering {
-            model,
+            session,
+            dict: dict.to_string(),
             hook: entry.hook,
-            directions,
-            d,
+            dictionary,
             prompts,
             prompt_rows: rows,
             baseline,
@@ -109,18 +105,12 @@ impl Steering {
 
     /// The tokens feature `f` promotes most when added at `strength` (token ids, best first).
     pub fn effect(&self, f: u32, strength: f32) -> Result<Vec<u32>> {
-        let Some(dirs) = &self.directions else {
-            bail!(
-                "the dictionary has no fixed decoder directions (Monet experts cannot be steered this way)"
-            );
+        let steer = loupe_dict::steer::Steering {
+            dictionary: self.dictionary.as_ref(),
+            name: &self.dict,
+            hook: &self.hook,
         };
-        let row = &dirs[f as usize * self.d..(f as usize + 1) * self.d];
-        let add = (Tensor::from_slice(row, self.d, &Device::Cpu)? * f64::from(strength))?;
-        let mut hooks = Hooks::new().intervene(self.hook.clone(), Intervention::Add(add));
-        let logits = self
-            .model
-            .forward(&self.prompts, &mut hooks)?
-            .ok_or_else(|| anyhow!("the model gave no logits"))?;
+        let logits = steer.logits(self.session.model(), &self.prompts, f, strength)?;
         let rise: Vec<f32> = (last_log_probs(&logits)? - &self.baseline)?.mean(0)?.to_vec1()?;
         let mut order: Vec<u32> = (0..rise.len() as u32).collect();
         let k = EFFECT_TOKENS.min(order.len());

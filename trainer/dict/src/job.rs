@@ -32,7 +32,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use loupe_model::Session;
+
 use super::Dictionary;
+use super::checkpoints::{is_run_file, remove_old_checkpoints};
 use super::eval::{EvalStats, eval_reconstruction};
 use super::io::{SaeMeta, load_sae, load_state, save_sae_with, save_state};
 use super::splice::{SpliceStats, contexts_from_rows, eval_splice};
@@ -165,7 +168,7 @@ pub fn run<F: Fit>(job: &Job<F::Config>, progress: &dyn Progress) -> Result<Outc
     if train_rows < needs.batch as u64 {
         bail!("hook {} has {train_rows} training rows, fewer than one batch of {}", job.hook, needs.batch);
     }
-    let meta = meta_of(&manifest, &job.hook, job.input_hook.as_deref());
+    let meta = meta_of(&manifest, &job.hook, job.input_hook.as_deref())?;
     let dir = store.dictionary_dir(&job.name);
     let config = SamplerConfig {
         seed: needs.seed,
@@ -395,14 +398,13 @@ fn splice_held_out(
     max: usize,
 ) -> std::result::Result<SpliceStats, String> {
     let manifest = store.manifest();
-    let model_info = manifest.model.as_ref().ok_or("the store records no model")?;
-    let path = std::path::Path::new(&model_info.path);
-    if !path.exists() {
-        return Err(format!("the store's model {} is not on this machine", path.display()));
-    }
+    let path = Session::require(&manifest, None, None).map_err(|e| format!("{e:#}"))?;
     let bos = manifest.tokenizer.as_ref().and_then(|t| t.bos).ok_or("the store records no BOS token")?;
-    let context =
-        manifest.capture.as_ref().and_then(|c| c["settings"]["context"].as_u64()).unwrap_or(256) as usize;
+    let context = manifest
+        .capture_settings()
+        .map_err(|e| format!("{e:#}"))?
+        .ok_or("the store records no capture settings, so the contexts' length is unknown")?
+        .context;
     let (mut doc, mut pos, mut token) = (Vec::new(), Vec::new(), Vec::new());
     let mut offset = 0u64;
     for i in 0..acts.num_shards() {
@@ -418,8 +420,8 @@ fn splice_held_out(
         offset += n;
     }
     let contexts = contexts_from_rows(&doc, &pos, &token, bos, context, max);
-    let model = loupe_model::load(path).map_err(|e| format!("cannot load the store's model: {e:#}"))?;
-    eval_splice(model.as_ref(), spliced.dict, spliced.hook, spliced.input, &contexts)
+    let session = Session::load(&path).map_err(|e| format!("cannot load the store's model: {e:#}"))?;
+    eval_splice(session.model(), spliced.dict, spliced.hook, spliced.input, &contexts)
         .map_err(|e| format!("splicing failed: {e:#}"))
 }
 
@@ -485,57 +487,19 @@ fn checkpoint<F: Fit>(
     remove_old_checkpoints::<F>(&root, Some(&rel))
 }
 
-/// After a commit: remove the checkpoints the manifest no longer lists (all but `keep`), file by
-/// file — only the files a checkpoint holds, never a folder's other content.
-fn remove_old_checkpoints<F: Fit>(root: &Path, keep: Option<&str>) -> Result<()> {
-    let old: Vec<String> = loupe_store::fsutil::files_under(&root.join("checkpoints"))?
-        .into_iter()
-        .map(|f| format!("checkpoints/{f}"))
-        .filter(|f| is_run_file::<F>(f) && keep.is_none_or(|k| !f.starts_with(&format!("{k}/"))))
-        .collect();
-    let refs: Vec<&str> = old.iter().map(String::as_str).collect();
-    loupe_store::fsutil::remove_files(root, &refs)?;
-    // Folders a killed checkpoint left empty (its `.tmp` files were removed when the store was
-    // opened); `remove_dir` takes only empty ones.
-    let checkpoints = root.join("checkpoints");
-    for step in std::fs::read_dir(&checkpoints).into_iter().flatten().flatten() {
-        if keep.is_none_or(|k| step.path() != root.join(k)) {
-            let _ = std::fs::remove_dir(step.path());
-        }
-    }
-    let _ = std::fs::remove_dir(checkpoints);
-    Ok(())
-}
-
-/// Whether `file` (relative to a dictionary's folder) is one a training run of `F` writes: its
-/// final files, or a checkpoint's files under `checkpoints/step-N/`.
-fn is_run_file<F: Fit>(file: &str) -> bool {
-    let known = |name: &str| {
-        F::CHECKPOINT_FILES
-            .iter()
-            .chain(F::FINAL_FILES)
-            .chain(&["train_log.arrow", "eval.json"])
-            .any(|f| *f == name)
-    };
-    match file.split('/').collect::<Vec<_>>()[..] {
-        [name] => known(name),
-        ["checkpoints", step, name] => step.starts_with("step-") && known(name),
-        _ => false,
-    }
-}
-
 /// SAELens metadata from the store: model name, hook (and a transcoder's input hook), and the
-/// capture's context settings.
-fn meta_of(manifest: &loupe_store::Manifest, hook: &str, input_hook: Option<&str>) -> SaeMeta {
-    let settings = manifest.capture.as_ref().map(|c| &c["settings"]).cloned().unwrap_or(Value::Null);
-    SaeMeta {
+/// capture's context settings (none when the store records no capture; an error when its record
+/// is malformed).
+fn meta_of(manifest: &loupe_store::Manifest, hook: &str, input_hook: Option<&str>) -> Result<SaeMeta> {
+    let settings = manifest.capture_settings()?;
+    Ok(SaeMeta {
         model_name: manifest.model.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
         hook_name: hook.to_string(),
         input_hook: input_hook.map(str::to_string),
-        context_size: settings["context"].as_u64().map(|v| v as usize),
-        prepend_bos: settings["bos"].as_bool(),
-        dataset_path: settings["corpus"].as_str().map(str::to_string),
-    }
+        context_size: settings.as_ref().map(|s| s.context),
+        prepend_bos: settings.as_ref().map(|s| s.bos),
+        dataset_path: settings.map(|s| s.corpus),
+    })
 }
 
 /// The SAE trainer as a job drives it.

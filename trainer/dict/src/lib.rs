@@ -11,8 +11,10 @@
 //! - [`train`]: the training step shared by the TopK family (sparse backward, fused Adam), with
 //!   its per-feature gradient + Adam pass in `update.rs`;
 //! - [`kernels`]: GEMM, partial top-k, sparse codes;
-//! - [`job`]: `train-sae` over a store (checkpoints, resume), [`eval`]: held-out evaluation,
+//! - [`job`]: `train-sae` over a store (checkpoints, resume; [`checkpoints`]: a run's files and
+//!   the removal of unlisted checkpoints), [`eval`]: held-out evaluation,
 //!   [`splice`]: CE-loss recovered and KL with the dictionary spliced into the model;
+//!   [`steer`]: the model run with a feature's decoder direction added at a hook;
 //! - [`io`]: SAELens and sparsify files, trainer state; [`saelens`]: the SAELens `cfg.json`
 //!   settings that change encoding (folded or refused); [`import`]: such files into a store.
 //!
@@ -21,6 +23,7 @@
 //! direction, unit norm), `b_dec` `[d_in]`. Saved as SAELens' `W_enc [d_in, d_sae]` (transposed).
 
 pub mod amx;
+pub mod checkpoints;
 pub mod config;
 pub mod eval;
 pub mod feature_choice;
@@ -36,6 +39,7 @@ pub mod mutual_choice;
 pub mod sae;
 pub mod saelens;
 pub mod splice;
+pub mod steer;
 pub mod topk;
 pub mod train;
 mod update;

@@ -11,7 +11,8 @@
 //! [`crate::loss_gradients`] without materialising the batch's logits.
 //!
 //! Resume: the settings and the position reached (next document and context) are stored in the
-//! manifest's `capture` field, committed atomically with the shards of every hook. Restarted with
+//! manifest's `capture` field ([`loupe_store::CaptureState`], the one struct every reader of the
+//! settings uses), committed atomically with the shards of every hook. Restarted with
 //! the same settings, a capture continues after the last commit and ends with the same store as an
 //! uninterrupted run (batches and shard boundaries fall at the same contexts). The corpus is part
 //! of the key by its contents (xxh3-128, [`Corpus::xxh3`]), so an edit that keeps every size is
@@ -25,8 +26,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use loupe_store::{DType, HookSpec, ModelInfo, Progress, Store, TokenizerInfo};
-use serde::{Deserialize, Serialize};
+use loupe_store::{
+    CaptureSettings, CaptureState, DType, HookSpec, ModelInfo, Progress, Store, TokenizerInfo,
+};
 use sha2::{Digest, Sha256};
 
 use crate::corpus::{Corpus, Skipped};
@@ -53,39 +55,6 @@ pub struct CaptureConfig {
     pub shard_rows: Option<usize>,
     /// Stop after about this many stored tokens (at a batch boundary).
     pub max_tokens: Option<u64>,
-}
-
-/// The resume key, as stored in the manifest.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Settings {
-    model_sha256: String,
-    corpus: String,
-    corpus_files: usize,
-    corpus_bytes: u64,
-    /// xxh3-128 of the corpus contents (absent in stores written before it was recorded).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    corpus_xxh3: Option<String>,
-    hooks: Vec<String>,
-    context: usize,
-    stride: usize,
-    bos: bool,
-    dtype: DType,
-    grads: bool,
-    batch: usize,
-    shard_rows: usize,
-    max_tokens: Option<u64>,
-}
-
-/// The manifest's `capture` field.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct State {
-    settings: Settings,
-    /// First context not yet committed: document id and context index within it.
-    next_doc: u32,
-    next_context: u32,
-    contexts: u64,
-    tokens: u64,
-    complete: bool,
 }
 
 /// What a capture did.
@@ -166,7 +135,7 @@ pub fn capture(cfg: &CaptureConfig, progress: &dyn Progress) -> Result<Report> {
     check_has_text(&corpus, &cfg.corpus, &tokenizer)?;
 
     let model_sha256 = sha256_of_model(&cfg.model)?;
-    let settings = Settings {
+    let settings = CaptureSettings {
         model_sha256: model_sha256.clone(),
         corpus: cfg.corpus.display().to_string(),
         corpus_files: corpus.files().len(),
@@ -185,10 +154,8 @@ pub fn capture(cfg: &CaptureConfig, progress: &dyn Progress) -> Result<Report> {
 
     let store = Store::create(&cfg.store)?;
     let manifest = store.manifest();
-    let mut state = match &manifest.capture {
-        Some(value) => {
-            let old: State =
-                serde_json::from_value(value.clone()).context("the store's capture state is malformed")?;
+    let mut state = match manifest.capture_state()? {
+        Some(old) => {
             if let (Some(stored), Some(now)) = (&old.settings.corpus_xxh3, &settings.corpus_xxh3)
                 && stored != now
             {
@@ -200,7 +167,7 @@ pub fn capture(cfg: &CaptureConfig, progress: &dyn Progress) -> Result<Report> {
                 );
             }
             // A store from before the hash was recorded resumes as it did then.
-            let settings = Settings { corpus_xxh3: old.settings.corpus_xxh3.clone(), ..settings };
+            let settings = CaptureSettings { corpus_xxh3: old.settings.corpus_xxh3.clone(), ..settings };
             if old.settings != settings {
                 bail!(
                     "store {} holds a capture with other settings ({}); use a new store or the same arguments",
@@ -225,7 +192,7 @@ pub fn capture(cfg: &CaptureConfig, progress: &dyn Progress) -> Result<Report> {
                     cfg.store.display()
                 );
             }
-            State { settings, next_doc: 0, next_context: 0, contexts: 0, tokens: 0, complete: false }
+            CaptureState { settings, next_doc: 0, next_context: 0, contexts: 0, tokens: 0, complete: false }
         }
     };
     let resumed_at = (state.tokens > 0).then_some(state.tokens);
@@ -397,7 +364,7 @@ impl Runner<'_, '_> {
     fn commit(
         &mut self,
         store: &Store,
-        state: &mut State,
+        state: &mut CaptureState,
         next_doc: u32,
         next_context: u32,
         complete: bool,
@@ -491,7 +458,7 @@ fn model_name(path: &Path) -> String {
     name.strip_suffix(".gguf").unwrap_or(&name).to_string()
 }
 
-fn settings_diff(old: &Settings, new: &Settings) -> String {
+fn settings_diff(old: &CaptureSettings, new: &CaptureSettings) -> String {
     let (a, b) =
         (serde_json::to_value(old).unwrap_or_default(), serde_json::to_value(new).unwrap_or_default());
     let mut out = Vec::new();

@@ -9,7 +9,9 @@
 //!   (Gemma 3's matches transformers id for id);
 //! - [`corpus`]: text files, folders and JSONL as numbered documents;
 //! - [`capture`]: corpus → contexts → activations (and loss gradients) at hooks → store,
-//!   resumable.
+//!   resumable;
+//! - [`session`]: the model (and tokenizer) that goes with a store, resolved one way for every
+//!   stage that runs it.
 //!
 //! The crate talks to the later stages only through [`loupe_store`].
 
@@ -23,6 +25,7 @@ pub mod hooks;
 pub mod kernels;
 pub mod loss;
 pub mod ops;
+pub mod session;
 pub mod tokenizer;
 
 use std::path::Path;
@@ -32,6 +35,7 @@ use candle_core::Tensor;
 
 pub use hooks::{HookList, HookPoint, Hooks, Intervention, Shape};
 pub use loss::{loss_gradients, next_token_loss};
+pub use session::Session;
 
 /// Architectures Loupe can run, for error messages.
 pub const SUPPORTED: &str =

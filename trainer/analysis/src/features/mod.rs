@@ -7,7 +7,8 @@
 //!   a temporary file ([`codes_file`]);
 //! - [`examples`]: token windows around the chosen activations, read from the spilled codes;
 //! - [`cooccur`]: features that fire on the same tokens (exact Jaccard from the spilled codes);
-//! - [`similar`]: the hnsw index over decoder directions and each feature's neighbours;
+//! - [`similar`]: each feature's neighbours by direction (the hnsw index over the directions is
+//!   [`loupe_store::index`]'s);
 //! - [`logits`]: the output tokens each direction promotes and suppresses.
 //!
 //! Which rows: by default the dictionary's held-out rows (`held_out_rows` of its `eval.json`),
@@ -34,6 +35,7 @@ use serde::Serialize;
 
 use loupe_dict::Dictionary;
 use loupe_dict::eval::DENSE_FREQUENCY;
+use loupe_model::Session;
 
 /// Which rows of the hook to analyse.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,7 +93,7 @@ pub struct AnalyzeConfig {
     pub corpus: Option<PathBuf>,
     /// Tokens to capture on the fly when the store has no activations for the hook.
     pub capture_tokens: u64,
-    pub index: similar::IndexParams,
+    pub index: loupe_store::index::IndexParams,
     /// Build and dump the hnsw index (the slow part for big dictionaries; the neighbour table
     /// does not need it).
     pub build_index: bool,
@@ -117,7 +119,7 @@ impl AnalyzeConfig {
             model: None,
             corpus: None,
             capture_tokens: 65_536,
-            index: similar::IndexParams::default(),
+            index: loupe_store::index::IndexParams::default(),
             build_index: true,
             cooccurrence_work: 2e9,
         }
@@ -164,11 +166,8 @@ pub fn analyze(cfg: &AnalyzeConfig, progress: &dyn Progress) -> Result<Report> {
     let (entry, dict) = loupe_dict::open_in_store(&store, &cfg.dictionary)?;
     let hook = entry.hook.clone();
     let manifest = store.manifest();
-    let model_path = cfg.model.clone().or_else(|| manifest.model.as_ref().map(|m| PathBuf::from(&m.path)));
     // Fail before the pass, not after it.
-    if let Some(p) = model_path.as_ref().filter(|p| !p.exists()) {
-        bail!("the store's model {} is not on this machine (pass --model)", p.display());
-    }
+    let model_path = Session::locate(&manifest, cfg.model.as_deref(), Some("pass --model"))?;
 
     // The rows: the store's, or a temporary capture.
     let mut temp: Option<tempfile::TempDir> = None;
@@ -262,26 +261,26 @@ pub fn analyze(cfg: &AnalyzeConfig, progress: &dyn Progress) -> Result<Report> {
     lap(&mut report, "examples and co-occurrence");
 
     // Model-dependent parts: token strings and logit effects.
-    let model = match &model_path {
-        Some(p) => Some(loupe_model::load(p)?),
+    let session = match &model_path {
+        Some(p) => Some(Session::load(p)?),
         None => {
             report.notes.push("no model recorded in the store: no token strings or logit effects".into());
             None
         }
     };
-    let vocab = match &model_path {
-        Some(p) if model.is_some() => loupe_model::tokenizer::Tokenizer::load(p)?.vocab_strings(),
-        _ => Vec::new(),
+    let vocab = match &session {
+        Some(s) => s.tokenizer()?.vocab_strings(),
+        None => Vec::new(),
     };
     lap(&mut report, "model and vocabulary");
     progress.stage("logit effects");
     progress.set(0, dict.n_features() as u64);
-    let logit_rows = match (&model, directions.as_deref()) {
+    let logit_rows = match (session.as_ref().map(Session::model), directions.as_deref()) {
         (Some(m), Some(dirs)) if dict.d_out() == m.config().d_model => {
             // Unit directions, so that values compare across features and dictionaries (an SAE's
             // decoder rows already are; a Monet expert's mean output is in activation units).
             let unit: Vec<f32> = similar::normalised(dirs, dict.d_out()).concat();
-            Some(logits::logit_effects(m.as_ref(), &unit, dict.d_out(), cfg.logit_tokens)?)
+            Some(logits::logit_effects(m, &unit, dict.d_out(), cfg.logit_tokens)?)
         }
         (Some(_), Some(_)) => {
             report.notes.push(format!(
@@ -309,8 +308,8 @@ pub fn analyze(cfg: &AnalyzeConfig, progress: &dyn Progress) -> Result<Report> {
         Some(dirs) => {
             let vectors = similar::normalised(dirs, dict.d_out());
             if cfg.build_index {
-                let index = similar::Index::build(&vectors, cfg.index);
-                for file in index.dump(writer.index_dir(), similar::DECODER_INDEX)? {
+                let index = loupe_store::index::Index::build(&vectors, cfg.index);
+                for file in index.dump(writer.index_dir(), loupe_store::index::DECODER_INDEX)? {
                     writer.add_index_file(&file);
                 }
             } else {
@@ -411,7 +410,11 @@ fn choose_rows(store: &Store, dict: &str, choice: &Rows, n: u64) -> Result<Range
     })
 }
 
-/// Capture `cfg.capture_tokens` tokens of `hook` into a new store at `dir`.
+/// Tokens per context of an on-the-fly capture when the store records no capture settings.
+const ON_THE_FLY_CONTEXT: usize = 256;
+
+/// Capture `cfg.capture_tokens` tokens of `hook` into a new store at `dir`, with the context
+/// length of the store's own capture.
 fn capture_on_the_fly(
     cfg: &AnalyzeConfig,
     manifest: &loupe_store::Manifest,
@@ -419,16 +422,17 @@ fn capture_on_the_fly(
     hook: &str,
     dir: &Path,
 ) -> Result<()> {
-    let settings = manifest.capture.as_ref().map(|c| &c["settings"]);
+    let settings = manifest.capture_settings()?;
     let model = model.context(format!(
         "the store has no activations for {hook} and records no model to capture them with (pass --model)"
     ))?;
-    let corpus = cfg
-        .corpus
-        .clone()
-        .or_else(|| settings.and_then(|s| s["corpus"].as_str()).map(PathBuf::from))
-        .context(format!("the store has no activations for {hook} and records no corpus (pass --corpus)"))?;
-    let context = settings.and_then(|s| s["context"].as_u64()).unwrap_or(256) as usize;
+    let corpus =
+        cfg.corpus.clone().or_else(|| settings.as_ref().map(|s| PathBuf::from(&s.corpus))).context(
+            format!("the store has no activations for {hook} and records no corpus (pass --corpus)"),
+        )?;
+    // A store that records no capture (its activations were written some other way) says no
+    // context length: the on-the-fly capture then uses its own default.
+    let context = settings.map_or(ON_THE_FLY_CONTEXT, |s| s.context);
     let capture = loupe_model::capture::CaptureConfig {
         model: model.to_path_buf(),
         corpus,

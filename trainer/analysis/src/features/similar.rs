@@ -1,37 +1,16 @@
-//! Similar features: an hnsw_rs index (cosine) over the features' directions, dumped into
-//! `index/<dict>/` for queries by any direction, and each feature's nearest neighbours — computed
-//! exactly ([`exact_neighbours`]), since listing them for every feature costs about as much as
-//! querying the index for every feature.
-//!
-//! The index holds the unit directions in 16-bit fixed point and compares them by 1 − dot
-//! ([`FixedCosine`], exact integer sums): a search is bound by fetching each visited vector from
-//! memory, and half the bytes make queries ~1.2x faster than f32 at the same recall
-//! (BENCHMARKS.md). hnsw_rs's own `DistCosine` renormalises f32 in f64 on every call and
-//! `DistDot` panics when rounding puts a unit-vector dot product above 1, so the distances are a
-//! few lines here. High `ef_construction` with few links per node gave the best latency at
-//! recall ≥ 0.95 on trained decoders (decoder directions are spread out on purpose, which makes
-//! them a hard case for graph search).
+//! Similar features: each feature's nearest neighbours by direction, computed exactly
+//! ([`exact_neighbours`]), since listing them for every feature costs about as much as querying
+//! an index for every feature; the hnsw index over the unit directions, for queries by any
+//! direction, is built and dumped into `index/<dict>/` by [`loupe_store::index`] (the store owns
+//! its files). High `ef_construction` with few links per node gave the best latency at recall ≥
+//! 0.95 on trained decoders (decoder directions are spread out on purpose, which makes them a
+//! hard case for graph search): [`loupe_store::index::IndexParams::default`].
 
-use std::path::Path;
-
-use anyhow::{Context, Result, anyhow, bail};
-use hnsw_rs::anndists::dist::Distance;
-use hnsw_rs::api::AnnT;
-use hnsw_rs::hnsw::Hnsw;
-use hnsw_rs::hnswio::HnswIo;
 use loupe_store::Neighbour;
 
-/// Basename of the decoder-direction index (`decoder.hnsw.graph`, `decoder.hnsw.data`).
-pub const DECODER_INDEX: &str = "decoder";
-
 /// Cosine distance between unit vectors: 1 − a·b, clamped at 0.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct UnitCosine;
-
-impl Distance<f32> for UnitCosine {
-    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        (1.0 - dot(a, b)).max(0.0)
-    }
+pub fn unit_cosine_distance(a: &[f32], b: &[f32]) -> f32 {
+    (1.0 - dot(a, b)).max(0.0)
 }
 
 /// `a · b` in 32 lanes: four independent vector accumulators, so the loop runs at the FMA
@@ -53,60 +32,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x * y).sum::<f32>()
 }
 
-/// Unit vectors in fixed point: component × 32767, rounded (|component| ≤ 1 for a unit vector).
-pub const FIXED_ONE: f32 = 32767.0;
-
-/// `v` (unit norm) in fixed point.
-pub fn to_fixed(v: &[f32]) -> Vec<i16> {
-    v.iter().map(|x| (x * FIXED_ONE).round().clamp(-FIXED_ONE, FIXED_ONE) as i16).collect()
-}
-
-/// Cosine distance between fixed-point unit vectors: 1 − a·b / 32767², the dot product summed
-/// exactly in i32 lanes (|a·b| ≤ 32767² by Cauchy–Schwarz, so no lane overflows).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FixedCosine;
-
-impl Distance<i16> for FixedCosine {
-    fn eval(&self, a: &[i16], b: &[i16]) -> f32 {
-        (1.0 - fixed_dot(a, b) as f64 / (FIXED_ONE as f64 * FIXED_ONE as f64)).max(0.0) as f32
-    }
-}
-
-/// `a · b` of i16 vectors in 32 i32 lanes (compiles to pairwise multiply-adds).
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn fixed_dot(a: &[i16], b: &[i16]) -> i64 {
-    let mut acc = [0i32; 32];
-    let (ac, ar) = a.as_chunks::<32>();
-    let (bc, br) = b.as_chunks::<32>();
-    for (x, y) in ac.iter().zip(bc) {
-        for l in 0..32 {
-            acc[l] = acc[l].wrapping_add(i32::from(x[l]) * i32::from(y[l]));
-        }
-    }
-    acc.iter().map(|&v| i64::from(v)).sum::<i64>()
-        + ar.iter().zip(br).map(|(&x, &y)| i64::from(x) * i64::from(y)).sum::<i64>()
-}
-
-/// Index construction settings.
-#[derive(Clone, Copy, Debug)]
-pub struct IndexParams {
-    /// Links per node (hnsw M).
-    pub connections: usize,
-    pub ef_construction: usize,
-    /// Candidate list size when searching.
-    pub ef_search: usize,
-}
-
-impl Default for IndexParams {
-    fn default() -> Self {
-        IndexParams { connections: 24, ef_construction: 600, ef_search: 16 }
-    }
-}
-
 /// `rows` (`[n, d]`) scaled to unit norm; zero rows stay zero.
 pub fn normalised(rows: &[f32], d: usize) -> Vec<Vec<f32>> {
     rows.chunks(d)
@@ -116,67 +41,6 @@ pub fn normalised(rows: &[f32], d: usize) -> Vec<Vec<f32>> {
             v
         })
         .collect()
-}
-
-/// An index over unit vectors (ids are row numbers), held in fixed point.
-pub struct Index {
-    hnsw: Hnsw<'static, i16, FixedCosine>,
-    pub params: IndexParams,
-}
-
-impl Index {
-    /// Build from unit vectors, in parallel.
-    pub fn build(vectors: &[Vec<f32>], params: IndexParams) -> Index {
-        // hnsw_rs dumps only indexes built with its maximum number of layers (16).
-        let hnsw = Hnsw::new(params.connections, vectors.len(), 16, params.ef_construction, FixedCosine);
-        let fixed: Vec<Vec<i16>> = vectors.iter().map(|v| to_fixed(v)).collect();
-        let data: Vec<(&Vec<i16>, usize)> = fixed.iter().zip(0..).collect();
-        hnsw.parallel_insert(&data);
-        let mut index = Index { hnsw, params };
-        index.hnsw.set_searching_mode(true);
-        index
-    }
-
-    /// The `k` nearest ids of unit vector `query` with their cosine distances, nearest first.
-    pub fn search(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
-        self.hnsw
-            .search(&to_fixed(query), k, self.params.ef_search.max(k))
-            .into_iter()
-            .map(|n| (n.d_id, n.distance))
-            .collect()
-    }
-
-    /// Dump the graph and its vectors into `dir` as `<basename>.hnsw.graph` and
-    /// `<basename>.hnsw.data`; returns the file names. Existing files of that name are replaced.
-    pub fn dump(&self, dir: &Path, basename: &str) -> Result<Vec<String>> {
-        let files = [format!("{basename}.hnsw.graph"), format!("{basename}.hnsw.data")];
-        for f in &files {
-            // hnsw_rs never overwrites: it would pick another name.
-            let _ = std::fs::remove_file(dir.join(f));
-        }
-        let used = self.hnsw.file_dump(dir, basename).map_err(|e| anyhow!("cannot dump the index: {e}"))?;
-        if used != basename {
-            bail!("hnsw_rs dumped the index as {used:?} instead of {basename:?}");
-        }
-        for f in &files {
-            std::fs::File::open(dir.join(f))
-                .and_then(|file| file.sync_all())
-                .with_context(|| format!("cannot sync {}", dir.join(f).display()))?;
-        }
-        Ok(files.to_vec())
-    }
-}
-
-/// Load an index dumped by [`Index::dump`].
-pub fn load(dir: &Path, basename: &str, params: IndexParams) -> Result<Index> {
-    // hnsw_rs ties the loaded graph's lifetime to its loader, which only matters when it memory
-    // maps the data (off by default: the vectors are copied). The loader is small; leaking it
-    // once per load gives the graph a 'static lifetime.
-    let io = Box::leak(Box::new(HnswIo::new(dir, basename)));
-    let hnsw: Hnsw<'static, i16, FixedCosine> = io
-        .load_hnsw()
-        .map_err(|e| anyhow!("cannot load the index {}/{basename}.hnsw.*: {e}", dir.display()))?;
-    Ok(Index { hnsw, params })
 }
 
 /// The `k` most similar other features of every feature, exactly: all cosines by blocked GEMM
@@ -236,7 +100,7 @@ pub fn exact_neighbours(vectors: &[Vec<f32>], k: usize) -> Vec<Neighbour> {
 /// Exact nearest neighbours by brute force (the reference for recall).
 pub fn brute_force(vectors: &[Vec<f32>], query: &[f32], k: usize) -> Vec<usize> {
     let mut all: Vec<(f32, usize)> =
-        vectors.iter().enumerate().map(|(i, v)| (UnitCosine.eval(v, query), i)).collect();
+        vectors.iter().enumerate().map(|(i, v)| (unit_cosine_distance(v, query), i)).collect();
     let k = k.min(all.len());
     if k == 0 {
         return Vec::new();
