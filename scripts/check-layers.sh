@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-stages=(loupe-store loupe-model loupe-dict loupe-analysis loupe-autointerp loupe)
+stages=(loupe-store loupe-model loupe-dict loupe-analysis loupe-autointerp loupe-cli loupe)
 status=0
 for i in "${!stages[@]}"; do
   crate=${stages[$i]}

@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use loupe_store::{DType, Store};
 
-use crate::dict_args::DictArgs;
-use crate::{analyze_cmd, capture_cmd, explain_cmd, fetch, train_sae_cmd};
+use loupe_cli::dict_args::DictArgs;
+use loupe_cli::{analyze_cmd, capture_cmd, explain_cmd, fetch, train_sae_cmd};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -65,7 +65,7 @@ pub fn run(args: &Args) -> Result<()> {
         println!("already trained: {}", args.store.join("dictionaries").join(DICTIONARY).display());
     } else {
         train_sae_cmd::run(&train_sae_cmd::Args {
-            job: crate::train_job::JobFlags {
+            job: loupe_cli::train_job::JobFlags {
                 target: DictArgs::new(args.store.clone(), DICTIONARY.to_string()),
                 hook: Some(HOOK.to_string()),
                 batch: Some(1024),

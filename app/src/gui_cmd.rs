@@ -54,7 +54,7 @@ pub fn options(args: &Args) -> Result<Options> {
             bail!("{} is not a MiniLM folder (no config.json)", dir.display())
         }
         Some(dir) => Some(dir.clone()),
-        None => Some(crate::fetch::defaults().minilm_dir).filter(|d| d.join("config.json").is_file()),
+        None => Some(loupe_cli::fetch::defaults().minilm_dir).filter(|d| d.join("config.json").is_file()),
     };
     Ok(Options {
         store: args.store.clone(),

@@ -1,29 +1,22 @@
 //! `loupe`: the command-line entry point.
 //!
-//! Each subcommand lives in its own module and talks to the pipeline crates only through their
-//! public APIs and the store. Errors end as one `error: …` line on stderr and a non-zero exit.
+//! The subcommands live in loupe-cli (`app/cli`), one module each; the ones that open or drive
+//! the desktop app (`gui`, `demo`, `bench gui`) live here, beside the GUI library. Each talks to
+//! the pipeline crates only through their public APIs and the store. Errors end as one
+//! `error: …` line on stderr and a non-zero exit.
 
-mod analyze_cmd;
-mod bench;
-mod capture_cmd;
+mod bench_gui;
 mod demo;
-mod dict_args;
-mod explain_cmd;
-mod export_cmd;
-mod feature_cmd;
-mod fetch;
 mod gui_cmd;
-mod progress;
-mod store_cmd;
-mod tokenize;
-mod train_job;
-mod train_monet_cmd;
-mod train_sae_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use loupe_cli::{
+    analyze_cmd, bench, capture_cmd, dict_args, explain_cmd, export_cmd, feature_cmd, fetch, store_cmd,
+    tokenize, train_monet_cmd, train_sae_cmd,
+};
 
 /// mimalloc instead of the system allocator: training allocates and frees tensors of tens of MiB
 /// every step, which glibc serves with fresh mmaps (page faults and zeroing each time); mimalloc
@@ -87,7 +80,16 @@ enum Command {
     Tokenize(tokenize::Args),
     /// Benchmarks that print their ratio against a reference measured in the same run.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(BenchCommand),
+}
+
+/// The pipeline benchmarks (loupe-cli) and the GUI's (here, since it drives the app).
+#[derive(Subcommand)]
+enum BenchCommand {
+    #[command(flatten)]
+    Pipeline(bench::BenchCommand),
+    /// The desktop app's frame time (scrolling the list, redrawing a page) and open time on 1,000,000 synthetic features.
+    Gui(bench_gui::Args),
 }
 
 #[derive(Subcommand)]
@@ -147,7 +149,8 @@ fn main() -> ExitCode {
             loupe_store::Store::open_rw(&dir).and_then(|s| s.remove_dictionary(&name))
         }
         Command::Tokenize(args) => tokenize::run(&args),
-        Command::Bench(command) => bench::run(&command),
+        Command::Bench(BenchCommand::Pipeline(command)) => bench::run(&command),
+        Command::Bench(BenchCommand::Gui(args)) => bench_gui::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,15 +6,15 @@
 use libfuzzer_sys::fuzz_target;
 use loupe_fuzz::{put, scratch};
 
-#[path = "../../../app/src/dict_args.rs"]
+#[path = "../../../app/cli/src/dict_args.rs"]
 mod dict_args;
-#[path = "../../../app/src/progress.rs"]
+#[path = "../../../app/cli/src/progress.rs"]
 mod progress;
-#[path = "../../../app/src/train_job.rs"]
+#[path = "../../../app/cli/src/train_job.rs"]
 mod train_job;
-#[path = "../../../app/src/train_monet_cmd.rs"]
+#[path = "../../../app/cli/src/train_monet_cmd.rs"]
 mod train_monet_cmd;
-#[path = "../../../app/src/train_sae_cmd.rs"]
+#[path = "../../../app/cli/src/train_sae_cmd.rs"]
 mod train_sae_cmd;
 
 fuzz_target!(|data: &[u8]| {

@@ -20,7 +20,7 @@ use loupe_app::gui::jobs::Progress;
 use loupe_app::gui::{LoupeApp, Options};
 use loupe_store::{FeatureTables, Store};
 
-use super::synthetic_store::{self, DICT};
+use loupe_cli::bench::synthetic_store::{self, DICT};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -154,7 +154,7 @@ pub fn run(args: &Args) -> Result<()> {
     let path = args
         .store
         .clone()
-        .unwrap_or_else(|| crate::fetch::cache_dir().join(format!("bench-gui-{}", args.features)));
+        .unwrap_or_else(|| loupe_cli::fetch::cache_dir().join(format!("bench-gui-{}", args.features)));
     synthetic_store::ensure(&path, args.features)?;
 
     // Open: from nothing to the first frame showing the feature list. The dictionary loads on

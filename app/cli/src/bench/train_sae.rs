@@ -31,7 +31,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde_json::Value;
 
-const REFERENCE_SCRIPT: &str = include_str!("../../../benches/reference/train_sae_reference.py");
+const REFERENCE_SCRIPT: &str = include_str!("../../../../benches/reference/train_sae_reference.py");
 
 #[derive(clap::Args)]
 pub struct Args {

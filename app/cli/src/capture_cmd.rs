@@ -12,40 +12,40 @@ use crate::progress::Bar;
 pub struct Args {
     /// Model: a GGUF file or an HF directory.
     #[arg(long)]
-    pub(crate) model: PathBuf,
+    pub model: PathBuf,
     /// Corpus: a UTF-8 text file, a folder of them, or JSONL with a "text" field.
     #[arg(long)]
-    pub(crate) corpus: PathBuf,
+    pub corpus: PathBuf,
     /// The store to write (created if missing; resumed if it holds this capture unfinished).
     #[arg(long)]
-    pub(crate) store: PathBuf,
+    pub store: PathBuf,
     /// Hook points to capture (TransformerLens names), e.g. blocks.6.hook_resid_post.
     #[arg(long = "hook", required = true)]
-    pub(crate) hooks: Vec<String>,
+    pub hooks: Vec<String>,
     /// Tokens per context, BOS included.
     #[arg(long, default_value_t = 256)]
-    pub(crate) context: usize,
+    pub context: usize,
     /// Tokens between context starts (default: contexts do not overlap).
     #[arg(long)]
-    pub(crate) stride: Option<usize>,
+    pub stride: Option<usize>,
     /// Do not put a BOS token at the start of each context.
     #[arg(long)]
-    pub(crate) no_bos: bool,
+    pub no_bos: bool,
     /// Element type stored: f32 or f16.
     #[arg(long, default_value = "f32")]
-    pub(crate) dtype: DType,
+    pub dtype: DType,
     /// Also store the gradient of the next-token loss at each hook.
     #[arg(long)]
-    pub(crate) with_grads: bool,
+    pub with_grads: bool,
     /// Contexts per forward pass.
     #[arg(long, default_value_t = 8)]
-    pub(crate) batch: usize,
+    pub batch: usize,
     /// Stop after about this many stored tokens.
     #[arg(long)]
-    pub(crate) max_tokens: Option<u64>,
+    pub max_tokens: Option<u64>,
     /// Rows per shard (default: ~128 MiB shards).
     #[arg(long)]
-    pub(crate) shard_rows: Option<usize>,
+    pub shard_rows: Option<usize>,
 }
 
 pub fn run(args: &Args) -> Result<()> {

@@ -60,7 +60,7 @@ pub struct Args {
 
 impl Args {
     /// The defaults, on every row of the store (for the demo).
-    pub(crate) fn demo(store: PathBuf, dictionary: String) -> Args {
+    pub fn demo(store: PathBuf, dictionary: String) -> Args {
         let cfg = AnalyzeConfig::new(store.clone(), dictionary.clone());
         Args {
             target: DictArgs::new(store, dictionary),

@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 pub struct DictArgs {
     /// The store: the project folder that `loupe capture` made.
     #[arg(long)]
-    pub(crate) store: Option<PathBuf>,
+    pub store: Option<PathBuf>,
     /// The dictionary's name in the store (train-sae, train-monet and import, which make one,
     /// give it a default name when this is left out).
     #[arg(long, alias = "name")]
-    pub(crate) dictionary: Option<String>,
+    pub dictionary: Option<String>,
 }
 
 impl DictArgs {

@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-const SCRIPT: &str = include_str!("../../assets/fetch-defaults.sh");
-const SUMS: &str = include_str!("../../assets/defaults.sha256");
+const SCRIPT: &str = include_str!("../../../assets/fetch-defaults.sh");
+const SUMS: &str = include_str!("../../../assets/defaults.sha256");
 const ERROR_PREFIX: &str = "loupe fetch: error: ";
 
 #[derive(clap::Args)]

@@ -27,7 +27,7 @@ const HOOK: &str = "blocks.6.hook_resid_post";
 const LAYER: usize = 6;
 const CONTEXTS: usize = 8;
 const CONTEXT: usize = 256;
-const REFERENCE_SCRIPT: &str = include_str!("../../../benches/reference/capture_reference.py");
+const REFERENCE_SCRIPT: &str = include_str!("../../../../benches/reference/capture_reference.py");
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -14,60 +14,60 @@ use crate::train_job::JobFlags;
 pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
-    pub(crate) job: JobFlags,
+    pub job: JobFlags,
     /// topk, mutual_choice (batchtopk), feature_choice, gsae, jumprelu or relu.
     #[arg(long)]
-    pub(crate) variant: Option<Variant>,
+    pub variant: Option<Variant>,
     /// Number of features (or give --expansion).
     #[arg(long)]
-    pub(crate) n_features: Option<usize>,
+    pub n_features: Option<usize>,
     /// Features per activation dimension (default 32, sparsify's).
     #[arg(long)]
-    pub(crate) expansion: Option<usize>,
+    pub expansion: Option<usize>,
     /// Active features per token (mean, for mutual and feature choice; JumpReLU's target with
     /// the quadratic penalty; unused by relu). Default 32.
     #[arg(long)]
-    pub(crate) k: Option<usize>,
+    pub k: Option<usize>,
     /// Adam learning rate (default 2e-4/√(n/2¹⁴)).
     #[arg(long)]
-    pub(crate) lr: Option<f32>,
+    pub lr: Option<f32>,
     /// Tokens without firing after which a feature is dead for AuxK (default min(10M, tokens/10)).
     #[arg(long)]
-    pub(crate) dead_tokens: Option<u64>,
+    pub dead_tokens: Option<u64>,
     /// Weight of AuxK / aux_zipf (default 1/32; 0 turns it off).
     #[arg(long)]
-    pub(crate) auxk_alpha: Option<f32>,
+    pub auxk_alpha: Option<f32>,
     /// Features per token in the auxiliary reconstruction (default d/2).
     #[arg(long)]
-    pub(crate) k_aux: Option<usize>,
+    pub k_aux: Option<usize>,
     /// Add the FVU at 4k weighted 1/8 (TopK only).
     #[arg(long)]
     #[serde(default)]
-    pub(crate) multi_topk: bool,
+    pub multi_topk: bool,
     /// Feature Choice: exponent of the Zipf capacities (default 0.5).
     #[arg(long)]
-    pub(crate) zipf_exponent: Option<f32>,
+    pub zipf_exponent: Option<f32>,
     /// Mutual and Feature Choice: rank by raw pre-activations with absolute inference thresholds,
     /// as the papers (the result loads in SAELens as jumprelu), instead of Loupe's scale-free
     /// ranking by pre-activation / ‖x − b_dec‖ with relative thresholds.
     #[arg(long)]
     #[serde(default)]
-    pub(crate) absolute_thresholds: bool,
+    pub absolute_thresholds: bool,
     /// g-SAE: weight of the gradient term (default 1).
     #[arg(long)]
-    pub(crate) gsae_beta: Option<f32>,
+    pub gsae_beta: Option<f32>,
     /// relu: weight of the L1 penalty; jumprelu: of the L0 penalty (SAELens' units; default 1).
     #[arg(long)]
-    pub(crate) sparsity_coefficient: Option<f32>,
+    pub sparsity_coefficient: Option<f32>,
     /// jumprelu: bandwidth of the straight-through estimator (default 0.05).
     #[arg(long)]
-    pub(crate) jumprelu_bandwidth: Option<f32>,
+    pub jumprelu_bandwidth: Option<f32>,
     /// jumprelu: initial threshold (default 0.01).
     #[arg(long)]
-    pub(crate) jumprelu_init_threshold: Option<f32>,
+    pub jumprelu_init_threshold: Option<f32>,
     /// jumprelu: step (penalise L0) or quadratic (steer each token's L0 towards k). Default step.
     #[arg(long)]
-    pub(crate) jumprelu_sparsity: Option<L0Penalty>,
+    pub jumprelu_sparsity: Option<L0Penalty>,
 }
 
 /// Resolve the settings against the store into a job.

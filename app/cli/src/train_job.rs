@@ -18,39 +18,39 @@ pub struct JobFlags {
     /// TOML file with any of these settings (keys as the flags, with '_' for '-').
     #[arg(long)]
     #[serde(skip)]
-    pub(crate) config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// The store holding the activations (the dictionary is written into it) and the name of
     /// the dictionary (`--name`, the key `name`: its old spelling).
     #[command(flatten)]
     #[serde(flatten)]
-    pub(crate) target: DictArgs,
+    pub target: DictArgs,
     /// The hook the dictionary reconstructs and is spliced at (e.g. blocks.6.hook_resid_post).
     #[arg(long)]
-    pub(crate) hook: Option<String>,
+    pub hook: Option<String>,
     /// Training tokens (default: one pass over the training rows).
     #[arg(long)]
-    pub(crate) tokens: Option<u64>,
+    pub tokens: Option<u64>,
     /// Tokens per step (default 4096).
     #[arg(long)]
-    pub(crate) batch: Option<usize>,
+    pub batch: Option<usize>,
     /// Seed of the initialisation and the shuffle (default 0).
     #[arg(long)]
-    pub(crate) seed: Option<u64>,
+    pub seed: Option<u64>,
     /// Steps between checkpoints (default 50; 0: only the final files).
     #[arg(long)]
-    pub(crate) checkpoint_every: Option<u64>,
+    pub checkpoint_every: Option<u64>,
     /// Rows at the end of the hook held out for evaluation (default 16384, at most a tenth).
     #[arg(long)]
-    pub(crate) eval_tokens: Option<u64>,
+    pub eval_tokens: Option<u64>,
     /// Held-out contexts run through the model with the dictionary spliced in, for CE-loss
     /// recovered and KL (default 8; 0 skips it).
     #[arg(long)]
-    pub(crate) eval_contexts: Option<usize>,
+    pub eval_contexts: Option<usize>,
     /// Train on raw activations instead of ones scaled to mean norm √d (the final files read raw
     /// activations either way).
     #[arg(long)]
     #[serde(default)]
-    pub(crate) no_normalize: bool,
+    pub no_normalize: bool,
 }
 
 impl JobFlags {
