@@ -39,7 +39,7 @@ for variant in $variants; do
   fi
   # The same settings for every variant: 16,384 features (expansion 25.6), k 32, batch 4096,
   # one pass over the training tokens, 16,384 held-out tokens, 16 held-out contexts spliced.
-  "$loupe" train-sae --store "$store" --hook "$hook" --name "$name" --variant "$variant" \
+  "$loupe" train-sae --store "$store" --hook "$hook" --dictionary "$name" --variant "$variant" \
     --n-features 16384 --k 32 --batch 4096 --eval-tokens 16384 --eval-contexts 16 \
     --checkpoint-every 20
 done

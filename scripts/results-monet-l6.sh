@@ -32,14 +32,14 @@ common=(--batch 4096 --eval-tokens 16384 --eval-contexts 16 --checkpoint-every 2
 # Monet E 256, H 4, topk 8, dim 16 has 6,721,536 parameters (either decomposition); a TopK SAE
 # with n 5,248 has 6,723,328.
 monet=(--experts 256 --heads 4 --topk 8 --dim 16)
-trained l6-sae-equal || "$loupe" train-sae --store "$store" --hook "$resid" --name l6-sae-equal \
+trained l6-sae-equal || "$loupe" train-sae --store "$store" --hook "$resid" --dictionary l6-sae-equal \
   --variant topk --n-features 5248 --k 32 "${common[@]}"
-trained l6-monet-hd || "$loupe" train-monet --store "$store" --hook "$resid" --name l6-monet-hd \
+trained l6-monet-hd || "$loupe" train-monet --store "$store" --hook "$resid" --dictionary l6-monet-hd \
   --decomposition hd "${monet[@]}" "${common[@]}"
-trained l6-monet-vd || "$loupe" train-monet --store "$store" --hook "$resid" --name l6-monet-vd \
+trained l6-monet-vd || "$loupe" train-monet --store "$store" --hook "$resid" --dictionary l6-monet-vd \
   --decomposition vd "${monet[@]}" "${common[@]}"
 trained l6-monet-vd-transcoder || "$loupe" train-monet --store "$store" --input-hook "$mlp_in" \
-  --hook "$mlp_out" --name l6-monet-vd-transcoder --decomposition vd "${monet[@]}" "${common[@]}"
+  --hook "$mlp_out" --dictionary l6-monet-vd-transcoder --decomposition vd "${monet[@]}" "${common[@]}"
 
 python3 - "$store" <<'PY'
 import json, sys
