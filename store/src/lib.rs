@@ -10,6 +10,7 @@
 //! - [`verify`]: checksums, schemas and row counts against the manifest;
 //! - [`dictionaries`]: trained dictionaries (`dictionaries/<name>/`) and their training logs;
 //! - [`features`]: feature analyses (`features/<dict>/` tables, `index/<dict>/` ANN dumps);
+//! - [`heads`]: attention-head scores (`heads/<name>/`);
 //! - [`explanations`]: explanations and scores (`explanations/<dict>/`);
 //! - [`index`]: the ANN index files in `index/<dict>/` (hnsw_rs dumps, kept embeddings);
 //! - [`capture`]: the manifest's record of the capture that filled the hooks (typed settings);
@@ -27,6 +28,7 @@ pub mod explanations;
 pub mod export;
 pub mod features;
 pub mod fsutil;
+pub mod heads;
 pub mod index;
 pub mod listing;
 pub mod manifest;
@@ -47,6 +49,7 @@ pub use features::{
     Bucket, Cooccurrence, Example, FeatureRow, FeatureTables, FeaturesEntry, FeaturesWriter, LogitEffect,
     Neighbour,
 };
+pub use heads::{HeadRow, HeadsEntry, HeadsSettings, HeadsTable};
 pub use manifest::{DType, HookEntry, HookSpec, Manifest, ModelInfo, ShardEntry, TokenizerInfo};
 pub use progress::Progress;
 pub use reader::{Activations, Shard};

@@ -43,7 +43,8 @@ pub trait Listed: Sized {
 fn listed_files(manifest: &Manifest) -> HashSet<&str> {
     let features = manifest.features.values().flat_map(|e| e.files());
     let explanations = manifest.explanations.values().flat_map(|e| e.files());
-    features.chain(explanations).map(|f| f.file.as_str()).collect()
+    let heads = manifest.heads.values().flat_map(|e| e.files());
+    features.chain(explanations).chain(heads).map(|f| f.file.as_str()).collect()
 }
 
 /// Endings of the files a [`Listing`] writer makes (tables, settings, hnsw dumps, and the

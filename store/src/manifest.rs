@@ -119,7 +119,7 @@ impl HookEntry {
 }
 
 /// The parsed `manifest.json`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
     pub version: u32,
@@ -145,6 +145,9 @@ pub struct Manifest {
     /// Explanations and scores by dictionary name (`explanations/<dict>/`, `index/<dict>/`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub explanations: BTreeMap<String, crate::explanations::ExplanationsEntry>,
+    /// Attention-head scores by name (`heads/<name>/`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub heads: BTreeMap<String, crate::heads::HeadsEntry>,
 }
 
 impl Default for Manifest {
@@ -159,6 +162,7 @@ impl Default for Manifest {
             dictionaries: BTreeMap::new(),
             features: BTreeMap::new(),
             explanations: BTreeMap::new(),
+            heads: BTreeMap::new(),
         }
     }
 }

@@ -83,6 +83,11 @@ impl Store {
                 report.problems.extend(check_file(&format!("explanations of {name}"), self.root(), file));
             }
         }
+        for (name, entry) in &manifest.heads {
+            for file in &entry.files {
+                report.problems.extend(check_file(&format!("head scores {name}"), self.root(), file));
+            }
+        }
         if report.problems.is_empty() {
             // The files are as listed: now check that the listings agree with each other.
             report.problems.extend(self.consistency_problems(&manifest));

@@ -118,6 +118,21 @@ impl FeatureTables {
         &self.entry
     }
 
+    /// For an attention-output SAE (`blocks.L.attn.hook_z`): feature `f`'s weight-based head
+    /// attribution w_f(h), one value per head summing to 1; `None` for other dictionaries (or
+    /// analyses made before head attribution existed).
+    pub fn head_attribution(&self, f: u32) -> Option<&[f32]> {
+        let _ = f;
+        None // filled in by the attention-SAE work (head_attribution.arrow)
+    }
+
+    /// The `n` features most attributed to `head` (by w_f(head), largest first), with their
+    /// weights; empty when the analysis has no head attribution.
+    pub fn top_features_for_head(&self, head: usize, n: usize) -> Vec<(u32, f32)> {
+        let _ = (head, n);
+        Vec::new() // filled in by the attention-SAE work
+    }
+
     pub fn n_features(&self) -> usize {
         self.entry.n_features as usize
     }

@@ -3,10 +3,12 @@
 //!
 //! - [`features`]: what each feature of a dictionary responds to (`loupe analyze`): stats,
 //!   examples, logit effects, similar and co-occurring features.
+//! - [`heads`]: what each attention head does (`loupe heads`, `loupe dfa`): detector scores,
+//!   ablations, attention patterns, direct feature attribution.
 //!
-//! The coming analyses get a module of their own beside it: `heads/` (attention-head patterns and
-//! scores), `circuits/` (feature-to-feature attributions) and `experts/` (what each expert of a
+//! The coming analyses get a module of their own beside them: `circuits/` (feature-to-feature attributions) and `experts/` (what each expert of a
 //! mixture handles). Like every stage, this crate reads and writes only through [`loupe_store`];
 //! it runs the model through [`loupe_model`] and the dictionaries through [`loupe_dict`].
 
 pub mod features;
+pub mod heads;
