@@ -22,7 +22,7 @@ mod run;
 
 use anyhow::{Result, bail};
 
-pub use run::{HeadsReport, run};
+pub use run::{HeadsReport, check_settings, run};
 
 /// The settings of one `loupe heads` run.
 #[derive(Clone, Debug)]

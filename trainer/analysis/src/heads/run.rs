@@ -30,7 +30,7 @@ pub struct HeadsReport {
 }
 
 /// Check what can be checked before a model is loaded: the entry name and the sizes.
-pub fn check(name: &str, config: &HeadsConfig) -> Result<()> {
+pub fn check_settings(name: &str, config: &HeadsConfig) -> Result<()> {
     loupe_store::dictionaries::check_dictionary_name(name).map_err(|_| {
         anyhow::anyhow!("invalid heads name {name:?} (use letters, digits, '_', '-' and '.')")
     })?;
@@ -59,7 +59,7 @@ pub fn run(
     text: Option<&Path>,
     progress: &dyn Progress,
 ) -> Result<HeadsReport> {
-    check(name, config)?;
+    check_settings(name, config)?;
     let model = session.model();
     let c = model.config().clone();
     if !c.causal || model.unembedding().is_none() {
@@ -82,6 +82,12 @@ pub fn run(
         }
         None => captured_text(store, bos, config.text_sequences, text_len)?,
     };
+    if let Some(t) = text_seqs.iter().flatten().find(|&&t| t as usize >= c.vocab_size) {
+        bail!(
+            "token {t} of the natural text is outside the model's vocabulary of {} (were the tokens captured with another model?)",
+            c.vocab_size
+        );
+    }
     let repeated = repeated_sequences(config.seed, config.sequences, config.repeat_len, c.vocab_size, bos);
 
     let scores = detector_scores(model, &repeated, config.repeat_len, &text_seqs, progress)?;
@@ -248,8 +254,8 @@ mod tests {
     #[test]
     fn bad_settings_are_refused_before_the_model_runs() {
         let ok = HeadsConfig::default();
-        assert!(check("default", &ok).is_ok());
-        let msg = |name: &str, c: HeadsConfig| check(name, &c).unwrap_err().to_string();
+        assert!(check_settings("default", &ok).is_ok());
+        let msg = |name: &str, c: HeadsConfig| check_settings(name, &c).unwrap_err().to_string();
         assert!(msg("a/b", ok.clone()).starts_with("invalid heads name \"a/b\""));
         assert_eq!(msg("x", HeadsConfig { sequences: 0, ..ok.clone() }), "--sequences must be at least 1");
         assert_eq!(msg("x", HeadsConfig { repeat_len: 0, ..ok }), "--repeat-len must be at least 1");
