@@ -15,6 +15,7 @@ mod cli_messages;
 mod corpus_input;
 mod corpus_read;
 mod data_safety;
+mod dfa;
 mod export;
 mod fetch;
 mod fuzz_regressions;

@@ -11,6 +11,7 @@
 pub mod analyze_cmd;
 pub mod bench;
 pub mod capture_cmd;
+pub mod dfa_cmd;
 pub mod dict_args;
 pub mod explain_cmd;
 pub mod export_cmd;

@@ -12,7 +12,7 @@ use candle_core::{D, Device, IndexOp, Tensor};
 use loupe_dict::steer::Steering;
 use loupe_dict::{self as dict, Dictionary};
 use loupe_model::Session;
-use loupe_model::hooks::Hooks;
+use loupe_model::hooks::{Hooks, Shape};
 use loupe_store::Store;
 
 use super::jobs::Progress;
@@ -106,11 +106,20 @@ impl Lab {
             (l.dict, l.hook, l.dictionary) = (dict.into(), entry.hook, dictionary);
         }
         let l = slot.as_ref().expect("loaded above");
-        if l.dictionary.d_in() != l.session.model().config().d_model {
+        // The width of one position at the hook (a per-head hook such as `attn.hook_z` has its
+        // heads concatenated, as capture stores them).
+        let model = l.session.model();
+        let c = model.config();
+        let Some((_, shape)) = model.hook_list().points(c.n_layers).into_iter().find(|(n, _)| *n == l.hook)
+        else {
+            bail!("dictionary {dict} reads {}, which the model does not have", l.hook);
+        };
+        let width: usize = shape.dims(c, 1, 1)[2..].iter().product();
+        if l.dictionary.d_in() != width {
+            let what = if shape == Shape::Model { "residual stream".to_string() } else { l.hook.clone() };
             bail!(
-                "dictionary {dict} reads width {} but the model's residual stream is {} wide",
-                l.dictionary.d_in(),
-                l.session.model().config().d_model
+                "dictionary {dict} reads width {} but the model's {what} is {width} wide",
+                l.dictionary.d_in()
             );
         }
         Ok(l)
@@ -143,7 +152,8 @@ impl Lab {
             .model()
             .forward(&input, &mut hooks)?
             .ok_or_else(|| anyhow!("the model gave no logits"))?;
-        let acts = hooks.get(&l.hook)?.i(0)?.to_dtype(candle_core::DType::F32)?;
+        // [pos, d], or [pos, head, d_head] at a per-head hook: one row per position.
+        let acts = hooks.get(&l.hook)?.i(0)?.flatten_from(1)?.to_dtype(candle_core::DType::F32)?;
         let rows: Vec<Vec<f32>> = acts.to_vec2()?;
         let norm =
             rows.iter().map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).sum::<f32>() / rows.len() as f32;
