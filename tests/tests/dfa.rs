@@ -307,7 +307,21 @@ fn a_hook_z_dictionary_trains_splices_analyses_and_answers_dfa() {
     assert_eq!(top[0].1, best_alive);
     assert!(tables.top_features_for_head(9, 5).is_empty());
     assert!(tables.head_attribution(32).is_none());
-    drop((tables, opened));
+    drop(tables);
+
+    // The prompt lab reads the per-head hook one row per position, and steers there.
+    let lab = loupe_app::gui::lab::Lab::default();
+    let progress = loupe_app::gui::jobs::Progress::default();
+    let lab_run = lab.run(&opened, None, "z", "the cat sat", &progress).unwrap();
+    assert_eq!(lab_run.ids.len(), 11);
+    assert!(lab_run.active.iter().all(|a| a.len() <= 4) && lab_run.active.iter().any(|a| !a.is_empty()));
+    let f = lab_run.top.iter().flatten().next().unwrap().0;
+    let steered = lab.steer(&opened, None, &lab_run, f, 4.0, &progress).unwrap();
+    assert!(
+        steered.next.iter().any(|&(_, before, after)| before != after),
+        "steering at hook_z changed nothing"
+    );
+    drop(opened);
 
     // `loupe dfa`, text and JSON.
     let base = ["dfa", "--store", s, "--dictionary", "z"];
