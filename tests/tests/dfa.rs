@@ -323,6 +323,44 @@ fn a_hook_z_dictionary_trains_splices_analyses_and_answers_dfa() {
     );
     drop(opened);
 
+    // Monet experts at hook_z have no decoder rows: their head attribution is from each expert's
+    // mean output on its top examples (the analysis says so).
+    run(&[
+        "train-monet",
+        "--store",
+        s,
+        "--hook",
+        hook,
+        "--dictionary",
+        "experts",
+        "--experts",
+        "16",
+        "--heads",
+        "2",
+        "--topk",
+        "2",
+        "--dim",
+        "8",
+        "--batch",
+        "128",
+        "--tokens",
+        "2560",
+        "--eval-contexts",
+        "0",
+    ]);
+    let report = run(&["analyze", "--store", s, "--dictionary", "experts", "--no-index"]);
+    assert!(report.contains("mean output"), "{report}");
+    let opened_monet = Store::open(&store).unwrap();
+    let experts = FeatureTables::open(&opened_monet, "experts").unwrap();
+    let live: Vec<u32> =
+        (0..experts.n_features() as u32).filter(|&f| !experts.stats(f).unwrap().dead).collect();
+    assert!(!live.is_empty());
+    for &f in &live {
+        let w = experts.head_attribution(f).expect("head attribution");
+        assert!(w.len() == 4 && (w.iter().sum::<f32>() - 1.0).abs() < 1e-5, "expert {f}: {w:?}");
+    }
+    drop((experts, opened_monet));
+
     // `loupe dfa`, text and JSON.
     let base = ["dfa", "--store", s, "--dictionary", "z"];
     let text = run(&[&base[..], &["--feature", "3", "--prompt", "the cat sat on the mat"]].concat());
@@ -370,6 +408,8 @@ fn a_hook_z_dictionary_trains_splices_analyses_and_answers_dfa() {
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         "no dictionary named \"nope\"",
     );
+    let args = named("experts");
+    assert_one_error(&store, &args.iter().map(String::as_str).collect::<Vec<_>>(), "is a monet dictionary");
     // A dictionary at another hook.
     let args = named("mlp");
     assert_one_error(
