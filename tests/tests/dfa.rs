@@ -307,7 +307,59 @@ fn a_hook_z_dictionary_trains_splices_analyses_and_answers_dfa() {
     assert_eq!(top[0].1, best_alive);
     assert!(tables.top_features_for_head(9, 5).is_empty());
     assert!(tables.head_attribution(32).is_none());
-    drop((tables, opened));
+    drop(tables);
+
+    // The prompt lab reads the per-head hook one row per position, and steers there.
+    let lab = loupe_app::gui::lab::Lab::default();
+    let progress = loupe_app::gui::jobs::Progress::default();
+    let lab_run = lab.run(&opened, None, "z", "the cat sat", &progress).unwrap();
+    assert_eq!(lab_run.ids.len(), 11);
+    assert!(lab_run.active.iter().all(|a| a.len() <= 4) && lab_run.active.iter().any(|a| !a.is_empty()));
+    let f = lab_run.top.iter().flatten().next().unwrap().0;
+    let steered = lab.steer(&opened, None, &lab_run, f, 4.0, &progress).unwrap();
+    assert!(
+        steered.next.iter().any(|&(_, before, after)| before != after),
+        "steering at hook_z changed nothing"
+    );
+    drop(opened);
+
+    // Monet experts at hook_z have no decoder rows: their head attribution is from each expert's
+    // mean output on its top examples (the analysis says so).
+    run(&[
+        "train-monet",
+        "--store",
+        s,
+        "--hook",
+        hook,
+        "--dictionary",
+        "experts",
+        "--experts",
+        "16",
+        "--heads",
+        "2",
+        "--topk",
+        "2",
+        "--dim",
+        "8",
+        "--batch",
+        "128",
+        "--tokens",
+        "2560",
+        "--eval-contexts",
+        "0",
+    ]);
+    let report = run(&["analyze", "--store", s, "--dictionary", "experts", "--no-index"]);
+    assert!(report.contains("mean output"), "{report}");
+    let opened_monet = Store::open(&store).unwrap();
+    let experts = FeatureTables::open(&opened_monet, "experts").unwrap();
+    let live: Vec<u32> =
+        (0..experts.n_features() as u32).filter(|&f| !experts.stats(f).unwrap().dead).collect();
+    assert!(!live.is_empty());
+    for &f in &live {
+        let w = experts.head_attribution(f).expect("head attribution");
+        assert!(w.len() == 4 && (w.iter().sum::<f32>() - 1.0).abs() < 1e-5, "expert {f}: {w:?}");
+    }
+    drop((experts, opened_monet));
 
     // `loupe dfa`, text and JSON.
     let base = ["dfa", "--store", s, "--dictionary", "z"];
@@ -356,6 +408,8 @@ fn a_hook_z_dictionary_trains_splices_analyses_and_answers_dfa() {
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         "no dictionary named \"nope\"",
     );
+    let args = named("experts");
+    assert_one_error(&store, &args.iter().map(String::as_str).collect::<Vec<_>>(), "is a monet dictionary");
     // A dictionary at another hook.
     let args = named("mlp");
     assert_one_error(

@@ -1,5 +1,6 @@
 //! Steering: the model run with `coefficient ×` one feature's decoder direction added at a hook,
-//! on every position of every sequence, through the runtime's [`Hooks`] ([`Intervention::Add`]).
+//! on every position of every sequence, through the runtime's [`Hooks`] (at a per-head hook such
+//! as `attn.hook_z`, the direction is each position's heads concatenated).
 //! The one way Loupe steers: the app's prompt lab (coefficient = strength × the prompt's mean
 //! norm at the hook) and the intervention scorer (coefficient = scale × the feature's maximum
 //! activation) both call [`Steering::logits`]; each picks its coefficient.

@@ -171,7 +171,9 @@ pub fn dfa(model: &dyn HookedModel, sae: &Sae, hook: &str, feature: u32, tokens:
                 bail!("the dictionary reads width {d}, but the residual stream is {} wide", c.d_model);
             }
             let parts = model.residual_components(&input, hook)?;
-            let last = residual_point(hook, c.n_layers).and_then(|p| p.last_block()).unwrap_or(0);
+            // Run up to the hook's own block (`hook_embed`: the first).
+            let last =
+                hook.strip_prefix("blocks.").and_then(|r| r.split('.').next()?.parse().ok()).unwrap_or(0);
             let mut run = Hooks::new().capture(hook.as_str()).stop_after_layer(last);
             model.forward(&input, &mut run)?;
             let x = values(run.get(hook)?)?;
