@@ -391,3 +391,227 @@ fn explanations_of_an_earlier_analysis_are_marked_stale() {
     run(&["explain", "--store", d, "--dictionary", "sae", "--embedder", e.to_str().unwrap(), "--redo"]);
     assert!(!Store::open(&dir).unwrap().explanations_stale("sae"));
 }
+
+// The Heads view, on a store of the tiny GPT-2 (2 layers × 4 heads, a character-level tokenizer):
+// an attention-output SAE at `blocks.0.attn.hook_z` trained and analysed by the pipeline, and a
+// heads table.
+
+const ATTN_DICT: &str = "attn";
+const ATTN_HOOK: &str = "blocks.0.attn.hook_z";
+
+/// Head `l.h`'s row of the test's heads table: distinct values, so the view's numbers can be
+/// checked against it.
+fn head_row(l: u16, h: u16) -> loupe_store::HeadRow {
+    let x = f32::from(l * 4 + h);
+    loupe_store::HeadRow {
+        layer: l,
+        head: h,
+        induction: x / 8.0,
+        induction_mul: x / 16.0,
+        previous_token: 1.0 - x / 8.0,
+        duplicate_token: 0.03125 * x,
+        previous_token_text: 0.5,
+        duplicate_token_text: 0.25,
+        ablation_zero: x / 100.0 - 0.02,
+        ablation_mean: None,
+    }
+}
+
+/// The tiny store (made once, left in the temp folder) and its model folder.
+fn attn_store() -> &'static (PathBuf, PathBuf) {
+    static STORE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    STORE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let model = loupe_tests::tiny_model(&dir.join("model"));
+        let corpus = dir.join("corpus.txt");
+        let text = "The cat sat on the mat. The dog sat on the log. A cat and a dog met on a mat by a log. ";
+        std::fs::write(&corpus, text.repeat(40)).unwrap();
+        let s = dir.join("store");
+        let (m, c, st) = (model.to_str().unwrap(), corpus.to_str().unwrap(), s.to_str().unwrap());
+        let run = |args: &[&str]| {
+            let out = loupe(args);
+            assert!(out.status.success(), "loupe {args:?}: {}", stderr(&out));
+        };
+        run(&[
+            "capture",
+            "--model",
+            m,
+            "--corpus",
+            c,
+            "--store",
+            st,
+            "--hook",
+            ATTN_HOOK,
+            "--context",
+            "64",
+            "--no-bos",
+        ]);
+        run(&[
+            "train-sae",
+            "--store",
+            st,
+            "--dictionary",
+            ATTN_DICT,
+            "--hook",
+            ATTN_HOOK,
+            "--n-features",
+            "32",
+            "--k",
+            "4",
+            "--batch",
+            "256",
+            "--eval-contexts",
+            "0",
+        ]);
+        run(&["analyze", "--store", st, "--dictionary", ATTN_DICT, "--no-index"]);
+        // Until `loupe heads` exists on this branch: the table written as it would write it.
+        let rows: Vec<loupe_store::HeadRow> =
+            (0..2).flat_map(|l| (0..4).map(move |h| head_row(l, h))).collect();
+        let settings = loupe_store::heads::HeadsSettings {
+            seed: 0,
+            sequences: 16,
+            repeat_len: 20,
+            text_sequences: 4,
+            text_len: 32,
+            text_source: "test".into(),
+            mean_ablation: false,
+            clean_loss: 6.2,
+            model: "gpt2-tiny".into(),
+            model_sha256: String::new(),
+        };
+        let entry = loupe_store::heads::HeadsEntry { n_layers: 2, n_heads: 4, settings, files: Vec::new() };
+        Store::open_rw(&s).unwrap().write_heads("default", &rows, entry).unwrap();
+        (s, model)
+    })
+}
+
+fn attn_app(options: Options) -> LoupeApp {
+    let (store, model) = attn_store();
+    LoupeApp::new(Options { store: store.clone(), model: Some(model.clone()), ..options })
+}
+
+/// The grid, a score chosen, a head clicked, its pattern on the prompt, back and forward.
+#[test]
+fn heads_view_shows_the_grid_and_a_heads_pattern() {
+    let before = loupe_tests::snapshot(&attn_store().0);
+    let mut h = harness(attn_app(Options::default()));
+    wait_for(&mut h, "the dictionary to load", |h| h.state().notes_loaded());
+    h.get_by_label("Heads").click();
+    h.run_steps(3);
+    assert!(has_label(&h, "default · 2 layers × 4 heads"), "the table's heading");
+    for l in 0..2 {
+        for hd in 0..4 {
+            assert!(h.query_by_label(&format!("{l}.{hd}")).is_some(), "cell {l}.{hd}");
+        }
+    }
+    // Coloured by induction first: its range is the table's.
+    assert!(has_label(&h, "range 0.0000 to 0.8750"), "induction's range");
+    snapshot(&mut h, "heads_grid");
+    h.get_by_label("Score").click();
+    h.run_steps(2);
+    h.get_by_label("ablation Δloss (zero)").click();
+    h.run_steps(2);
+    assert!(has_label(&h, "range -0.0200 to 0.0500"), "the ablation deltas' range, below zero too");
+
+    // Open head 1.2: its scores, and its pattern on the prompt lab's prompt (58 characters).
+    h.get_by_label("1.2").click();
+    h.run_steps(2);
+    assert_eq!(h.state().current_head(), Some((1, 2)));
+    assert!(has_label(&h, "Head 1.2"));
+    let row = head_row(1, 2);
+    assert!(
+        has_label(&h, &format!("{:.4}", row.induction))
+            && has_label(&h, &format!("{:.4}", row.ablation_zero))
+    );
+    wait_for(&mut h, "the pattern", |h| has_label(h, "head 1.2 on 58 tokens"));
+    snapshot(&mut h, "heads_pattern");
+
+    // Another prompt, typed here: the prompt lab has it too.
+    type_into(&mut h, "Prompt", "abcabc");
+    h.get_by_label("Run").click();
+    wait_for(&mut h, "the pattern of the new prompt", |h| has_label(h, "head 1.2 on 6 tokens"));
+    assert_eq!(h.state_mut().prompt().as_str(), "abcabc");
+
+    // Another head, then back and forward through the history.
+    h.get_by_label("0.3").click();
+    wait_for(&mut h, "head 0.3's pattern", |h| has_label(h, "head 0.3 on 6 tokens"));
+    h.get_by_label("« Back").click();
+    h.run_steps(2);
+    assert_eq!(h.state().current_head(), Some((1, 2)));
+    h.get_by_label("Features").click();
+    h.run_steps(2);
+    let first = h
+        .query_all_by_role(Role::Button)
+        .find_map(|n| n.accesskit_node().label().and_then(|l| l.strip_prefix("feature ").map(str::to_string)))
+        .expect("a live feature in the list");
+    h.get_by_role_and_label(Role::Button, &format!("feature {first}")).click();
+    h.run_steps(2);
+    let first: u32 = first.parse().unwrap();
+    assert_eq!(h.state().current_feature(), Some(first));
+    h.get_by_label("« Back").click();
+    h.run_steps(3);
+    assert_eq!(h.state().current_head(), Some((1, 2)), "back from a feature to a head");
+    assert!(has_label(&h, "Head 1.2"), "in the Heads view");
+    h.get_by_label("Forward »").click();
+    h.run_steps(2);
+    assert_eq!(h.state().current_feature(), Some(first));
+    drop(h);
+    assert!(before == loupe_tests::snapshot(&attn_store().0), "the app changed the store");
+}
+
+/// A head of the attention-output SAE's layer lists the features most attributed to it; one opens
+/// its page, with its head-attribution bars and, on the prompt, its DFA per head and source token.
+/// (Needs the head attribution of `loupe analyze` and `loupe dfa`'s computation.)
+#[test]
+fn heads_view_opens_an_attributed_feature() {
+    let mut h = harness(attn_app(Options { head: Some((0, 1)), ..Options::default() }));
+    wait_for(&mut h, "the dictionary to load", |h| h.state().notes_loaded());
+    assert_eq!(h.state().current_head(), Some((0, 1)), "--head opens the head");
+    wait_for(&mut h, "the pattern", |h| has_label(h, "head 0.1 on 58 tokens"));
+    assert!(
+        !has_label(&h, "has no head attribution"),
+        "the analysis of an attention-output SAE has its head attribution"
+    );
+    let feature = h
+        .query_all_by_role(Role::Link)
+        .find_map(|n| n.accesskit_node().label().and_then(|l| l.strip_prefix("feature ").map(str::to_string)))
+        .expect("a feature attributed to head 0.1");
+    let feature: u32 = feature.parse().unwrap();
+    h.get_all_by_role_and_label(Role::Link, &format!("feature {feature}")).next().unwrap().click_accesskit();
+    h.run_steps(3);
+    assert_eq!(h.state().current_feature(), Some(feature));
+    assert!(has_label(&h, &format!("Feature {feature} of {ATTN_DICT}")));
+    assert!(has_label(&h, "Heads of layer 0 (attention-output SAE)"));
+    assert!(has_label(&h, "w_f(h): the share of the feature's decoder norm"), "head-attribution bars");
+    h.get_by_label("Attribute").click();
+    wait_for(&mut h, "the attribution", |h| has_label(h, "Source tokens for head"));
+    assert!(has_label(&h, "pre-activation"));
+    h.get_all_by_role_and_label(Role::Link, "0.1").next().unwrap().click_accesskit();
+    h.run_steps(3);
+    assert_eq!(h.state().current_head(), Some((0, 1)), "a head link opens the head");
+}
+
+/// A store without a heads table says so and names the command; `loupe gui --head` checks the
+/// head against the table.
+#[test]
+fn heads_view_says_what_the_store_lacks() {
+    let s = attn_store().0.to_str().unwrap();
+    loupe_tests::assert_one_error(
+        &attn_store().0,
+        &["gui", s, "--head", "2.0"],
+        "head 2.0 does not exist: the model has 2 layers of 4 heads",
+    );
+    loupe_tests::assert_one_error(&attn_store().0, &["gui", s, "--head", "x"], "bad head \"x\"");
+    let mut h = harness(LoupeApp::new(Options { store: store_without_heads(), ..Options::default() }));
+    h.run_steps(3);
+    h.get_by_label("Heads").click();
+    h.run_steps(3);
+    assert!(has_label(&h, "no head scores in this store: run `loupe heads --store"));
+}
+
+fn store_without_heads() -> PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep().join("store");
+    let spec = loupe_store::HookSpec { d: 16, dtype: loupe_store::DType::F32, grad: false };
+    loupe_tests::write_synthetic(&Store::create(&dir).unwrap(), HOOK, spec, 2, 8, 16, 5);
+    dir
+}

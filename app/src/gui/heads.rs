@@ -23,6 +23,10 @@ const TOP_ATTRIBUTED: usize = 12;
 const MAX_CELL: f32 = 28.0;
 /// Height a token label needs (pixels); labels are drawn every ⌈this / cell⌉ tokens.
 const LABEL_PX: f32 = 12.0;
+/// Side of the whole heatmap at zoom 1 (pixels, at most).
+const FIT_PX: f32 = 640.0;
+/// Widest margin for token labels (pixels).
+const MAX_MARGIN: f32 = 100.0;
 
 pub struct HeadsView {
     /// The heads table, read on first draw (one small table).
@@ -290,17 +294,31 @@ impl HeadsView {
         }
         let texture = self.texture.as_ref().expect("made above").3.clone();
         ui.label(format!(
-            "head {}.{} on {n} tokens · rows: queries, columns: keys · colour ∝ √weight · hover for a weight",
+            "head {}.{} on {n} tokens · rows: queries, columns: keys · colour by √weight · hover for a weight",
             p.layer, p.head
         ));
-        let margin = 110.0;
-        let fit = ((ui.available_width() - margin - 16.0) / n as f32).clamp(0.5, MAX_CELL);
         ui.horizontal(|ui| {
             let label = ui.label("Zoom");
             ui.add(egui::Slider::new(&mut self.zoom, 1.0..=16.0).logarithmic(true)).labelled_by(label.id);
         });
+        // At zoom 1 the whole pattern fits the width, and a height that leaves the rest in view.
+        let room = (ui.available_width() - MAX_MARGIN - 16.0).min(FIT_PX);
+        let fit = (room / n as f32).clamp(0.5, MAX_CELL);
         let cell = (fit * self.zoom).min(MAX_CELL.max(fit));
         let side = cell * n as f32;
+        // Token labels every `stride` tokens (where they fit), in a margin as wide as the longest.
+        let stride = (LABEL_PX / cell).ceil().max(1.0) as usize;
+        let font = egui::FontId::monospace((cell.min(LABEL_PX) - 1.0).max(7.0));
+        let colour = ui.visuals().text_color();
+        let labels: Vec<(usize, std::sync::Arc<egui::Galley>)> = (0..n)
+            .step_by(stride)
+            .map(|i| {
+                let text: String = visible(&p.tokens[i]).chars().take(12).collect();
+                (i, ui.painter().layout_no_wrap(text, font.clone(), colour))
+            })
+            .collect();
+        let widest = labels.iter().map(|(_, g)| g.size().x).fold(0.0f32, f32::max);
+        let margin = (widest + 8.0).min(MAX_MARGIN);
         egui::ScrollArea::both().max_height(760.0).auto_shrink([false, true]).show(ui, |ui| {
             let (rect, response) = ui.allocate_exact_size(vec2(margin + side, margin + side), Sense::hover());
             response.widget_info(|| {
@@ -310,29 +328,19 @@ impl HeadsView {
             let painter = ui.painter_at(rect);
             let uv = Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0));
             painter.image(texture.id(), image, uv, Color32::WHITE);
-            let stride = (LABEL_PX / cell).ceil().max(1.0) as usize;
-            let font = egui::FontId::monospace((cell.min(LABEL_PX) - 1.0).max(7.0));
-            let colour = ui.visuals().text_color();
-            let short = |i: usize| -> String {
-                let t: String = visible(&p.tokens[i]).chars().take(12).collect();
-                t
-            };
-            for i in (0..n).step_by(stride) {
+            for (i, galley) in labels {
                 let y = image.top() + (i as f32 + 0.5) * cell;
-                painter.text(
-                    Pos2::new(image.left() - 4.0, y),
-                    egui::Align2::RIGHT_CENTER,
-                    short(i),
-                    font.clone(),
+                let size = galley.size();
+                painter.galley(
+                    Pos2::new(image.left() - 4.0 - size.x, y - size.y / 2.0),
+                    galley.clone(),
                     colour,
                 );
+                // Keys: the same label turned a quarter left, reading upwards, above its column.
                 let x = image.left() + (i as f32 + 0.5) * cell;
-                let galley = painter.layout_no_wrap(short(i), font.clone(), colour);
-                let pos = Pos2::new(x - galley.size().y / 2.0, image.top() - 4.0);
-                painter.add(
-                    egui::epaint::TextShape::new(pos, galley, colour)
-                        .with_angle(-std::f32::consts::FRAC_PI_2),
-                );
+                let pos = Pos2::new(x - size.y / 2.0, image.top() - 4.0);
+                let turned = egui::epaint::TextShape::new(pos, galley, colour);
+                painter.add(turned.with_angle(-std::f32::consts::FRAC_PI_2));
             }
             if let Some(pos) = response.hover_pos().filter(|pos| image.contains(*pos)) {
                 let q = (((pos.y - image.top()) / cell) as usize).min(n - 1);
