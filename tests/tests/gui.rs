@@ -523,18 +523,18 @@ fn heads_view_shows_the_grid_and_a_heads_pattern() {
         has_label(&h, &format!("{:.4}", row.induction))
             && has_label(&h, &format!("{:.4}", row.ablation_zero))
     );
-    wait_for(&mut h, "the pattern", |h| has_label(h, "head 1.2 on 58 tokens"));
+    wait_for(&mut h, "the pattern", |h| has_label(h, "head 1.2 on 58 tokens · rows"));
     snapshot(&mut h, "heads_pattern");
 
     // Another prompt, typed here: the prompt lab has it too.
     type_into(&mut h, "Prompt", "abcabc");
     h.get_by_label("Run").click();
-    wait_for(&mut h, "the pattern of the new prompt", |h| has_label(h, "head 1.2 on 6 tokens"));
+    wait_for(&mut h, "the pattern of the new prompt", |h| has_label(h, "head 1.2 on 6 tokens · rows"));
     assert_eq!(h.state_mut().prompt().as_str(), "abcabc");
 
     // Another head, then back and forward through the history.
     h.get_by_label("0.3").click();
-    wait_for(&mut h, "head 0.3's pattern", |h| has_label(h, "head 0.3 on 6 tokens"));
+    wait_for(&mut h, "head 0.3's pattern", |h| has_label(h, "head 0.3 on 6 tokens · rows"));
     h.get_by_label("« Back").click();
     h.run_steps(2);
     assert_eq!(h.state().current_head(), Some((1, 2)));
@@ -567,7 +567,7 @@ fn heads_view_opens_an_attributed_feature() {
     let mut h = harness(attn_app(Options { head: Some((0, 1)), ..Options::default() }));
     wait_for(&mut h, "the dictionary to load", |h| h.state().notes_loaded());
     assert_eq!(h.state().current_head(), Some((0, 1)), "--head opens the head");
-    wait_for(&mut h, "the pattern", |h| has_label(h, "head 0.1 on 58 tokens"));
+    wait_for(&mut h, "the pattern", |h| has_label(h, "head 0.1 on 58 tokens · rows"));
     assert!(
         !has_label(&h, "has no head attribution"),
         "the analysis of an attention-output SAE has its head attribution"

@@ -88,7 +88,7 @@ pub fn pattern(
 ) -> Result<Pattern> {
     model.lab.with_session(store, model.path.as_ref(), p, |session| {
         let (ids, tokens) = tokenize(session, prompt, MAX_PATTERN_TOKENS)?;
-        p.stage(format!("attention pattern of head {layer}.{head} on {} tokens", ids.len()));
+        p.stage(format!("running the model to layer {layer} on {} tokens", ids.len()));
         let weights = attention_pattern(session.model(), &ids, layer, head)?;
         Ok(Pattern { layer, head, prompt: prompt.to_string(), tokens, weights })
     })
