@@ -46,8 +46,8 @@ pub use capture::{CaptureSettings, CaptureState};
 pub use dictionaries::{DictEntry, FileEntry, TrainLogRow};
 pub use explanations::{Explanation, Explanations, ExplanationsEntry, Provenance, Score};
 pub use features::{
-    Bucket, Cooccurrence, Example, FeatureRow, FeatureTables, FeaturesEntry, FeaturesWriter, LogitEffect,
-    Neighbour,
+    Bucket, Cooccurrence, Example, FeatureRow, FeatureTables, FeaturesEntry, FeaturesWriter, HeadAttribution,
+    LogitEffect, Neighbour,
 };
 pub use heads::{HeadRow, HeadsEntry, HeadsSettings, HeadsTable};
 pub use manifest::{DType, HookEntry, HookSpec, Manifest, ModelInfo, ShardEntry, TokenizerInfo};

@@ -11,11 +11,13 @@
 pub mod analyze_cmd;
 pub mod bench;
 pub mod capture_cmd;
+pub mod dfa_cmd;
 pub mod dict_args;
 pub mod explain_cmd;
 pub mod export_cmd;
 pub mod feature_cmd;
 pub mod fetch;
+pub mod heads_cmd;
 pub mod progress;
 pub mod store_cmd;
 pub mod tokenize;

@@ -13,6 +13,9 @@
 //! - `neighbours.arrow`: the most similar features by direction cosine (exact; the hnsw index over
 //!   the same directions is dumped in `index/<dict>/`); `cooccurrence.arrow`: the features that
 //!   fire on the same tokens;
+//! - `head_attribution.arrow` (attention-output dictionaries at `blocks.L.attn.hook_z` only): each
+//!   feature's weight-based head attribution w_f(h) = ‖W_dec[f, block h]‖ / Σ_h′ ‖W_dec[f, block h′]‖,
+//!   one weight per head ([`HeadAttribution`]);
 //! - `vocab.arrow`: the token strings (row i is token i), shared by the example and logit tables.
 //!
 //! Each table's row type is declared once with `table!` (schema, writer and zero-copy column
@@ -207,6 +210,16 @@ table! {
 }
 
 table! {
+    /// One row of `head_attribution.arrow`: a feature of an attention-output dictionary and its
+    /// weight per head (summing to 1; all 0 for a zero direction).
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct HeadAttribution, view HeadAttributionColumns {
+        pub feature_id: u32,
+        pub weights: Vec<f32>,
+    }
+}
+
+table! {
     /// One row of `vocab.arrow`: row i is token i.
     #[derive(Clone, Debug, PartialEq)]
     pub struct VocabRow, view VocabColumns {
@@ -223,6 +236,7 @@ pub const LOGITS_TABLE: &str = "logits.arrow";
 pub const NEIGHBOURS_TABLE: &str = "neighbours.arrow";
 pub const COOCCURRENCE_TABLE: &str = "cooccurrence.arrow";
 pub const VOCAB_TABLE: &str = "vocab.arrow";
+pub const HEAD_ATTRIBUTION_TABLE: &str = "head_attribution.arrow";
 
 /// The schema of `quantile_examples.arrow`: the [`Example`] columns, then the [`Bucket`] ones.
 pub fn quantile_examples_schema() -> SchemaRef {

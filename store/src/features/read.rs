@@ -70,6 +70,7 @@ pub struct FeatureTables {
     logits: Option<Table>,
     neighbours: Option<Table>,
     cooccurrence: Table,
+    head_attribution: Option<Table>,
     vocab: StringArray,
     vocab_index: std::sync::OnceLock<HashMap<String, u32>>,
 }
@@ -107,6 +108,11 @@ impl FeatureTables {
                 None
             },
             cooccurrence: open(COOCCURRENCE_TABLE, schema::<Cooccurrence>())?,
+            head_attribution: if has(HEAD_ATTRIBUTION_TABLE) {
+                Some(open(HEAD_ATTRIBUTION_TABLE, schema::<HeadAttribution>())?)
+            } else {
+                None
+            },
             vocab,
             vocab_index: std::sync::OnceLock::new(),
             dict: dict.to_string(),
@@ -122,15 +128,25 @@ impl FeatureTables {
     /// attribution w_f(h), one value per head summing to 1; `None` for other dictionaries (or
     /// analyses made before head attribution existed).
     pub fn head_attribution(&self, f: u32) -> Option<&[f32]> {
-        let _ = f;
-        None // filled in by the attention-SAE work (head_attribution.arrow)
+        let t = self.head_attribution.as_ref()?;
+        let rows = t.rows(self.check(f).ok()?);
+        (rows.len() == 1).then(|| t.view::<HeadAttribution>().weights.get(rows.start))
     }
 
-    /// The `n` features most attributed to `head` (by w_f(head), largest first), with their
-    /// weights; empty when the analysis has no head attribution.
+    /// The `n` features most attributed to `head` (by w_f(head), largest first; ties by feature
+    /// id), with their weights; dead features are left out. Empty when the analysis has no head
+    /// attribution or the dictionary no such head.
     pub fn top_features_for_head(&self, head: usize, n: usize) -> Vec<(u32, f32)> {
-        let _ = (head, n);
-        Vec::new() // filled in by the attention-SAE work
+        let Some(t) = &self.head_attribution else { return Vec::new() };
+        let view = t.view::<HeadAttribution>();
+        let ids = view.feature_id;
+        let mut out: Vec<(u32, f32)> = (0..ids.len())
+            .filter(|&r| !self.flags(ids[r]).0)
+            .filter_map(|r| view.weights.get(r).get(head).map(|&w| (ids[r], w)))
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out.truncate(n);
+        out
     }
 
     pub fn n_features(&self) -> usize {

@@ -82,6 +82,18 @@ impl FeaturesWriter {
         self.write(COOCCURRENCE_TABLE, rows)
     }
 
+    /// Head attribution of an attention-output dictionary: one row per feature, in order, each
+    /// with one weight per head.
+    pub fn head_attribution(&mut self, rows: &[HeadAttribution]) -> Result<()> {
+        if rows.iter().enumerate().any(|(i, r)| r.feature_id as usize != i) {
+            bail!("{HEAD_ATTRIBUTION_TABLE}: row i must be feature i");
+        }
+        if rows.windows(2).any(|w| w[0].weights.len() != w[1].weights.len()) {
+            bail!("{HEAD_ATTRIBUTION_TABLE}: every feature needs one weight per head");
+        }
+        self.write(HEAD_ATTRIBUTION_TABLE, rows)
+    }
+
     /// The token strings, row i = token i.
     pub fn vocab(&mut self, strings: &[String]) -> Result<()> {
         let rows: Vec<VocabRow> =

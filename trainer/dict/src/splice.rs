@@ -7,6 +7,8 @@
 //! KL(p_clean ‖ p_spliced). The BOS position is left untouched in both interventions — capture
 //! never stores it, so no dictionary has seen its outlier activation — and losses are averaged over
 //! the predictions made at positions 1.. (position 0's prediction does not depend on the hook).
+//! Per-head hooks (`blocks.L.attn.hook_z`, `[batch, pos, head, d_head]`) are read with the heads
+//! of a position concatenated, as capture stores them, and written back in their own shape.
 
 use std::sync::Arc;
 
@@ -61,8 +63,15 @@ pub fn eval_splice(
         let dims = x.dims().to_vec();
         let flat = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let source = if transcoder { stash.lock().expect("stash").clone() } else { flat.clone() };
-        if flat.len() % d_out != 0 || dims.len() != 3 || source.len() / d != flat.len() / d_out {
-            return Err(candle_core::Error::Msg(format!("activation {dims:?} is not [batch, pos, {d_out}]")));
+        // [batch, pos, d], or per head [batch, pos, head, d_head] with head · d_head = d: each
+        // position's row is the heads concatenated, as capture stores it, and the reconstruction
+        // goes back in the same shape.
+        let width: usize = dims.iter().skip(2).product();
+        if dims.len() < 3 || width != d_out || source.len() % d != 0 || source.len() / d != flat.len() / d_out
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "activation {dims:?} is not [batch, pos, {d_out}] (or [batch, pos, head, d_head] with {d_out} in all)"
+            )));
         }
         let seq = dims[1];
         let mut out = flat.clone();

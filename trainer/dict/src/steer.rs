@@ -39,7 +39,13 @@ impl Steering<'_> {
         let d = self.dictionary.d_out();
         let row = &dirs[f as usize * d..(f as usize + 1) * d];
         let add = (Tensor::from_slice(row, d, &Device::Cpu)? * f64::from(coefficient))?;
-        Ok(Hooks::new().intervene(self.hook, Intervention::Add(add)))
+        // A per-head hook (`attn.hook_z`, `[batch, pos, head, d_head]`) takes the row as its heads
+        // concatenated, as capture stores them.
+        let add_at: loupe_model::hooks::MapFn = std::sync::Arc::new(move |x: &Tensor| {
+            let tail = x.dims().get(2..).unwrap_or(&[]).to_vec();
+            x.broadcast_add(&add.reshape(tail)?.to_dtype(x.dtype())?)
+        });
+        Ok(Hooks::new().intervene(self.hook, Intervention::Map(add_at)))
     }
 
     /// `model`'s logits on `tokens` (`[batch, seq]`) with feature `f` steered by `coefficient`.

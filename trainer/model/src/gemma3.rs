@@ -18,7 +18,7 @@ use super::gguf::Gguf;
 use super::hooks::{self, HookList, HookPoint, Shape, names::*};
 use super::kernels;
 use super::ops::{causal_mask, geglu, linear, rms_norm, rope, rope_tables, softmax};
-use super::{HookedModel, Hooks, ModelConfig};
+use super::{HookedModel, Hooks, ModelConfig, residual};
 
 /// Gemma 3's hook points (TransformerLens names), in forward order.
 pub static HOOKS: HookList = HookList {
@@ -372,6 +372,10 @@ impl HookedModel for Gemma3 {
         Some(&self.embed)
     }
 
+    fn residual_components(&self, tokens: &Tensor, hook: &str) -> Result<Vec<(String, Tensor)>> {
+        self.components(tokens, hook)
+    }
+
     fn direction_logits(&self, directions: &Tensor) -> Result<Tensor> {
         Ok(directions.broadcast_mul(&self.final_norm)?.matmul(&self.embed.t()?)?)
     }
@@ -394,14 +398,19 @@ impl HookedModel for Gemma3 {
         let diff = hooks.wants_grad();
         let eps = self.cfg.rms_eps;
         let (batch, _) = tokens.dims2()?;
-        let ids = tokens.flatten_all()?;
-        let x = self.embed.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
-        let mut x = hooks.apply(EMBED, (x * (c.d_model as f64).sqrt())?)?;
+        let (first, mut x) = match hooks.start(c.n_layers, batch, seq)? {
+            Some(start) => start,
+            None => {
+                let ids = tokens.flatten_all()?;
+                let x = self.embed.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
+                (0, hooks.apply(EMBED, (x * (c.d_model as f64).sqrt())?)?)
+            }
+        };
         let global = rope_tables(seq, c.d_head, self.cfg.rope_global, &self.device)?;
         let local = rope_tables(seq, c.d_head, self.cfg.rope_local, &self.device)?;
         let full_mask = causal_mask(seq, None, &self.device)?;
         let window_mask = causal_mask(seq, Some(self.cfg.sliding_window), &self.device)?;
-        for (i, b) in self.blocks.iter().enumerate() {
+        for (i, b) in self.blocks.iter().enumerate().skip(first) {
             let name = |s: &str| hooks::in_block(i, s);
             let diff = hooks.diff_at(i);
             x = hooks.apply(&name(RESID_PRE), x)?;
@@ -432,5 +441,33 @@ impl HookedModel for Gemma3 {
             return Ok(Some(x));
         }
         Ok(Some(linear(&x, &self.embed, None)?))
+    }
+}
+
+impl Gemma3 {
+    /// [`HookedModel::residual_components`]: the scaled embedding, each head's `hook_result`
+    /// through the post-attention norm with that position's norm of the heads' sum frozen
+    /// (w ⊙ result_h / rms(Σ_h′ result_h′)), and each block's `hook_mlp_out` (already normed).
+    fn components(&self, tokens: &Tensor, hook: &str) -> Result<Vec<(String, Tensor)>> {
+        let point = residual::residual_point(hook, self.cfg.base.n_layers)
+            .ok_or_else(|| residual::not_residual(hook))?;
+        let mut hooks = Hooks::new().capture(EMBED);
+        for l in 0..point.attn_layers {
+            hooks = hooks.capture(hooks::in_block(l, RESULT)).capture(hooks::in_block(l, MLP_OUT));
+        }
+        let mut hooks = hooks.stop_after_layer(point.last_block().unwrap_or(0));
+        self.forward(tokens, &mut hooks)?;
+        let mut out = vec![("embed".to_string(), hooks.get(EMBED)?.clone())];
+        for l in 0..point.attn_layers {
+            let result = hooks.get(&hooks::in_block(l, RESULT))?;
+            let sum = result.sum(2)?;
+            let rms = (sum.sqr()?.mean_keepdim(candle_core::D::Minus1)? + self.cfg.rms_eps)?.sqrt()?;
+            let scale = self.blocks[l].post_attn_norm.broadcast_div(&rms)?;
+            out.extend(residual::split_heads(l, result, Some(&scale))?);
+            if l < point.mlp_layers {
+                out.push((format!("{l}.mlp"), hooks.get(&hooks::in_block(l, MLP_OUT))?.clone()));
+            }
+        }
+        Ok(out)
     }
 }

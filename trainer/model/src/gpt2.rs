@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::hooks::{self, HookList, HookPoint, Shape, names::*};
 use super::ops::{Activation, Attention, LayerNorm, causal_mask, linear};
-use super::{HookedModel, Hooks, ModelConfig};
+use super::{HookedModel, Hooks, ModelConfig, residual};
 
 /// GPT-2's hook points (TransformerLens names), in forward order.
 pub static HOOKS: HookList = HookList {
@@ -216,6 +216,10 @@ impl HookedModel for Gpt2 {
         Some(&self.unembed)
     }
 
+    fn residual_components(&self, tokens: &Tensor, hook: &str) -> Result<Vec<(String, Tensor)>> {
+        self.components(tokens, hook)
+    }
+
     fn direction_logits(&self, directions: &Tensor) -> Result<Tensor> {
         let centred = directions.broadcast_sub(&directions.mean_keepdim(candle_core::D::Minus1)?)?;
         Ok(centred.broadcast_mul(&self.ln_f.weight)?.matmul(&self.unembed.t()?)?)
@@ -236,14 +240,19 @@ impl HookedModel for Gpt2 {
             bail!("context of {seq} tokens exceeds the model's limit of {}", c.max_context);
         }
         hooks.validate(&self.hook_names())?;
-        let ids = tokens.flatten_all()?;
-        let embed = self.wte.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
-        let embed = hooks.apply(EMBED, embed)?;
-        let pos = self.wpe.narrow(0, 0, seq)?.unsqueeze(0)?.broadcast_as((batch, seq, c.d_model))?;
-        let pos = hooks.apply(POS_EMBED, pos.contiguous()?)?;
-        let mut x = (embed + pos)?;
+        let (first, mut x) = match hooks.start(c.n_layers, batch, seq)? {
+            Some(start) => start,
+            None => {
+                let ids = tokens.flatten_all()?;
+                let embed = self.wte.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
+                let embed = hooks.apply(EMBED, embed)?;
+                let pos = self.wpe.narrow(0, 0, seq)?.unsqueeze(0)?.broadcast_as((batch, seq, c.d_model))?;
+                let pos = hooks.apply(POS_EMBED, pos.contiguous()?)?;
+                (0, (embed + pos)?)
+            }
+        };
         let mask = causal_mask(seq, None, &self.device)?;
-        for (i, b) in self.blocks.iter().enumerate() {
+        for (i, b) in self.blocks.iter().enumerate().skip(first) {
             let name = |s: &str| hooks::in_block(i, s);
             x = hooks.apply(&name(RESID_PRE), x)?;
             let h = hooks.apply(&name(LN1), b.ln1.forward(&x)?)?;
@@ -268,5 +277,36 @@ impl HookedModel for Gpt2 {
             return Ok(Some(x));
         }
         Ok(Some(linear(&x, &self.unembed, None)?))
+    }
+}
+
+impl Gpt2 {
+    /// [`HookedModel::residual_components`]: the token and position embeddings, each head's
+    /// `hook_result`, each block's attention output bias b_O (`L.attn_bias`) and `hook_mlp_out`.
+    fn components(&self, tokens: &Tensor, hook: &str) -> Result<Vec<(String, Tensor)>> {
+        let point = residual::residual_point(hook, self.cfg.base.n_layers)
+            .ok_or_else(|| residual::not_residual(hook))?;
+        let mut hooks = Hooks::new().capture(EMBED).capture(POS_EMBED);
+        for l in 0..point.attn_layers {
+            hooks = hooks.capture(hooks::in_block(l, RESULT)).capture(hooks::in_block(l, MLP_OUT));
+        }
+        let mut hooks = hooks.stop_after_layer(point.last_block().unwrap_or(0));
+        self.forward(tokens, &mut hooks)?;
+        let embed = hooks.get(EMBED)?.clone();
+        let shape = embed.dims().to_vec();
+        let mut out = vec![("embed".to_string(), embed)];
+        if point.embed_only {
+            return Ok(out);
+        }
+        out.push(("pos_embed".into(), hooks.get(POS_EMBED)?.clone()));
+        for l in 0..point.attn_layers {
+            out.extend(residual::split_heads(l, hooks.get(&hooks::in_block(l, RESULT))?, None)?);
+            let bias = self.blocks[l].attn.o_bias.broadcast_as(shape.as_slice())?.contiguous()?;
+            out.push((format!("{l}.attn_bias"), bias));
+            if l < point.mlp_layers {
+                out.push((format!("{l}.mlp"), hooks.get(&hooks::in_block(l, MLP_OUT))?.clone()));
+            }
+        }
+        Ok(out)
     }
 }

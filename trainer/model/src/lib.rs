@@ -10,6 +10,7 @@
 //! - [`corpus`]: text files, folders and JSONL as numbered documents;
 //! - [`capture`]: corpus → contexts → activations (and loss gradients) at hooks → store,
 //!   resumable;
+//! - [`residual`]: the residual stream at a hook as a sum of embeddings, heads and MLPs;
 //! - [`session`]: the model (and tokenizer) that goes with a store, resolved one way for every
 //!   stage that runs it.
 //!
@@ -25,6 +26,7 @@ pub mod hooks;
 pub mod kernels;
 pub mod loss;
 pub mod ops;
+pub mod residual;
 pub mod session;
 pub mod tokenizer;
 
@@ -34,7 +36,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 
 pub use hooks::{HookList, HookPoint, Hooks, Intervention, Shape};
-pub use loss::{loss_gradients, next_token_loss};
+pub use loss::{loss_gradients, next_token_loss, token_losses};
 pub use session::Session;
 
 /// Architectures Loupe can run, for error messages.
@@ -75,6 +77,17 @@ pub trait HookedModel: Send + Sync {
     fn direction_logits(&self, directions: &Tensor) -> Result<Tensor> {
         let _ = directions;
         bail!("{} has no unembedding, so directions have no logit effects", self.config().architecture)
+    }
+
+    /// The residual stream at `hook` (`hook_embed`, `blocks.L.hook_resid_pre|mid|post`) on
+    /// `tokens` `[batch, seq]`, split into named terms `[batch, seq, d_model]` that sum to it: the
+    /// embedding (`embed`, and GPT-2's `pos_embed`), each head `L.H` and each MLP `L.mlp` of the
+    /// blocks before the hook, and the architecture's bias terms (GPT-2's `L.attn_bias`). A sum the
+    /// model normalises before adding it (Gemma 3's post-attention norm) is split with that
+    /// position's norm frozen, so the terms still add up exactly. See [`residual`].
+    fn residual_components(&self, tokens: &Tensor, hook: &str) -> Result<Vec<(String, Tensor)>> {
+        let _ = (tokens, hook);
+        bail!("{} cannot split its residual stream into components", self.config().architecture)
     }
 
     /// Every hook point of the architecture, with its shape.

@@ -321,6 +321,8 @@ pub fn analyze(cfg: &AnalyzeConfig, progress: &dyn Progress) -> Result<Report> {
     };
 
     lap(&mut report, "similarity index");
+    let head_rows =
+        head_attribution(&hook, session.as_ref(), directions.as_deref(), dict.as_ref(), &mut report)?;
     progress.stage("writing");
     progress.set(0, 1);
     writer.features(&tables.features)?;
@@ -333,6 +335,9 @@ pub fn analyze(cfg: &AnalyzeConfig, progress: &dyn Progress) -> Result<Report> {
     }
     if let Some(rows) = &neighbour_rows {
         writer.neighbours(rows)?;
+    }
+    if let Some(rows) = &head_rows {
+        writer.head_attribution(rows)?;
     }
     lap(&mut report, "writing");
     report.seconds = started.elapsed().as_secs_f64();
@@ -348,6 +353,46 @@ pub fn analyze(cfg: &AnalyzeConfig, progress: &dyn Progress) -> Result<Report> {
         },
     )?;
     Ok(report)
+}
+
+/// For a dictionary at `blocks.L.attn.hook_z`: each feature's weight-based head attribution
+/// (from its direction: an SAE's decoder row, a Monet expert's mean output); `None` for other
+/// hooks, or with a note when the model (for the head count) or the directions are missing.
+fn head_attribution(
+    hook: &str,
+    session: Option<&Session>,
+    directions: Option<&[f32]>,
+    dict: &dyn Dictionary,
+    report: &mut Report,
+) -> Result<Option<Vec<loupe_store::HeadAttribution>>> {
+    if crate::heads::dfa::hook_z_layer(hook).is_none() {
+        return Ok(None);
+    }
+    let (Some(session), Some(dirs)) = (session, directions) else {
+        report.notes.push("no model or no feature directions: no head attribution".into());
+        return Ok(None);
+    };
+    let c = session.model().config();
+    if dict.d_out() != c.n_heads * c.d_head {
+        report.notes.push(format!(
+            "directions of width {} are not {} heads × {}: no head attribution",
+            dict.d_out(),
+            c.n_heads,
+            c.d_head
+        ));
+        return Ok(None);
+    }
+    if dict.decoder_directions().is_none() {
+        report.notes.push("head attribution is from each expert's mean output on its top examples".into());
+    }
+    let weights = crate::heads::dfa::head_attribution_of(dirs, dict.d_out(), c.n_heads)?;
+    Ok(Some(
+        weights
+            .into_iter()
+            .zip(0..)
+            .map(|(weights, feature_id)| loupe_store::HeadAttribution { feature_id, weights })
+            .collect(),
+    ))
 }
 
 /// The input rows of every feature's top examples (`top[f]` rows are relative to `first`), as
