@@ -481,7 +481,10 @@ fn heads_section(
                 ))
                 .weak(),
             );
-            tokens_ui(ui, &a.tokens[..n], &values[..n.min(values.len())], max, Some(pos));
+            // Sources after the position have no attribution (zeros): every token is shown.
+            let mut shown = values[..n.min(values.len())].to_vec();
+            shown.resize(n, 0.0);
+            tokens_ui(ui, &a.tokens[..n], &shown, max, Some(pos));
         }
     }
     open

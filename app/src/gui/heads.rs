@@ -134,7 +134,8 @@ impl HeadsView {
         });
         let column = HEAD_SCORES[self.score].0;
         let values: Vec<f32> = table.rows.iter().map(|r| r.score(column)).filter(|v| v.is_finite()).collect();
-        let range = values.iter().fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let range =
+            values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         if values.is_empty() {
             ui.label(
                 RichText::new(format!("{} was not computed for this table", HEAD_SCORES[self.score].1))
