@@ -1,6 +1,7 @@
 //! The desktop app, driven headless through egui_kittest by its accessible labels, on a store the
 //! pipeline made: real Gemma 3 270M activations at `blocks.3.hook_resid_post`, a seeded TopK SAE,
-//! `loupe analyze`, offline explanations with their MiniLM index and embedding scores. Snapshot
+//! `loupe analyze`, offline explanations with their MiniLM index and embedding scores; and, for the
+//! Heads view, a store of the tiny GPT-2 with an attention-output SAE and `loupe heads`' table. Snapshot
 //! images of each view are rendered on the CPU (wgpu on Mesa's lavapipe) and compared with the
 //! committed ones under `tests/snapshots/` (`UPDATE_SNAPSHOTS=1` rewrites them).
 
