@@ -596,3 +596,37 @@ fn store_without_heads() -> PathBuf {
     loupe_tests::write_synthetic(&Store::create(&dir).unwrap(), HOOK, spec, 2, 8, 16, 5);
     dir
 }
+
+/// A pattern of about 1,000 Gemma tokens: computed in the background, drawn as one texture, with
+/// frames that stay cheap (the time per frame is printed).
+#[test]
+fn heads_view_draws_the_pattern_of_a_long_prompt() {
+    let sentence = "Call me Ishmael. Some years ago, never mind how long precisely, having little money, \
+                    I thought I would sail about a little and see the watery part of the world. ";
+    let prompt = sentence.repeat(28);
+    let options = Options { head: Some((5, 0)), prompt: Some(prompt), ..Options::default() };
+    let mut h = harness(LoupeApp::new(Options {
+        store: store().to_path_buf(),
+        model: Some(gemma_gguf()),
+        ..options
+    }));
+    let start = Instant::now();
+    // The caption, "head 5.0 on N tokens · rows: …" (a label's text is its accessible value).
+    let caption = |h: &Harness<'static, LoupeApp>| {
+        h.query_all_by_label_contains("head 5.0 on ")
+            .filter_map(|n| n.accesskit_node().value().or_else(|| n.accesskit_node().label()))
+            .find(|t| t.contains(" tokens · rows"))
+    };
+    wait_for(&mut h, "the long pattern", |h| caption(h).is_some());
+    let caption = caption(&h).unwrap();
+    let n: usize = caption["head 5.0 on ".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!((900..=1100).contains(&n), "{caption}");
+    println!("pattern of {n} tokens shown after {:.1} s", start.elapsed().as_secs_f64());
+    let frames = Instant::now();
+    h.run_steps(10);
+    let per_frame = frames.elapsed().as_secs_f64() / 10.0;
+    println!("{:.1} ms per frame with the {n} × {n} pattern shown", per_frame * 1e3);
+    assert!(per_frame < 1.0, "a frame takes {per_frame:.2} s");
+    // This store has no heads table: the grid's place says so (no snapshot: it names a temp path).
+    assert!(has_label(&h, "no head scores in this store: run `loupe heads --store"));
+}
