@@ -583,18 +583,15 @@ fn heads_view_says_what_the_store_lacks() {
         "head 2.0 does not exist: the model has 2 layers of 4 heads",
     );
     loupe_tests::assert_one_error(&attn_store().0, &["gui", s, "--head", "x"], "bad head \"x\"");
-    let mut h = harness(LoupeApp::new(Options { store: store_without_heads(), ..Options::default() }));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let spec = loupe_store::HookSpec { d: 16, dtype: loupe_store::DType::F32, grad: false };
+    loupe_tests::write_synthetic(&Store::create(&dir).unwrap(), HOOK, spec, 2, 8, 16, 5);
+    let mut h = harness(LoupeApp::new(Options { store: dir, ..Options::default() }));
     h.run_steps(3);
     h.get_by_label("Heads").click();
     h.run_steps(3);
     assert!(has_label(&h, "no head scores in this store: run `loupe heads --store"));
-}
-
-fn store_without_heads() -> PathBuf {
-    let dir = tempfile::tempdir().unwrap().keep().join("store");
-    let spec = loupe_store::HookSpec { d: 16, dtype: loupe_store::DType::F32, grad: false };
-    loupe_tests::write_synthetic(&Store::create(&dir).unwrap(), HOOK, spec, 2, 8, 16, 5);
-    dir
 }
 
 /// A pattern of about 1,000 Gemma tokens: computed in the background, drawn as one texture, with
