@@ -3,6 +3,7 @@
 # Vulkan driver) on a store the pipeline made, and saves one PNG per view with xwd + netpbm.
 #
 #   scripts/screenshots.sh [store] [out-dir]     # defaults: loupe-demo (from `loupe demo`), docs/screenshots
+#   FEATURE=12 HEAD=5.0 scripts/screenshots.sh    # the feature page and the head shown
 #
 # The README shows the PNGs this writes.
 set -euo pipefail
@@ -37,3 +38,7 @@ shot() {
 shot feature-list 8
 shot feature-page 8 --feature "${FEATURE:-12}"
 shot prompt-lab 25 --view prompt-lab --prompt "When Mary and John went to the store, John gave a drink to"
+# The Heads view: the grid of the store's heads table (`loupe heads --store <store>` makes it; without
+# one the view says so), then a head opened with its attention pattern on the prompt.
+shot heads 8 --view heads
+shot head-pattern 25 --head "${HEAD:-5.0}" --prompt "When Mary and John went to the store, John gave a drink to. When Mary and John went to the store, John gave a drink to"

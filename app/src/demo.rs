@@ -136,6 +136,7 @@ pub fn run(args: &Args) -> Result<()> {
         embedder: None,
         view: None,
         prompt: None,
+        head: None,
     };
     crate::gui_cmd::run(&gui)
 }

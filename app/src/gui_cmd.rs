@@ -27,6 +27,9 @@ pub struct Args {
     /// A prompt to run in the prompt lab as soon as the dictionary is loaded.
     #[arg(long)]
     pub(crate) prompt: Option<String>,
+    /// A head `L.H` to open at start, in the Heads view (its attention pattern on the prompt).
+    #[arg(long)]
+    pub(crate) head: Option<String>,
 }
 
 pub fn options(args: &Args) -> Result<Options> {
@@ -46,6 +49,20 @@ pub fn options(args: &Args) -> Result<Options> {
             bail!("feature {f} does not exist ({d} has {} features)", entry.n_features);
         }
     }
+    // A head is checked against the store's heads table when it has one (else its form only;
+    // the model says the rest when the pattern runs).
+    let head = match &args.head {
+        None => None,
+        Some(text) => {
+            let manifest = store.manifest();
+            let (layers, heads) = manifest
+                .heads
+                .values()
+                .next()
+                .map_or((usize::MAX, usize::MAX), |e| (e.n_layers as usize, e.n_heads as usize));
+            Some(loupe_analysis::heads::parse_head(text, layers, heads)?)
+        }
+    };
     if let Some(m) = args.model.as_ref().filter(|m| !m.exists()) {
         bail!("model not found: {} does not exist", m.display());
     }
@@ -64,6 +81,7 @@ pub fn options(args: &Args) -> Result<Options> {
         embedder,
         view: args.view,
         prompt: args.prompt.clone(),
+        head,
     })
 }
 

@@ -2,7 +2,11 @@
 //! density, explanations with their scores and provenance, top and quantile examples coloured by
 //! activation, the activation histogram and logit effects (egui_plot), neighbours and co-occurring
 //! features to click through. The page's content is read once when it opens (memory-mapped
-//! tables, microseconds) and kept until another feature opens.
+//! tables, microseconds) and kept until another feature opens. A feature of an attention-output
+//! SAE (`blocks.L.attn.hook_z`) also shows its head attribution (a bar per head `L.H`) and, on the
+//! prompt, its direct feature attribution per head and per source token (a background job).
+
+use std::sync::Arc;
 
 use egui::{RichText, Ui};
 use egui_plot::{Bar, BarChart, Plot};
@@ -10,9 +14,10 @@ use loupe_store::features::hist_bin_edge;
 use loupe_store::{Example, Explanation, FeatureRow, Score};
 
 use super::data::DictData;
-use super::jobs::error_ui;
+use super::heads_data::{self, Attribution, hook_z_layer};
+use super::jobs::{Loading, error_ui};
 use super::navigation::Item;
-use super::tokens::tokens_ui;
+use super::tokens::{tokens_ui, visible};
 use super::view::{View, ViewContext};
 
 /// Examples shown per section.
@@ -48,6 +53,12 @@ struct Content {
 #[derive(Default)]
 pub struct FeaturePage {
     content: Option<Result<Content, String>>,
+    /// Direct feature attribution of the open feature on the prompt (attention-output SAEs).
+    dfa: Loading<Arc<Attribution>>,
+    /// The position whose attribution is shown (None: the largest pre-activation).
+    dfa_position: Option<usize>,
+    /// The head whose per-source attribution colours the tokens.
+    dfa_head: usize,
 }
 
 fn shown(data: &DictData, e: &Example, label: String) -> Shown {
@@ -119,16 +130,16 @@ impl View for FeaturePage {
             ui.label("Select a feature in the list to open its page.");
             return;
         };
-        if let Some(feature) = self.draw(ui, data, f, cx.store_root) {
-            cx.open(Item::Feature { dictionary: data.name.clone(), feature });
+        if let Some(item) = self.draw(ui, data, f, cx) {
+            cx.open(item);
         }
     }
 }
 
 impl FeaturePage {
-    /// Draw feature `f` of `data`; returns a feature to open (a click on a neighbour or
-    /// co-occurring feature).
-    fn draw(&mut self, ui: &mut Ui, data: &DictData, f: u32, store_root: &str) -> Option<u32> {
+    /// Draw feature `f` of `data`; returns an item to open (a click on a neighbour, a
+    /// co-occurring feature or a head).
+    fn draw(&mut self, ui: &mut Ui, data: &DictData, f: u32, cx: &mut ViewContext) -> Option<Item> {
         let stale = match &self.content {
             Some(Ok(c)) => c.dict != data.name || c.feature != f || c.with_notes != data.notes().is_some(),
             _ => true,
@@ -144,8 +155,13 @@ impl FeaturePage {
             }
         };
         let mut open = None;
+        let mut head = None;
+        let (dfa, position, dfa_head) = (&mut self.dfa, &mut self.dfa_position, &mut self.dfa_head);
         egui::ScrollArea::vertical().auto_shrink(false).show(ui, |ui| {
-            header(ui, data, content, store_root);
+            header(ui, data, content, cx.store_root);
+            if let Some(layer) = hook_z_layer(&data.hook) {
+                head = heads_section(ui, cx, data, f, layer, dfa, position, dfa_head);
+            }
             explanations(ui, &content.explanations);
             ui.add_space(6.0);
             egui::CollapsingHeader::new(format!("Top examples ({})", content.top.len()))
@@ -166,7 +182,8 @@ impl FeaturePage {
             open = open.or(links(ui, "Neighbours (decoder cosine)", &content.neighbours));
             open = open.or(links(ui, "Co-occurring features (Jaccard)", &content.cooccurring));
         });
-        open
+        let feature = open.map(|feature| Item::Feature { dictionary: data.name.clone(), feature });
+        head.or(feature)
     }
 }
 
@@ -333,5 +350,142 @@ fn links(ui: &mut Ui, title: &str, items: &[(u32, f32)]) -> Option<u32> {
             ui.label(RichText::new(format!("{v:.2}")).weak());
         }
     });
+    open
+}
+
+/// An attention-output SAE feature's heads: its weight-based attribution per head (bars; each
+/// head a link), and its direct feature attribution on the prompt, run on request: per head at a
+/// chosen position, and per source token for a chosen head. Returns a head to open.
+#[allow(clippy::too_many_arguments)]
+fn heads_section(
+    ui: &mut Ui,
+    cx: &mut ViewContext,
+    data: &DictData,
+    f: u32,
+    layer: usize,
+    dfa: &mut Loading<Arc<Attribution>>,
+    position: &mut Option<usize>,
+    head: &mut usize,
+) -> Option<Item> {
+    let mut open = None;
+    ui.add_space(4.0);
+    ui.label(RichText::new(format!("Heads of layer {layer} (attention-output SAE)")).strong());
+    match data.tables.head_attribution(f) {
+        None => {
+            ui.label(
+                RichText::new(format!(
+                    "no head attribution in this analysis: run `loupe analyze --store {} --dictionary {}` again",
+                    cx.store_root, data.name
+                ))
+                .weak(),
+            );
+        }
+        Some(weights) => {
+            ui.label(RichText::new("w_f(h): the share of the feature's decoder norm in each head").weak());
+            let bars: Vec<Bar> = weights
+                .iter()
+                .enumerate()
+                .map(|(h, &w)| Bar::new(h as f64, w as f64).name(format!("{layer}.{h}")).width(0.7))
+                .collect();
+            Plot::new("head attribution")
+                .height(120.0)
+                .allow_zoom(false)
+                .allow_drag(false)
+                .allow_scroll(false)
+                .x_axis_formatter(move |m, _| format!("{layer}.{}", m.value.round()))
+                .show(ui, |p| p.bar_chart(BarChart::new("w_f(h)", bars)));
+            ui.horizontal_wrapped(|ui| {
+                ui.label("Open a head:");
+                for (h, w) in weights.iter().enumerate() {
+                    if ui.link(format!("{layer}.{h}")).on_hover_text(format!("w = {w:.3}")).clicked() {
+                        open = Some(Item::Head { layer, head: h });
+                    }
+                }
+            });
+        }
+    }
+    ui.label(RichText::new("Direct feature attribution on the prompt").strong());
+    dfa.poll();
+    ui.horizontal(|ui| {
+        let label = ui.label("Prompt");
+        ui.add(egui::TextEdit::singleline(cx.prompt).desired_width(ui.available_width() - 90.0))
+            .labelled_by(label.id)
+            .on_hover_text("the prompt lab's prompt (the same text)");
+        if ui.add_enabled(!dfa.is_running(), egui::Button::new("Attribute")).clicked() {
+            let (store, model, prompt, dict) =
+                (cx.store.clone(), cx.model.clone(), cx.prompt.clone(), data.name.clone());
+            *dfa = Loading::start(ui.ctx(), "starting", move |p| {
+                Ok(Arc::new(heads_data::attribution(&store, &model, &dict, f, &prompt, p)?))
+            });
+            *position = None;
+        }
+    });
+    dfa.status_ui(ui);
+    let Some(a) = dfa.ready().filter(|a| a.dict == data.name && a.dfa.feature == f) else {
+        return open;
+    };
+    let d = &a.dfa;
+    let n = a.tokens.len().min(d.pre_activation.len());
+    if n == 0 {
+        return open;
+    }
+    let best = (0..n).max_by(|&i, &j| d.pre_activation[i].total_cmp(&d.pre_activation[j])).unwrap_or(0);
+    let mut pos = position.unwrap_or(best).min(n - 1);
+    ui.horizontal(|ui| {
+        let label = ui.label("Position");
+        if ui.add(egui::DragValue::new(&mut pos).range(0..=n - 1)).labelled_by(label.id).changed() {
+            *position = Some(pos);
+        }
+        ui.label(format!(
+            "{:?}: pre-activation {:.4} = Σ heads {:.4} + bias {:.4}",
+            visible(&a.tokens[pos]),
+            d.pre_activation[pos],
+            d.contributions[pos].iter().sum::<f32>(),
+            d.bias
+        ));
+    });
+    let bars: Vec<Bar> = d.contributions[pos]
+        .iter()
+        .zip(&d.components)
+        .enumerate()
+        .map(|(i, (&v, name))| Bar::new(i as f64, v as f64).name(name).width(0.7))
+        .collect();
+    let names = d.components.clone();
+    Plot::new("dfa per head")
+        .height(120.0)
+        .allow_zoom(false)
+        .allow_drag(false)
+        .allow_scroll(false)
+        .x_axis_formatter(move |m, _| {
+            let i = m.value.round();
+            if (m.value - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .show(ui, |p| p.bar_chart(BarChart::new("DFA", bars)));
+    if let Some(per_source) = &d.per_source {
+        ui.horizontal_wrapped(|ui| {
+            ui.label("Source tokens for head");
+            for (h, name) in d.components.iter().enumerate().take(per_source[pos].len()) {
+                ui.selectable_value(head, h, name);
+            }
+        });
+        if let Some(values) = per_source[pos].get(*head) {
+            let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            ui.label(
+                RichText::new(format!(
+                    "DFA({}, s) at position {pos}: orange adds to the feature, blue takes away (max |·| {max:.4})",
+                    d.components[*head]
+                ))
+                .weak(),
+            );
+            // Sources after the position have no attribution (zeros): every token is shown.
+            let mut shown = values[..n.min(values.len())].to_vec();
+            shown.resize(n, 0.0);
+            tokens_ui(ui, &a.tokens[..n], &shown, max, Some(pos));
+        }
+    }
     open
 }

@@ -24,11 +24,15 @@ pub const TOP_TOKENS: usize = 10;
 /// Longest prompt the lab runs (tokens).
 pub const MAX_PROMPT_TOKENS: usize = 512;
 
-struct Loaded {
-    session: Session,
-    dict: String,
+struct LoadedDict {
+    name: String,
     hook: String,
     dictionary: Box<dyn Dictionary>,
+}
+
+struct Loaded {
+    session: Session,
+    dict: Option<LoadedDict>,
 }
 
 /// The model and dictionary, loaded on first use and kept for later prompts.
@@ -82,6 +86,24 @@ fn top_indices(values: &[f32], k: usize) -> Vec<u32> {
 }
 
 impl Lab {
+    /// Make sure the store's model (or `model_path`) is loaded, loading it when it is not.
+    fn session<'a>(
+        slot: &'a mut Option<Loaded>,
+        store: &Store,
+        model_path: Option<&PathBuf>,
+        progress: &Progress,
+    ) -> Result<&'a mut Loaded> {
+        let remedy = Some("start the app with --model to run prompts");
+        let path = Session::require(&store.manifest(), model_path.map(PathBuf::as_path), remedy)?;
+        if slot.as_ref().is_none_or(|l| l.session.path() != path) {
+            progress.stage(format!("loading the model {}", path.display()));
+            let session = Session::load(&path)?;
+            session.tokenizer()?;
+            *slot = Some(Loaded { session, dict: None });
+        }
+        Ok(slot.as_mut().expect("loaded above"))
+    }
+
     /// Make sure `dict`'s model and dictionary are loaded, loading what is missing.
     fn ensure<'a>(
         slot: &'a mut Option<Loaded>,
@@ -89,40 +111,47 @@ impl Lab {
         model_path: Option<&PathBuf>,
         dict: &str,
         progress: &Progress,
-    ) -> Result<&'a Loaded> {
-        let remedy = Some("start the app with --model to run prompts");
-        let path = Session::require(&store.manifest(), model_path.map(PathBuf::as_path), remedy)?;
-        if slot.as_ref().is_none_or(|l| l.session.path() != path) {
-            progress.stage(format!("loading the model {}", path.display()));
-            let session = Session::load(&path)?;
-            session.tokenizer()?;
+    ) -> Result<(&'a Session, &'a LoadedDict)> {
+        let l = Self::session(slot, store, model_path, progress)?;
+        if l.dict.as_ref().is_none_or(|d| d.name != dict) {
             progress.stage(format!("loading the dictionary {dict}"));
             let (entry, dictionary) = dict::open_in_store(store, dict)?;
-            *slot = Some(Loaded { session, dict: dict.into(), hook: entry.hook, dictionary });
-        } else if slot.as_ref().is_some_and(|l| l.dict != dict) {
-            progress.stage(format!("loading the dictionary {dict}"));
-            let (entry, dictionary) = dict::open_in_store(store, dict)?;
-            let l = slot.as_mut().expect("checked");
-            (l.dict, l.hook, l.dictionary) = (dict.into(), entry.hook, dictionary);
+            l.dict = Some(LoadedDict { name: dict.into(), hook: entry.hook, dictionary });
         }
-        let l = slot.as_ref().expect("loaded above");
-        // The width of one position at the hook (a per-head hook such as `attn.hook_z` has its
-        // heads concatenated, as capture stores them).
-        let model = l.session.model();
-        let c = model.config();
-        let Some((_, shape)) = model.hook_list().points(c.n_layers).into_iter().find(|(n, _)| *n == l.hook)
-        else {
-            bail!("dictionary {dict} reads {}, which the model does not have", l.hook);
+        let (session, d) = (&l.session, l.dict.as_ref().expect("loaded above"));
+        let model = session.model();
+        let shape = model.hook_list().points(model.config().n_layers).into_iter().find(|p| p.0 == d.hook);
+        // The width of one position's activation at the hook (per-head hooks: heads concatenated).
+        let width: usize = match shape {
+            Some((_, shape)) => shape.dims(model.config(), 1, 1)[2..].iter().product(),
+            None => bail!("dictionary {dict} reads {}, which the model does not have", d.hook),
         };
-        let width: usize = shape.dims(c, 1, 1)[2..].iter().product();
-        if l.dictionary.d_in() != width {
-            let what = if shape == Shape::Model { "residual stream".to_string() } else { l.hook.clone() };
+        if d.dictionary.d_in() != width {
+            let what = if matches!(shape, Some((_, Shape::Model))) {
+                "residual stream".to_string()
+            } else {
+                d.hook.clone()
+            };
             bail!(
                 "dictionary {dict} reads width {} but the model's {what} is {width} wide",
-                l.dictionary.d_in()
+                d.dictionary.d_in()
             );
         }
-        Ok(l)
+        Ok((session, d))
+    }
+
+    /// Run `f` with the store's model (or `model_path`), loading it first if needed (the prompt
+    /// lab's model, kept for both).
+    pub fn with_session<T>(
+        &self,
+        store: &Store,
+        model_path: Option<&PathBuf>,
+        p: &Progress,
+        f: impl FnOnce(&Session) -> Result<T>,
+    ) -> Result<T> {
+        let mut guard = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        let l = Self::session(&mut guard, store, model_path, p)?;
+        f(&l.session)
     }
 
     /// Run `text` through the model with dictionary `dict` reading its hook.
@@ -135,24 +164,23 @@ impl Lab {
         p: &Progress,
     ) -> Result<Run> {
         let mut guard = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        let l = Self::ensure(&mut guard, store, model_path, dict, p)?;
+        let (session, l) = Self::ensure(&mut guard, store, model_path, dict, p)?;
         p.stage("running the prompt");
-        let ids = l.session.tokenizer()?.encode(text, true)?;
+        let ids = session.tokenizer()?.encode(text, true)?;
         if ids.is_empty() {
             bail!("the prompt is empty");
         }
-        let limit = MAX_PROMPT_TOKENS.min(l.session.model().config().max_context);
+        let limit = MAX_PROMPT_TOKENS.min(session.model().config().max_context);
         if ids.len() > limit {
             bail!("the prompt has {} tokens; the lab runs at most {limit}", ids.len());
         }
         let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
         let mut hooks = Hooks::new().capture(l.hook.clone());
-        let logits = l
-            .session
+        let logits = session
             .model()
             .forward(&input, &mut hooks)?
             .ok_or_else(|| anyhow!("the model gave no logits"))?;
-        // [pos, d], or [pos, head, d_head] at a per-head hook: one row per position.
+        // Per-head hooks (`attn.hook_z`) are read with their heads concatenated, as captured.
         let acts = hooks.get(&l.hook)?.i(0)?.flatten_from(1)?.to_dtype(candle_core::DType::F32)?;
         let rows: Vec<Vec<f32>> = acts.to_vec2()?;
         let norm =
@@ -189,12 +217,12 @@ impl Lab {
         p: &Progress,
     ) -> Result<Steer> {
         let mut guard = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        let l = Self::ensure(&mut guard, store, model_path, &run.dict, p)?;
+        let (session, l) = Self::ensure(&mut guard, store, model_path, &run.dict, p)?;
         p.stage(format!("steering with feature {f}"));
         let steering = Steering { dictionary: l.dictionary.as_ref(), name: &run.dict, hook: &l.hook };
         let coefficient = strength * run.norm;
         let input = Tensor::from_slice(&run.ids, (1, run.ids.len()), &Device::Cpu)?;
-        let logits = steering.logits(l.session.model(), &input, f, coefficient)?;
+        let logits = steering.logits(session.model(), &input, f, coefficient)?;
         let after = probs_last(&logits)?;
         let mut tokens = top_indices(&after, TOP_TOKENS);
         tokens.extend(run.next.iter().map(|n| n.0).filter(|t| !tokens.contains(t)).collect::<Vec<_>>());

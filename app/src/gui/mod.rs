@@ -9,12 +9,15 @@
 //! eframe and the egui_kittest tests drive. Compute stays out of the views: `data.rs` and `lab.rs`
 //! hold no UI.
 //!
-//! Tabs: Features (list + page), Prompt lab. Heads and Circuits have their place in the
-//! navigation and are not built yet (they say so).
+//! Tabs: Features (list + page), Prompt lab, Heads (grid + head page). Circuits has its place in
+//! the navigation and is not built yet (it says so). The prompt is the app's: the prompt lab, the
+//! Heads view and the feature page's attributions run on the same text.
 
 pub mod data;
 pub mod feature_list;
 pub mod feature_page;
+pub mod heads;
+pub mod heads_data;
 pub mod jobs;
 pub mod lab;
 pub mod navigation;
@@ -32,9 +35,10 @@ use loupe_store::Store;
 use data::DictData;
 use feature_list::FeatureList;
 use feature_page::FeaturePage;
+use heads::HeadsView;
 use jobs::{Loading, error_ui};
 use navigation::{History, Item};
-use prompt_lab::PromptLab;
+use prompt_lab::{DEFAULT_PROMPT, PromptLab};
 use view::{LiveModel, View, ViewContext};
 
 /// What `loupe gui` was asked to open.
@@ -53,6 +57,8 @@ pub struct Options {
     pub view: Option<Tab>,
     /// A prompt to put in the prompt lab and run as soon as the dictionary is loaded.
     pub prompt: Option<String>,
+    /// A head `(layer, head)` to open at start (in the Heads view).
+    pub head: Option<(usize, usize)>,
 }
 
 /// The tabs of the navigation bar (`loupe gui --view`).
@@ -75,6 +81,9 @@ pub struct LoupeApp {
     list: FeatureList,
     page: FeaturePage,
     lab: PromptLab,
+    heads: HeadsView,
+    /// The prompt the prompt lab, the Heads view and the feature page share.
+    prompt: String,
     model: LiveModel,
     history: History<Item>,
     /// The dictionary to load at the first frame.
@@ -90,22 +99,29 @@ impl LoupeApp {
         let store = Store::open(&options.store).map(Arc::new).map_err(|e| format!("{e:#}"));
         let dicts = store.as_ref().map(|s| data::analysed(s)).unwrap_or_default();
         let dict = options.dictionary.clone().or_else(|| dicts.first().cloned());
-        let mut lab = PromptLab::default();
-        if let Some(p) = &options.prompt {
-            lab.text = p.clone();
+        let mut history = History::default();
+        if let Some((layer, head)) = options.head {
+            history.open(Item::Head { layer, head });
         }
+        let tab = match (options.view, options.head) {
+            (Some(tab), _) => tab,
+            (None, Some(_)) => Tab::Heads,
+            (None, None) => Tab::Features,
+        };
         LoupeApp {
             pending: dict,
             root: options.store.display().to_string(),
             dicts,
             dict: None,
             data: Loading::Idle,
-            tab: options.view.unwrap_or(Tab::Features),
+            tab,
             list: FeatureList::new(options.embedder.clone()),
             page: FeaturePage::default(),
-            lab,
+            lab: PromptLab::default(),
+            heads: HeadsView::default(),
+            prompt: options.prompt.clone().unwrap_or_else(|| DEFAULT_PROMPT.to_string()),
             model: LiveModel { path: options.model.clone(), ..LiveModel::default() },
-            history: History::default(),
+            history,
             open_at_start: options.feature,
             run_at_start: options.prompt.is_some(),
             store,
@@ -136,7 +152,21 @@ impl LoupeApp {
     pub fn current_feature(&self) -> Option<u32> {
         match self.history.current()? {
             Item::Feature { feature, .. } => Some(*feature),
+            Item::Head { .. } => None,
         }
+    }
+
+    /// The head whose page is open.
+    pub fn current_head(&self) -> Option<(usize, usize)> {
+        match self.history.current()? {
+            Item::Head { layer, head } => Some((*layer, *head)),
+            Item::Feature { .. } => None,
+        }
+    }
+
+    /// The prompt the views share.
+    pub fn prompt(&mut self) -> &mut String {
+        &mut self.prompt
     }
 
     pub fn prompt_lab(&mut self) -> &mut PromptLab {
@@ -165,10 +195,15 @@ impl LoupeApp {
 
     /// Open `item` (and the tab that shows it; its dictionary loads at the next frame).
     pub fn open_item(&mut self, item: Item) {
-        match &item {
-            Item::Feature { .. } => self.tab = Tab::Features,
-        }
+        self.tab = tab_of(&item);
         self.history.open(item);
+    }
+
+    /// After back or forward: the tab of the item shown (none: stay).
+    fn show_current_tab(&mut self) {
+        if let Some(item) = self.history.current() {
+            self.tab = tab_of(item);
+        }
     }
 
     /// Draw one frame.
@@ -183,12 +218,12 @@ impl LoupeApp {
                 self.history.open(Item::Feature { dictionary: data.name.clone(), feature: f });
             }
             if let (true, Ok(store)) = (std::mem::take(&mut self.run_at_start), &self.store) {
-                self.lab.start_run(ui.ctx(), store, &self.model, &data.name);
+                self.lab.start_run(ui.ctx(), store, &self.model, &data.name, &self.prompt);
             }
         }
         egui::Panel::top("navigation").show(ui, |ui| self.navigation(ui));
         // The open item may belong to another dictionary (back/forward across a switch).
-        if let Some(d) = self.history.current().map(|i| i.dictionary().to_string()) {
+        if let Some(d) = self.history.current().and_then(|i| i.dictionary()).map(str::to_string) {
             self.select(ui.ctx(), d);
         }
         let store = match &self.store {
@@ -208,6 +243,7 @@ impl LoupeApp {
             dict: data.as_deref(),
             dict_loading: &self.data,
             model: &self.model,
+            prompt: &mut self.prompt,
             current: self.history.current(),
             open: None,
         };
@@ -226,9 +262,10 @@ impl LoupeApp {
                 egui::CentralPanel::default()
                     .show(ui, |ui| egui::ScrollArea::vertical().show(ui, |ui| lab.ui(ui, &mut cx)));
             }
-            Tab::Heads | Tab::Circuits => {
+            Tab::Heads => self.heads.ui(ui, &mut cx),
+            Tab::Circuits => {
                 egui::CentralPanel::default().show(ui, |ui| {
-                    ui.label("Not built yet: the heads and circuits views come with a later part of Loupe.");
+                    ui.label("Not built yet: the circuits view comes with a later part of Loupe.");
                 });
             }
         }
@@ -242,22 +279,24 @@ impl LoupeApp {
             let back = ui.add_enabled(self.history.can_go_back(), egui::Button::new("« Back"));
             if back.clicked() || ui.input(|i| i.modifiers.alt && i.key_pressed(egui::Key::ArrowLeft)) {
                 self.history.back();
-                self.tab = Tab::Features;
+                self.show_current_tab();
             }
             let forward = ui.add_enabled(self.history.can_go_forward(), egui::Button::new("Forward »"));
             if forward.clicked() || ui.input(|i| i.modifiers.alt && i.key_pressed(egui::Key::ArrowRight)) {
                 self.history.forward();
-                self.tab = Tab::Features;
+                self.show_current_tab();
             }
             ui.separator();
-            for (tab, title) in [(Tab::Features, self.list.title()), (Tab::PromptLab, self.lab.title())] {
+            for (tab, title) in [
+                (Tab::Features, self.list.title()),
+                (Tab::PromptLab, self.lab.title()),
+                (Tab::Heads, self.heads.title()),
+            ] {
                 ui.selectable_value(&mut self.tab, tab, title);
             }
-            for (tab, title) in [(Tab::Heads, "Heads"), (Tab::Circuits, "Circuits")] {
-                ui.add_enabled_ui(false, |ui| ui.selectable_value(&mut self.tab, tab, title))
-                    .response
-                    .on_disabled_hover_text("not built yet");
-            }
+            ui.add_enabled_ui(false, |ui| ui.selectable_value(&mut self.tab, Tab::Circuits, "Circuits"))
+                .response
+                .on_disabled_hover_text("not built yet");
             ui.separator();
             let label = ui.label("Dictionary");
             let mut chosen = None;
@@ -284,6 +323,14 @@ impl LoupeApp {
                 std::path::Path::new(&self.root).file_name().map(|n| n.to_string_lossy().into_owned());
             ui.label(RichText::new(folder.unwrap_or_default()).weak().small()).on_hover_text(&self.root);
         });
+    }
+}
+
+/// The tab that shows `item`.
+fn tab_of(item: &Item) -> Tab {
+    match item {
+        Item::Feature { .. } => Tab::Features,
+        Item::Head { .. } => Tab::Heads,
     }
 }
 

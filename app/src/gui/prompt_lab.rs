@@ -15,8 +15,11 @@ use super::navigation::Item;
 use super::tokens::{tokens_ui, visible};
 use super::view::{LiveModel, View, ViewContext};
 
+/// The prompt the app starts with.
+pub const DEFAULT_PROMPT: &str = "When Mary and John went to the store, John gave a drink to";
+
+/// The prompt lab's state; its prompt is the app's ([`ViewContext::prompt`]).
 pub struct PromptLab {
-    pub text: String,
     run: Loading<Arc<Run>>,
     steer: Loading<Steer>,
     /// The token whose features are listed.
@@ -28,14 +31,7 @@ pub struct PromptLab {
 
 impl Default for PromptLab {
     fn default() -> PromptLab {
-        PromptLab {
-            text: "When Mary and John went to the store, John gave a drink to".into(),
-            run: Loading::Idle,
-            steer: Loading::Idle,
-            token: None,
-            feature: None,
-            strength: 0.5,
-        }
+        PromptLab { run: Loading::Idle, steer: Loading::Idle, token: None, feature: None, strength: 0.5 }
     }
 }
 
@@ -47,16 +43,23 @@ impl View for PromptLab {
     fn ui(&mut self, ui: &mut Ui, cx: &mut ViewContext) {
         ui.heading("Prompt lab");
         let Some(data) = cx.dictionary(ui) else { return };
-        if let Some(feature) = self.draw(ui, cx.store, cx.model, data) {
+        if let Some(feature) = self.draw(ui, cx.store, cx.model, cx.prompt, data) {
             cx.open(Item::Feature { dictionary: data.name.clone(), feature });
         }
     }
 }
 
 impl PromptLab {
-    /// Run the prompt on `model` with dictionary `dict`, in the background.
-    pub fn start_run(&mut self, ctx: &egui::Context, store: &Arc<Store>, model: &LiveModel, dict: &str) {
-        let (model, store, dict, text) = (model.clone(), store.clone(), dict.to_string(), self.text.clone());
+    /// Run `text` on `model` with dictionary `dict`, in the background.
+    pub fn start_run(
+        &mut self,
+        ctx: &egui::Context,
+        store: &Arc<Store>,
+        model: &LiveModel,
+        dict: &str,
+        text: &str,
+    ) {
+        let (model, store, dict, text) = (model.clone(), store.clone(), dict.to_string(), text.to_string());
         self.run = Loading::start(ctx, "starting", move |p| {
             Ok(Arc::new(model.lab.run(&store, model.path.as_ref(), &dict, &text, p)?))
         });
@@ -79,7 +82,14 @@ impl PromptLab {
     }
 
     /// Draw the lab over `data`; returns a feature to open.
-    fn draw(&mut self, ui: &mut Ui, store: &Arc<Store>, model: &LiveModel, data: &DictData) -> Option<u32> {
+    fn draw(
+        &mut self,
+        ui: &mut Ui,
+        store: &Arc<Store>,
+        model: &LiveModel,
+        text: &mut String,
+        data: &DictData,
+    ) -> Option<u32> {
         if self.run.poll()
             && let Some(run) = self.run.ready()
         {
@@ -100,12 +110,12 @@ impl PromptLab {
             .weak(),
         );
         let label = ui.label("Prompt");
-        ui.add(egui::TextEdit::multiline(&mut self.text).desired_rows(3).desired_width(f32::INFINITY))
+        ui.add(egui::TextEdit::multiline(text).desired_rows(3).desired_width(f32::INFINITY))
             .labelled_by(label.id);
         ui.horizontal(|ui| {
             let running = self.run.is_running();
             if ui.add_enabled(!running, egui::Button::new("Run")).clicked() {
-                self.start_run(ui.ctx(), store, model, &data.name);
+                self.start_run(ui.ctx(), store, model, &data.name, text);
             }
             self.run.status_ui(ui);
         });

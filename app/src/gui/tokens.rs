@@ -3,13 +3,18 @@
 
 use egui::{Color32, RichText, Sense, Ui};
 
-/// The background for `value` on a scale whose top is `max` (orange, transparent at zero).
+/// The background for `value` on a scale whose top is `max` (orange, transparent at zero; a
+/// negative value, such as an attribution that takes away, in blue).
 pub fn heat(value: f32, max: f32) -> Color32 {
-    if !(value > 0.0 && max > 0.0) {
+    if !(value != 0.0 && value.is_finite() && max > 0.0) {
         return Color32::TRANSPARENT;
     }
-    let t = (value / max).clamp(0.0, 1.0);
-    Color32::from_rgba_unmultiplied(255, 140, 0, (40.0 + 200.0 * t) as u8)
+    let alpha = (40.0 + 200.0 * (value.abs() / max).clamp(0.0, 1.0)) as u8;
+    if value > 0.0 {
+        Color32::from_rgba_unmultiplied(255, 140, 0, alpha)
+    } else {
+        Color32::from_rgba_unmultiplied(60, 110, 220, alpha)
+    }
 }
 
 /// A token's text made visible: newlines as `↵`, tabs as `\t`, spaces kept (tokens are drawn in

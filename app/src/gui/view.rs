@@ -1,6 +1,7 @@
 //! The view protocol: every view is a struct behind the [`View`] trait (as in rerun's viewer and
 //! the egui demo), drawn each frame with a [`ViewContext`] that holds what the views share — the
-//! store, the chosen dictionary once loaded, the live model, the open item — and takes back what
+//! store, the chosen dictionary once loaded, the live model and its prompt, the open item — and
+//! takes back what
 //! the user asked to open. A view that lacks what it needs says so in the window, with the
 //! command that makes it ([`ViewContext::dictionary`]).
 
@@ -44,6 +45,9 @@ pub struct ViewContext<'a> {
     /// How loading the chosen dictionary goes (what the views say while `dict` is None).
     pub dict_loading: &'a Loading<Arc<DictData>>,
     pub model: &'a LiveModel,
+    /// The prompt: the prompt lab's, which the Heads view's patterns and the feature page's
+    /// attributions run on too (one text, edited in any of them).
+    pub prompt: &'a mut String,
     /// The item open now, if any.
     pub current: Option<&'a Item>,
     /// What to open after this frame (the first view to ask wins).
