@@ -14,6 +14,7 @@
 pub mod ablation;
 pub mod detectors;
 pub mod dfa;
+pub mod group;
 pub mod pattern;
 
 use anyhow::{Result, bail};
