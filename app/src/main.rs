@@ -14,8 +14,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use loupe_cli::{
-    analyze_cmd, bench, capture_cmd, dict_args, explain_cmd, export_cmd, feature_cmd, fetch, store_cmd,
-    tokenize, train_monet_cmd, train_sae_cmd,
+    analyze_cmd, bench, capture_cmd, dict_args, explain_cmd, export_cmd, feature_cmd, fetch, heads_cmd,
+    store_cmd, tokenize, train_monet_cmd, train_sae_cmd,
 };
 
 /// mimalloc instead of the system allocator: training allocates and frees tensors of tens of MiB
@@ -49,6 +49,8 @@ enum Command {
     TrainMonet(train_monet_cmd::Args),
     /// Analyse a dictionary's features: stats, top and quantile examples, logit effects, neighbours and co-occurring features.
     Analyze(analyze_cmd::Args),
+    /// Score every attention head L.H: induction, previous- and duplicate-token detectors, single-head ablations.
+    Heads(heads_cmd::Args),
     /// Print one analysed feature: stats, examples, logit effects, neighbours and co-occurring features.
     Feature(feature_cmd::Args),
     /// Explain features with an LLM (delphi-style prompt) or offline from token statistics.
@@ -130,6 +132,7 @@ fn main() -> ExitCode {
         Command::TrainSae(args) => train_sae_cmd::run(&args),
         Command::TrainMonet(args) => train_monet_cmd::run(&args),
         Command::Analyze(args) => analyze_cmd::run(&args),
+        Command::Heads(args) => heads_cmd::run(&args),
         Command::Feature(args) => feature_cmd::run(&args),
         Command::Explain(args) => explain_cmd::run_explain(&args),
         Command::Score(args) => explain_cmd::run_score(&args),

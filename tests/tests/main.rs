@@ -22,6 +22,7 @@ mod gemma3_hf;
 mod gemma3_parity;
 mod gpt2_parity;
 mod gui;
+mod heads;
 mod heads_parity;
 mod hook_shapes;
 mod hooks;

@@ -273,6 +273,9 @@ impl Bert {
             bail!("context of {seq} tokens exceeds the model's limit of {}", c.max_context);
         }
         hooks.validate(&self.hook_names())?;
+        if hooks.start(c.n_layers, batch, seq)?.is_some() {
+            bail!("BERT runs every pass from the embedding (Hooks::start_at is for causal models)");
+        }
         let ids = tokens.flatten_all()?;
         let embed = self.word.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
         let embed = hooks.apply(EMBED, embed)?;

@@ -445,7 +445,7 @@ fn hook_widths(model: &dyn HookedModel, hooks: &[String], token: u32) -> Result<
 }
 
 /// sha256 of the weights file (the GGUF, or an HF directory's model.safetensors).
-fn sha256_of_model(path: &Path) -> Result<String> {
+pub fn sha256_of_model(path: &Path) -> Result<String> {
     let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
     let mut f = std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
     let mut hasher = Sha256::new();

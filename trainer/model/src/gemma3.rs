@@ -394,14 +394,19 @@ impl HookedModel for Gemma3 {
         let diff = hooks.wants_grad();
         let eps = self.cfg.rms_eps;
         let (batch, _) = tokens.dims2()?;
-        let ids = tokens.flatten_all()?;
-        let x = self.embed.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
-        let mut x = hooks.apply(EMBED, (x * (c.d_model as f64).sqrt())?)?;
+        let (first, mut x) = match hooks.start(c.n_layers, batch, seq)? {
+            Some(start) => start,
+            None => {
+                let ids = tokens.flatten_all()?;
+                let x = self.embed.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
+                (0, hooks.apply(EMBED, (x * (c.d_model as f64).sqrt())?)?)
+            }
+        };
         let global = rope_tables(seq, c.d_head, self.cfg.rope_global, &self.device)?;
         let local = rope_tables(seq, c.d_head, self.cfg.rope_local, &self.device)?;
         let full_mask = causal_mask(seq, None, &self.device)?;
         let window_mask = causal_mask(seq, Some(self.cfg.sliding_window), &self.device)?;
-        for (i, b) in self.blocks.iter().enumerate() {
+        for (i, b) in self.blocks.iter().enumerate().skip(first) {
             let name = |s: &str| hooks::in_block(i, s);
             let diff = hooks.diff_at(i);
             x = hooks.apply(&name(RESID_PRE), x)?;

@@ -236,14 +236,19 @@ impl HookedModel for Gpt2 {
             bail!("context of {seq} tokens exceeds the model's limit of {}", c.max_context);
         }
         hooks.validate(&self.hook_names())?;
-        let ids = tokens.flatten_all()?;
-        let embed = self.wte.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
-        let embed = hooks.apply(EMBED, embed)?;
-        let pos = self.wpe.narrow(0, 0, seq)?.unsqueeze(0)?.broadcast_as((batch, seq, c.d_model))?;
-        let pos = hooks.apply(POS_EMBED, pos.contiguous()?)?;
-        let mut x = (embed + pos)?;
+        let (first, mut x) = match hooks.start(c.n_layers, batch, seq)? {
+            Some(start) => start,
+            None => {
+                let ids = tokens.flatten_all()?;
+                let embed = self.wte.index_select(&ids, 0)?.reshape((batch, seq, c.d_model))?;
+                let embed = hooks.apply(EMBED, embed)?;
+                let pos = self.wpe.narrow(0, 0, seq)?.unsqueeze(0)?.broadcast_as((batch, seq, c.d_model))?;
+                let pos = hooks.apply(POS_EMBED, pos.contiguous()?)?;
+                (0, (embed + pos)?)
+            }
+        };
         let mask = causal_mask(seq, None, &self.device)?;
-        for (i, b) in self.blocks.iter().enumerate() {
+        for (i, b) in self.blocks.iter().enumerate().skip(first) {
             let name = |s: &str| hooks::in_block(i, s);
             x = hooks.apply(&name(RESID_PRE), x)?;
             let h = hooks.apply(&name(LN1), b.ln1.forward(&x)?)?;

@@ -162,6 +162,7 @@ pub struct Hooks {
     grad_at: BTreeSet<String>,
     stop_after_layer: Option<usize>,
     skip_unembed: bool,
+    start_at: Option<(usize, Tensor)>,
     cache: BTreeMap<String, Tensor>,
     vars: BTreeMap<String, Var>,
 }
@@ -201,6 +202,33 @@ impl Hooks {
     pub fn skip_unembed(mut self) -> Hooks {
         self.skip_unembed = true;
         self
+    }
+
+    /// Start the forward pass at block `layer` with `resid_pre` `[batch, seq, d_model]` as its
+    /// input (it passes `blocks.{layer}.hook_resid_pre` as usual): the embedding and the blocks
+    /// before it are not run. The tokens still give the batch and sequence length. With a
+    /// `hook_resid_pre` cached from a run on the same tokens, the rest of the pass is that run's
+    /// (e.g. many ablations downstream of one clean run).
+    pub fn start_at(mut self, layer: usize, resid_pre: Tensor) -> Hooks {
+        self.start_at = Some((layer, resid_pre));
+        self
+    }
+
+    /// The block the model starts at and its input, checked against a model of `n_layers`
+    /// blocks and tokens `[batch, seq]`; `None` for a pass from the embedding.
+    pub fn start(&self, n_layers: usize, batch: usize, seq: usize) -> Result<Option<(usize, Tensor)>> {
+        let Some((layer, x)) = &self.start_at else { return Ok(None) };
+        if *layer >= n_layers {
+            bail!("cannot start at block {layer}: the model has {n_layers} blocks");
+        }
+        let dims = x.dims();
+        if dims.len() != 3 || dims[0] != batch || dims[1] != seq {
+            bail!("the residual to start at block {layer} has shape {dims:?}, the tokens [{batch}, {seq}]");
+        }
+        if self.wants_grad() {
+            bail!("a pass that starts at block {layer} cannot take gradients");
+        }
+        Ok(Some((*layer, x.clone())))
     }
 
     /// Whether the model should stop before the unembedding.

@@ -34,7 +34,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 
 pub use hooks::{HookList, HookPoint, Hooks, Intervention, Shape};
-pub use loss::{loss_gradients, next_token_loss};
+pub use loss::{loss_gradients, next_token_loss, token_losses};
 pub use session::Session;
 
 /// Architectures Loupe can run, for error messages.

@@ -6,7 +6,8 @@
 //! `h·Wᵀ`, the loss `logsumexp − logit[target]` and `∂L/∂h = softmax·W − W[target]` (on the CPU
 //! in f32 by [`kernels::loss_head`]: two GEMMs and one fused pass per chunk). The gradient
 //! at the hooks then comes from one backward pass of the surrogate `Σ h ⊙ ∂L/∂h` (same gradient
-//! upstream of `h`), so only the model's blocks are differentiated by candle.
+//! upstream of `h`), so only the model's blocks are differentiated by candle. [`token_losses`]:
+//! the loss of chosen rows of the final hidden state alone (head ablations).
 
 use anyhow::{Context, Result, bail};
 use candle_core::backprop::GradStore;
@@ -63,6 +64,32 @@ pub fn loss_gradients(
     let grad_h = Tensor::cat(&[&grad_h, &Tensor::zeros((b, 1, d), grad_h.dtype(), grad_h.device())?], 1)?;
     let surrogate = (hidden * grad_h)?.sum_all()?;
     Ok((loss, surrogate.backward()?))
+}
+
+/// The next-token loss of each row of `hidden` `[rows, d_model]` (final normalized hidden states,
+/// from a pass with [`Hooks::skip_unembed`]) against its target: the logits of only these rows,
+/// a chunk at a time (on the CPU in f32 by [`kernels::loss_rows`]; the `[rows, vocab]` logits
+/// never exist at once).
+pub fn token_losses(model: &dyn HookedModel, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+    let w = model.unembedding().context("the model has no unembedding (not a causal language model)")?;
+    let h = hidden.contiguous()?;
+    if h.device().is_cpu() && h.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        return Ok(kernels::loss_rows(&h, w, targets)?);
+    }
+    let (rows, _) = h.dims2()?;
+    if targets.len() != rows {
+        bail!("{rows} rows and {} targets", targets.len());
+    }
+    let targets = Tensor::new(targets, h.device())?;
+    let mut losses = Vec::with_capacity(rows);
+    for start in (0..rows).step_by(CHUNK_ROWS) {
+        let n = CHUNK_ROWS.min(rows - start);
+        let logits = h.narrow(0, start, n)?.matmul(&w.t()?)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = log_probs.gather(&targets.narrow(0, start, n)?.unsqueeze(1)?, 1)?;
+        losses.extend(picked.neg()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+    }
+    Ok(losses)
 }
 
 /// [`kernels::loss_head`] from candle ops, for tensors that kernel cannot take (other devices or

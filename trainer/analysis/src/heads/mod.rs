@@ -7,6 +7,8 @@
 //! - [`pattern`]: one head's attention pattern on a prompt (the app's heatmap);
 //! - [`ablation`]: the next-token loss on the repeated half with each single head's `hook_z`
 //!   zeroed or mean-ablated, as a delta against the clean loss;
+//! - [`run`]: `loupe heads` — the sequences (seeded repeated ones; natural text from the store's
+//!   captured tokens or a file), the detectors and ablations, one table in the store;
 //! - [`dfa`]: direct feature attribution of a dictionary feature's pre-activation to heads (and
 //!   source tokens) for attention-output SAEs at `hook_z`, or to the embedding, each head and each
 //!   MLP for residual-stream SAEs.
@@ -17,7 +19,11 @@ pub mod dfa;
 pub mod group;
 pub mod pattern;
 
+mod run;
+
 use anyhow::{Result, bail};
+
+pub use run::{HeadsReport, check_settings, run};
 
 /// The settings of one `loupe heads` run.
 #[derive(Clone, Debug)]

@@ -19,7 +19,7 @@ mod linear;
 
 pub use attention::{causal_attention, qkv_norm_rope, rope_diff};
 pub use elementwise::{geglu, geglu_diff, geglu_fused, rms_norm, softmax_diff};
-pub use linear::{LOSS_ROWS, linear, loss_head};
+pub use linear::{LOSS_ROWS, linear, loss_head, loss_rows};
 
 use candle_core::{CpuStorage, Layout, Tensor};
 use multiversion::multiversion;
