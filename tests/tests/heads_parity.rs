@@ -46,8 +46,14 @@ fn score(s: &DetectorScores, name: &str) -> f32 {
     }
 }
 
-const SCORES: [&str; 6] =
-    ["induction", "induction_mul", "previous_token", "duplicate_token", "previous_token_text", "duplicate_token_text"];
+const SCORES: [&str; 6] = [
+    "induction",
+    "induction_mul",
+    "previous_token",
+    "duplicate_token",
+    "previous_token_text",
+    "duplicate_token_text",
+];
 
 /// Compare two per-head vectors; return the worst head and difference, panicking past `tol`.
 fn check(what: &str, ours: &[f32], theirs: &[f32], n_heads: usize, tol: f32) {
@@ -59,8 +65,16 @@ fn check(what: &str, ours: &[f32], theirs: &[f32], n_heads: usize, tol: f32) {
         .enumerate()
         .fold((0, 0.0f32), |best, (i, d)| if d > best.1 || d.is_nan() { (i, d) } else { best });
     let head = format!("{}.{}", worst / n_heads, worst % n_heads);
-    println!("{what}: max abs diff {diff:e} at head {head} (ours {}, reference {})", ours[worst], theirs[worst]);
-    assert!(diff <= tol, "{what} of head {head}: {} vs reference {} (diff {diff:e} > {tol:e})", ours[worst], theirs[worst]);
+    println!(
+        "{what}: max abs diff {diff:e} at head {head} (ours {}, reference {})",
+        ours[worst], theirs[worst]
+    );
+    assert!(
+        diff <= tol,
+        "{what} of head {head}: {} vs reference {} (diff {diff:e} > {tol:e})",
+        ours[worst],
+        theirs[worst]
+    );
 }
 
 /// Every detector score of every head equals the reference's.
@@ -123,9 +137,10 @@ fn gemma3_ablations_match_transformer_lens() {
 /// model's shape (so a regenerated fixture with the wrong layout fails here, not as a parity miss).
 #[test]
 fn fixtures_have_the_documented_layout() {
-    for (rel, bos, layers, heads) in
-        [("gpt2-tiny/heads_reference.safetensors", 511, 2, 4), ("gemma3/heads_reference.safetensors", 2, 18, 4)]
-    {
+    for (rel, bos, layers, heads) in [
+        ("gpt2-tiny/heads_reference.safetensors", 511, 2, 4),
+        ("gemma3/heads_reference.safetensors", 2, 18, 4),
+    ] {
         let reference = reference(rel);
         let (repeated, r, _) = inputs(&reference);
         for row in &repeated {
@@ -133,7 +148,11 @@ fn fixtures_have_the_documented_layout() {
             assert_eq!(row[0], bos, "{rel}");
             assert_eq!(row[1..=r], row[r + 1..], "{rel}: the second half repeats the first");
         }
-        for key in SCORES.map(|s| format!("scores.{s}")).iter().chain(&["ablation.zero".into(), "ablation.mean".into()]) {
+        for key in SCORES
+            .map(|s| format!("scores.{s}"))
+            .iter()
+            .chain(&["ablation.zero".into(), "ablation.mean".into()])
+        {
             assert_eq!(reference[key].dims(), &[layers, heads], "{rel}: {key}");
         }
     }

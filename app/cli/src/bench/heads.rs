@@ -13,9 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use loupe_analysis::heads::HeadsConfig;
 use loupe_analysis::heads::ablation::ablations;
 use loupe_analysis::heads::detectors::{DetectorScores, detector_scores, repeated_sequences};
-use loupe_analysis::heads::HeadsConfig;
 use loupe_model::tokenizer::Tokenizer;
 use loupe_model::{self as model};
 use serde_json::Value;
@@ -38,8 +38,14 @@ pub struct Args {
 }
 
 /// The six detector scores, by the names the reference reports them under.
-const SCORES: [&str; 6] =
-    ["induction", "induction_mul", "previous_token", "duplicate_token", "previous_token_text", "duplicate_token_text"];
+const SCORES: [&str; 6] = [
+    "induction",
+    "induction_mul",
+    "previous_token",
+    "duplicate_token",
+    "previous_token_text",
+    "duplicate_token_text",
+];
 
 fn score(s: &DetectorScores, name: &str) -> f32 {
     match name {
@@ -82,7 +88,8 @@ pub fn run(args: &Args) -> Result<()> {
     let tokenizer = Tokenizer::load(&model_path)?;
     let bos = tokenizer.bos_id().context("the tokenizer has no BOS token")?;
     let c = model.config().clone();
-    let settings = HeadsConfig { sequences: args.sequences, text_sequences: args.sequences, ..HeadsConfig::default() };
+    let settings =
+        HeadsConfig { sequences: args.sequences, text_sequences: args.sequences, ..HeadsConfig::default() };
     let repeat_len = settings.repeat_len;
     let repeated = repeated_sequences(settings.seed, settings.sequences, repeat_len, c.vocab_size, bos);
     let text = text_sequences(&tokenizer, &corpus, settings.text_sequences, settings.text_len)?;
@@ -146,7 +153,9 @@ pub fn run(args: &Args) -> Result<()> {
     if worst_score > 1e-3 || zero_diff > 1e-3 || clean_diff > 1e-3 {
         println!("    MISMATCH: the two sides did not compute the same values");
     }
-    println!("  Loupe   detectors {detectors_s:8.2} s   ablations {ablations_s:8.2} s   total {loupe_s:8.2} s");
+    println!(
+        "  Loupe   detectors {detectors_s:8.2} s   ablations {ablations_s:8.2} s   total {loupe_s:8.2} s"
+    );
     println!("  PyTorch detectors {torch_det:8.2} s   ablations {torch_abl:8.2} s   total {torch_s:8.2} s");
     println!(
         "  ratio: detectors {:.2}, ablations {:.2}",
@@ -205,7 +214,11 @@ fn max_diff(ours: &[f64], theirs: &[f64]) -> Result<f64> {
         bail!("Loupe has {} heads, the PyTorch reference {}", ours.len(), theirs.len());
     }
     // NaN compares false, so a NaN on either side shows as NaN.
-    Ok(ours.iter().zip(theirs).map(|(a, b)| (a - b).abs()).fold(0.0, |m, d| if d > m || d.is_nan() { d } else { m }))
+    Ok(ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, |m, d| if d > m || d.is_nan() { d } else { m }))
 }
 
 fn numbers(v: &Value, pointer: &str) -> Result<Vec<f64>> {

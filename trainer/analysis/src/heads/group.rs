@@ -25,7 +25,9 @@ pub fn group_ablation_loss(
     let c = model.config();
     let len = 2 * repeat_len + 1;
     if repeat_len == 0 || repeated.is_empty() {
-        bail!("a group ablation needs at least one repeated sequence with a repeated half of at least one token");
+        bail!(
+            "a group ablation needs at least one repeated sequence with a repeated half of at least one token"
+        );
     }
     if let Some(s) = repeated.iter().find(|s| s.len() != len) {
         bail!("a repeated sequence has {} tokens, not [BOS] + 2 × {repeat_len}", s.len());
@@ -57,6 +59,48 @@ pub fn group_ablation_loss(
         }
     }
     Ok((sum / (repeated.len() * repeat_len) as f64) as f32)
+}
+
+/// A group of heads zeroed together against random groups of the same size.
+#[derive(Clone, Debug)]
+pub struct GroupComparison {
+    /// The repeated-half loss with nothing ablated (nats).
+    pub clean_loss: f32,
+    pub group: Vec<(usize, usize)>,
+    /// The loss with `group` zeroed together.
+    pub group_loss: f32,
+    /// Each random group (drawn from the heads outside `group`) and its loss.
+    pub random: Vec<(Vec<(usize, usize)>, f32)>,
+}
+
+impl GroupComparison {
+    /// The mean loss over the random groups.
+    pub fn random_mean(&self) -> f32 {
+        self.random.iter().map(|(_, l)| f64::from(*l)).sum::<f64>() as f32 / self.random.len().max(1) as f32
+    }
+}
+
+/// The clean loss, the loss with `group` zeroed together, and with each of `draws` random groups of
+/// the same size (seeded with `seed`, drawn from the other heads) zeroed together.
+pub fn compare_groups(
+    model: &dyn HookedModel,
+    repeated: &[Vec<u32>],
+    repeat_len: usize,
+    group: &[(usize, usize)],
+    draws: usize,
+    seed: u64,
+) -> Result<GroupComparison> {
+    let c = model.config();
+    let clean_loss = group_ablation_loss(model, repeated, repeat_len, &[])?;
+    let group_loss = group_ablation_loss(model, repeated, repeat_len, group)?;
+    let random = random_groups(c.n_layers, c.n_heads, group, group.len(), draws, seed)?
+        .into_iter()
+        .map(|g| {
+            let loss = group_ablation_loss(model, repeated, repeat_len, &g)?;
+            Ok((g, loss))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(GroupComparison { clean_loss, group: group.to_vec(), group_loss, random })
 }
 
 /// `draws` groups of `size` distinct heads drawn uniformly (with `seed`) from the model's
