@@ -25,6 +25,7 @@ mod gpt2_parity;
 mod gui;
 mod gui_heads;
 mod heads;
+mod heads_parity;
 mod hook_shapes;
 mod hooks;
 mod import;

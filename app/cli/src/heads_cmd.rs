@@ -4,8 +4,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
-use loupe_analysis::heads::{self, HeadsConfig};
+use anyhow::{Context, Result};
+use loupe_analysis::heads::detectors::repeated_sequences;
+use loupe_analysis::heads::{self, HeadsConfig, group};
 use loupe_model::Session;
 use loupe_store::{HeadRow, Store};
 
@@ -44,6 +45,13 @@ pub struct Args {
     /// The name of the table in the store (heads/<name>/); a rerun replaces it.
     #[arg(long, default_value = loupe_store::heads::DEFAULT_HEADS_NAME)]
     pub(crate) name: String,
+    /// Instead of scoring every head: zero these heads together (e.g. 5.1,11.2) and print the
+    /// repeated-half loss against `--random-groups` random groups of as many heads; writes nothing.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) ablate: Vec<String>,
+    /// Random groups to compare `--ablate` against.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) random_groups: usize,
 }
 
 impl Args {
@@ -64,6 +72,9 @@ pub fn run(args: &Args) -> Result<()> {
     heads::check_settings(&args.name, &config)?;
     let manifest = Store::open(&args.store)?.manifest();
     let session = Session::open(&manifest, args.model.as_deref(), Some("pass --model"))?;
+    if !args.ablate.is_empty() {
+        return ablate_group(args, &session);
+    }
     let store = Store::open_rw(&args.store)?;
     let bar = Bar::new("{prefix:12} {bar:30} {pos}/{len}  [{elapsed}]");
     let report = heads::run(&store, &session, &args.name, &config, args.text.as_deref(), &bar)?;
@@ -97,5 +108,43 @@ pub fn run(args: &Args) -> Result<()> {
         top("ablation Δloss (mean)", "ablation_mean");
     }
     println!("wrote heads/{} in {}", report.name, args.store.display());
+    Ok(())
+}
+
+/// `--ablate`: the listed heads zeroed together against random groups (heads::group).
+fn ablate_group(args: &Args, session: &Session) -> Result<()> {
+    let c = session.model().config();
+    let group = args
+        .ablate
+        .iter()
+        .map(|h| heads::parse_head(h, c.n_layers, c.n_heads))
+        .collect::<Result<Vec<_>>>()?;
+    let bos = session.tokenizer()?.bos_id().context("the model's tokenizer has no BOS token")?;
+    let repeated = repeated_sequences(args.seed, args.sequences, args.repeat_len, c.vocab_size, bos);
+    let found = group::compare_groups(
+        session.model(),
+        &repeated,
+        args.repeat_len,
+        &group,
+        args.random_groups,
+        args.seed,
+    )?;
+    let names =
+        |g: &[(usize, usize)]| g.iter().map(|(l, h)| format!("{l}.{h}")).collect::<Vec<_>>().join(",");
+    println!(
+        "repeated-half loss on {} sequences [BOS] + 2 × {} (seed {}): clean {:.4} nats",
+        args.sequences, args.repeat_len, args.seed, found.clean_loss
+    );
+    println!("{} zeroed together: {:.4} nats", names(&found.group), found.group_loss);
+    for (g, loss) in &found.random {
+        println!("  random {}: {loss:.4}", names(g));
+    }
+    println!(
+        "{} random groups of {} heads (seed {}): mean {:.4} nats",
+        found.random.len(),
+        group.len(),
+        args.seed,
+        found.random_mean()
+    );
     Ok(())
 }

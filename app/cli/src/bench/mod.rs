@@ -7,6 +7,8 @@
 //! - [`train_sae`]: TopK SAE training against PyTorch (dense SAELens-style and sparse
 //!   sparsify-style), `benches/reference/train_sae_reference.py`, and the encoder-GEMM limit.
 //! - [`train_monet`]: Monet training against a TopK SAE of equal parameters; memory as E doubles.
+//! - [`heads`]: `loupe heads`' detector scores and single-head ablations of Gemma 3 270M against
+//!   PyTorch doing them the TransformerLens way, `benches/reference/heads.py`.
 //! - [`analyze`]: feature analysis against the dictionary's plain encoding of the same rows.
 //! - [`similar`]: the similar-feature hnsw index (build, query latency, recall) against brute force.
 //! - [`client`]: the Chat Completions client's requests/s on loopback against a bare reqwest loop.
@@ -16,6 +18,7 @@
 mod analyze;
 mod capture;
 mod client;
+mod heads;
 mod similar;
 mod store;
 pub mod synthetic_store;
@@ -42,6 +45,8 @@ pub enum BenchCommand {
     Similar(similar::Args),
     /// Train Monet VD (E 256, H 4) against a TopK SAE of equal parameters; memory at E and 2E.
     TrainMonet(train_monet::Args),
+    /// Detector scores and single-head zero ablations of all 72 heads of Gemma 3 270M, against PyTorch.
+    Heads(heads::Args),
     /// The Chat Completions client's requests/s against a zero-latency loopback server, against bare reqwest.
     Client(client::Args),
 }
@@ -55,6 +60,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::Similar(args) => similar::run(args),
         BenchCommand::Analyze(args) => analyze::run(args),
         BenchCommand::Client(args) => client::run(args),
+        BenchCommand::Heads(args) => heads::run(args),
     }
 }
 

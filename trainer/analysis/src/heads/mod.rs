@@ -16,6 +16,7 @@
 pub mod ablation;
 pub mod detectors;
 pub mod dfa;
+pub mod group;
 pub mod pattern;
 
 mod run;
