@@ -33,9 +33,10 @@ pub struct Args {
     /// tokens).
     #[arg(long)]
     pub(crate) text: Option<PathBuf>,
-    /// Natural-text sequences, and tokens in each (BOS included).
+    /// Natural-text sequences.
     #[arg(long, default_value_t = 16)]
     pub(crate) text_sequences: usize,
+    /// Tokens in each natural-text sequence (BOS included; at most the model's context).
     #[arg(long, default_value_t = 128)]
     pub(crate) text_len: usize,
     /// Also mean-ablate each head (its hook_z slice replaced by its mean over the repeated
