@@ -126,12 +126,16 @@ fn bad_input_is_one_error_line_and_leaves_the_store_untouched() {
     let empty = tmp.path().join("empty");
     Store::create(&empty).unwrap();
     let m = model.to_str().unwrap();
+    let junk = tmp.path().join("junk.gguf");
+    std::fs::write(&junk, "not a model").unwrap();
     let cases: Vec<(&Path, Vec<&str>, &str)> = vec![
         (&bare, vec![], "the store records no model; pass --model"),
         (&store, vec!["--name", "a/b"], "invalid heads name \"a/b\""),
         (&store, vec!["--sequences", "0"], "--sequences must be at least 1"),
         (&store, vec!["--repeat-len", "40"], "the model takes at most 64 (use --repeat-len 31 or less)"),
         (&store, vec!["--model", "/nonexistent/model"], "model not found"),
+        (&store, vec!["--model", junk.to_str().unwrap()], "is not a GGUF file"),
+        (&store, vec!["--text-len", "1"], "natural-text sequences need at least 2 tokens"),
         (&store, vec!["--text", "/nonexistent/text.txt"], "cannot read --text"),
         (&empty, vec!["--model", m], "no captured tokens"),
         // The synthetic store's token ids do not fit the model's vocabulary of 512.

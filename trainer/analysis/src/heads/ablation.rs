@@ -6,11 +6,12 @@
 //! `hook_z` to 0 at every position; mean ablation replaces it with its mean over all positions
 //! of all the repeated sequences in the clean run.
 //!
-//! Fast by doing only the work that can change: one clean pass caches every block's
-//! `hook_resid_pre` (and `hook_z`, for the means); an ablation at block L starts there
-//! ([`Hooks::start_at`]), the heads of one layer run as one batch (copy a of the sequences has
-//! head a ablated, through one [`Intervention::Map`] at `hook_z`), and the logits are computed
-//! only for the repeated half's rows ([`token_losses`], no `[tokens, vocab]` tensor).
+//! Fast by doing only the work that can change: the sequences run in chunks (all of them at once
+//! for the defaults); a chunk's clean pass caches every block's `hook_resid_pre` (and `hook_z`,
+//! for the means); an ablation at block L starts there ([`Hooks::start_at`]), the heads of one
+//! layer run as one batch (copy a of the sequences has head a ablated, through one
+//! [`Intervention::Map`] at `hook_z`), and the logits are computed only for the repeated half's
+//! rows ([`token_losses`], no `[tokens, vocab]` tensor). Memory: one chunk's residuals.
 
 use std::sync::Arc;
 
@@ -52,6 +53,18 @@ pub fn ablations(
     mean: bool,
     progress: &dyn Progress,
 ) -> Result<Ablations> {
+    chunked(model, repeated, repeat_len, mean, progress, MAX_TOKENS)
+}
+
+/// [`ablations`] with at most `max_tokens` tokens per pass (at least one sequence's copies).
+fn chunked(
+    model: &dyn HookedModel,
+    repeated: &[Vec<u32>],
+    repeat_len: usize,
+    mean: bool,
+    progress: &dyn Progress,
+    max_tokens: usize,
+) -> Result<Ablations> {
     let c = model.config();
     let (n_layers, n_heads) = (c.n_layers, c.n_heads);
     let len = 2 * repeat_len + 1;
@@ -66,93 +79,122 @@ pub fn ablations(
     }
     model.unembedding().context("head ablations need a causal language model (with an unembedding)")?;
 
-    let per_chunk = (MAX_TOKENS / (len * n_heads)).max(1);
-    let n_chunks = repeated.len().div_ceil(per_chunk);
-    let runs = 1 + n_layers * (1 + usize::from(mean));
+    let per_chunk = (max_tokens / (len * n_heads)).max(1);
+    let groups: Vec<&[Vec<u32>]> = repeated.chunks(per_chunk).collect();
+    // The means of `hook_z` are over all sequences: with several chunks they take a pass of
+    // their own first; one chunk takes them from its clean pass.
+    let means_first = mean && groups.len() > 1;
+    let runs = 1 + n_layers * (1 + usize::from(mean)) + usize::from(means_first);
     progress.stage("ablations");
-    let total = (n_chunks * runs) as u64;
+    let total = (groups.len() * runs) as u64;
     let mut done = 0u64;
     let mut tick = || {
         done += 1;
         progress.set(done, total);
     };
-
-    // The clean pass.
-    let mut chunks = Vec::with_capacity(n_chunks);
-    let mut clean_sum = 0f64;
-    let mut z_sums: Vec<Option<Tensor>> = vec![None; n_layers];
-    for group in repeated.chunks(per_chunk) {
-        let flat: Vec<u32> = group.iter().flatten().copied().collect();
-        let tokens = Tensor::from_vec(flat, (group.len(), len), &Device::Cpu)?;
-        let targets: Vec<u32> = group.iter().flat_map(|s| s[repeat_len + 1..].iter().copied()).collect();
-        let mut hooks = Hooks::new().skip_unembed();
-        for layer in 0..n_layers {
-            hooks = hooks.capture(in_block(layer, names::RESID_PRE));
-            if mean {
-                hooks = hooks.capture(in_block(layer, names::Z));
-            }
-        }
-        let hidden = model.forward(&tokens, &mut hooks)?.context("the forward pass stopped early")?;
-        clean_sum += loss_sum(model, &hidden, repeat_len, &targets)?;
-        if mean {
-            for (layer, sum) in z_sums.iter_mut().enumerate() {
-                // [batch, pos, head, d_head] summed over batch and positions: [head, d_head].
-                let z = hooks.get(&in_block(layer, names::Z))?.sum(0)?.sum(0)?;
-                *sum = Some(match sum.take() {
-                    Some(s) => (s + z)?,
-                    None => z,
-                });
-            }
-        }
-        let resid_pre = (0..n_layers)
-            .map(|layer| hooks.get(&in_block(layer, names::RESID_PRE)).cloned())
-            .collect::<Result<Vec<_>>>()?;
-        chunks.push(Chunk { tokens, sequences: group.len(), targets, resid_pre });
-        tick();
-    }
-    let rows = (repeated.len() * repeat_len) as f64;
-    let clean = clean_sum / rows;
     let positions = (repeated.len() * len) as f64;
-    let z_means: Vec<Option<Tensor>> =
-        z_sums.into_iter().map(|s| s.map(|s| s / positions).transpose()).collect::<Result<_, _>>()?;
+    let mut z_means: Option<Vec<Tensor>> = None;
+    if means_first {
+        let mut sums: Option<Vec<Tensor>> = None;
+        for group in &groups {
+            let (_, z) = clean_pass(model, &mut chunk(group, repeat_len)?, true)?;
+            sums = Some(add_sums(sums, z.context("hook_z was captured")?)?);
+            tick();
+        }
+        z_means = Some(divide(sums.context("at least one chunk")?, positions)?);
+    }
 
-    let mut zero = vec![0f32; n_layers * n_heads];
-    let mut mean_deltas = mean.then(|| vec![0f32; n_layers * n_heads]);
-    for layer in 0..n_layers {
-        let kinds: Vec<Option<&Tensor>> = match &z_means[layer] {
-            Some(m) => vec![None, Some(m)],
-            None => vec![None],
-        };
-        for replacement in kinds {
-            let mut sums = vec![0f64; n_heads];
-            for chunk in &chunks {
-                let losses = ablated_losses(model, chunk, layer, replacement, repeat_len)?;
+    let mut clean_sum = 0f64;
+    let mut zero_sums = vec![0f64; n_layers * n_heads];
+    let mut mean_sums = vec![0f64; n_layers * n_heads];
+    for group in &groups {
+        let mut chunk = chunk(group, repeat_len)?;
+        let (hidden, z) = clean_pass(model, &mut chunk, mean && z_means.is_none())?;
+        if let Some(z) = z {
+            z_means = Some(divide(z, positions)?);
+        }
+        clean_sum += half_losses(model, &hidden, repeat_len, &chunk.targets)?
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum::<f64>();
+        tick();
+        for layer in 0..n_layers {
+            let mut kinds = vec![(None, &mut zero_sums)];
+            if let Some(means) = &z_means {
+                kinds.push((Some(&means[layer]), &mut mean_sums));
+            }
+            for (replacement, sums) in kinds {
+                let losses = ablated_losses(model, &chunk, layer, replacement, repeat_len)?;
                 let per_head = chunk.sequences * repeat_len;
-                for (head, sum) in sums.iter_mut().enumerate() {
-                    *sum += losses[head * per_head..(head + 1) * per_head]
+                for head in 0..n_heads {
+                    sums[layer * n_heads + head] += losses[head * per_head..(head + 1) * per_head]
                         .iter()
                         .map(|&l| f64::from(l))
                         .sum::<f64>();
                 }
                 tick();
             }
-            let out = match replacement {
-                None => &mut zero,
-                Some(_) => mean_deltas.as_mut().expect("mean ablation asked for"),
-            };
-            for (head, sum) in sums.iter().enumerate() {
-                out[layer * n_heads + head] = (sum / rows - clean) as f32;
-            }
         }
     }
-    Ok(Ablations { clean_loss: clean as f32, zero, mean: mean_deltas })
+    let rows = (repeated.len() * repeat_len) as f64;
+    let clean = clean_sum / rows;
+    let deltas = |sums: &[f64]| sums.iter().map(|s| (s / rows - clean) as f32).collect::<Vec<f32>>();
+    Ok(Ablations {
+        clean_loss: clean as f32,
+        zero: deltas(&zero_sums),
+        mean: mean.then(|| deltas(&mean_sums)),
+    })
 }
 
-/// The summed next-token loss of the repeated half of each sequence of `hidden`
-/// `[batch, 2|R| + 1, d_model]` (final normalized hidden states).
-fn loss_sum(model: &dyn HookedModel, hidden: &Tensor, repeat_len: usize, targets: &[u32]) -> Result<f64> {
-    let losses = half_losses(model, hidden, repeat_len, targets)?;
-    Ok(losses.iter().map(|&l| f64::from(l)).sum())
+/// The tokens and targets of `group` (its `resid_pre` comes from [`clean_pass`]).
+fn chunk(group: &[Vec<u32>], repeat_len: usize) -> Result<Chunk> {
+    let flat: Vec<u32> = group.iter().flatten().copied().collect();
+    let tokens = Tensor::from_vec(flat, (group.len(), 2 * repeat_len + 1), &Device::Cpu)?;
+    let targets = group.iter().flat_map(|s| s[repeat_len + 1..].iter().copied()).collect();
+    Ok(Chunk { tokens, sequences: group.len(), targets, resid_pre: Vec::new() })
+}
+
+/// The clean pass over `chunk`: fills its `resid_pre` (every block's input) and returns the final
+/// hidden state, and with `z_sums` every layer's `hook_z` summed over sequences and positions
+/// (`[head, d_head]` each).
+fn clean_pass(
+    model: &dyn HookedModel,
+    chunk: &mut Chunk,
+    z_sums: bool,
+) -> Result<(Tensor, Option<Vec<Tensor>>)> {
+    let n_layers = model.config().n_layers;
+    let mut hooks = Hooks::new().skip_unembed();
+    for layer in 0..n_layers {
+        hooks = hooks.capture(in_block(layer, names::RESID_PRE));
+        if z_sums {
+            hooks = hooks.capture(in_block(layer, names::Z));
+        }
+    }
+    let hidden = model.forward(&chunk.tokens, &mut hooks)?.context("the forward pass stopped early")?;
+    let sums = z_sums
+        .then(|| {
+            (0..n_layers)
+                .map(|l| Ok(hooks.get(&in_block(l, names::Z))?.sum(0)?.sum(0)?))
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
+    chunk.resid_pre = (0..n_layers)
+        .map(|l| hooks.get(&in_block(l, names::RESID_PRE)).cloned())
+        .collect::<Result<Vec<_>>>()?;
+    Ok((hidden, sums))
+}
+
+/// `sums` + `z`, layer by layer (`z` when there are no sums yet).
+fn add_sums(sums: Option<Vec<Tensor>>, z: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    match sums {
+        None => Ok(z),
+        Some(sums) => sums.iter().zip(&z).map(|(s, z)| Ok((s + z)?)).collect(),
+    }
+}
+
+/// Each layer's sum divided by `n`.
+fn divide(sums: Vec<Tensor>, n: f64) -> Result<Vec<Tensor>> {
+    sums.into_iter().map(|s| Ok((s / n)?)).collect()
 }
 
 /// The next-token losses of rows |R| ..= 2|R| − 1 of each sequence of `hidden`, in order.
@@ -217,4 +259,28 @@ fn ablated_losses(
     let hidden = model.forward(&tokens, &mut hooks)?.context("the forward pass stopped early")?;
     let targets: Vec<u32> = (0..heads).flat_map(|_| chunk.targets.iter().copied()).collect();
     half_losses(model, &hidden, repeat_len, &targets)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::heads::detectors::repeated_sequences;
+
+    /// Chunks of one sequence (means of `hook_z` in a pass of their own) give what one chunk
+    /// gives.
+    #[test]
+    fn chunking_does_not_change_the_deltas() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny");
+        let model = loupe_model::load(&dir).unwrap();
+        let seqs = repeated_sequences(1, 3, 10, 512, 511);
+        let one = chunked(model.as_ref(), &seqs, 10, true, &(), MAX_TOKENS).unwrap();
+        let three = chunked(model.as_ref(), &seqs, 10, true, &(), 1).unwrap();
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+        assert!((one.clean_loss - three.clean_loss).abs() < 1e-5);
+        assert!(close(&one.zero, &three.zero), "{one:?} vs {three:?}");
+        assert!(close(one.mean.as_ref().unwrap(), three.mean.as_ref().unwrap()), "{one:?} vs {three:?}");
+        assert!(one.mean.unwrap().iter().zip(&one.zero).any(|(m, z)| (m - z).abs() > 1e-4));
+    }
 }
