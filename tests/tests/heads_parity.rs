@@ -157,3 +157,29 @@ fn fixtures_have_the_documented_layout() {
         }
     }
 }
+
+/// `loupe heads --ablate`'s group ablation (heads::group, `ZeroHeads` at several layers in one
+/// pass) agrees with the single-head ablations: nothing zeroed is the clean loss, one head is the
+/// clean loss plus that head's zero delta, and a group of heads at two layers moves the loss.
+#[test]
+fn group_ablation_agrees_with_single_head_ablations() {
+    use loupe_analysis::heads::group::group_ablation_loss;
+    let (model, reference) = gpt2();
+    let (repeated, r, _) = inputs(&reference);
+    let single = ablations(model.as_ref(), &repeated, r, false, &()).unwrap();
+    let clean = group_ablation_loss(model.as_ref(), &repeated, r, &[]).unwrap();
+    assert!((clean - single.clean_loss).abs() <= 1e-4, "clean {clean} vs {}", single.clean_loss);
+    for (i, &delta) in single.zero.iter().enumerate() {
+        let loss = group_ablation_loss(model.as_ref(), &repeated, r, &[(i / 4, i % 4)]).unwrap();
+        assert!(
+            (loss - clean - delta).abs() <= 1e-4,
+            "head {}.{}: {} vs {delta}",
+            i / 4,
+            i % 4,
+            loss - clean
+        );
+    }
+    let both = group_ablation_loss(model.as_ref(), &repeated, r, &[(0, 0), (1, 2)]).unwrap();
+    assert!((both - clean).abs() > 1e-3, "zeroing 0.0 and 1.2 changed nothing");
+    assert!(group_ablation_loss(model.as_ref(), &repeated, r, &[(2, 0)]).is_err(), "layer 2 does not exist");
+}
