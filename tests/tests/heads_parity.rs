@@ -34,27 +34,6 @@ fn per_head(reference: &HashMap<String, Tensor>, key: &str) -> Vec<f32> {
     reference[key].flatten_all().unwrap().to_vec1().unwrap()
 }
 
-fn score(s: &DetectorScores, name: &str) -> f32 {
-    match name {
-        "induction" => s.induction,
-        "induction_mul" => s.induction_mul,
-        "previous_token" => s.previous_token,
-        "duplicate_token" => s.duplicate_token,
-        "previous_token_text" => s.previous_token_text,
-        "duplicate_token_text" => s.duplicate_token_text,
-        _ => unreachable!("{name}"),
-    }
-}
-
-const SCORES: [&str; 6] = [
-    "induction",
-    "induction_mul",
-    "previous_token",
-    "duplicate_token",
-    "previous_token_text",
-    "duplicate_token_text",
-];
-
 /// Compare two per-head vectors; return the worst head and difference, panicking past `tol`.
 fn check(what: &str, ours: &[f32], theirs: &[f32], n_heads: usize, tol: f32) {
     assert_eq!(ours.len(), theirs.len(), "{what}: {} heads vs {} in the reference", ours.len(), theirs.len());
@@ -82,8 +61,8 @@ fn detectors_match(model: &dyn HookedModel, reference: &HashMap<String, Tensor>,
     let (repeated, repeat_len, text) = inputs(reference);
     let n_heads = model.config().n_heads;
     let scores = detector_scores(model, &repeated, repeat_len, &text, &()).unwrap();
-    for name in SCORES {
-        let ours: Vec<f32> = scores.iter().map(|s| score(s, name)).collect();
+    for name in DetectorScores::NAMES {
+        let ours: Vec<f32> = scores.iter().map(|s| s.get(name)).collect();
         check(name, &ours, &per_head(reference, &format!("scores.{name}")), n_heads, tol);
     }
 }
@@ -148,7 +127,7 @@ fn fixtures_have_the_documented_layout() {
             assert_eq!(row[0], bos, "{rel}");
             assert_eq!(row[1..=r], row[r + 1..], "{rel}: the second half repeats the first");
         }
-        for key in SCORES
+        for key in DetectorScores::NAMES
             .map(|s| format!("scores.{s}"))
             .iter()
             .chain(&["ablation.zero".into(), "ablation.mean".into()])

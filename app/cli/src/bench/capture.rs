@@ -21,8 +21,6 @@ use loupe_model::tokenizer::Tokenizer;
 use loupe_model::{self as model, HookedModel, Hooks, loss_gradients};
 use serde_json::Value;
 
-use crate::fetch;
-
 const HOOK: &str = "blocks.6.hook_resid_post";
 const LAYER: usize = 6;
 const CONTEXTS: usize = 8;
@@ -49,27 +47,7 @@ pub fn run(args: &Args) -> Result<()> {
     if args.repeats == 0 {
         bail!("bench capture: --repeats must be at least 1");
     }
-    let defaults = fetch::defaults();
-    let model_path = args.model.clone().unwrap_or(defaults.gemma_gguf);
-    let corpus = defaults.corpus_dir.join("moby-dick").join("data.txt");
-    if let Some(model) = &args.model
-        && !model.exists()
-    {
-        bail!("model not found: {} does not exist", model.display());
-    }
-    for path in [&model_path, &corpus] {
-        if !path.exists() {
-            bail!("{} not found: run `loupe fetch` first", path.display());
-        }
-    }
-    let python = super::reference_python();
-    if !args.no_reference && !python.exists() {
-        bail!(
-            "no Python reference environment ({} is missing): run benches/reference/setup-env.sh \
-             (or set LOUPE_PYTHON to a Python with torch and transformers)",
-            python.display()
-        );
-    }
+    let (model_path, corpus, python) = super::gemma_inputs(args.model.as_deref(), args.no_reference)?;
 
     let model = model::load(&model_path)?;
     let contexts = contexts(&Tokenizer::load(&model_path)?, &corpus)?;

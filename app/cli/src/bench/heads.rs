@@ -20,8 +20,6 @@ use loupe_model::tokenizer::Tokenizer;
 use loupe_model::{self as model};
 use serde_json::Value;
 
-use crate::fetch;
-
 const REFERENCE_SCRIPT: &str = include_str!("../../../../benches/reference/heads.py");
 
 #[derive(clap::Args)]
@@ -37,52 +35,11 @@ pub struct Args {
     no_reference: bool,
 }
 
-/// The six detector scores, by the names the reference reports them under.
-const SCORES: [&str; 6] = [
-    "induction",
-    "induction_mul",
-    "previous_token",
-    "duplicate_token",
-    "previous_token_text",
-    "duplicate_token_text",
-];
-
-fn score(s: &DetectorScores, name: &str) -> f32 {
-    match name {
-        "induction" => s.induction,
-        "induction_mul" => s.induction_mul,
-        "previous_token" => s.previous_token,
-        "duplicate_token" => s.duplicate_token,
-        "previous_token_text" => s.previous_token_text,
-        _ => s.duplicate_token_text,
-    }
-}
-
 pub fn run(args: &Args) -> Result<()> {
     if args.sequences == 0 {
         bail!("bench heads: --sequences must be at least 1");
     }
-    let defaults = fetch::defaults();
-    let model_path = args.model.clone().unwrap_or(defaults.gemma_gguf);
-    let corpus = defaults.corpus_dir.join("moby-dick").join("data.txt");
-    if let Some(model) = &args.model
-        && !model.exists()
-    {
-        bail!("model not found: {} does not exist", model.display());
-    }
-    for path in [&model_path, &corpus] {
-        if !path.exists() {
-            bail!("{} not found: run `loupe fetch` first", path.display());
-        }
-    }
-    let python = super::reference_python();
-    if !args.no_reference && !python.exists() {
-        bail!(
-            "no Python reference environment ({} is missing): run benches/reference/setup-env.sh \
-             (or set LOUPE_PYTHON to a Python with torch and transformers)",
-            python.display()
-        );
-    }
+    let (model_path, corpus, python) = super::gemma_inputs(args.model.as_deref(), args.no_reference)?;
 
     let model = model::load(&model_path)?;
     let tokenizer = Tokenizer::load(&model_path)?;
@@ -139,8 +96,8 @@ pub fn run(args: &Args) -> Result<()> {
 
     println!("  check, max |Loupe − PyTorch| over the heads:");
     let mut worst_score = 0f64;
-    for name in SCORES {
-        let ours: Vec<f64> = scores.iter().map(|s| f64::from(score(s, name))).collect();
+    for name in DetectorScores::NAMES {
+        let ours: Vec<f64> = scores.iter().map(|s| f64::from(s.get(name))).collect();
         let diff = max_diff(&ours, &numbers(&torch, &format!("/scores/{name}"))?)?;
         worst_score = worst_score.max(diff);
         println!("    {name:<22} {diff:.1e}");

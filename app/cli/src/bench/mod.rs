@@ -73,6 +73,34 @@ fn reference_python() -> PathBuf {
     }
 }
 
+/// What the Gemma benches read: the model (`model`, else the fetched default), the fetched
+/// Moby-Dick corpus and the reference Python, each checked to exist (the Python only when a
+/// reference will run), with one error line naming what is missing.
+fn gemma_inputs(model: Option<&Path>, no_reference: bool) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let defaults = crate::fetch::defaults();
+    if let Some(model) = model
+        && !model.exists()
+    {
+        anyhow::bail!("model not found: {} does not exist", model.display());
+    }
+    let model = model.map(Path::to_path_buf).unwrap_or(defaults.gemma_gguf);
+    let corpus = defaults.corpus_dir.join("moby-dick").join("data.txt");
+    for path in [&model, &corpus] {
+        if !path.exists() {
+            anyhow::bail!("{} not found: run `loupe fetch` first", path.display());
+        }
+    }
+    let python = reference_python();
+    if !no_reference && !python.exists() {
+        anyhow::bail!(
+            "no Python reference environment ({} is missing): run benches/reference/setup-env.sh \
+             (or set LOUPE_PYTHON to a Python with torch and transformers)",
+            python.display()
+        );
+    }
+    Ok((model, corpus, python))
+}
+
 /// A reference script's one-line JSON report from its finished run.
 fn reference_report(output: std::io::Result<Output>, python: &Path) -> Result<Value> {
     let output = output

@@ -30,6 +30,44 @@ pub struct DetectorScores {
     pub duplicate_token_text: f32,
 }
 
+impl DetectorScores {
+    /// The scores' names, as the heads table's columns and the references name them.
+    pub const NAMES: [&'static str; 6] = [
+        "induction",
+        "induction_mul",
+        "previous_token",
+        "duplicate_token",
+        "previous_token_text",
+        "duplicate_token_text",
+    ];
+
+    /// The score named `name` (one of [`Self::NAMES`]; NaN for any other name).
+    pub fn get(&self, name: &str) -> f32 {
+        match name {
+            "induction" => self.induction,
+            "induction_mul" => self.induction_mul,
+            "previous_token" => self.previous_token,
+            "duplicate_token" => self.duplicate_token,
+            "previous_token_text" => self.previous_token_text,
+            "duplicate_token_text" => self.duplicate_token_text,
+            _ => f32::NAN,
+        }
+    }
+}
+
+/// splitmix64 from `seed` (the generator behind R and the random head groups; simple enough that
+/// a reference in another language repeats it exactly).
+pub(crate) fn splitmix64(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
 /// Pattern values captured per forward pass at most (all layers together), in f32s: 64 Mi
 /// (256 MiB).
 const MAX_PATTERN_VALUES: usize = 64 << 20;
@@ -48,14 +86,7 @@ pub fn repeated_sequences(
     vocab: usize,
     bos: u32,
 ) -> Vec<Vec<u32>> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut next = splitmix64(seed);
     let choices = vocab.saturating_sub(1).max(1) as u64;
     (0..sequences)
         .map(|_| {

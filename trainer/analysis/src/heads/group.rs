@@ -121,14 +121,7 @@ pub fn random_groups(
         bail!("cannot draw {size} heads from the {} heads left", pool.len());
     }
     // splitmix64, then a partial Fisher–Yates shuffle of the pool per draw.
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut next = super::detectors::splitmix64(seed);
     Ok((0..draws)
         .map(|_| {
             let mut pool = pool.clone();
