@@ -11,6 +11,7 @@
 //! - [`dictionaries`]: trained dictionaries (`dictionaries/<name>/`) and their training logs;
 //! - [`features`]: feature analyses (`features/<dict>/` tables, `index/<dict>/` ANN dumps);
 //! - [`heads`]: attention-head scores (`heads/<name>/`);
+//! - [`circuits`]: task circuits and their evaluations (`circuits/<name>/`, `circuits/evals/<name>/`);
 //! - [`explanations`]: explanations and scores (`explanations/<dict>/`);
 //! - [`index`]: the ANN index files in `index/<dict>/` (hnsw_rs dumps, kept embeddings);
 //! - [`capture`]: the manifest's record of the capture that filled the hooks (typed settings);
@@ -23,6 +24,7 @@
 //! Invariant: a reader trusts only what the manifest lists, and the manifest is updated last.
 
 pub mod capture;
+pub mod circuits;
 pub mod dictionaries;
 pub mod explanations;
 pub mod export;
@@ -43,6 +45,10 @@ pub mod verify;
 pub mod writer;
 
 pub use capture::{CaptureSettings, CaptureState};
+pub use circuits::{
+    CircuitEntry, CircuitEvalEntry, CircuitEvalTable, CircuitTable, EdgeRow, EvalRow, FaithfulnessRow,
+    NodeRow, TaskInfo,
+};
 pub use dictionaries::{DictEntry, FileEntry, TrainLogRow};
 pub use explanations::{Explanation, Explanations, ExplanationsEntry, Provenance, Score};
 pub use features::{

@@ -44,7 +44,9 @@ fn listed_files(manifest: &Manifest) -> HashSet<&str> {
     let features = manifest.features.values().flat_map(|e| e.files());
     let explanations = manifest.explanations.values().flat_map(|e| e.files());
     let heads = manifest.heads.values().flat_map(|e| e.files());
-    features.chain(explanations).chain(heads).map(|f| f.file.as_str()).collect()
+    let circuits = manifest.circuits.values().flat_map(|e| e.files());
+    let evals = manifest.circuit_evals.values().flat_map(|e| e.files());
+    features.chain(explanations).chain(heads).chain(circuits).chain(evals).map(|f| f.file.as_str()).collect()
 }
 
 /// Endings of the files a [`Listing`] writer makes (tables, settings, hnsw dumps, and the

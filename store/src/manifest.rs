@@ -148,6 +148,12 @@ pub struct Manifest {
     /// Attention-head scores by name (`heads/<name>/`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub heads: BTreeMap<String, crate::heads::HeadsEntry>,
+    /// Task circuits by name (`circuits/<name>/`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub circuits: BTreeMap<String, crate::circuits::CircuitEntry>,
+    /// Evaluations of the circuit methods on a task, by name (`circuits/evals/<name>/`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub circuit_evals: BTreeMap<String, crate::circuits::CircuitEvalEntry>,
 }
 
 impl Default for Manifest {
@@ -163,6 +169,8 @@ impl Default for Manifest {
             features: BTreeMap::new(),
             explanations: BTreeMap::new(),
             heads: BTreeMap::new(),
+            circuits: BTreeMap::new(),
+            circuit_evals: BTreeMap::new(),
         }
     }
 }

@@ -88,6 +88,16 @@ impl Store {
                 report.problems.extend(check_file(&format!("head scores {name}"), self.root(), file));
             }
         }
+        for (name, entry) in &manifest.circuits {
+            for file in &entry.files {
+                report.problems.extend(check_file(&format!("circuit {name}"), self.root(), file));
+            }
+        }
+        for (name, entry) in &manifest.circuit_evals {
+            for file in &entry.files {
+                report.problems.extend(check_file(&format!("circuit evaluation {name}"), self.root(), file));
+            }
+        }
         if report.problems.is_empty() {
             // The files are as listed: now check that the listings agree with each other.
             report.problems.extend(self.consistency_problems(&manifest));

@@ -11,6 +11,8 @@
 pub mod analyze_cmd;
 pub mod bench;
 pub mod capture_cmd;
+pub mod circuit_cmd;
+pub mod circuit_eval_cmd;
 pub mod dfa_cmd;
 pub mod dict_args;
 pub mod explain_cmd;
