@@ -190,8 +190,9 @@ impl Hooks {
         self
     }
 
-    /// Stop the forward pass after block `layer` (no logits): for capture of early layers.
-    /// Ignored when a gradient is requested, since the loss needs the logits.
+    /// Stop the forward pass after block `layer` (no logits): for capture of early layers, or a
+    /// gradient of something computed inside the blocks up to `layer` (not of the loss: the
+    /// loss needs the logits).
     pub fn stop_after_layer(mut self, layer: usize) -> Hooks {
         self.stop_after_layer = Some(layer);
         self
@@ -208,7 +209,8 @@ impl Hooks {
     /// input (it passes `blocks.{layer}.hook_resid_pre` as usual): the embedding and the blocks
     /// before it are not run. The tokens still give the batch and sequence length. With a
     /// `hook_resid_pre` cached from a run on the same tokens, the rest of the pass is that run's
-    /// (e.g. many ablations downstream of one clean run).
+    /// (e.g. many ablations downstream of one clean run). Gradients may be taken at hooks of
+    /// block `layer` and later (e.g. at its `hook_resid_pre`), not before it.
     pub fn start_at(mut self, layer: usize, resid_pre: Tensor) -> Hooks {
         self.start_at = Some((layer, resid_pre));
         self
@@ -225,8 +227,10 @@ impl Hooks {
         if dims.len() != 3 || dims[0] != batch || dims[1] != seq {
             bail!("the residual to start at block {layer} has shape {dims:?}, the tokens [{batch}, {seq}]");
         }
-        if self.wants_grad() {
-            bail!("a pass that starts at block {layer} cannot take gradients");
+        if let Some(hook) =
+            self.grad_at.iter().find(|h| hook_layer(h).map_or(h.starts_with("hook_"), |l| l < *layer))
+        {
+            bail!("a pass that starts at block {layer} cannot take a gradient at {hook}");
         }
         Ok(Some((*layer, x.clone())))
     }
@@ -255,7 +259,7 @@ impl Hooks {
 
     /// The layer after which the model may stop, if any.
     pub fn stop_layer(&self) -> Option<usize> {
-        if self.wants_grad() { None } else { self.stop_after_layer }
+        self.stop_after_layer
     }
 
     /// Whether anything happens at `hook` (lets models skip computing optional activations).
@@ -384,5 +388,15 @@ mod tests {
             (0..4).map(|l| Hooks::new().capture("hook_embed").diff_at(l)).collect::<Vec<_>>(),
             [false; 4]
         );
+    }
+
+    #[test]
+    fn a_started_pass_takes_gradients_from_its_block_on() {
+        let x = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let start = |hook: &str| Hooks::new().start_at(1, x.clone()).grad(hook).start(3, 1, 2);
+        assert!(start("blocks.1.hook_resid_pre").is_ok() && start("blocks.2.attn.hook_z").is_ok());
+        let err = start("blocks.0.hook_resid_post").unwrap_err().to_string();
+        assert_eq!(err, "a pass that starts at block 1 cannot take a gradient at blocks.0.hook_resid_post");
+        assert!(start("hook_embed").is_err());
     }
 }
