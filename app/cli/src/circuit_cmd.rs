@@ -5,9 +5,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result};
+use loupe_analysis::circuits::run::{self, Method, default_name};
+use loupe_model::Session;
+use loupe_store::Store;
 
 use crate::circuit_eval_cmd;
+use crate::progress::Bar;
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -55,6 +59,50 @@ pub fn run(args: &Args) -> Result<()> {
 
 /// `loupe circuit` itself.
 fn find(args: &RunArgs) -> Result<()> {
-    let _ = args;
-    bail!("loupe circuit is not implemented yet")
+    let store_dir = args.store.as_ref().context("--store is required")?;
+    let task = args.task.as_ref().context("--task is required")?;
+    let method: Method = args.method.parse()?;
+    let file =
+        task.file_name().map_or_else(|| task.display().to_string(), |f| f.to_string_lossy().into_owned());
+    let name = args.name.clone().unwrap_or_else(|| default_name(&file, method));
+    loupe_store::circuits::check_circuit_name(&name)?;
+    let manifest = Store::open(store_dir)?.manifest();
+    let session = Session::open(&manifest, args.model.as_deref(), Some("pass --model"))?;
+    let store = Store::open_rw(store_dir)?;
+    let bar = Bar::new("{prefix:24} {bar:30} {pos}/{len}  [{elapsed}]");
+    let report = run::run(&store, &session, task, method, &name, &bar)?;
+    bar.indicatif().finish_and_clear();
+
+    let e = &report.entry;
+    let t = &e.task;
+    println!(
+        "{} on {} ({} pairs, {}) with {}: {} nodes, {} edges",
+        e.method,
+        t.file,
+        t.pairs,
+        t.metric,
+        e.model,
+        report.nodes.len(),
+        report.edges.len()
+    );
+    println!(
+        "metric clean {:.4}, corrupt {:.4}; accuracy {:.1} % (clean metric > 0)",
+        t.metric_clean,
+        t.metric_corrupt,
+        100.0 * t.accuracy
+    );
+    let mut nodes: Vec<_> = report.nodes.iter().collect();
+    nodes.sort_by(|a, b| b.score.abs().total_cmp(&a.score.abs()));
+    let list: Vec<String> = nodes.iter().take(10).map(|n| format!("{} {:.4}", n.node, n.score)).collect();
+    println!("top nodes by |score|: {}", list.join(", "));
+    if !report.edges.is_empty() {
+        let mut edges: Vec<_> = report.edges.iter().collect();
+        edges.sort_by(|a, b| b.score.abs().total_cmp(&a.score.abs()));
+        let list: Vec<String> =
+            edges.iter().take(10).map(|e| format!("{}→{} {:.4}", e.source, e.target, e.score)).collect();
+        println!("top edges by |score|: {}", list.join(", "));
+    }
+    println!("wall time {:.2} s", e.wall_s);
+    println!("wrote circuits/{} in {}", report.name, store_dir.display());
+    Ok(())
 }

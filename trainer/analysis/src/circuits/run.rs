@@ -1,15 +1,26 @@
 //! `loupe circuit`: one method on a store's model and a task file, timed, written as a circuit
 //! entry; `loupe circuit eval`: every fast method against the ground truth, written as an
 //! evaluation entry.
+//!
+//! A method's wall time includes the clean and corrupt runs ([`Runs::new`]) it needs: each method
+//! run alone pays for them. Everything that can be checked is checked before the model runs
+//! (the circuit's name, then the task file); the tables and the entry are written in one manifest
+//! commit ([`Store::write_circuit`]), replacing the circuit of that name.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::str::FromStr;
+use std::time::Instant;
 
 use anyhow::{Result, bail};
-use loupe_model::HookedModel;
-use loupe_store::Progress;
+use loupe_model::{HookedModel, Session};
+use loupe_store::circuits::{CircuitEntry, EdgeRow, NodeRow, TaskInfo, check_circuit_name};
+use loupe_store::{Progress, Store};
 
-use super::discrete_sae::DiscreteSaeConfig;
-use super::patch::Runs;
+use super::attribution::attribution;
+use super::discrete_sae::{DiscreteSaeConfig, discrete_sae};
+use super::patch::{Runs, mean};
+use super::patching::patching;
 use super::{Scores, Task};
 
 /// A method of `loupe circuit --method` (names as in [`loupe_store::circuits::CIRCUIT_METHODS`]).
@@ -50,7 +61,8 @@ pub fn default_name(task_file: &str, method: Method) -> String {
 }
 
 /// Run `method` on `task` (its runs already made) and return its scores with its wall time in
-/// seconds (the shared clean/corrupt runs included: each method needs them).
+/// seconds (the shared clean/corrupt runs included: each method needs them, so they are made
+/// again inside the timing, and dropped; the scores come from `runs`).
 pub fn compute(
     model: &dyn HookedModel,
     task: &Task,
@@ -59,6 +71,118 @@ pub fn compute(
     discrete: &DiscreteSaeConfig,
     progress: &dyn Progress,
 ) -> Result<(Scores, f64)> {
-    let _ = (model, task, runs, method, discrete, progress);
-    bail!("loupe circuit is not implemented yet")
+    let start = Instant::now();
+    progress.stage("clean and corrupt runs");
+    drop(Runs::new(model, task)?);
+    let scores = scores(model, task, runs, method, discrete, progress)?;
+    Ok((scores, start.elapsed().as_secs_f64()))
+}
+
+/// `method`'s scores on `runs`.
+fn scores(
+    model: &dyn HookedModel,
+    task: &Task,
+    runs: &Runs,
+    method: Method,
+    discrete: &DiscreteSaeConfig,
+    progress: &dyn Progress,
+) -> Result<Scores> {
+    match method {
+        Method::Patching => Ok(Scores {
+            nodes: super::nodes(model.config()),
+            node_scores: patching(model, task, runs, progress)?,
+            edges: Vec::new(),
+        }),
+        Method::Attribution => attribution(model, task, runs, progress),
+        Method::DiscreteSae => discrete_sae(model, task, runs, discrete, progress),
+    }
+}
+
+/// What `loupe circuit` wrote.
+#[derive(Clone, Debug)]
+pub struct CircuitReport {
+    pub name: String,
+    pub entry: CircuitEntry,
+    /// One row per node (heads before the MLP of each layer) and per scored edge, as written.
+    pub nodes: Vec<NodeRow>,
+    pub edges: Vec<EdgeRow>,
+}
+
+/// Run `method` on the task file `task_path` with `session`'s model and write the circuit `name`
+/// into `store` (open for writing).
+pub fn run(
+    store: &Store,
+    session: &Session,
+    task_path: &Path,
+    method: Method,
+    name: &str,
+    progress: &dyn Progress,
+) -> Result<CircuitReport> {
+    check_circuit_name(name)?;
+    let task = Task::load(task_path, session.tokenizer()?)?;
+    let model = session.model();
+    let c = model.config().clone();
+    let discrete = DiscreteSaeConfig::default();
+    let start = Instant::now();
+    progress.stage("clean and corrupt runs");
+    let runs = Runs::new(model, &task)?;
+    let scores = scores(model, &task, &runs, method, &discrete, progress)?;
+    let wall_s = start.elapsed().as_secs_f64();
+
+    let manifest = store.manifest();
+    let (model_name, model_sha256) = match &manifest.model {
+        Some(info) if Path::new(&info.path) == session.path() => (info.name.clone(), info.sha256.clone()),
+        _ => (session.name(), loupe_model::capture::sha256_of_model(session.path())?),
+    };
+    let pairs = task.pairs.len();
+    let task_info = TaskInfo {
+        file: task.file.clone(),
+        sha256: task.sha256.clone(),
+        pairs: pairs as u32,
+        metric: task.metric.name().to_string(),
+        metric_clean: mean(&runs.metric_clean),
+        metric_corrupt: mean(&runs.metric_corrupt),
+        accuracy: accuracy(&runs.metric_clean),
+    };
+    let mut settings = BTreeMap::new();
+    if method == Method::DiscreteSae {
+        settings.insert("features".into(), discrete.features.into());
+        settings.insert("l1".into(), f64::from(discrete.l1).into());
+        settings.insert("lr".into(), discrete.lr.into());
+        settings.insert("epochs".into(), discrete.epochs.into());
+        settings.insert("seed".into(), discrete.seed.into());
+    }
+    let entry = CircuitEntry {
+        method: method.name().to_string(),
+        task: task_info,
+        n_layers: c.n_layers as u32,
+        n_heads: c.n_heads as u32,
+        settings,
+        wall_s,
+        model: model_name,
+        model_sha256,
+        files: Vec::new(),
+    };
+    let names: Vec<String> = scores.nodes.iter().map(ToString::to_string).collect();
+    let nodes: Vec<NodeRow> = scores
+        .nodes
+        .iter()
+        .zip(&scores.node_scores)
+        .zip(&names)
+        .map(|((n, &score), name)| NodeRow { node: name.clone(), layer: n.layer as u16, score })
+        .collect();
+    let edges: Vec<EdgeRow> = scores
+        .edges
+        .iter()
+        .map(|&(u, v, score)| EdgeRow { source: names[u].clone(), target: names[v].clone(), score })
+        .collect();
+    progress.stage("writing");
+    store.write_circuit(name, &nodes, &edges, entry.clone())?;
+    Ok(CircuitReport { name: name.to_string(), entry, nodes, edges })
+}
+
+/// The share of pairs whose clean prompt scores the answer above the wrong token(s): a metric
+/// above 0 (logit or probability difference).
+pub fn accuracy(metric_clean: &[f32]) -> f32 {
+    metric_clean.iter().filter(|&&m| m > 0.0).count() as f32 / metric_clean.len().max(1) as f32
 }
