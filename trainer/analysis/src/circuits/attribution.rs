@@ -86,7 +86,9 @@ pub fn metric_tensor(
     let rows: Vec<u32> = last.iter().enumerate().map(|(p, &l)| (p * len + l) as u32).collect();
     let rows = Tensor::new(rows.as_slice(), hidden.device())?;
     let h = hidden.reshape((pairs * len, d))?.index_select(&rows, 0)?.to_dtype(w.dtype())?;
-    let logits = h.matmul(&w.t()?)?.to_dtype(candle_core::DType::F32)?;
+    // Through the linear kernel, whose backward gives the unembedding no gradient (a matmul's
+    // would compute a [vocab, d_model] one).
+    let logits = loupe_model::ops::linear(&h, w, None)?.to_dtype(candle_core::DType::F32)?;
     let vocab = logits.dim(1)?;
     // ±1 at each pair's answers and wrongs: m = Σ sign · logit (or probability), per pair.
     let mut sign = vec![0f32; pairs * vocab];
