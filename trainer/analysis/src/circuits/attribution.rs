@@ -60,15 +60,15 @@ pub fn attribution(
 
     let deltas = residual_deltas(model, runs, &nodes)?;
     progress.set(2, total);
-    let mut inputs = Vec::with_capacity(nodes.len());
+    // products[v][u] = Δr_u · g_v, a layer's g_v dropped once used.
+    let mut products: Vec<Vec<f32>> = Vec::with_capacity(nodes.len());
     for layer in 0..c.n_layers {
-        inputs.extend(input_gradients(model, runs, layer, &g_z[layer], &g_mlp[layer])?);
+        for g in input_gradients(model, runs, layer, &g_z[layer], &g_mlp[layer])? {
+            products.push(deltas.matmul(&g.flatten_all()?.unsqueeze(1)?)?.flatten_all()?.to_vec1()?);
+        }
         progress.set(layer as u64 + 3, total);
     }
-    let g =
-        Tensor::stack(&inputs.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
-    let products: Vec<Vec<f32>> = deltas.matmul(&g.t()?)?.to_vec2()?;
-    let edges = super::edges(&nodes).into_iter().map(|(u, v)| (u, v, products[u][v] / denom)).collect();
+    let edges = super::edges(&nodes).into_iter().map(|(u, v)| (u, v, products[v][u] / denom)).collect();
     Ok(Scores { nodes, node_scores, edges })
 }
 
@@ -148,20 +148,23 @@ fn node_gradients(model: &dyn HookedModel, task: &Task, runs: &Runs) -> Result<(
 /// pairs · len · d_model]`, in the order of `nodes`.
 fn residual_deltas(model: &dyn HookedModel, runs: &Runs, nodes: &[Node]) -> Result<Tensor> {
     let hook = in_block(model.config().n_layers - 1, names::RESID_POST);
-    let clean = model.residual_components(&runs.clean, &hook)?;
-    let corrupt = model.residual_components(&runs.corrupt, &hook)?;
-    let term = |terms: &[(String, Tensor)], name: &str| -> Result<Tensor> {
-        let t = terms.iter().find(|(n, _)| n == name).with_context(|| format!("no residual term {name}"))?;
-        Ok(t.1.to_dtype(candle_core::DType::F32)?)
+    let stacked = |tokens: &Tensor| -> Result<Tensor> {
+        let terms = model.residual_components(tokens, &hook)?;
+        let rows = nodes
+            .iter()
+            .map(|node| {
+                let name = node.to_string();
+                let t = terms
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .with_context(|| format!("no residual term {name}"))?;
+                Ok(t.1.to_dtype(candle_core::DType::F32)?.flatten_all()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
     };
-    let deltas = nodes
-        .iter()
-        .map(|node| {
-            let name = node.to_string();
-            Ok((term(&corrupt, &name)? - term(&clean, &name)?)?.flatten_all()?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&deltas, 0)?)
+    let clean = stacked(&runs.clean)?;
+    Ok((stacked(&runs.corrupt)? - clean)?)
 }
 
 /// g_v `[pairs, len, d_model]` of each node v of `layer` (its heads, then its MLP): the gradient
