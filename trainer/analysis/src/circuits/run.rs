@@ -186,3 +186,28 @@ pub fn run(
 pub fn accuracy(metric_clean: &[f32]) -> f32 {
     metric_clean.iter().filter(|&&m| m > 0.0).count() as f32 / metric_clean.len().max(1) as f32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::circuits::Metric;
+    use crate::circuits::patching::tests::{task, tiny};
+
+    /// `compute` gives each method's own scores, timed.
+    #[test]
+    fn compute_runs_the_method_and_times_it() {
+        let model = tiny();
+        let task = task(Metric::LogitDiff);
+        let runs = Runs::new(model.as_ref(), &task).unwrap();
+        let d = DiscreteSaeConfig::default();
+        let (p, wall) = compute(model.as_ref(), &task, &runs, Method::Patching, &d, &()).unwrap();
+        assert!(wall > 0.0 && p.edges.is_empty());
+        assert_eq!(p.node_scores, patching(model.as_ref(), &task, &runs, &()).unwrap());
+        assert_eq!(p.nodes, crate::circuits::nodes(model.config()));
+        let (a, _) = compute(model.as_ref(), &task, &runs, Method::Attribution, &d, &()).unwrap();
+        assert_eq!(a, attribution(model.as_ref(), &task, &runs, &()).unwrap());
+        assert_eq!(accuracy(&[1.0, -0.5, 0.0, 2.0]), 0.5);
+        assert_eq!(default_name("ioi.jsonl", Method::DiscreteSae), "ioi-discrete-sae");
+        assert!("probing".parse::<Method>().is_err());
+    }
+}
