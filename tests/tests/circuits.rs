@@ -1,14 +1,18 @@
 //! `loupe circuit` on a store captured with the tiny GPT-2 fixture and a small character-level
 //! task: the entry and its tables (the stored effects equal the library's slow patched runs), a
-//! rerun replacing it, and bad input leaving the store byte-identical.
+//! rerun replacing it, and bad input leaving the store byte-identical; on Gemma 3 270M, patching
+//! against full forwards and attribution against finite differences for a few nodes.
 
 use std::path::{Path, PathBuf};
 
-use loupe_analysis::circuits::patch::Runs;
-use loupe_analysis::circuits::{Node, Task};
-use loupe_model::Session;
+use loupe_analysis::circuits::attribution::attribution;
+use loupe_analysis::circuits::patch::{Runs, mean, metrics};
+use loupe_analysis::circuits::patching::{normaliser, patching};
+use loupe_analysis::circuits::{Node, Task, nodes};
+use loupe_model::hooks::{in_block, names};
+use loupe_model::{Hooks, Intervention, Session};
 use loupe_store::Store;
-use loupe_tests::{HOOK, loupe, snapshot, stderr, tiny_model};
+use loupe_tests::{HOOK, gemma_gguf, loupe, snapshot, stderr, tiny_model};
 
 /// Six pairs of the tiny model's character-level tokenizer: the corrupt prompt changes one
 /// character; the answer and wrong token are single characters.
@@ -172,5 +176,65 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
         assert_eq!(err.lines().count(), 1, "{extra:?} {task:?}: {err}");
         assert!(err.starts_with("error: ") && err.contains(&needle), "{extra:?}: {err} lacks {needle:?}");
         assert!(before == snapshot(&store), "{extra:?} {task:?} changed the store");
+    }
+}
+
+/// Gemma 3 (fused kernels in the patching passes, differentiable ops in attribution's): the
+/// batched patching equals full forwards, and attribution's node scores the derivative along
+/// the node's output, for nodes across the layers.
+#[test]
+fn gemma_patching_equals_full_forwards_and_attribution_finite_differences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let task = tmp.path().join("ioi.jsonl");
+    std::fs::write(
+        &task,
+        r#"{"clean": "When Mary and John went to the store, John gave a drink to", "corrupt": "When Mary and John went to the store, Tom gave a drink to", "answer": " Mary", "wrong": " John"}
+{"clean": "After Anne and Paul went to the park, Paul gave a ball to", "corrupt": "After Anne and Paul went to the park, Kate gave a ball to", "answer": " Anne", "wrong": " Paul"}
+{"clean": "Then, David and Lisa had a long argument, and afterwards Lisa said to", "corrupt": "Then, David and Lisa had a long argument, and afterwards Mark said to", "answer": " David", "wrong": " Lisa"}
+"#,
+    )
+    .unwrap();
+    let session = Session::load(&gemma_gguf()).unwrap();
+    let model = session.model();
+    let t = Task::load(&task, session.tokenizer().unwrap()).unwrap();
+    let runs = Runs::new(model, &t).unwrap();
+    let (clean, denom) = normaliser(&runs).unwrap();
+    let all = nodes(model.config());
+    let effects = patching(model, &t, &runs, &()).unwrap();
+    let scores = attribution(model, &t, &runs, &()).unwrap();
+    let picked = ["0.0", "3.mlp", "5.2", "11.3", "15.1", "17.mlp"];
+    for name in picked {
+        let i = all.iter().position(|n| n.to_string() == name).unwrap();
+        let slow = (runs.patched_metric(model, &t, &[all[i]]).unwrap() - clean) / denom;
+        assert!((effects[i] - slow).abs() <= 1e-3 * slow.abs().max(1.0), "{name}: {} vs {slow}", effects[i]);
+
+        // m with the node's output at clean + e · (corrupt − clean), central differences.
+        let moved = |e: f64| {
+            let l = all[i].layer;
+            let hooks = match all[i].head {
+                Some(h) => {
+                    let heads = model.config().n_heads;
+                    let m: Vec<f32> = (0..heads).map(|k| f32::from(u8::from(k == h))).collect();
+                    let m = candle_core::Tensor::from_vec(m, (1, 1, heads, 1), &candle_core::Device::Cpu)
+                        .unwrap();
+                    let dz = (&runs.corrupt_z[l] - &runs.clean_z[l]).unwrap().broadcast_mul(&m).unwrap();
+                    Hooks::new().intervene(in_block(l, names::Z), Intervention::Add((dz * e).unwrap()))
+                }
+                None => {
+                    let dm = (&runs.corrupt_mlp[l] - &runs.clean_mlp[l]).unwrap();
+                    Hooks::new().intervene(in_block(l, names::MLP_OUT), Intervention::Add((dm * e).unwrap()))
+                }
+            };
+            let mut hooks = hooks.skip_unembed();
+            let hidden = model.forward(&runs.clean, &mut hooks).unwrap().unwrap();
+            f64::from(mean(&metrics(model, &t, &hidden, &runs.last).unwrap()))
+        };
+        let d = |e: f64| (moved(e) - moved(-e)) / (2.0 * e);
+        let fd = (4.0 * d(0.05) - d(0.1)) / 3.0 / f64::from(denom);
+        let score = f64::from(scores.node_scores[i]);
+        assert!(
+            (score - fd).abs() <= 1e-2 * fd.abs().max(0.05),
+            "{name}: attribution {score}, finite differences {fd}"
+        );
     }
 }
