@@ -21,6 +21,8 @@ use super::view::{View, ViewContext};
 /// Room for the slot labels (left) and layer labels (top) of the canvas.
 const LEFT_MARGIN: f32 = 44.0;
 const TOP_MARGIN: f32 = 22.0;
+/// Straight pieces an edge's curve is drawn with.
+const CURVE_PIECES: usize = 10;
 /// Edges listed per direction in the node panel.
 const NODE_EDGES: usize = 6;
 const POSITIVE: Color32 = Color32::from_rgb(255, 140, 0);
@@ -363,12 +365,16 @@ impl CircuitsView {
             let w = if g.max_edge > 0.0 { (score.abs() / g.max_edge).clamp(0.0, 1.0) } else { 0.0 };
             let colour = if score >= 0.0 { POSITIVE } else { NEGATIVE };
             let stroke = Stroke::new(0.6 + 3.4 * w, colour.gamma_multiply(0.2 + 0.75 * w));
-            area_painter.add(egui::epaint::CubicBezierShape::from_points_stroke(
-                [p0, p1, p2, p3],
-                false,
-                Color32::TRANSPARENT,
-                stroke,
-            ));
+            // A few straight pieces: thousands of edges stay cheap to tessellate.
+            let curve = (0..=CURVE_PIECES).map(|k| {
+                let u = k as f32 / CURVE_PIECES as f32;
+                let v = 1.0 - u;
+                let mix = |a: f32, b: f32, c: f32, d: f32| {
+                    v * v * v * a + 3.0 * v * v * u * b + 3.0 * v * u * u * c + u * u * u * d
+                };
+                Pos2::new(mix(p0.x, p1.x, p2.x, p3.x), mix(p0.y, p1.y, p2.y, p3.y))
+            });
+            area_painter.add(egui::Shape::line(curve.collect(), stroke));
         }
         // Nodes: an accessible button each, where visible.
         let background = ui.visuals().extreme_bg_color;
@@ -406,15 +412,16 @@ impl CircuitsView {
             let id = ui.make_persistent_id(("circuit node", &row.node));
             let node = ui.interact(node_rect.intersect(area), id, Sense::click());
             node.widget_info(|| egui::WidgetInfo::labeled(Role::Button, true, format!("node {}", row.node)));
-            let hover = format!(
-                "{} · {} {:.4} (#{} of {})",
-                row.node,
-                g.score_word(),
-                row.score,
-                g.rank(i),
-                g.table.nodes.len()
-            );
-            let node = node.on_hover_text(hover);
+            let node = node.on_hover_ui(|ui| {
+                ui.label(format!(
+                    "{} · {} {:.4} (#{} of {})",
+                    row.node,
+                    g.score_word(),
+                    row.score,
+                    g.rank(i),
+                    g.table.nodes.len()
+                ));
+            });
             if node.double_clicked() && slot < g.n_heads {
                 cx.open(Item::Head { layer, head: slot });
             } else if node.clicked() {
