@@ -21,8 +21,8 @@ use super::view::{View, ViewContext};
 /// Room for the slot labels (left) and layer labels (top) of the canvas.
 const LEFT_MARGIN: f32 = 44.0;
 const TOP_MARGIN: f32 = 22.0;
-/// Straight pieces an edge's curve is drawn with.
-const CURVE_PIECES: usize = 10;
+/// Length of the straight pieces an edge's curve is drawn with (pixels).
+const CURVE_PIECE: f32 = 30.0;
 /// Edges listed per direction in the node panel.
 const NODE_EDGES: usize = 6;
 const POSITIVE: Color32 = Color32::from_rgb(255, 140, 0);
@@ -365,9 +365,10 @@ impl CircuitsView {
             let w = if g.max_edge > 0.0 { (score.abs() / g.max_edge).clamp(0.0, 1.0) } else { 0.0 };
             let colour = if score >= 0.0 { POSITIVE } else { NEGATIVE };
             let stroke = Stroke::new(0.6 + 3.4 * w, colour.gamma_multiply(0.2 + 0.75 * w));
-            // A few straight pieces: thousands of edges stay cheap to tessellate.
-            let curve = (0..=CURVE_PIECES).map(|k| {
-                let u = k as f32 / CURVE_PIECES as f32;
+            // Straight pieces of about CURVE_PIECE px: thousands of edges stay cheap to tessellate.
+            let pieces = ((p3 - p0).length() / CURVE_PIECE).ceil().clamp(4.0, 24.0) as usize;
+            let curve = (0..=pieces).map(|k| {
+                let u = k as f32 / pieces as f32;
                 let v = 1.0 - u;
                 let mix = |a: f32, b: f32, c: f32, d: f32| {
                     v * v * v * a + 3.0 * v * v * u * b + 3.0 * v * u * u * c + u * u * u * d
