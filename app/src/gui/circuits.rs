@@ -366,7 +366,8 @@ impl CircuitsView {
             let colour = if score >= 0.0 { POSITIVE } else { NEGATIVE };
             let stroke = Stroke::new(0.6 + 3.4 * w, colour.gamma_multiply(0.2 + 0.75 * w));
             // Straight pieces of about CURVE_PIECE px: thousands of edges stay cheap to tessellate.
-            let pieces = ((p3 - p0).length() / CURVE_PIECE).ceil().clamp(4.0, 24.0) as usize;
+            let around = (p1 - p0).length() + (p2 - p1).length() + (p3 - p2).length();
+            let pieces = (around / CURVE_PIECE).ceil().clamp(4.0, 24.0) as usize;
             let curve = (0..=pieces).map(|k| {
                 let u = k as f32 / pieces as f32;
                 let v = 1.0 - u;
