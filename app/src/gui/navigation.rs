@@ -126,6 +126,10 @@ mod tests {
         assert_eq!(h.current(), Some(&feature("a", 3)));
         assert_eq!(h.current().unwrap().dictionary(), Some("a"));
         assert_eq!(Item::Head { layer: 1, head: 2 }.dictionary(), None);
+        assert_eq!(
+            Item::CircuitNode { circuit: "ioi-patching".into(), node: "5.mlp".into() }.dictionary(),
+            None
+        );
         assert!(!h.can_go_forward(), "nothing to go forward to: the closed state is not kept");
         h.open(feature("b", 3));
         h.back();
