@@ -4,6 +4,7 @@
 #
 #   scripts/screenshots.sh [store] [out-dir]     # defaults: loupe-demo (from `loupe demo`), docs/screenshots
 #   FEATURE=12 HEAD=5.0 scripts/screenshots.sh    # the feature page and the head shown
+#   CIRCUIT=ioi-attribution scripts/screenshots.sh # the circuit shown with its edges
 #
 # The README shows the PNGs this writes.
 set -euo pipefail
@@ -42,3 +43,13 @@ shot prompt-lab 25 --view prompt-lab --prompt "When Mary and John went to the st
 # one the view says so), then a head opened with its attention pattern on the prompt.
 shot heads 8 --view heads
 shot head-pattern 25 --head "${HEAD:-5.0}" --prompt "When Mary and John went to the store, John gave a drink to. When Mary and John went to the store, John gave a drink to"
+# The Circuits view: the first task's ground truth (patching) with the task's evaluation below it
+# (`loupe circuit` and `loupe circuit eval` make them; without any the view says what to run), then
+# a circuit with edges (attribution patching's) when the store has it.
+shot circuits 8 --view circuits
+circuit=${CIRCUIT:-ioi-attribution}
+if grep -q "\"$circuit\"" "$store/manifest.json"; then
+  shot circuits-edges 8 --circuit "$circuit"
+else
+  echo "no circuit $circuit in $store: no circuits-edges screenshot (run \`loupe circuit --method attribution\`)"
+fi

@@ -137,6 +137,7 @@ pub fn run(args: &Args) -> Result<()> {
         view: None,
         prompt: None,
         head: None,
+        circuit: None,
     };
     crate::gui_cmd::run(&gui)
 }

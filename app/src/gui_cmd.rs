@@ -30,6 +30,9 @@ pub struct Args {
     /// A head `L.H` to open at start, in the Heads view (its attention pattern on the prompt).
     #[arg(long)]
     pub(crate) head: Option<String>,
+    /// A circuit to show at start, in the Circuits view (a name under the store's circuits/).
+    #[arg(long)]
+    pub(crate) circuit: Option<String>,
 }
 
 pub fn options(args: &Args) -> Result<Options> {
@@ -63,6 +66,12 @@ pub fn options(args: &Args) -> Result<Options> {
             Some(loupe_analysis::heads::parse_head(text, layers, heads)?)
         }
     };
+    if let Some(c) = args.circuit.as_ref().filter(|c| !store.manifest().circuits.contains_key(*c)) {
+        let names: Vec<String> = store.circuit_names();
+        let listed =
+            if names.is_empty() { "none; run `loupe circuit` first".to_string() } else { names.join(", ") };
+        bail!("{} has no circuit {c:?} (circuits: {listed})", args.store.display());
+    }
     if let Some(m) = args.model.as_ref().filter(|m| !m.exists()) {
         bail!("model not found: {} does not exist", m.display());
     }
@@ -82,6 +91,7 @@ pub fn options(args: &Args) -> Result<Options> {
         view: args.view,
         prompt: args.prompt.clone(),
         head,
+        circuit: args.circuit.clone(),
     })
 }
 

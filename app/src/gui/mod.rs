@@ -9,10 +9,13 @@
 //! eframe and the egui_kittest tests drive. Compute stays out of the views: `data.rs` and `lab.rs`
 //! hold no UI.
 //!
-//! Tabs: Features (list + page), Prompt lab, Heads (grid + head page). Circuits has its place in
-//! the navigation and is not built yet (it says so). The prompt is the app's: the prompt lab, the
-//! Heads view and the feature page's attributions run on the same text.
+//! Tabs: Features (list + page), Prompt lab, Heads (grid + head page), Circuits (graph of a task's
+//! heads and MLPs, the selected node, the methods' evaluation). The prompt is the app's: the
+//! prompt lab, the Heads view and the feature page's attributions run on the same text.
 
+pub mod circuits;
+pub mod circuits_data;
+pub mod circuits_eval;
 pub mod data;
 pub mod feature_list;
 pub mod feature_page;
@@ -32,6 +35,7 @@ use anyhow::Result;
 use egui::{RichText, Ui};
 use loupe_store::Store;
 
+use circuits::CircuitsView;
 use data::DictData;
 use feature_list::FeatureList;
 use feature_page::FeaturePage;
@@ -59,6 +63,8 @@ pub struct Options {
     pub prompt: Option<String>,
     /// A head `(layer, head)` to open at start (in the Heads view).
     pub head: Option<(usize, usize)>,
+    /// A circuit to show at start (in the Circuits view).
+    pub circuit: Option<String>,
 }
 
 /// The tabs of the navigation bar (`loupe gui --view`).
@@ -82,6 +88,7 @@ pub struct LoupeApp {
     page: FeaturePage,
     lab: PromptLab,
     heads: HeadsView,
+    circuits: CircuitsView,
     /// The prompt the prompt lab, the Heads view and the feature page share.
     prompt: String,
     model: LiveModel,
@@ -103,10 +110,11 @@ impl LoupeApp {
         if let Some((layer, head)) = options.head {
             history.open(Item::Head { layer, head });
         }
-        let tab = match (options.view, options.head) {
-            (Some(tab), _) => tab,
-            (None, Some(_)) => Tab::Heads,
-            (None, None) => Tab::Features,
+        let tab = match (options.view, options.head, &options.circuit) {
+            (Some(tab), _, _) => tab,
+            (None, Some(_), _) => Tab::Heads,
+            (None, None, Some(_)) => Tab::Circuits,
+            (None, None, None) => Tab::Features,
         };
         LoupeApp {
             pending: dict,
@@ -119,6 +127,7 @@ impl LoupeApp {
             page: FeaturePage::default(),
             lab: PromptLab::default(),
             heads: HeadsView::default(),
+            circuits: CircuitsView::starting_at(options.circuit.clone()),
             prompt: options.prompt.clone().unwrap_or_else(|| DEFAULT_PROMPT.to_string()),
             model: LiveModel { path: options.model.clone(), ..LiveModel::default() },
             history,
@@ -152,7 +161,7 @@ impl LoupeApp {
     pub fn current_feature(&self) -> Option<u32> {
         match self.history.current()? {
             Item::Feature { feature, .. } => Some(*feature),
-            Item::Head { .. } => None,
+            Item::Head { .. } | Item::CircuitNode { .. } => None,
         }
     }
 
@@ -160,8 +169,21 @@ impl LoupeApp {
     pub fn current_head(&self) -> Option<(usize, usize)> {
         match self.history.current()? {
             Item::Head { layer, head } => Some((*layer, *head)),
-            Item::Feature { .. } => None,
+            Item::Feature { .. } | Item::CircuitNode { .. } => None,
         }
+    }
+
+    /// The circuit node selected, as `(circuit, node)`.
+    pub fn current_circuit_node(&self) -> Option<(&str, &str)> {
+        match self.history.current()? {
+            Item::CircuitNode { circuit, node } => Some((circuit, node)),
+            Item::Feature { .. } | Item::Head { .. } => None,
+        }
+    }
+
+    /// The Circuits view (what it shows: the circuit, the pinned nodes).
+    pub fn circuits_view(&self) -> &CircuitsView {
+        &self.circuits
     }
 
     /// The prompt the views share.
@@ -263,11 +285,7 @@ impl LoupeApp {
                     .show(ui, |ui| egui::ScrollArea::vertical().show(ui, |ui| lab.ui(ui, &mut cx)));
             }
             Tab::Heads => self.heads.ui(ui, &mut cx),
-            Tab::Circuits => {
-                egui::CentralPanel::default().show(ui, |ui| {
-                    ui.label("Not built yet: the circuits view comes with a later part of Loupe.");
-                });
-            }
+            Tab::Circuits => self.circuits.ui(ui, &mut cx),
         }
         if let Some(item) = cx.open {
             self.open_item(item);
@@ -291,12 +309,10 @@ impl LoupeApp {
                 (Tab::Features, self.list.title()),
                 (Tab::PromptLab, self.lab.title()),
                 (Tab::Heads, self.heads.title()),
+                (Tab::Circuits, self.circuits.title()),
             ] {
                 ui.selectable_value(&mut self.tab, tab, title);
             }
-            ui.add_enabled_ui(false, |ui| ui.selectable_value(&mut self.tab, Tab::Circuits, "Circuits"))
-                .response
-                .on_disabled_hover_text("not built yet");
             ui.separator();
             let label = ui.label("Dictionary");
             let mut chosen = None;
@@ -331,6 +347,7 @@ fn tab_of(item: &Item) -> Tab {
     match item {
         Item::Feature { .. } => Tab::Features,
         Item::Head { .. } => Tab::Heads,
+        Item::CircuitNode { .. } => Tab::Circuits,
     }
 }
 

@@ -1,19 +1,21 @@
 //! What the app can open and the way back to it: an [`Item`] names one thing a view shows (a
-//! feature of a dictionary, an attention head), and [`History`] is the back/forward list over the
+//! feature of a dictionary, an attention head, a node of a circuit), and [`History`] is the back/forward list over the
 //! items opened.
 
 /// One thing the user can open, link to and go back to. A view asks for one by putting it in
 /// [`super::view::ViewContext::open`]; the app opens it after the frame (switching the view and,
 /// when the item belongs to another dictionary, the dictionary).
 ///
-/// The coming views add their variants when they are built, not before: a circuit node (a
-/// feature, head or error node of a circuit), a Monet expert.
+/// The coming views add their variants when they are built, not before: a Monet expert.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Item {
     /// Feature `feature` of the analysed dictionary `dictionary`: its page.
     Feature { dictionary: String, feature: u32 },
     /// Attention head `layer.head` of the store's model: its page in the Heads view.
     Head { layer: usize, head: usize },
+    /// Node `node` (`L.H` or `L.mlp`) of the store's circuit `circuit`: selected in the Circuits
+    /// view, with that circuit shown.
+    CircuitNode { circuit: String, node: String },
 }
 
 impl Item {
@@ -22,7 +24,7 @@ impl Item {
     pub fn dictionary(&self) -> Option<&str> {
         match self {
             Item::Feature { dictionary, .. } => Some(dictionary),
-            Item::Head { .. } => None,
+            Item::Head { .. } | Item::CircuitNode { .. } => None,
         }
     }
 }
@@ -124,6 +126,10 @@ mod tests {
         assert_eq!(h.current(), Some(&feature("a", 3)));
         assert_eq!(h.current().unwrap().dictionary(), Some("a"));
         assert_eq!(Item::Head { layer: 1, head: 2 }.dictionary(), None);
+        assert_eq!(
+            Item::CircuitNode { circuit: "ioi-patching".into(), node: "5.mlp".into() }.dictionary(),
+            None
+        );
         assert!(!h.can_go_forward(), "nothing to go forward to: the closed state is not kept");
         h.open(feature("b", 3));
         h.back();
