@@ -11,6 +11,8 @@ mod autointerp_hostile;
 mod bad_input;
 mod bert_parity;
 mod capture;
+mod circuits_parity;
+mod circuits_tasks;
 mod cli_messages;
 mod corpus_input;
 mod corpus_read;
