@@ -12,6 +12,8 @@ mod bad_input;
 mod bert_parity;
 mod capture;
 mod circuits;
+mod circuits_parity;
+mod circuits_tasks;
 mod cli_messages;
 mod corpus_input;
 mod corpus_read;

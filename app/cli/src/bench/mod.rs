@@ -9,6 +9,9 @@
 //! - [`train_monet`]: Monet training against a TopK SAE of equal parameters; memory as E doubles.
 //! - [`heads`]: `loupe heads`' detector scores and single-head ablations of Gemma 3 270M against
 //!   PyTorch doing them the TransformerLens way, `benches/reference/heads.py`.
+//! - [`circuit`]: `loupe circuit`'s activation patching of every head and MLP of Gemma 3 270M on
+//!   40 IOI pairs against PyTorch doing it the TransformerLens way, `benches/reference/circuit.py`,
+//!   and the fast methods' speed-up over patching.
 //! - [`analyze`]: feature analysis against the dictionary's plain encoding of the same rows.
 //! - [`similar`]: the similar-feature hnsw index (build, query latency, recall) against brute force.
 //! - [`client`]: the Chat Completions client's requests/s on loopback against a bare reqwest loop.
@@ -17,6 +20,7 @@
 
 mod analyze;
 mod capture;
+mod circuit;
 mod client;
 mod heads;
 mod similar;
@@ -47,6 +51,8 @@ pub enum BenchCommand {
     TrainMonet(train_monet::Args),
     /// Detector scores and single-head zero ablations of all 72 heads of Gemma 3 270M, against PyTorch.
     Heads(heads::Args),
+    /// Patching of all 72 heads and 18 MLPs of Gemma 3 270M on 40 IOI pairs against PyTorch; the fast methods' speed-up.
+    Circuit(circuit::Args),
     /// The Chat Completions client's requests/s against a zero-latency loopback server, against bare reqwest.
     Client(client::Args),
 }
@@ -61,6 +67,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::Analyze(args) => analyze::run(args),
         BenchCommand::Client(args) => client::run(args),
         BenchCommand::Heads(args) => heads::run(args),
+        BenchCommand::Circuit(args) => circuit::run(args),
     }
 }
 
