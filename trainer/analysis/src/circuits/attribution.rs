@@ -60,12 +60,15 @@ pub fn attribution(
 
     let deltas = residual_deltas(model, runs, &nodes)?;
     progress.set(2, total);
-    // products[v][u] = Δr_u · g_v, a layer's g_v dropped once used.
+    // products[v][u] = Δr_u · g_v for the nodes u up to v's layer, a layer's g_v at once (one
+    // read of those Δr) and dropped once used.
     let mut products: Vec<Vec<f32>> = Vec::with_capacity(nodes.len());
     for layer in 0..c.n_layers {
-        for g in input_gradients(model, runs, layer, &g_z[layer], &g_mlp[layer])? {
-            products.push(deltas.matmul(&g.flatten_all()?.unsqueeze(1)?)?.flatten_all()?.to_vec1()?);
-        }
+        let g = input_gradients(model, runs, layer, &g_z[layer], &g_mlp[layer])?;
+        let g =
+            Tensor::stack(&g.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?, 1)?;
+        let upstream = deltas.narrow(0, 0, (layer + 1) * (c.n_heads + 1))?;
+        products.extend(upstream.matmul(&g)?.t()?.to_vec2::<f32>()?);
         progress.set(layer as u64 + 3, total);
     }
     let edges = super::edges(&nodes).into_iter().map(|(u, v)| (u, v, products[v][u] / denom)).collect();
