@@ -14,13 +14,13 @@
 //!   respect to a private copy of v's input that feeds only v (`hook_resid_pre` of v's block
 //!   for a head, `hook_resid_mid` for an MLP), J_v the Jacobian of v's output at the clean
 //!   input. It is the first-order change of m when v alone reads u's corrupt contribution. The
-//!   g_v of one layer come from one pass: n_heads + 1 copies of the clean batch started at the
-//!   layer ([`Hooks::start_at`]) and stopped after it, loss Σ_h ⟨copy h's output of node h,
-//!   ∂m/∂a_h⟩, gradient at the copies' `hook_resid_pre` (heads) and `hook_resid_mid` (the MLP).
+//!   g_v of one layer come from one pass of the clean batch started at the layer
+//!   ([`Hooks::start_at`]) and stopped after it, and a backward per node of ⟨a_v, ∂m/∂a_v⟩ to
+//!   `hook_resid_pre` (a head: through its attention only) or `hook_resid_mid` (the MLP).
 //!
 //! Work: two forwards and one backward of the clean batch (the metric from the final hidden
 //! state at each pair's last position only), two residual splits, and n_layers one-block passes
-//! with their backward.
+//! with a backward per node.
 
 use std::sync::Arc;
 
@@ -60,12 +60,15 @@ pub fn attribution(
 
     let deltas = residual_deltas(model, runs, &nodes)?;
     progress.set(2, total);
-    // products[v][u] = Δr_u · g_v, a layer's g_v dropped once used.
+    // products[v][u] = Δr_u · g_v for the nodes u up to v's layer, a layer's g_v at once (one
+    // read of those Δr) and dropped once used.
     let mut products: Vec<Vec<f32>> = Vec::with_capacity(nodes.len());
     for layer in 0..c.n_layers {
-        for g in input_gradients(model, runs, layer, &g_z[layer], &g_mlp[layer])? {
-            products.push(deltas.matmul(&g.flatten_all()?.unsqueeze(1)?)?.flatten_all()?.to_vec1()?);
-        }
+        let g = input_gradients(model, runs, layer, &g_z[layer], &g_mlp[layer])?;
+        let g =
+            Tensor::stack(&g.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?, 1)?;
+        let upstream = deltas.narrow(0, 0, (layer + 1) * (c.n_heads + 1))?;
+        products.extend(upstream.matmul(&g)?.t()?.to_vec2::<f32>()?);
         progress.set(layer as u64 + 3, total);
     }
     let edges = super::edges(&nodes).into_iter().map(|(u, v)| (u, v, products[v][u] / denom)).collect();
@@ -168,8 +171,9 @@ fn residual_deltas(model: &dyn HookedModel, runs: &Runs, nodes: &[Node]) -> Resu
 }
 
 /// g_v `[pairs, len, d_model]` of each node v of `layer` (its heads, then its MLP): the gradient
-/// of ⟨v's output, ∂m/∂(v's output)⟩ at v's private input, from one pass over n_heads + 1 copies
-/// of the clean batch that starts at `layer` and stops after it.
+/// of ⟨v's output, ∂m/∂(v's output)⟩ at v's input, from one pass of the clean batch that starts
+/// at `layer` and stops after it, and one backward per node (a head's reaches only its
+/// attention, the MLP's stops at `hook_resid_mid`).
 fn input_gradients(
     model: &dyn HookedModel,
     runs: &Runs,
@@ -178,42 +182,30 @@ fn input_gradients(
     g_mlp: &Tensor,
 ) -> Result<Vec<Tensor>> {
     let heads = model.config().n_heads;
-    let copies = heads + 1;
-    let pairs = runs.last.len();
-    let rows = copies * pairs;
-    let tokens = Tensor::cat(&vec![&runs.clean; copies], 0)?;
-    let resid = Tensor::cat(&vec![&runs.clean_resid_pre[layer]; copies], 0)?;
-    // Copy h weighs head h's output only; the last copy the MLP's only.
-    let head_of: Vec<f32> =
-        (0..rows).flat_map(|r| (0..heads).map(move |h| f32::from(u8::from(h == r / pairs)))).collect();
-    let head_of = Tensor::from_vec(head_of, (rows, 1, heads, 1), &Device::Cpu)?;
-    let mlp_of: Vec<f32> = (0..rows).map(|r| f32::from(u8::from(r / pairs == heads))).collect();
-    let mlp_of = Tensor::from_vec(mlp_of, (rows, 1, 1), &Device::Cpu)?;
-    let w_z = Tensor::cat(&vec![g_z; copies], 0)?.broadcast_mul(&head_of.to_dtype(g_z.dtype())?)?;
-    let w_mlp = Tensor::cat(&vec![g_mlp; copies], 0)?.broadcast_mul(&mlp_of.to_dtype(g_mlp.dtype())?)?;
     let (pre, mid) = (in_block(layer, names::RESID_PRE), in_block(layer, names::RESID_MID));
     let (z, mlp) = (in_block(layer, names::Z), in_block(layer, names::MLP_OUT));
     let mut hooks = Hooks::new()
-        .start_at(layer, resid)
+        .start_at(layer, runs.clean_resid_pre[layer].clone())
         .grad(pre.as_str())
         .grad(mid.as_str())
         .capture(z.as_str())
         .capture(mlp.as_str())
         .stop_after_layer(layer);
-    model.forward(&tokens, &mut hooks)?;
-    let loss = ((hooks.get(&z)? * w_z)?.sum_all()? + (hooks.get(&mlp)? * w_mlp)?.sum_all()?)?;
-    let grads = loss.backward()?;
-    let grad = |hook: &str| -> Result<Tensor> {
+    model.forward(&runs.clean, &mut hooks)?;
+    let at = |loss: Tensor, hook: &str| -> Result<Tensor> {
+        let grads = loss.backward()?;
         let var = hooks.var(hook).context("the gradient target was not reached")?;
-        match grads.get(var.as_tensor()) {
-            Some(g) => Ok(g.to_dtype(candle_core::DType::F32)?),
-            None => Ok(var.as_tensor().zeros_like()?.to_dtype(candle_core::DType::F32)?),
-        }
+        Ok(match grads.get(var.as_tensor()) {
+            Some(g) => g.to_dtype(candle_core::DType::F32)?,
+            None => var.as_tensor().zeros_like()?.to_dtype(candle_core::DType::F32)?,
+        })
     };
-    let (g_pre, g_mid) = (grad(&pre)?, grad(&mid)?);
-    let mut out =
-        (0..heads).map(|h| g_pre.narrow(0, h * pairs, pairs)).collect::<candle_core::Result<Vec<_>>>()?;
-    out.push(g_mid.narrow(0, heads * pairs, pairs)?);
+    let z = hooks.get(&z)?;
+    let mut out = Vec::with_capacity(heads + 1);
+    for h in 0..heads {
+        out.push(at((z.narrow(2, h, 1)? * g_z.narrow(2, h, 1)?)?.sum_all()?, &pre)?);
+    }
+    out.push(at((hooks.get(&mlp)? * g_mlp)?.sum_all()?, &mid)?);
     Ok(out)
 }
 

@@ -5,8 +5,9 @@
 //!
 //! One pass per layer: n_heads + 1 copies of the clean batch, copy h with head h's slice of
 //! `attn.hook_z` taken from the corrupt run (one [`Intervention::Map`]), the last copy with the
-//! layer's `hook_mlp_out` taken from it (another); the logits only at each pair's last position
-//! ([`last_logits`], a copy at a time). The same numbers as [`Runs::patched_metric`] of each node
+//! layer's `hook_mlp_out` taken from it (another); the metric only at each pair's last position
+//! ([`last_metrics`], a copy at a time: a logit difference needs two unembedding rows, not the
+//! vocabulary's). The same numbers as [`Runs::patched_metric`] of each node
 //! alone, for 1 + n_layers passes that each start at their layer instead of 90 full ones.
 //!
 //! [`Hooks::start_at`]: loupe_model::Hooks::start_at
@@ -19,8 +20,8 @@ use loupe_model::hooks::{in_block, names};
 use loupe_model::{HookedModel, Hooks, Intervention};
 use loupe_store::Progress;
 
-use super::Task;
 use super::patch::{Runs, last_logits, mean};
+use super::{Metric, Task};
 
 /// Each node of [`super::nodes`] patched alone: its normalised effect, in that order.
 pub fn patching(
@@ -86,11 +87,36 @@ fn patched_layer(model: &dyn HookedModel, task: &Task, runs: &Runs, layer: usize
     let hidden = model.forward(&tokens, &mut hooks)?.context("the forward pass stopped early")?;
     (0..copies)
         .map(|copy| {
-            let logits = last_logits(model, &hidden.narrow(0, copy * pairs, pairs)?, &runs.last)?;
-            let m: Vec<f32> = task.pairs.iter().zip(&logits).map(|(p, l)| task.metric.of(p, l)).collect();
-            Ok(mean(&m))
+            Ok(mean(&last_metrics(model, task, &hidden.narrow(0, copy * pairs, pairs)?, &runs.last)?))
         })
         .collect()
+}
+
+/// The metric of each pair from the final hidden state `[pairs, len, d_model]` at its `last`
+/// position: a logit difference from the two unembedding rows alone (h · (W[answer] −
+/// W[wrong])), a probability difference from the full logits ([`last_logits`]).
+pub fn last_metrics(
+    model: &dyn HookedModel,
+    task: &Task,
+    hidden: &Tensor,
+    last: &[usize],
+) -> Result<Vec<f32>> {
+    if task.metric == Metric::ProbDiff {
+        let logits = last_logits(model, hidden, last)?;
+        return Ok(task.pairs.iter().zip(&logits).map(|(p, l)| task.metric.of(p, l)).collect());
+    }
+    let w = model.unembedding().context("the model has no unembedding")?;
+    let (pairs, len, d) = hidden.dims3()?;
+    let rows: Vec<u32> = last.iter().enumerate().map(|(p, &l)| (p * len + l) as u32).collect();
+    let h =
+        hidden.reshape((pairs * len, d))?.index_select(&Tensor::new(rows.as_slice(), hidden.device())?, 0)?;
+    let ids = |pick: fn(&super::Pair) -> u32| -> Result<Tensor> {
+        let ids: Vec<u32> = task.pairs.iter().map(pick).collect();
+        Ok(w.index_select(&Tensor::new(ids.as_slice(), w.device())?, 0)?)
+    };
+    let direction = (ids(|p| p.answers[0])? - ids(|p| p.wrongs[0])?)?;
+    let m = (h.to_dtype(w.dtype())? * direction)?.sum(1)?.to_dtype(candle_core::DType::F32)?;
+    Ok(m.to_vec1()?)
 }
 
 #[cfg(test)]
@@ -98,7 +124,7 @@ pub(super) mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::circuits::{Metric, Pair, nodes};
+    use crate::circuits::{Pair, nodes};
 
     pub(crate) fn tiny() -> Box<dyn HookedModel> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny");
