@@ -11,6 +11,7 @@ mod autointerp_hostile;
 mod bad_input;
 mod bert_parity;
 mod capture;
+mod circuits_eval;
 mod cli_messages;
 mod corpus_input;
 mod corpus_read;
