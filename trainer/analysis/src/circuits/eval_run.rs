@@ -75,11 +75,12 @@ pub fn eval(
     let mut circuits = Vec::new();
     for method in METHODS {
         let default = default_name(&task.file, method);
+        // The default name first, then any other; only matching entries are read.
+        let listed = store.manifest().circuits;
         let mut names = vec![default.clone()];
-        names.extend(store.circuit_names().into_iter().filter(|n| *n != default));
+        names.extend(listed.keys().filter(|n| **n != default).cloned());
         let stored = names.into_iter().find_map(|n| {
-            let table = store.read_circuit(&n).ok()??;
-            let e = &table.entry;
+            let e = listed.get(&n)?;
             let same = e.method == method.name()
                 && e.task.sha256 == task.sha256
                 && e.model_sha256 == model_sha256
@@ -87,7 +88,8 @@ pub fn eval(
             if !same {
                 return None;
             }
-            Some((n, scores_of(&table, &nodes(&c))?, e.wall_s))
+            let table = store.read_circuit(&n).ok()??;
+            Some((n, scores_of(&table, &nodes(&c))?, table.entry.wall_s))
         });
         match stored {
             Some((n, scores, wall_s)) => {
