@@ -12,6 +12,7 @@ mod bad_input;
 mod bert_parity;
 mod capture;
 mod circuits;
+mod circuits_eval;
 mod circuits_parity;
 mod circuits_tasks;
 mod cli_messages;

@@ -10,6 +10,7 @@
 //! - [`attribution`]: attribution patching of nodes and edges (EAP), two forwards and one backward;
 //! - [`discrete_sae`]: O'Neill & Bui's discrete-SAE circuit discovery;
 //! - [`eval`]: each method against the ground truth (ROC AUC, faithfulness, CPR, CMD);
+//! - [`eval_run`]: `loupe circuit eval`: the methods from the store or computed, compared, written;
 //! - [`run`]: a method on a store's model, timed, into the store.
 //!
 //! A node's output is what it adds to the residual stream: a head's slice of `attn.hook_z` (the
@@ -19,6 +20,7 @@
 pub mod attribution;
 pub mod discrete_sae;
 pub mod eval;
+pub mod eval_run;
 pub mod patch;
 pub mod patching;
 pub mod run;

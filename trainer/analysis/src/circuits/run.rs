@@ -14,12 +14,13 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use loupe_model::{HookedModel, Session};
-use loupe_store::circuits::{CircuitEntry, EdgeRow, NodeRow, TaskInfo, check_circuit_name};
+use loupe_store::circuits::{CircuitEntry, EdgeRow, NodeRow, check_circuit_name};
 use loupe_store::{Progress, Store};
 
 use super::attribution::attribution;
 use super::discrete_sae::{DiscreteSaeConfig, discrete_sae};
-use super::patch::{Runs, mean};
+use super::eval_run::{circuit_rows, task_info};
+use super::patch::Runs;
 use super::patching::patching;
 use super::{Scores, Task};
 
@@ -134,27 +135,10 @@ pub fn run(
         Some(info) if Path::new(&info.path) == session.path() => (info.name.clone(), info.sha256.clone()),
         _ => (session.name(), loupe_model::capture::sha256_of_model(session.path())?),
     };
-    let pairs = task.pairs.len();
-    let task_info = TaskInfo {
-        file: task.file.clone(),
-        sha256: task.sha256.clone(),
-        pairs: pairs as u32,
-        metric: task.metric.name().to_string(),
-        metric_clean: mean(&runs.metric_clean),
-        metric_corrupt: mean(&runs.metric_corrupt),
-        accuracy: accuracy(&runs.metric_clean),
-    };
-    let mut settings = BTreeMap::new();
-    if method == Method::DiscreteSae {
-        settings.insert("features".into(), discrete.features.into());
-        settings.insert("l1".into(), f64::from(discrete.l1).into());
-        settings.insert("lr".into(), discrete.lr.into());
-        settings.insert("epochs".into(), discrete.epochs.into());
-        settings.insert("seed".into(), discrete.seed.into());
-    }
+    let settings = if method == Method::DiscreteSae { discrete.settings() } else { BTreeMap::new() };
     let entry = CircuitEntry {
         method: method.name().to_string(),
-        task: task_info,
+        task: task_info(&task, &runs),
         n_layers: c.n_layers as u32,
         n_heads: c.n_heads as u32,
         settings,
@@ -163,19 +147,7 @@ pub fn run(
         model_sha256,
         files: Vec::new(),
     };
-    let names: Vec<String> = scores.nodes.iter().map(ToString::to_string).collect();
-    let nodes: Vec<NodeRow> = scores
-        .nodes
-        .iter()
-        .zip(&scores.node_scores)
-        .zip(&names)
-        .map(|((n, &score), name)| NodeRow { node: name.clone(), layer: n.layer as u16, score })
-        .collect();
-    let edges: Vec<EdgeRow> = scores
-        .edges
-        .iter()
-        .map(|&(u, v, score)| EdgeRow { source: names[u].clone(), target: names[v].clone(), score })
-        .collect();
+    let (nodes, edges) = circuit_rows(&scores);
     progress.stage("writing");
     store.write_circuit(name, &nodes, &edges, entry.clone())?;
     Ok(CircuitReport { name: name.to_string(), entry, nodes, edges })
