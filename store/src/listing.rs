@@ -1,5 +1,5 @@
 //! Writing the files of one manifest entry and listing them in one commit: the discipline every
-//! writer of store tables shares (analyses, explanations; next heads and circuits).
+//! writer of store tables shares (analyses, explanations, heads, circuits).
 //!
 //! 1. [`Store::start_listing`] checks the entry's name, removes what an interrupted writer left
 //!    in the entry's folders (files that no manifest entry lists), and picks a fresh generation;

@@ -78,6 +78,11 @@ fn table(r: &EvalReport) -> String {
             row.speedup
         );
     }
+    out += "node AUC over the heads alone (top 10 % of heads / |effect| ≥ 0.05):";
+    for (method, top, abs) in &r.heads_auc {
+        out += &format!(" {method} {} / {};", num(*top), num(*abs));
+    }
+    out += "\n";
     out += "(AUC of |score|; top: the top 10 % of nodes by |patching effect| are positive, abs: |effect| ≥ 0.05; \
             an edge is positive when both its nodes are; –: no positive or no negative; none: no edge scores)\nfaithfulness f(k), k = % of nodes kept:\n";
     out += &format!("{:<14}", "k");

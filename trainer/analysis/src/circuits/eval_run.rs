@@ -20,7 +20,7 @@ use loupe_store::circuits::{
 use loupe_store::{Progress, Store};
 
 use super::discrete_sae::DiscreteSaeConfig;
-use super::eval::{Compared, K_PERCENT, evaluate};
+use super::eval::{Compared, K_PERCENT, evaluate, positives_abs, positives_top, roc_auc};
 use super::patch::{Runs, mean};
 use super::run::{Method, compute, default_name};
 use super::{Node, Scores, Task, nodes};
@@ -37,6 +37,9 @@ pub struct EvalReport {
     pub circuits: Vec<(Method, String, bool)>,
     pub rows: Vec<EvalRow>,
     pub faithfulness: Vec<FaithfulnessRow>,
+    /// Each method's node ROC AUC over the heads alone, both definitions of a positive (the
+    /// discrete-SAE paper scores heads only); printed, not stored.
+    pub heads_auc: Vec<(String, f32, f32)>,
 }
 
 /// Evaluate the methods on the task at `task_path` with `session`'s model, writing missing
@@ -136,7 +139,20 @@ pub fn eval(
     };
     progress.stage("writing");
     store.write_circuit_eval(&name, &rows, &faithfulness, entry)?;
-    Ok(EvalReport { name, task: info, circuits, rows, faithfulness })
+    let heads: Vec<usize> =
+        nodes(&c).iter().enumerate().filter(|(_, n)| n.head.is_some()).map(|(i, _)| i).collect();
+    let pick = |s: &[f32]| heads.iter().map(|&i| s[i].abs()).collect::<Vec<f32>>();
+    let truth_heads = pick(&truth.node_scores);
+    let (top, abs) = (positives_top(&truth_heads), positives_abs(&truth_heads));
+    let heads_auc = found
+        .iter()
+        .map(|(m, s, _)| {
+            let s = pick(&s.node_scores);
+            let auc = |p: &[bool]| roc_auc(&s, p).unwrap_or(f32::NAN);
+            (m.name().to_string(), auc(&top), auc(&abs))
+        })
+        .collect();
+    Ok(EvalReport { name, task: info, circuits, rows, faithfulness, heads_auc })
 }
 
 /// The task as a circuit entry records it, with the runs' metrics.
