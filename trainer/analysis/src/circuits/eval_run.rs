@@ -14,15 +14,14 @@ use std::path::Path;
 use anyhow::{Result, anyhow};
 use loupe_model::Session;
 use loupe_store::circuits::{
-    CircuitEntry, CircuitEvalEntry, CircuitTable, EdgeRow, EvalRow, FaithfulnessRow, NodeRow, TaskInfo,
-    check_circuit_name,
+    CircuitEvalEntry, CircuitTable, EdgeRow, EvalRow, FaithfulnessRow, NodeRow, TaskInfo, check_circuit_name,
 };
 use loupe_store::{Progress, Store};
 
 use super::discrete_sae::DiscreteSaeConfig;
 use super::eval::{Compared, K_PERCENT, evaluate, positives_abs, positives_top, roc_auc};
 use super::patch::{Runs, mean};
-use super::run::{Method, compute, default_name};
+use super::run::{Method, circuit_entry, compute, default_name, model_identity};
 use super::{Node, Scores, Task, nodes};
 
 /// The methods compared, the ground truth first.
@@ -64,11 +63,7 @@ pub fn eval(
     }
     let model = session.model();
     let c = model.config().clone();
-    let manifest = store.manifest();
-    let (model_name, model_sha256) = match &manifest.model {
-        Some(info) if Path::new(&info.path) == session.path() => (info.name.clone(), info.sha256.clone()),
-        _ => (session.name(), loupe_model::capture::sha256_of_model(session.path())?),
-    };
+    let (model_name, model_sha256) = model_identity(store, session)?;
 
     progress.stage("clean and corrupt runs");
     let runs = Runs::new(model, &task)?;
@@ -102,21 +97,8 @@ pub fn eval(
             None => {
                 let (scores, wall_s) = compute(model, &task, &runs, method, &discrete, progress)?;
                 let (node_rows, edge_rows) = circuit_rows(&scores);
-                let settings = match method {
-                    Method::DiscreteSae => discrete.settings(),
-                    _ => BTreeMap::new(),
-                };
-                let entry = CircuitEntry {
-                    method: method.name().to_string(),
-                    task: info.clone(),
-                    n_layers: c.n_layers as u32,
-                    n_heads: c.n_heads as u32,
-                    settings,
-                    wall_s,
-                    model: model_name.clone(),
-                    model_sha256: model_sha256.clone(),
-                    files: Vec::new(),
-                };
+                let identity = (model_name.clone(), model_sha256.clone());
+                let entry = circuit_entry(method, info.clone(), &c, &discrete, wall_s, identity);
                 store.write_circuit(&default, &node_rows, &edge_rows, entry)?;
                 circuits.push((method, default, true));
                 found.push((method, scores, wall_s));

@@ -13,8 +13,8 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use loupe_model::{HookedModel, Session};
-use loupe_store::circuits::{CircuitEntry, EdgeRow, NodeRow, check_circuit_name};
+use loupe_model::{HookedModel, ModelConfig, Session};
+use loupe_store::circuits::{CircuitEntry, EdgeRow, NodeRow, TaskInfo, check_circuit_name};
 use loupe_store::{Progress, Store};
 
 use super::attribution::attribution;
@@ -130,27 +130,50 @@ pub fn run(
     let scores = scores(model, &task, &runs, method, &discrete, progress)?;
     let wall_s = start.elapsed().as_secs_f64();
 
-    let manifest = store.manifest();
-    let (model_name, model_sha256) = match &manifest.model {
-        Some(info) if Path::new(&info.path) == session.path() => (info.name.clone(), info.sha256.clone()),
-        _ => (session.name(), loupe_model::capture::sha256_of_model(session.path())?),
-    };
-    let settings = if method == Method::DiscreteSae { discrete.settings() } else { BTreeMap::new() };
-    let entry = CircuitEntry {
-        method: method.name().to_string(),
-        task: task_info(&task, &runs),
-        n_layers: c.n_layers as u32,
-        n_heads: c.n_heads as u32,
-        settings,
+    let entry = circuit_entry(
+        method,
+        task_info(&task, &runs),
+        &c,
+        &discrete,
         wall_s,
-        model: model_name,
-        model_sha256,
-        files: Vec::new(),
-    };
+        model_identity(store, session)?,
+    );
     let (nodes, edges) = circuit_rows(&scores);
     progress.stage("writing");
     store.write_circuit(name, &nodes, &edges, entry.clone())?;
     Ok(CircuitReport { name: name.to_string(), entry, nodes, edges })
+}
+
+/// The model's name and sha256 as the store's manifest records them, or of `--model`'s file
+/// when it names another.
+pub fn model_identity(store: &Store, session: &Session) -> Result<(String, String)> {
+    Ok(match &store.manifest().model {
+        Some(info) if Path::new(&info.path) == session.path() => (info.name.clone(), info.sha256.clone()),
+        _ => (session.name(), loupe_model::capture::sha256_of_model(session.path())?),
+    })
+}
+
+/// The manifest entry of `method`'s circuit (files listed when written).
+pub fn circuit_entry(
+    method: Method,
+    task: TaskInfo,
+    c: &ModelConfig,
+    discrete: &DiscreteSaeConfig,
+    wall_s: f64,
+    (model, model_sha256): (String, String),
+) -> CircuitEntry {
+    let settings = if method == Method::DiscreteSae { discrete.settings() } else { BTreeMap::new() };
+    CircuitEntry {
+        method: method.name().to_string(),
+        task,
+        n_layers: c.n_layers as u32,
+        n_heads: c.n_heads as u32,
+        settings,
+        wall_s,
+        model,
+        model_sha256,
+        files: Vec::new(),
+    }
 }
 
 /// The share of pairs whose clean prompt scores the answer above the wrong token(s): a metric
