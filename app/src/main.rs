@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use loupe_cli::{
     analyze_cmd, bench, capture_cmd, circuit_cmd, dfa_cmd, dict_args, explain_cmd, export_cmd, feature_cmd,
-    fetch, heads_cmd, store_cmd, tokenize, train_monet_cmd, train_sae_cmd,
+    fetch, graph_cmd, heads_cmd, store_cmd, tokenize, train_monet_cmd, train_sae_cmd,
 };
 
 /// mimalloc instead of the system allocator: training allocates and frees tensors of tens of MiB
@@ -53,6 +53,8 @@ enum Command {
     Heads(heads_cmd::Args),
     /// Find the heads and MLPs that carry a task (clean/corrupt pairs): patching, attribution patching or discrete-SAE; `circuit eval` compares them.
     Circuit(circuit_cmd::Args),
+    /// Attribution graph of a prompt through transcoders (circuit-tracer's definition): features, errors, tokens and logits with their direct effects; `graph export` writes circuit-tracer JSON.
+    Graph(graph_cmd::Args),
     /// Print one analysed feature: stats, examples, logit effects, neighbours and co-occurring features.
     Feature(feature_cmd::Args),
     /// Direct feature attribution: a feature's pre-activation on a prompt split into heads (and source tokens) or residual-stream components.
@@ -138,6 +140,7 @@ fn main() -> ExitCode {
         Command::Analyze(args) => analyze_cmd::run(&args),
         Command::Heads(args) => heads_cmd::run(&args),
         Command::Circuit(args) => circuit_cmd::run(&args),
+        Command::Graph(args) => graph_cmd::run(&args),
         Command::Feature(args) => feature_cmd::run(&args),
         Command::Dfa(args) => dfa_cmd::run(&args),
         Command::Explain(args) => explain_cmd::run_explain(&args),

@@ -8,8 +8,8 @@
 //!   patching ground truth on one task ([`EvalRow`], [`FaithfulnessRow`]), in the manifest's
 //!   `circuit_evals` map ([`CircuitEvalEntry`]).
 //!
-//! `evals` and `graphs` (attribution graphs: `circuits/graphs/<name>/`) are therefore not
-//! circuit names.
+//! `evals`, `graphs` and `supernodes` (attribution graphs: `circuits/graphs/<name>/`, their
+//! supernodes: `circuits/supernodes/<graph>/`, [`crate::graphs`]) are therefore not circuit names.
 //!
 //! [`Listing`]: crate::listing::Listing
 
@@ -33,7 +33,7 @@ pub const EDGES_TABLE: &str = "edges.arrow";
 pub const EVAL_TABLE: &str = "eval.arrow";
 pub const FAITHFULNESS_TABLE: &str = "faithfulness.arrow";
 /// Circuit names that are folders of other tables under `circuits/`.
-pub const RESERVED_CIRCUIT_NAMES: [&str; 2] = ["evals", "graphs"];
+pub const RESERVED_CIRCUIT_NAMES: [&str; 3] = ["evals", "graphs", "supernodes"];
 
 /// The methods of `loupe circuit --method`, the ground truth first.
 pub const CIRCUIT_METHODS: [&str; 3] = ["patching", "attribution", "discrete-sae"];

@@ -105,7 +105,7 @@ impl<W: Write> Write for HashingWriter<W> {
 /// The crash-test hook: with `LOUPE_CRASH_AFTER_WRITES=N` in the environment, the process
 /// aborts (as if killed) at the start of its atomic write number N + 1, so that a test can stop
 /// a writer at every step of its write phase and check that the store survives. Unset: nothing.
-fn crash_point() {
+pub(crate) fn crash_point() {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     static WRITES: AtomicU64 = AtomicU64::new(0);

@@ -12,6 +12,7 @@
 //! - [`features`]: feature analyses (`features/<dict>/` tables, `index/<dict>/` ANN dumps);
 //! - [`heads`]: attention-head scores (`heads/<name>/`);
 //! - [`circuits`]: task circuits and their evaluations (`circuits/<name>/`, `circuits/evals/<name>/`);
+//! - [`graphs`]: attribution graphs (`circuits/graphs/<name>/`) and their supernodes;
 //! - [`explanations`]: explanations and scores (`explanations/<dict>/`);
 //! - [`index`]: the ANN index files in `index/<dict>/` (hnsw_rs dumps, kept embeddings);
 //! - [`capture`]: the manifest's record of the capture that filled the hooks (typed settings);
@@ -30,6 +31,7 @@ pub mod explanations;
 pub mod export;
 pub mod features;
 pub mod fsutil;
+pub mod graphs;
 pub mod heads;
 pub mod index;
 pub mod listing;
@@ -54,6 +56,10 @@ pub use explanations::{Explanation, Explanations, ExplanationsEntry, Provenance,
 pub use features::{
     Bucket, Cooccurrence, Example, FeatureRow, FeatureTables, FeaturesEntry, FeaturesWriter, HeadAttribution,
     LogitEffect, Neighbour,
+};
+pub use graphs::{
+    GraphEdgeRow, GraphEntry, GraphNodeRow, GraphSettings, GraphTable, GraphWriter, SupernodeRow,
+    SupernodesEntry,
 };
 pub use heads::{HeadRow, HeadsEntry, HeadsSettings, HeadsTable};
 pub use manifest::{DType, HookEntry, HookSpec, Manifest, ModelInfo, ShardEntry, TokenizerInfo};

@@ -46,7 +46,17 @@ fn listed_files(manifest: &Manifest) -> HashSet<&str> {
     let heads = manifest.heads.values().flat_map(|e| e.files());
     let circuits = manifest.circuits.values().flat_map(|e| e.files());
     let evals = manifest.circuit_evals.values().flat_map(|e| e.files());
-    features.chain(explanations).chain(heads).chain(circuits).chain(evals).map(|f| f.file.as_str()).collect()
+    let graphs = manifest.graphs.values().flat_map(|e| e.files());
+    let supernodes = manifest.graph_supernodes.values().flat_map(|e| e.files());
+    features
+        .chain(explanations)
+        .chain(heads)
+        .chain(circuits)
+        .chain(evals)
+        .chain(graphs)
+        .chain(supernodes)
+        .map(|f| f.file.as_str())
+        .collect()
 }
 
 /// Endings of the files a [`Listing`] writer makes (tables, settings, hnsw dumps, and the
@@ -178,6 +188,21 @@ impl Store {
         file: &str,
         schema: &SchemaRef,
     ) -> Result<RecordBatch> {
+        let mut batches = self.read_listed_batches(files, what, file, schema)?;
+        if batches.len() != 1 {
+            bail!("{what}: {file} holds {} record batches, expected one", batches.len());
+        }
+        Ok(batches.remove(0))
+    }
+
+    /// [`Store::read_listed_table`] for a table written a batch at a time: its record batches.
+    pub fn read_listed_batches(
+        &self,
+        files: &[FileEntry],
+        what: &str,
+        file: &str,
+        schema: &SchemaRef,
+    ) -> Result<Vec<RecordBatch>> {
         let listed =
             crate::features::find_listed(files, file).ok_or_else(|| anyhow!("{what} lists no {file}"))?;
         let path = self.root().join(&listed.file);
@@ -186,12 +211,12 @@ impl Store {
         // SAFETY: listed files are immutable (written under a temporary name, then renamed).
         let map = Arc::new(unsafe { memmap2::Mmap::map(&handle) }?);
         fsutil::check_listed(&path, &map, listed.bytes, &listed.xxh3)?;
-        let batch = crate::reader::decode_single_batch(&map)
+        let batches = crate::reader::decode_batches(&map)
             .map_err(|e| anyhow!("{} is not a valid table: {e}", path.display()))?;
-        if batch.schema().fields() != schema.fields() {
+        if batches.iter().any(|b| b.schema().fields() != schema.fields()) {
             bail!("{} does not have the {file} schema", path.display());
         }
-        Ok(batch)
+        Ok(batches)
     }
 }
 

@@ -154,6 +154,12 @@ pub struct Manifest {
     /// Evaluations of the circuit methods on a task, by name (`circuits/evals/<name>/`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub circuit_evals: BTreeMap<String, crate::circuits::CircuitEvalEntry>,
+    /// Attribution graphs by name (`circuits/graphs/<name>/`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub graphs: BTreeMap<String, crate::graphs::GraphEntry>,
+    /// Hand-made supernodes by graph name (`circuits/supernodes/<graph>/`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub graph_supernodes: BTreeMap<String, crate::graphs::SupernodesEntry>,
 }
 
 impl Default for Manifest {
@@ -171,6 +177,8 @@ impl Default for Manifest {
             heads: BTreeMap::new(),
             circuits: BTreeMap::new(),
             circuit_evals: BTreeMap::new(),
+            graphs: BTreeMap::new(),
+            graph_supernodes: BTreeMap::new(),
         }
     }
 }

@@ -338,11 +338,11 @@ fn check_columns<'a>(
     Ok(())
 }
 
-/// Decode the one record batch of an Arrow IPC file held in `map`, without copying.
+/// Decode the record batches of an Arrow IPC file held in `map`, without copying.
 ///
 /// Hand-written over arrow-ipc's `FileDecoder` because arrow's `FileReader` reads through
 /// `Read + Seek` into fresh buffers; this is the zero-copy path arrow documents for mmap.
-pub(crate) fn decode_single_batch(map: &Arc<Mmap>) -> Result<RecordBatch> {
+pub(crate) fn decode_batches(map: &Arc<Mmap>) -> Result<Vec<RecordBatch>> {
     let len = map.len();
     if len < 10 + 8 {
         bail!("file is too short to be an Arrow IPC file ({len} bytes)");
@@ -361,20 +361,31 @@ pub(crate) fn decode_single_batch(map: &Arc<Mmap>) -> Result<RecordBatch> {
     let schema = Arc::new(try_fb_to_schema(schema)?);
     let decoder = FileDecoder::new(schema.clone(), footer.version()).with_require_alignment(true);
     let blocks = footer.recordBatches().ok_or_else(|| anyhow!("footer lists no record batches"))?;
-    if blocks.len() != 1 {
-        bail!("expected exactly one record batch, found {}", blocks.len());
+    let mut batches = Vec::with_capacity(blocks.len());
+    for block in blocks.iter() {
+        let start = usize::try_from(block.offset()).map_err(|_| anyhow!("negative block offset"))?;
+        let block_len = usize::try_from(block.metaDataLength())
+            .ok()
+            .zip(usize::try_from(block.bodyLength()).ok())
+            .and_then(|(m, b)| m.checked_add(b))
+            .ok_or_else(|| anyhow!("bad block length"))?;
+        if start.checked_add(block_len).is_none_or(|end| end > len - 10 - footer_len) {
+            bail!("record batch block [{start}, +{block_len}) lies outside the file");
+        }
+        let data = buffer.slice_with_length(start, block_len);
+        check_message(&data, block.metaDataLength() as usize, &schema)?;
+        batches.push(
+            decoder.read_record_batch(block, &data)?.ok_or_else(|| anyhow!("record batch block is empty"))?,
+        );
     }
-    let block = blocks.get(0);
-    let start = usize::try_from(block.offset()).map_err(|_| anyhow!("negative block offset"))?;
-    let block_len = usize::try_from(block.metaDataLength())
-        .ok()
-        .zip(usize::try_from(block.bodyLength()).ok())
-        .and_then(|(m, b)| m.checked_add(b))
-        .ok_or_else(|| anyhow!("bad block length"))?;
-    if start.checked_add(block_len).is_none_or(|end| end > len - 10 - footer_len) {
-        bail!("record batch block [{start}, +{block_len}) lies outside the file");
+    Ok(batches)
+}
+
+/// The one record batch of the mapped Arrow IPC file `map` (see [`decode_batches`]).
+pub(crate) fn decode_single_batch(map: &Arc<Mmap>) -> Result<RecordBatch> {
+    let mut batches = decode_batches(map)?;
+    if batches.len() != 1 {
+        bail!("expected exactly one record batch, found {}", batches.len());
     }
-    let data = buffer.slice_with_length(start, block_len);
-    check_message(&data, block.metaDataLength() as usize, &schema)?;
-    decoder.read_record_batch(block, &data)?.ok_or_else(|| anyhow!("record batch block is empty"))
+    Ok(batches.remove(0))
 }

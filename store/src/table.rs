@@ -92,6 +92,45 @@ pub fn ipc_bytes(batch: &RecordBatch) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// An Arrow IPC file written a record batch at a time, atomically: the batches go to a
+/// temporary file, which [`StreamWriter::finish`] fsyncs and renames into place (so a kill leaves
+/// only a `.tmp` leftover that the next listing sweeps).
+pub struct StreamWriter {
+    path: std::path::PathBuf,
+    writer: arrow_ipc::writer::FileWriter<std::io::BufWriter<std::fs::File>>,
+}
+
+impl StreamWriter {
+    /// Start the file `path` (written as `path` + `.tmp` until finished) of tables of `schema`.
+    pub fn create(path: &std::path::Path, schema: SchemaRef) -> Result<StreamWriter> {
+        use anyhow::Context;
+        crate::fsutil::crash_point();
+        let tmp = crate::fsutil::tmp_path(path);
+        let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let writer = arrow_ipc::writer::FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
+        Ok(StreamWriter { path: path.to_path_buf(), writer })
+    }
+
+    /// Append one record batch (an empty one is skipped).
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        use anyhow::Context;
+        if batch.num_rows() > 0 {
+            self.writer.write(batch).with_context(|| format!("cannot write {}", self.path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Close the file, fsync it and move it to its final name.
+    pub fn finish(mut self) -> Result<()> {
+        use anyhow::Context;
+        let tmp = crate::fsutil::tmp_path(&self.path);
+        self.writer.finish().with_context(|| format!("cannot write {}", tmp.display()))?;
+        let file = self.writer.into_inner()?.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all().with_context(|| format!("cannot fsync {}", tmp.display()))?;
+        crate::fsutil::commit_tmp(&tmp, &self.path)
+    }
+}
+
 fn next<'a>(columns: &mut std::slice::Iter<'a, ArrayRef>) -> &'a ArrayRef {
     columns.next().expect("the schema was checked: one array per field")
 }

@@ -98,6 +98,16 @@ impl Store {
                 report.problems.extend(check_file(&format!("circuit evaluation {name}"), self.root(), file));
             }
         }
+        for (name, entry) in &manifest.graphs {
+            for file in &entry.files {
+                report.problems.extend(check_file(&format!("attribution graph {name}"), self.root(), file));
+            }
+        }
+        for (name, entry) in &manifest.graph_supernodes {
+            for file in &entry.files {
+                report.problems.extend(check_file(&format!("supernodes of {name}"), self.root(), file));
+            }
+        }
         if report.problems.is_empty() {
             // The files are as listed: now check that the listings agree with each other.
             report.problems.extend(self.consistency_problems(&manifest));

@@ -19,6 +19,7 @@ pub mod explain_cmd;
 pub mod export_cmd;
 pub mod feature_cmd;
 pub mod fetch;
+pub mod graph_cmd;
 pub mod heads_cmd;
 pub mod progress;
 pub mod store_cmd;

@@ -7,11 +7,13 @@
 //!   ablations, attention patterns, direct feature attribution.
 //! - [`circuits`]: which heads and MLPs carry a task (`loupe circuit`): activation and
 //!   attribution patching, discrete-SAE circuit discovery, their evaluation.
+//! - [`graphs`]: attribution graphs through transcoders (`loupe graph`), as circuit-tracer
+//!   defines them.
 //!
-//! The coming analyses get a module of their own beside them: `graphs/` (attribution graphs) and
-//! `experts/` (what each expert of a mixture handles). Like every stage, this crate reads and writes only through [`loupe_store`];
+//! The coming analyses get a module of their own beside them: `experts/` (what each expert of a mixture handles). Like every stage, this crate reads and writes only through [`loupe_store`];
 //! it runs the model through [`loupe_model`] and the dictionaries through [`loupe_dict`].
 
 pub mod circuits;
 pub mod features;
+pub mod graphs;
 pub mod heads;

@@ -15,6 +15,8 @@
 //!   the removal of unlisted checkpoints), [`eval`]: held-out evaluation,
 //!   [`splice`]: CE-loss recovered and KL with the dictionary spliced into the model;
 //!   [`steer`]: the model run with a feature's decoder direction added at a hook;
+//! - [`transcoder`]: a set of transcoders replacing every MLP (per-layer or cross-layer), what
+//!   attribution graphs read;
 //! - [`io`]: SAELens and sparsify files, trainer state; [`saelens`]: the SAELens `cfg.json`
 //!   settings that change encoding (folded or refused); [`import`]: such files into a store.
 //!
@@ -42,6 +44,7 @@ pub mod splice;
 pub mod steer;
 pub mod topk;
 pub mod train;
+pub mod transcoder;
 mod update;
 
 use std::path::Path;
