@@ -17,6 +17,7 @@
 pub mod attribute;
 pub mod export;
 pub mod prune;
+pub mod replacement;
 pub mod run;
 
 /// What a graph node is.
