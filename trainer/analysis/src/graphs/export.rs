@@ -296,3 +296,116 @@ mod tests {
         assert_eq!(hook_layer("hook_embed"), None);
     }
 }
+
+#[cfg(test)]
+mod export_tests {
+    use loupe_store::GraphSettings;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::graphs::prune::prune;
+    use crate::graphs::prune::tests::cases;
+    use crate::graphs::run;
+
+    /// A fixture graph pruned, written through `loupe graph`'s writer and exported: the JSON has
+    /// circuit-tracer's structure, every kept node and edge, links between node ids of the file.
+    /// With `LOUPE_CT_PYTHON` set (circuit-tracer's venv), circuit-tracer's own models check it
+    /// too (`tests/fixtures/graph_export_check.py`).
+    #[test]
+    fn export_writes_circuit_tracer_json() {
+        let case = &cases()[1];
+        let pruned = prune(&case.raw, &case.settings).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path().join("store")).unwrap();
+        let n_pos = case.raw.nodes.iter().filter(|n| n.kind == crate::graphs::NodeKind::Embedding).count();
+        let entry = GraphEntry {
+            prompt: "a b c".into(),
+            tokens: (0..n_pos as u32).map(|p| 100 + p).collect(),
+            token_strs: (0..n_pos).map(|p| format!("t{p}")).collect(),
+            transcoders: vec!["tc0".into(), "tc1".into(), "tc2".into()],
+            transcoder_kind: "plt".into(),
+            n_layers: 3,
+            settings: GraphSettings::default(),
+            active_features: 10,
+            n_nodes: pruned.nodes.len() as u64,
+            n_edges: pruned.edges.len() as u64,
+            replacement_score: pruned.replacement_score,
+            completeness_score: pruned.completeness_score,
+            replacement_score_unpruned: pruned.replacement_score_unpruned,
+            completeness_score_unpruned: pruned.completeness_score_unpruned,
+            wall_s: 0.5,
+            model: "m".into(),
+            model_sha256: "00".into(),
+            files: Vec::new(),
+        };
+        run::write(&store, "g", &case.raw, &pruned, entry).unwrap();
+        let out = dir.path().join("g.json");
+        let (nodes, links) = export(&store, "g", &out).unwrap();
+        assert_eq!((nodes, links), (pruned.nodes.len() as u64, pruned.edges.len() as u64));
+        assert!(!tmp_path(&out).exists());
+
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        // (serde_json's maps are sorted by key.)
+        let keys = |v: &Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+        assert_eq!(keys(&json), ["links", "metadata", "nodes", "qParams"]);
+        assert_eq!(json["metadata"]["slug"], "g");
+        assert_eq!(json["metadata"]["prompt_tokens"].as_array().unwrap().len(), n_pos);
+        let json_nodes = json["nodes"].as_array().unwrap();
+        assert_eq!(json_nodes.len(), pruned.nodes.len());
+        let mut node_keys = [
+            "node_id",
+            "feature",
+            "layer",
+            "ctx_idx",
+            "feature_type",
+            "token_prob",
+            "is_target_logit",
+            "run_idx",
+            "reverse_ctx_idx",
+            "jsNodeId",
+            "clerp",
+            "influence",
+            "activation",
+        ];
+        node_keys.sort();
+        let ids: std::collections::HashSet<&str> =
+            json_nodes.iter().map(|n| n["node_id"].as_str().unwrap()).collect();
+        for (n, &i) in json_nodes.iter().zip(&pruned.nodes) {
+            assert_eq!(keys(n), node_keys);
+            let raw = &case.raw.nodes[i as usize];
+            assert_eq!(n["ctx_idx"], raw.position);
+            match raw.kind {
+                crate::graphs::NodeKind::Feature => {
+                    assert_eq!(n["feature_type"], "cross layer transcoder");
+                    assert_eq!(n["node_id"], format!("{}_{}_{}", raw.layer, raw.feature, raw.position));
+                    assert_eq!(n["activation"].as_f64().unwrap() as f32, raw.activation);
+                }
+                crate::graphs::NodeKind::Logit => {
+                    assert_eq!(n["layer"], "4");
+                    assert!(n["influence"].is_null());
+                    assert_eq!(n["token_prob"].as_f64().unwrap() as f32, raw.probability.unwrap());
+                }
+                _ => assert!(n["activation"].is_null()),
+            }
+        }
+        assert_eq!(json_nodes.iter().filter(|n| n["is_target_logit"] == true).count(), 1);
+        let json_links = json["links"].as_array().unwrap();
+        assert_eq!(json_links.len(), pruned.edges.len());
+        for (l, &(_, _, w)) in json_links.iter().zip(&pruned.edges) {
+            assert!(
+                ids.contains(l["source"].as_str().unwrap()) && ids.contains(l["target"].as_str().unwrap())
+            );
+            assert_eq!(l["weight"].as_f64().unwrap() as f32, w);
+        }
+
+        if let Ok(python) = std::env::var("LOUPE_CT_PYTHON") {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/graph_export_check.py");
+            let status = std::process::Command::new(python).arg(script).arg(&out).status().unwrap();
+            assert!(status.success(), "circuit-tracer's models reject the export");
+        }
+
+        let err = export(&store, "nope", &dir.path().join("nope.json")).unwrap_err();
+        assert!(err.to_string().contains("no attribution graph named \"nope\""), "{err}");
+        assert!(!dir.path().join("nope.json").exists());
+    }
+}

@@ -286,7 +286,7 @@ pub fn prune(raw: &RawGraph, settings: &GraphSettings) -> Result<Pruned> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::{BTreeSet, HashMap};
 
     use candle_core::{Device, Tensor};
@@ -299,9 +299,9 @@ mod tests {
     }
 
     /// One case of the fixture as a raw graph, and circuit-tracer's results on it.
-    struct Case {
-        raw: RawGraph,
-        settings: GraphSettings,
+    pub(crate) struct Case {
+        pub(crate) raw: RawGraph,
+        pub(crate) settings: GraphSettings,
         kept: Vec<u32>,
         edges: BTreeSet<(u32, u32)>,
         influence: Vec<f64>,
@@ -309,7 +309,7 @@ mod tests {
         scores: Vec<f64>,
     }
 
-    fn cases() -> Vec<Case> {
+    pub(crate) fn cases() -> Vec<Case> {
         let path =
             concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/graph_prune_reference.safetensors");
         let t: HashMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu).unwrap();

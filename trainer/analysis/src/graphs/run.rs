@@ -169,7 +169,13 @@ pub fn node_id(node: &Node, n_layers: usize) -> String {
 }
 
 /// The kept nodes and edges as the store's rows, a batch at a time, then the entry.
-fn write(store: &Store, name: &str, raw: &RawGraph, pruned: &Pruned, entry: GraphEntry) -> Result<()> {
+pub(crate) fn write(
+    store: &Store,
+    name: &str,
+    raw: &RawGraph,
+    pruned: &Pruned,
+    entry: GraphEntry,
+) -> Result<()> {
     let n_layers = entry.n_layers as usize;
     // Edges refer to the kept nodes' row numbers.
     let mut row_of = vec![u32::MAX; raw.nodes.len()];
