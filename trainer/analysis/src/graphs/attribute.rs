@@ -356,6 +356,9 @@ fn select(
         let mut rank: Vec<usize> = (0..n_active).filter(|&i| !visited[i]).collect();
         rank.sort_by(|a, b| influence[*b].total_cmp(&influence[*a]).then(a.cmp(b)));
         rank.truncate((UPDATE_INTERVAL * batch).min(max - n_visited));
+        // The whole queue is computed before the next ranking, so its order is free: by
+        // position, each batch backs up only as far as it needs.
+        rank.sort_by_key(|&i| rep.active[i].pos);
         for chunk in rank.chunks(batch) {
             let targets: Vec<Target> =
                 chunk.iter().map(|&i| rep.feature_target(i, transcoders)).collect::<Result<_>>()?;

@@ -316,3 +316,49 @@ fn gemma_edges_are_exact() {
     let clt = random_set(c.n_layers, c.d_model, 64, 2, 2.0, true, true);
     check_exact(model.as_ref(), &clt, &tokens, false);
 }
+
+/// Peak resident memory so far, from `/proc/self/status` (GiB).
+fn peak_rss_gib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    kb / (1024.0 * 1024.0)
+}
+
+/// Wall time and peak memory of one graph on Gemma 3 270M: `LOUPE_GRAPH_TOKENS` tokens (default
+/// 64), `LOUPE_GRAPH_MAX_FEATURES` (default 7500), `LOUPE_GRAPH_BATCH` (256), random TopK-16 transcoders of 2048 unit
+/// features per layer. Run one size per process (peak memory is per process).
+#[test]
+#[ignore = "needs ~/.cache/loupe/models/gemma-3-270m-q4_k_m.gguf; prints wall time and peak RSS"]
+fn gemma_graph_cost() {
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (n_tokens, max) = (env("LOUPE_GRAPH_TOKENS", 64), env("LOUPE_GRAPH_MAX_FEATURES", 7500));
+    let batch = env("LOUPE_GRAPH_BATCH", 256) as u32;
+    let home = std::env::var("HOME").unwrap();
+    let model =
+        loupe_model::load(&Path::new(&home).join(".cache/loupe/models/gemma-3-270m-q4_k_m.gguf")).unwrap();
+    let c = model.config().clone();
+    let set = random_set(c.n_layers, c.d_model, 2048, 16, 1.0, false, false);
+    let mut rng = Rng::new(3);
+    let tokens: Vec<u32> = std::iter::once(2)
+        .chain((1..n_tokens).map(|_| 1000 + ((rng.next() + 1.0) * 20_000.0) as u32))
+        .collect();
+    let before = peak_rss_gib();
+    let start = std::time::Instant::now();
+    let settings = GraphSettings { max_feature_nodes: max as u32, batch, ..GraphSettings::default() };
+    let g = attribute(model.as_ref(), &set, &tokens, &settings, &()).unwrap();
+    let wall = start.elapsed().as_secs_f64();
+    println!(
+        "gemma graph: {n_tokens} tokens, batch {batch}, {} active features, {} selected, {} targets x {} nodes: {wall:.1} s, peak RSS {:.2} GiB (model loaded: {before:.2} GiB)",
+        g.active_features,
+        g.nodes.iter().filter(|n| n.kind == NodeKind::Feature).count(),
+        g.targets.len(),
+        g.nodes.len(),
+        peak_rss_gib()
+    );
+    assert!(completeness_gap(&g) <= 1e-3 || (max as u64) < g.active_features);
+}
