@@ -23,6 +23,9 @@ pub struct Args {
 pub enum Command {
     /// Write a stored graph as circuit-tracer's JSON (nodes, links, metadata).
     Export(ExportArgs),
+    /// Print the strongest path from the prompt's tokens into a logit of a stored graph (the
+    /// largest product of edge shares, each edge's |weight| over its target's incoming total).
+    Path(PathArgs),
 }
 
 #[derive(clap::Args)]
@@ -79,9 +82,23 @@ pub struct ExportArgs {
     pub(crate) out: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+pub struct PathArgs {
+    /// The store folder.
+    #[arg(long)]
+    pub(crate) store: PathBuf,
+    /// The graph's name.
+    #[arg(long)]
+    pub(crate) name: String,
+    /// The logit's token text, e.g. " Mary" (default: the most probable logit).
+    #[arg(long)]
+    pub(crate) to: Option<String>,
+}
+
 pub fn run(args: &Args) -> Result<()> {
     match &args.command {
         Some(Command::Export(e)) => export_graph(e),
+        Some(Command::Path(p)) => print_path(p),
         None => build(&args.run),
     }
 }
@@ -154,5 +171,58 @@ fn export_graph(args: &ExportArgs) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| run::default_export_path(&args.name));
     let (nodes, links) = export::export(&store, &args.name, &out)?;
     println!("wrote {} ({nodes} nodes, {links} links)", out.display());
+    Ok(())
+}
+
+/// `loupe graph path`.
+fn print_path(args: &PathArgs) -> Result<()> {
+    let store = Store::open(&args.store)?;
+    let Some(graph) = store.read_graph(&args.name)? else {
+        let names = store.graph_names();
+        let names = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+        anyhow::bail!(
+            "store {} has no attribution graph named {:?} (it has: {names})",
+            args.store.display(),
+            args.name
+        );
+    };
+    let model = loupe_model::Session::require(&store.manifest(), None, None)?;
+    let tokenizer = loupe_model::tokenizer::Tokenizer::load(&model)?;
+    let logits: Vec<_> = graph.nodes.iter().filter(|n| n.kind == "logit").collect();
+    let text = |id: u32| run::token_texts(&tokenizer, &[id]).remove(0);
+    let target = match &args.to {
+        None => logits.first().copied(),
+        Some(to) => logits.iter().copied().find(|n| text(n.feature) == *to),
+    };
+    let Some(target) = target else {
+        let kept: Vec<String> = logits.iter().map(|n| format!("{:?}", text(n.feature))).collect();
+        anyhow::bail!(
+            "graph {} has no logit {:?} (its logits: {})",
+            args.name,
+            args.to.clone().unwrap_or_default(),
+            kept.join(", ")
+        );
+    };
+    println!("logit {:?} (p = {:.3})", text(target.feature), target.probability.unwrap_or(0.0));
+    let Some((path, product)) = paths::strongest_path(&graph.nodes, &graph.edges, target.node) else {
+        println!("no path from the tokens reaches it in the pruned graph");
+        return Ok(());
+    };
+    println!("strongest path (max product of edge shares, {product:.3e}):");
+    let tokens = &graph.entry.token_strs;
+    for &i in &path {
+        let n = &graph.nodes[i as usize];
+        let at = tokens.get(n.position as usize).map_or(String::new(), |t| format!("{t:?}"));
+        let what = match n.kind.as_str() {
+            "embedding" => format!("embedding of {at}"),
+            "feature" => format!(
+                "feature {} of layer {} at {} {at} (activation {:.3})",
+                n.feature, n.layer, n.position, n.activation
+            ),
+            "error" => format!("error of layer {} at {} {at}", n.layer, n.position),
+            _ => format!("logit {:?}", text(n.feature)),
+        };
+        println!("  {:<16} {what}", n.node_id);
+    }
     Ok(())
 }

@@ -138,19 +138,24 @@ fn cumulative_shares(influence: &[f64]) -> Vec<f64> {
     out
 }
 
-/// circuit-tracer's `compute_graph_scores`: (replacement, completeness) of the graph `rows`.
-fn scores(raw: &RawGraph, rows: &Rows, logit_weights: &[f64]) -> Result<(f64, f64)> {
-    let norms = rows.norms();
-    let influence = rows.influence(&norms, logit_weights)?;
+/// circuit-tracer's `compute_graph_scores`: (replacement, completeness) of the graph `rows`,
+/// whose row norms and node influence are `norms` and `influence`.
+fn scores(
+    raw: &RawGraph,
+    rows: &Rows,
+    norms: &[f64],
+    influence: &[f64],
+    logit_weights: &[f64],
+) -> (f64, f64) {
     let of_kind = |kind: NodeKind| -> f64 {
-        raw.nodes.iter().zip(&influence).filter(|(n, _)| n.kind == kind).map(|(_, &x)| x).sum()
+        raw.nodes.iter().zip(influence).filter(|(n, _)| n.kind == kind).map(|(_, &x)| x).sum()
     };
     let (tokens, errors) = (of_kind(NodeKind::Embedding), of_kind(NodeKind::Error));
     let replacement = tokens / (tokens + errors);
 
     // Every node: (1 − its inputs' error share) · (its influence + its logit weight); rows
     // without inputs (embeddings, errors) have no error share.
-    let mut output: Vec<f64> = influence.clone();
+    let mut output: Vec<f64> = influence.to_vec();
     let mut error_share = vec![0.0f64; raw.nodes.len()];
     for (t, &i) in raw.targets.iter().enumerate() {
         output[i as usize] += logit_weights[t];
@@ -164,7 +169,7 @@ fn scores(raw: &RawGraph, rows: &Rows, logit_weights: &[f64]) -> Result<(f64, f6
     }
     let weighted: f64 = output.iter().zip(&error_share).map(|(o, e)| (1.0 - e) * o).sum();
     let completeness = weighted / output.iter().sum::<f64>();
-    Ok((replacement, completeness))
+    (replacement, completeness)
 }
 
 /// Prune `raw` to `settings.node_threshold` of the node influence and `settings.edge_threshold`
@@ -197,7 +202,8 @@ pub fn prune(raw: &RawGraph, settings: &GraphSettings) -> Result<Pruned> {
     // Node influence and the node threshold.
     let all = vec![true; n];
     let unpruned = Rows::Dense { raw, keep: &all };
-    let influence = unpruned.influence(&unpruned.norms(), &logit_weights)?;
+    let unpruned_norms = unpruned.norms();
+    let influence = unpruned.influence(&unpruned_norms, &logit_weights)?;
     let cutoff = find_threshold(&influence, 0, node_threshold);
     let always = |i: usize| matches!(kind(i), NodeKind::Embedding | NodeKind::Logit);
     let mut keep: Vec<bool> = (0..n).map(|i| always(i) || influence[i] >= cutoff).collect();
@@ -256,7 +262,8 @@ pub fn prune(raw: &RawGraph, settings: &GraphSettings) -> Result<Pruned> {
         .collect();
 
     // Scores of the unpruned graph and of the kept edges.
-    let (replacement_unpruned, completeness_unpruned) = scores(raw, &unpruned, &logit_weights)?;
+    let (replacement_unpruned, completeness_unpruned) =
+        scores(raw, &unpruned, &unpruned_norms, &influence, &logit_weights);
     let row_of: std::collections::HashMap<u32, usize> =
         raw.targets.iter().enumerate().map(|(t, &i)| (i, t)).collect();
     let mut sparse = vec![Vec::new(); raw.targets.len()];
@@ -264,7 +271,9 @@ pub fn prune(raw: &RawGraph, settings: &GraphSettings) -> Result<Pruned> {
         sparse[row_of[&t]].push((s, w));
     }
     let pruned = Rows::Sparse { n_nodes: n, targets: &raw.targets, rows: &sparse };
-    let (replacement, completeness) = scores(raw, &pruned, &logit_weights)?;
+    let pruned_norms = pruned.norms();
+    let kept_influence = pruned.influence(&pruned_norms, &logit_weights)?;
+    let (replacement, completeness) = scores(raw, &pruned, &pruned_norms, &kept_influence, &logit_weights);
 
     let cumulative = cumulative_shares(&influence);
     let influence = (raw.nodes.iter().zip(&influence))

@@ -56,6 +56,15 @@ pub fn run(job: &GraphJob, progress: &dyn Progress) -> Result<(String, GraphEntr
     let session = Session::open(&manifest, job.model.as_deref(), Some("pass --model"))?;
     let model = session.model();
     let config = model.config().clone();
+    let tokenizer = session.tokenizer()?;
+    let tokens = tokenize(tokenizer, &job.prompt)?;
+    if tokens.len() > config.max_context {
+        bail!(
+            "the prompt is {} tokens (with BOS), longer than the model's context of {} tokens",
+            tokens.len(),
+            config.max_context
+        );
+    }
     progress.stage("loading transcoders");
     let transcoders = TranscoderSet::from_store(&store, &job.transcoders, config.n_layers)?;
     if transcoders.d_model != config.d_model || transcoders.n_layers() != config.n_layers {
@@ -66,15 +75,6 @@ pub fn run(job: &GraphJob, progress: &dyn Progress) -> Result<(String, GraphEntr
             transcoders.n_layers(),
             config.d_model,
             config.n_layers
-        );
-    }
-    let tokenizer = session.tokenizer()?;
-    let tokens = tokenize(tokenizer, &job.prompt)?;
-    if tokens.len() > config.max_context {
-        bail!(
-            "the prompt is {} tokens (with BOS), longer than the model's context of {} tokens",
-            tokens.len(),
-            config.max_context
         );
     }
     let identity = crate::circuits::run::model_identity(&store, &session)?;
