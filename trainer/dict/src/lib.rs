@@ -15,6 +15,8 @@
 //!   the removal of unlisted checkpoints), [`eval`]: held-out evaluation,
 //!   [`splice`]: CE-loss recovered and KL with the dictionary spliced into the model;
 //!   [`steer`]: the model run with a feature's decoder direction added at a hook;
+//! - [`transcode`]: SAE-family transcoders (MLP input → MLP output, optional skip connection),
+//!   trained by [`train`] with `input_hook`, and their files;
 //! - [`transcoder`]: a set of transcoders replacing every MLP (per-layer or cross-layer), what
 //!   attribution graphs read;
 //! - [`io`]: SAELens and sparsify files, trainer state; [`saelens`]: the SAELens `cfg.json`
@@ -44,6 +46,7 @@ pub mod splice;
 pub mod steer;
 pub mod topk;
 pub mod train;
+pub mod transcode;
 pub mod transcoder;
 mod update;
 
@@ -107,7 +110,7 @@ pub fn open_in_store(
     // The files must be the ones listed (size and checksum), not edited since.
     store.check_listed_files(&dir, &entry.files.iter().collect::<Vec<_>>())?;
     let dict: Box<dyn Dictionary> = match entry.kind.as_str() {
-        "sae" => Box::new(io::load_sae(&dir)?.0),
+        "sae" => transcode::load_any(&dir)?,
         "monet" => Box::new(monet::io::load(&dir)?.0),
         other => bail!("dictionary {name} has unknown kind {other:?} (expected sae or monet)"),
     };
