@@ -16,6 +16,7 @@ mod circuits_eval;
 mod circuits_parity;
 mod circuits_tasks;
 mod cli_messages;
+mod clt;
 mod corpus_input;
 mod corpus_read;
 mod data_safety;

@@ -28,6 +28,7 @@
 
 pub mod amx;
 pub mod checkpoints;
+pub mod clt;
 pub mod config;
 pub mod eval;
 pub mod feature_choice;
@@ -43,6 +44,7 @@ pub mod mutual_choice;
 pub mod sae;
 pub mod saelens;
 pub mod splice;
+pub mod splice_all;
 pub mod steer;
 pub mod topk;
 pub mod train;
@@ -112,6 +114,9 @@ pub fn open_in_store(
     let dict: Box<dyn Dictionary> = match entry.kind.as_str() {
         "sae" => transcode::load_any(&dir)?,
         "monet" => Box::new(monet::io::load(&dir)?.0),
+        "clt" => bail!(
+            "dictionary {name} is a cross-layer transcoder: open it as a set (TranscoderSet::from_store)"
+        ),
         other => bail!("dictionary {name} has unknown kind {other:?} (expected sae or monet)"),
     };
     if dict.d_in() != entry.d_in as usize || dict.n_features() != entry.n_features as usize {
