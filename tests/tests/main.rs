@@ -26,6 +26,7 @@ mod fuzz_regressions;
 mod gemma3_hf;
 mod gemma3_parity;
 mod gpt2_parity;
+mod graphs_parity;
 mod gui;
 mod gui_circuits;
 mod gui_heads;
