@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use loupe_analysis::graphs::{export, run};
+use loupe_analysis::graphs::{export, paths, run};
 use loupe_store::{GraphSettings, Store};
 
 use crate::progress::Bar;
@@ -108,15 +108,43 @@ fn build(args: &RunArgs) -> Result<()> {
     let (name, entry) = run::run(&job, &bar)?;
     bar.indicatif().finish_and_clear();
     println!(
-        "graph {name}: {} tokens, {} active features, {} nodes and {} edges kept; replacement {:.3}, completeness {:.3}; {:.1} s",
+        "graph {name}: {} tokens, {} active features, {} nodes and {} edges kept",
         entry.tokens.len(),
         entry.active_features,
         entry.n_nodes,
-        entry.n_edges,
-        entry.replacement_score,
-        entry.completeness_score,
-        entry.wall_s
+        entry.n_edges
     );
+    println!(
+        "replacement score {:.3} (unpruned {:.3}), completeness score {:.3} (unpruned {:.3})",
+        entry.replacement_score,
+        entry.replacement_score_unpruned,
+        entry.completeness_score,
+        entry.completeness_score_unpruned
+    );
+    let store = Store::open(&job.store)?;
+    let graph = store.read_graph(&name)?.context("the graph just written is not listed")?;
+    if let Some(top) = graph.nodes.iter().find(|n| n.kind == "logit") {
+        let model = loupe_model::Session::require(&store.manifest(), job.model.as_deref(), None)?;
+        let tokenizer = loupe_model::tokenizer::Tokenizer::load(&model)?;
+        let texts = run::token_texts(&tokenizer, &[top.feature]);
+        println!(
+            "top logit: {:?} (p = {:.3}), node {}",
+            texts[0],
+            top.probability.unwrap_or(0.0),
+            top.node_id
+        );
+        match paths::strongest_path(&graph.nodes, &graph.edges, top.node) {
+            Some((path, product)) => {
+                let ids: Vec<&str> = path.iter().map(|&i| graph.nodes[i as usize].node_id.as_str()).collect();
+                println!(
+                    "strongest path into it (product of edge shares {product:.3e}): {}",
+                    ids.join(" → ")
+                );
+            }
+            None => println!("no path from the tokens reaches it in the pruned graph"),
+        }
+    }
+    println!("wall time {:.1} s", entry.wall_s);
     println!("wrote circuits/graphs/{name} in {}", job.store.display());
     Ok(())
 }

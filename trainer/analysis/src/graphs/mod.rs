@@ -12,11 +12,14 @@
 //!   scores;
 //! - `run.rs`: `loupe graph` — checks before the model runs, then the graph streamed into
 //!   `circuits/graphs/<name>/`;
-//! - `export.rs`: `loupe graph export` — circuit-tracer's JSON, written as it is read.
+//! - `export.rs`: `loupe graph export` — circuit-tracer's JSON, written as it is read;
+//! - `paths.rs`: the strongest path from the tokens into a node of a stored graph.
 
 pub mod attribute;
 pub mod export;
+pub mod paths;
 pub mod prune;
+pub mod replacement;
 pub mod run;
 
 /// What a graph node is.
