@@ -28,6 +28,7 @@ mod gemma3_hf;
 mod gemma3_parity;
 mod gpt2_parity;
 mod graphs;
+mod graphs_parity;
 mod gui;
 mod gui_circuits;
 mod gui_heads;
