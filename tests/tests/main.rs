@@ -28,6 +28,7 @@ mod gemma3_parity;
 mod gpt2_parity;
 mod gui;
 mod gui_circuits;
+mod gui_graph;
 mod gui_heads;
 mod heads;
 mod heads_parity;
