@@ -376,6 +376,7 @@ fn graph_case(args: &Args) -> Result<f64> {
     let mut pointer = OVER_GRAPH;
     let mut frames = Vec::with_capacity(args.frames);
     let mut cpu_times = Vec::with_capacity(args.frames);
+    let mut pans = Vec::with_capacity(total);
     for i in 0..total {
         // A cycle of 240 frames: zoom in 60, pan right 60, zoom out 60, pan left 60.
         let phase = i % 240;
@@ -403,6 +404,7 @@ fn graph_case(args: &Args) -> Result<f64> {
             zooms += 1;
         }
         max_zoom = max_zoom.max(view.zoom());
+        pans.push(view.pan());
         let d = view.drawn;
         most = loupe_app::gui::graph::Drawn {
             nodes: most.nodes.max(d.nodes),
@@ -422,6 +424,15 @@ fn graph_case(args: &Args) -> Result<f64> {
     }
     if zooms < args.frames / 4 || max_zoom < 4.0 {
         bail!("the graph did not zoom (zoom > 1 in {zooms} frames, at most {max_zoom:.1})");
+    }
+    // Panning: the drags moved the view (beyond what zooming about the pointer does).
+    let dragged = pans
+        .windows(2)
+        .enumerate()
+        .filter(|(i, w)| (i + 1) % 240 >= 60 && (i + 1) % 240 < 120 && w[0] != w[1])
+        .count();
+    if dragged < 30.min(args.frames / 8) {
+        bail!("the graph did not pan (the view moved in {dragged} frames of dragging)");
     }
     println!(
         "graph: {} nodes, {} edges; zoom up to {max_zoom:.1}×; at most {} nodes drawn one by one, {} density bins, \

@@ -111,9 +111,13 @@ impl GraphView {
         self.pinned.iter().map(|&i| g.table.nodes[i as usize].node_id.clone()).collect()
     }
 
-    /// The camera's zoom.
+    /// The camera's zoom and pan.
     pub fn zoom(&self) -> f32 {
         self.camera.zoom
+    }
+
+    pub fn pan(&self) -> egui::Vec2 {
+        self.camera.pan
     }
 
     pub(super) fn graph(&self) -> Option<&GraphData> {
@@ -334,7 +338,6 @@ impl GraphView {
         let (positions, rows) = g.cells_in(view);
         let cell = scale * camera.zoom;
         let painter = ui.painter_at(area);
-        let weak = ui.visuals().weak_text_color();
         axes(ui, rect, area, g, &positions, &rows, cell, &to_screen);
 
         // Edges: the strongest in view above the threshold, weakest drawn first; a pinned node's all.
@@ -464,7 +467,6 @@ impl GraphView {
         }
         self.drawn = drawn;
         graph_panel::supernode_boxes(self, &painter, &to_screen, cell);
-        let _ = weak;
         if let Some(i) = hovered {
             let text = graph_panel::node_lines(self, cx, i);
             egui::Tooltip::always_open(
