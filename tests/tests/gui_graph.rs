@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use egui::accesskit::Role;
-use egui::{Event, Modifiers, vec2};
+use egui::{Event, Modifiers, PointerButton, vec2};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use loupe_app::gui::{LoupeApp, Options, Tab};
@@ -312,6 +312,26 @@ fn graph_view_draws_selects_pins_and_saves_supernodes() {
     h.run_steps(3);
     assert_eq!(h.state().tab, Tab::Graph);
     assert_eq!(h.state().current_graph_node(), Some((GRAPH, "1_3_3")));
+
+    // A double-click on a feature opens its page too (both clicks in one frame: the harness's
+    // clock steps a quarter second a frame).
+    let centre = node_rect(&h, "1_3_3").center();
+    h.hover_at(centre);
+    h.run_steps(1);
+    for pressed in [true, false, true, false] {
+        h.input_mut().events.push(Event::PointerButton {
+            pos: centre,
+            button: PointerButton::Primary,
+            pressed,
+            modifiers: Modifiers::NONE,
+        });
+    }
+    h.step();
+    h.run_steps(2);
+    assert_eq!((h.state().tab, h.state().current_feature()), (Tab::Features, Some(3)));
+    h.get_by_label("« Back").click();
+    h.run_steps(3);
+    assert_eq!(h.state().tab, Tab::Graph);
 
     // Zoom about a node, pan by dragging, reset.
     let at_first = node_rect(&h, "0_5_2");
