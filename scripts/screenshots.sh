@@ -5,6 +5,7 @@
 #   scripts/screenshots.sh [store] [out-dir]     # defaults: loupe-demo (from `loupe demo`), docs/screenshots
 #   FEATURE=12 HEAD=5.0 scripts/screenshots.sh    # the feature page and the head shown
 #   CIRCUIT=ioi-attribution scripts/screenshots.sh # the circuit shown with its edges
+#   (the Graph view: the store's first attribution graph)
 #
 # The README shows the PNGs this writes.
 set -euo pipefail
@@ -53,3 +54,6 @@ if grep -q "\"$circuit\"" "$store/manifest.json"; then
 else
   echo "no circuit $circuit in $store: no circuits-edges screenshot (run \`loupe circuit --method attribution\`)"
 fi
+# The Graph view: the store's first attribution graph (`loupe graph --store <store> --transcoders …
+# --prompt …` makes one; without any the view says so).
+shot graph 10 --view graph

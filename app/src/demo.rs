@@ -138,6 +138,7 @@ pub fn run(args: &Args) -> Result<()> {
         prompt: None,
         head: None,
         circuit: None,
+        graph: None,
     };
     crate::gui_cmd::run(&gui)
 }

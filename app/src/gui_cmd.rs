@@ -33,6 +33,9 @@ pub struct Args {
     /// A circuit to show at start, in the Circuits view (a name under the store's circuits/).
     #[arg(long)]
     pub(crate) circuit: Option<String>,
+    /// An attribution graph to show at start, in the Graph view (a name `loupe graph` wrote).
+    #[arg(long)]
+    pub(crate) graph: Option<String>,
 }
 
 pub fn options(args: &Args) -> Result<Options> {
@@ -72,6 +75,12 @@ pub fn options(args: &Args) -> Result<Options> {
             if names.is_empty() { "none; run `loupe circuit` first".to_string() } else { names.join(", ") };
         bail!("{} has no circuit {c:?} (circuits: {listed})", args.store.display());
     }
+    if let Some(g) = args.graph.as_ref().filter(|g| !store.manifest().graphs.contains_key(*g)) {
+        let names = store.graph_names();
+        let listed =
+            if names.is_empty() { "none; run `loupe graph` first".to_string() } else { names.join(", ") };
+        bail!("{} has no attribution graph {g:?} (graphs: {listed})", args.store.display());
+    }
     if let Some(m) = args.model.as_ref().filter(|m| !m.exists()) {
         bail!("model not found: {} does not exist", m.display());
     }
@@ -92,6 +101,7 @@ pub fn options(args: &Args) -> Result<Options> {
         prompt: args.prompt.clone(),
         head,
         circuit: args.circuit.clone(),
+        graph: args.graph.clone(),
     })
 }
 

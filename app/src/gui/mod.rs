@@ -10,7 +10,8 @@
 //! hold no UI.
 //!
 //! Tabs: Features (list + page), Prompt lab, Heads (grid + head page), Circuits (graph of a task's
-//! heads and MLPs, the selected node, the methods' evaluation). The prompt is the app's: the
+//! heads and MLPs, the selected node, the methods' evaluation), Graph (an attribution graph of
+//! transcoder features by position and layer, pinned subgraph, supernodes). The prompt is the app's: the
 //! prompt lab, the Heads view and the feature page's attributions run on the same text.
 
 pub mod circuits;
@@ -19,6 +20,9 @@ pub mod circuits_eval;
 pub mod data;
 pub mod feature_list;
 pub mod feature_page;
+pub mod graph;
+pub mod graph_data;
+pub mod graph_panel;
 pub mod heads;
 pub mod heads_data;
 pub mod jobs;
@@ -39,6 +43,7 @@ use circuits::CircuitsView;
 use data::DictData;
 use feature_list::FeatureList;
 use feature_page::FeaturePage;
+use graph::GraphView;
 use heads::HeadsView;
 use jobs::{Loading, error_ui};
 use navigation::{History, Item};
@@ -65,6 +70,8 @@ pub struct Options {
     pub head: Option<(usize, usize)>,
     /// A circuit to show at start (in the Circuits view).
     pub circuit: Option<String>,
+    /// An attribution graph to show at start (in the Graph view).
+    pub graph: Option<String>,
 }
 
 /// The tabs of the navigation bar (`loupe gui --view`).
@@ -74,6 +81,7 @@ pub enum Tab {
     PromptLab,
     Heads,
     Circuits,
+    Graph,
 }
 
 /// The whole app.
@@ -89,6 +97,7 @@ pub struct LoupeApp {
     lab: PromptLab,
     heads: HeadsView,
     circuits: CircuitsView,
+    graph: GraphView,
     /// The prompt the prompt lab, the Heads view and the feature page share.
     prompt: String,
     model: LiveModel,
@@ -110,11 +119,12 @@ impl LoupeApp {
         if let Some((layer, head)) = options.head {
             history.open(Item::Head { layer, head });
         }
-        let tab = match (options.view, options.head, &options.circuit) {
-            (Some(tab), _, _) => tab,
-            (None, Some(_), _) => Tab::Heads,
-            (None, None, Some(_)) => Tab::Circuits,
-            (None, None, None) => Tab::Features,
+        let tab = match (options.view, options.head, &options.circuit, &options.graph) {
+            (Some(tab), _, _, _) => tab,
+            (None, Some(_), _, _) => Tab::Heads,
+            (None, None, Some(_), _) => Tab::Circuits,
+            (None, None, None, Some(_)) => Tab::Graph,
+            (None, None, None, None) => Tab::Features,
         };
         LoupeApp {
             pending: dict,
@@ -128,6 +138,7 @@ impl LoupeApp {
             lab: PromptLab::default(),
             heads: HeadsView::default(),
             circuits: CircuitsView::starting_at(options.circuit.clone()),
+            graph: GraphView::starting_at(options.graph.clone()),
             prompt: options.prompt.clone().unwrap_or_else(|| DEFAULT_PROMPT.to_string()),
             model: LiveModel { path: options.model.clone(), ..LiveModel::default() },
             history,
@@ -161,7 +172,7 @@ impl LoupeApp {
     pub fn current_feature(&self) -> Option<u32> {
         match self.history.current()? {
             Item::Feature { feature, .. } => Some(*feature),
-            Item::Head { .. } | Item::CircuitNode { .. } => None,
+            Item::Head { .. } | Item::CircuitNode { .. } | Item::GraphNode { .. } => None,
         }
     }
 
@@ -169,7 +180,7 @@ impl LoupeApp {
     pub fn current_head(&self) -> Option<(usize, usize)> {
         match self.history.current()? {
             Item::Head { layer, head } => Some((*layer, *head)),
-            Item::Feature { .. } | Item::CircuitNode { .. } => None,
+            Item::Feature { .. } | Item::CircuitNode { .. } | Item::GraphNode { .. } => None,
         }
     }
 
@@ -177,13 +188,26 @@ impl LoupeApp {
     pub fn current_circuit_node(&self) -> Option<(&str, &str)> {
         match self.history.current()? {
             Item::CircuitNode { circuit, node } => Some((circuit, node)),
-            Item::Feature { .. } | Item::Head { .. } => None,
+            Item::Feature { .. } | Item::Head { .. } | Item::GraphNode { .. } => None,
+        }
+    }
+
+    /// The attribution-graph node selected, as `(graph, node_id)`.
+    pub fn current_graph_node(&self) -> Option<(&str, &str)> {
+        match self.history.current()? {
+            Item::GraphNode { graph, node } => Some((graph, node)),
+            _ => None,
         }
     }
 
     /// The Circuits view (what it shows: the circuit, the pinned nodes).
     pub fn circuits_view(&self) -> &CircuitsView {
         &self.circuits
+    }
+
+    /// The Graph view (what it shows: the graph, the pinned nodes, what the last frame drew).
+    pub fn graph_view(&self) -> &GraphView {
+        &self.graph
     }
 
     /// The prompt the views share.
@@ -286,6 +310,7 @@ impl LoupeApp {
             }
             Tab::Heads => self.heads.ui(ui, &mut cx),
             Tab::Circuits => self.circuits.ui(ui, &mut cx),
+            Tab::Graph => self.graph.ui(ui, &mut cx),
         }
         if let Some(item) = cx.open {
             self.open_item(item);
@@ -310,6 +335,7 @@ impl LoupeApp {
                 (Tab::PromptLab, self.lab.title()),
                 (Tab::Heads, self.heads.title()),
                 (Tab::Circuits, self.circuits.title()),
+                (Tab::Graph, self.graph.title()),
             ] {
                 ui.selectable_value(&mut self.tab, tab, title);
             }
@@ -348,6 +374,7 @@ fn tab_of(item: &Item) -> Tab {
         Item::Feature { .. } => Tab::Features,
         Item::Head { .. } => Tab::Heads,
         Item::CircuitNode { .. } => Tab::Circuits,
+        Item::GraphNode { .. } => Tab::Graph,
     }
 }
 

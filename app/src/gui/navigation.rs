@@ -1,5 +1,5 @@
 //! What the app can open and the way back to it: an [`Item`] names one thing a view shows (a
-//! feature of a dictionary, an attention head, a node of a circuit), and [`History`] is the back/forward list over the
+//! feature of a dictionary, an attention head, a node of a circuit or of an attribution graph), and [`History`] is the back/forward list over the
 //! items opened.
 
 /// One thing the user can open, link to and go back to. A view asks for one by putting it in
@@ -16,6 +16,9 @@ pub enum Item {
     /// Node `node` (`L.H` or `L.mlp`) of the store's circuit `circuit`: selected in the Circuits
     /// view, with that circuit shown.
     CircuitNode { circuit: String, node: String },
+    /// Node `node` (its `node_id`, e.g. `3_1024_5`) of the store's attribution graph `graph`:
+    /// selected in the Graph view, with that graph shown.
+    GraphNode { graph: String, node: String },
 }
 
 impl Item {
@@ -24,7 +27,7 @@ impl Item {
     pub fn dictionary(&self) -> Option<&str> {
         match self {
             Item::Feature { dictionary, .. } => Some(dictionary),
-            Item::Head { .. } | Item::CircuitNode { .. } => None,
+            Item::Head { .. } | Item::CircuitNode { .. } | Item::GraphNode { .. } => None,
         }
     }
 }

@@ -8,6 +8,10 @@
 //! explanation; every 10th feature has an embedding score. The store lists no activations and no
 //! dictionary weights (the app does not need them to browse features).
 //!
+//! [`ensure_graph`] writes, in a store of its own, one attribution graph ([`GRAPH`]) of 100,000
+//! nodes and 1,000,000 edges over a 512-token prompt and 18 layers, through `Store::start_graph`
+//! as `loupe graph` writes its graphs: the Graph view's scale case.
+//!
 //! Each table is generated, written and dropped before the next one, so memory stays at about
 //! one table (~1.5 GB for the examples of 1,000,000 features).
 
@@ -311,4 +315,174 @@ fn explanations(n: u32, words: &[String]) -> Explanations {
         })
         .collect();
     Explanations { explanations, scores }
+}
+
+/// The synthetic attribution graph's name, its size and shape.
+pub const GRAPH: &str = "synthetic-graph";
+pub const GRAPH_NODES: u32 = 100_000;
+pub const GRAPH_EDGES: u32 = 1_000_000;
+const GRAPH_LAYERS: u16 = 18;
+const GRAPH_TOKENS: u32 = 512;
+const GRAPH_LOGITS: u32 = 10;
+
+/// Whether `path` holds the complete synthetic graph.
+pub fn graph_is_complete(path: &Path) -> bool {
+    let Ok(store) = Store::open(path) else { return false };
+    store
+        .manifest()
+        .graphs
+        .get(GRAPH)
+        .is_some_and(|e| e.n_nodes == GRAPH_NODES as u64 && e.n_edges == GRAPH_EDGES as u64)
+}
+
+/// Make sure `path` holds the synthetic graph: reuse it, or write it (into an empty or new
+/// folder, or over an earlier synthetic graph store).
+pub fn ensure_graph(path: &Path) -> Result<()> {
+    if graph_is_complete(path) {
+        println!("reusing the synthetic graph in {}", path.display());
+        return Ok(());
+    }
+    if path.exists() {
+        let ours = Store::open(path).is_ok_and(|s| {
+            let m = s.manifest();
+            m.hooks.is_empty() && m.dictionaries.is_empty() && m.features.is_empty()
+        });
+        let empty = path.is_dir() && std::fs::read_dir(path)?.next().is_none();
+        if ours {
+            std::fs::remove_dir_all(path)?;
+        } else if !empty {
+            bail!("{} exists and is not a synthetic graph store: pass another --graph-store", path.display());
+        }
+    }
+    println!(
+        "generating a synthetic graph of {GRAPH_NODES} nodes and {GRAPH_EDGES} edges in {} …",
+        path.display()
+    );
+    let started = Instant::now();
+    let store = Store::create(path)?;
+    write_graph(&store)?;
+    println!("generated in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The graph: an embedding per token, an error per layer and token, 10 logits at the last token,
+/// the rest features spread over layers and tokens (more in later tokens); each edge goes from a
+/// node of a lower row to one of a higher row at the same or a later token, with a heavy-tailed
+/// weight.
+fn write_graph(store: &Store) -> Result<()> {
+    use loupe_store::graphs::{GraphEdgeRow, GraphEntry, GraphNodeRow, GraphSettings};
+    let mut rng = rng(100);
+    let (layers, tokens) = (GRAPH_LAYERS as u32, GRAPH_TOKENS);
+    let n_features = GRAPH_NODES - tokens - layers * tokens - GRAPH_LOGITS;
+    let row = |node: u32, kind: &str, layer: u16, position: u32, feature: u32, influence: f32| GraphNodeRow {
+        node,
+        node_id: match kind {
+            "embedding" => format!("E_{feature}_{position}"),
+            "logit" => format!("{layers}_{feature}_{position}"),
+            "error" => format!("{layer}_error_{position}"),
+            _ => format!("{layer}_{feature}_{position}"),
+        },
+        kind: kind.into(),
+        layer,
+        position,
+        feature,
+        activation: if kind == "feature" { influence * 10.0 } else { 0.0 },
+        probability: (kind == "logit").then_some(influence),
+        influence,
+    };
+    // Every node's (row, position): row 0 embeddings, 1..=18 layers, 19 logits; rows kept in the
+    // table's order (embeddings, features by layer and position, errors, logits).
+    let mut feats: Vec<(u16, u32, u32)> = (0..n_features)
+        .map(|_| {
+            let layer = rng.random_range(0..GRAPH_LAYERS);
+            let position = (tokens as f32 * rng.random::<f32>().sqrt()) as u32;
+            (layer, position.min(tokens - 1), rng.random_range(0..16_384))
+        })
+        .collect();
+    feats.sort_unstable();
+    feats.dedup();
+    let mut nodes: Vec<GraphNodeRow> = Vec::with_capacity(GRAPH_NODES as usize);
+    let mut place: Vec<(u32, u32)> = Vec::with_capacity(GRAPH_NODES as usize);
+    for p in 0..tokens {
+        nodes.push(row(nodes.len() as u32, "embedding", 0, p, 2 + p % VOCAB, 0.01));
+        place.push((0, p));
+    }
+    for &(layer, position, feature) in &feats {
+        let influence = 1e-4 / (1e-3 + rng.random::<f32>());
+        nodes.push(row(nodes.len() as u32, "feature", layer, position, feature, influence));
+        place.push((layer as u32 + 1, position));
+    }
+    for layer in 0..GRAPH_LAYERS {
+        for p in 0..tokens {
+            nodes.push(row(nodes.len() as u32, "error", layer, p, 0, 0.02 * rng.random::<f32>()));
+            place.push((layer as u32 + 1, p));
+        }
+    }
+    // Fill up to exactly GRAPH_NODES with more features at the last token (the dedup above may
+    // have dropped a few) before the logits.
+    let mut extra = 0u32;
+    while nodes.len() < (GRAPH_NODES - GRAPH_LOGITS) as usize {
+        let layer = (extra % layers) as u16;
+        nodes.push(row(nodes.len() as u32, "feature", layer, tokens - 1, 20_000 + extra, 0.001));
+        place.push((layer as u32 + 1, tokens - 1));
+        extra += 1;
+    }
+    for k in 0..GRAPH_LOGITS {
+        let p = 0.5f32.powi(k as i32 + 1);
+        nodes.push(row(nodes.len() as u32, "logit", GRAPH_LAYERS, tokens - 1, 100 + k, p));
+        place.push((layers + 1, tokens - 1));
+    }
+    let mut writer = store.start_graph(GRAPH)?;
+    for batch in nodes.chunks(10_000) {
+        writer.write_nodes(batch)?;
+    }
+    // Nodes by row, for drawing an edge's target in a higher row.
+    let mut by_row: Vec<Vec<u32>> = vec![Vec::new(); layers as usize + 2];
+    for (i, &(r, _)) in place.iter().enumerate() {
+        by_row[r as usize].push(i as u32);
+    }
+    let mut batch = Vec::with_capacity(100_000);
+    let mut written = 0u32;
+    while written < GRAPH_EDGES {
+        let source = rng.random_range(0..GRAPH_NODES - GRAPH_LOGITS);
+        let (r, p) = place[source as usize];
+        let target_row = rng.random_range(r + 1..=layers + 1) as usize;
+        let candidates = &by_row[target_row];
+        // A target near the source's token (at it or later): pick among a few tries.
+        let target = (0..4)
+            .map(|_| candidates[rng.random_range(0..candidates.len())])
+            .find(|&t| place[t as usize].1 >= p)
+            .unwrap_or(candidates[candidates.len() - 1]);
+        let magnitude = 1e-3 / (1e-3 + rng.random::<f32>()).powi(2);
+        let weight = if rng.random::<f32>() < 0.3 { -magnitude } else { magnitude };
+        batch.push(GraphEdgeRow { source, target, weight });
+        written += 1;
+        if batch.len() == batch.capacity() {
+            writer.write_edges(&batch)?;
+            batch.clear();
+        }
+    }
+    writer.write_edges(&batch)?;
+    let words = vocab();
+    let token_strs = (0..tokens).map(|p| words[(p % VOCAB) as usize].clone()).collect();
+    writer.commit(GraphEntry {
+        prompt: "a synthetic prompt of 512 tokens".into(),
+        tokens: (0..tokens).map(|p| 2 + p % VOCAB).collect(),
+        token_strs,
+        transcoders: (0..layers).map(|l| format!("synthetic-tc-{l}")).collect(),
+        transcoder_kind: "plt".into(),
+        n_layers: layers,
+        settings: GraphSettings::default(),
+        active_features: n_features as u64,
+        n_nodes: GRAPH_NODES as u64,
+        n_edges: GRAPH_EDGES as u64,
+        replacement_score: 0.5,
+        completeness_score: 0.8,
+        replacement_score_unpruned: 0.5,
+        completeness_score_unpruned: 0.8,
+        wall_s: 0.0,
+        model: "synthetic".into(),
+        model_sha256: "0".repeat(64),
+        files: Vec::new(),
+    })
 }
