@@ -129,31 +129,14 @@ impl Frozen {
         embed: &Tensor,
         mlp: &mut dyn FnMut(usize, &Tensor) -> Result<Tensor>,
     ) -> Result<FrozenRun> {
-        let (seq, dh) = (self.seq, self.d_head);
-        let group = self.n_heads / self.n_kv_heads;
+        let seq = self.seq;
         let mut x = match &self.embed_const {
             Some(c) => (embed + c)?,
             None => embed.clone(),
         };
         let mut mlp_in = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.ln1.forward(&x)?;
-            let mut v = h.matmul(&layer.w_v.t()?)?;
-            if let Some(b) = &layer.b_v {
-                v = v.broadcast_add(b)?;
-            }
-            let mut z = Vec::with_capacity(self.n_heads);
-            for head in 0..self.n_heads {
-                let vk = v.narrow(1, head / group * dh, dh)?.contiguous()?;
-                z.push(layer.pattern.get(head)?.matmul(&vk)?);
-            }
-            let mut attn = Tensor::cat(&z, 1)?.matmul(&layer.w_o.t()?)?;
-            if let Some(b) = &layer.b_o {
-                attn = attn.broadcast_add(b)?;
-            }
-            if let Some(n) = &layer.attn_norm {
-                attn = n.forward(&attn)?;
-            }
+            let attn = self.attention(l, &x)?;
             x = (x + attn)?;
             let m = layer.ln2.forward(&x)?;
             let out = mlp(l, &m)?;
@@ -168,6 +151,30 @@ impl Frozen {
             x = (x + out)?;
         }
         Ok(FrozenRun { mlp_in, final_normed: self.ln_final.forward(&x)? })
+    }
+
+    /// Layer `l`'s frozen attention output (as added to the residual) on `x` `[seq, d_model]`.
+    pub fn attention(&self, l: usize, x: &Tensor) -> Result<Tensor> {
+        let layer = &self.layers[l];
+        let (dh, group) = (self.d_head, self.n_heads / self.n_kv_heads);
+        let h = layer.ln1.forward(x)?;
+        let mut v = h.matmul(&layer.w_v.t()?)?;
+        if let Some(b) = &layer.b_v {
+            v = v.broadcast_add(b)?;
+        }
+        let mut z = Vec::with_capacity(self.n_heads);
+        for head in 0..self.n_heads {
+            let vk = v.narrow(1, head / group * dh, dh)?.contiguous()?;
+            z.push(layer.pattern.get(head)?.matmul(&vk)?);
+        }
+        let mut attn = Tensor::cat(&z, 1)?.matmul(&layer.w_o.t()?)?;
+        if let Some(b) = &layer.b_o {
+            attn = attn.broadcast_add(b)?;
+        }
+        match &layer.attn_norm {
+            Some(n) => n.forward(&attn),
+            None => Ok(attn),
+        }
     }
 
     /// The gradient that `g` `[batch, p, d_model]` at layer `l`'s `hook_resid_mid` sends through
@@ -229,6 +236,51 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+
+    fn tiny() -> Box<dyn crate::HookedModel> {
+        crate::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny"))
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn frozen_forward_reproduces_the_real_model() {
+        let model = tiny();
+        let f = model.freeze(&[511, 5, 9, 200, 17, 5, 9]).unwrap();
+        let run = f.forward(&f.embed, &mut |l, _| Ok(f.mlp_out[l].clone())).unwrap();
+        for l in 0..f.n_layers() {
+            assert!(max_diff(&run.mlp_in[l], &f.mlp_in[l]) < 1e-4, "layer {l}");
+        }
+        let logits =
+            run.final_normed.get(f.seq - 1).unwrap().unsqueeze(0).unwrap().matmul(&f.unembed.t().unwrap());
+        assert!(max_diff(&logits.unwrap().squeeze(0).unwrap(), &f.logits) < 1e-3);
+    }
+
+    #[test]
+    fn attention_backward_is_the_transposed_attention() {
+        // <g, A(x) − A(0)> = <Aᵀ(g), x> for the attention's linear part A, on a truncated prefix.
+        let model = tiny();
+        let f = model.freeze(&[511, 5, 9, 200, 17, 5, 9]).unwrap();
+        let dev = Device::Cpu;
+        let (seq, d) = (f.seq, f.d_model);
+        for l in 0..f.n_layers() {
+            let x = Tensor::randn(0f32, 1.0, (seq, d), &dev).unwrap();
+            let linear =
+                (f.attention(l, &x).unwrap() - f.attention(l, &x.zeros_like().unwrap()).unwrap()).unwrap();
+            let p = 5;
+            let g = Tensor::randn(0f32, 1.0, (2, p, d), &dev).unwrap();
+            let back = f.attn_backward(l, &g).unwrap();
+            for k in 0..2 {
+                let lhs = (g.get(k).unwrap() * linear.narrow(0, 0, p).unwrap()).unwrap().sum_all().unwrap();
+                let rhs = (back.get(k).unwrap() * x.narrow(0, 0, p).unwrap()).unwrap().sum_all().unwrap();
+                let (lhs, rhs) = (lhs.to_scalar::<f32>().unwrap(), rhs.to_scalar::<f32>().unwrap());
+                assert!((lhs - rhs).abs() <= 1e-4 * (1.0 + lhs.abs()), "layer {l}: {lhs} vs {rhs}");
+            }
+        }
+    }
 
     #[test]
     fn banded_product_equals_the_dense_one() {

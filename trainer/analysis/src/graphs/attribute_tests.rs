@@ -174,8 +174,16 @@ fn ablation_gap(rep: &Replacement, transcoders: &TranscoderSet, g: &RawGraph, so
 fn check_exact(model: &dyn HookedModel, transcoders: &TranscoderSet, tokens: &[u32], every_source: bool) {
     let rep = Replacement::new(model.freeze(tokens).unwrap(), transcoders).unwrap();
     assert!(!rep.active.is_empty());
-    let g =
-        attribute_with(&rep, transcoders, tokens, &settings(u32::MAX, 5), INFLUENCE_ENTRIES, &()).unwrap();
+    let g = attribute_with(
+        &rep,
+        transcoders,
+        tokens,
+        &settings(u32::MAX, 5),
+        INFLUENCE_ENTRIES,
+        FULL_ROWS_BYTES,
+        &(),
+    )
+    .unwrap();
     assert_eq!(g.nodes.iter().filter(|n| n.kind == NodeKind::Feature).count(), rep.active.len());
     assert_eq!(
         g.targets.len(),
@@ -265,13 +273,23 @@ fn selection_follows_circuit_tracer() {
     let set = random_set(c.n_layers, c.d_model, 128, 6, 0.5, false, true);
     let rep = Replacement::new(model.freeze(&TOKENS).unwrap(), &set).unwrap();
     let n_active = rep.active.len();
-    let full =
-        attribute_with(&rep, &set, &TOKENS, &settings(n_active as u32, 4), INFLUENCE_ENTRIES, &()).unwrap();
+    let full = attribute_with(
+        &rep,
+        &set,
+        &TOKENS,
+        &settings(n_active as u32, 4),
+        INFLUENCE_ENTRIES,
+        FULL_ROWS_BYTES,
+        &(),
+    )
+    .unwrap();
     // Every active feature is selected when they all fit.
     assert_eq!(full.nodes.iter().filter(|n| n.kind == NodeKind::Feature).count(), n_active);
-    for max in [5, 20, n_active - 1] {
+    // Two passes (rows not kept whole) and one (kept).
+    for (max, full_rows) in [(5, 0), (20, 0), (20, usize::MAX), (n_active - 1, usize::MAX)] {
         let g =
-            attribute_with(&rep, &set, &TOKENS, &settings(max as u32, 4), INFLUENCE_ENTRIES, &()).unwrap();
+            attribute_with(&rep, &set, &TOKENS, &settings(max as u32, 4), INFLUENCE_ENTRIES, full_rows, &())
+                .unwrap();
         let chosen: Vec<usize> = g
             .nodes
             .iter()
@@ -298,7 +316,7 @@ fn selection_follows_circuit_tracer() {
         }
     }
     // With rows truncated for the ranking, it still selects `max` distinct features.
-    let g = attribute_with(&rep, &set, &TOKENS, &settings(20, 4), 3, &()).unwrap();
+    let g = attribute_with(&rep, &set, &TOKENS, &settings(20, 4), 3, 0, &()).unwrap();
     assert_eq!(g.nodes.iter().filter(|n| n.kind == NodeKind::Feature).count(), 20);
 }
 
