@@ -24,6 +24,7 @@ pub mod heads_cmd;
 pub mod progress;
 pub mod store_cmd;
 pub mod tokenize;
+pub mod train_clt_cmd;
 pub mod train_job;
 pub mod train_monet_cmd;
 pub mod train_sae_cmd;

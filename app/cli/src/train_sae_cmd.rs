@@ -68,6 +68,14 @@ pub struct Args {
     /// jumprelu: step (penalise L0) or quadratic (steer each token's L0 towards k). Default step.
     #[arg(long)]
     pub jumprelu_sparsity: Option<L0Penalty>,
+    /// Train a transcoder: read this hook (e.g. blocks.6.ln2.hook_normalized) and reconstruct
+    /// --hook (e.g. blocks.6.hook_mlp_out); both captured together. topk, jumprelu or relu.
+    #[arg(long)]
+    pub input_hook: Option<String>,
+    /// A skip transcoder: add a learned linear map of the input (W_skip, initialised to zero).
+    #[arg(long)]
+    #[serde(default)]
+    pub skip: bool,
 }
 
 /// Resolve the settings against the store into a job.
@@ -76,6 +84,25 @@ fn job_of(args: &Args) -> Result<Job<TrainConfig>> {
     let hook = flags.hook()?;
     let variant = args.variant.unwrap_or(Variant::Topk);
     let (d, rows) = flags.shape_of(&hook)?;
+    if let Some(input) = &args.input_hook {
+        if *input == hook {
+            bail!("--input-hook is the same as --hook ({hook}); leave it out to train an SAE");
+        }
+        let (d_in, input_rows) = flags.shape_of(input)?;
+        if d_in != d {
+            bail!(
+                "--input-hook {input} has width {d_in} and --hook {hook} width {d}: Loupe's transcoders \
+                 write as wide as they read"
+            );
+        }
+        if input_rows != rows {
+            bail!(
+                "hooks {input} ({input_rows} rows) and {hook} ({rows} rows) hold different rows: capture them together"
+            );
+        }
+    } else if args.skip {
+        bail!("--skip needs --input-hook (a skip connection belongs to a transcoder)");
+    }
     let n = match (args.n_features, args.expansion) {
         (Some(_), Some(_)) => bail!("give --n-features or --expansion, not both"),
         (Some(n), None) => n,
@@ -122,15 +149,28 @@ fn job_of(args: &Args) -> Result<Job<TrainConfig>> {
     if let Some(p) = args.jumprelu_sparsity {
         train.jumprelu_sparsity = p;
     }
+    train.transcoder = args.input_hook.is_some();
+    train.skip = args.skip;
     train.validate()?;
-    flags.job(train, rows, None, format!("{hook}-{variant}-n{n}-k{k}"))
+    let kind = match (args.input_hook.is_some(), args.skip) {
+        (false, _) => "",
+        (true, false) => "-transcoder",
+        (true, true) => "-skip-transcoder",
+    };
+    flags.job(train, rows, args.input_hook.clone(), format!("{hook}-{variant}{kind}-n{n}-k{k}"))
 }
 
 pub fn run(args: &Args) -> Result<()> {
     let job = job_of(&crate::train_job::merged(args, args.job.config.as_deref())?)?;
     let t = &job.train;
+    let what = match (t.transcoder, t.skip) {
+        (false, _) => "SAE",
+        (true, false) => "transcoder",
+        (true, true) => "skip transcoder",
+    };
+    let reads = job.input_hook.as_ref().map(|h| format!("{h} → ")).unwrap_or_default();
     let banner = format!(
-        "training {} ({} SAE, d {} → n {}, k {}, batch {}, lr {:e}) on {} of {}: {} tokens, {} held out",
+        "training {} ({} {what}, d {} → n {}, k {}, batch {}, lr {:e}) on {reads}{} of {}: {} tokens, {} held out",
         job.name,
         t.variant,
         t.d_in,

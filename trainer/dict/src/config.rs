@@ -63,6 +63,17 @@ pub struct TrainConfig {
     /// JumpReLU: the penalty on each token's L0 (`step`, or `quadratic` around k).
     #[serde(default)]
     pub jumprelu_sparsity: L0Penalty,
+    /// A transcoder: the encoder reads the input hook's `x` (no b_dec subtracted, SAELens'
+    /// transcoder convention) and the decoder writes the output hook's activation
+    /// ([`super::transcode`]).
+    #[serde(default)]
+    pub transcoder: bool,
+    /// A skip transcoder: the output adds `W_skip · x` (`[d_out, d_in]`, initialised to zero).
+    #[serde(default)]
+    pub skip: bool,
+    /// A transcoder's factor for its targets (as `input_scale` for its inputs; 1: raw).
+    #[serde(default = "one")]
+    pub output_scale: f32,
 }
 
 fn default_threshold_decay() -> f32 {
@@ -116,6 +127,9 @@ impl TrainConfig {
             jumprelu_bandwidth: default_bandwidth(),
             jumprelu_init_threshold: default_init_threshold(),
             jumprelu_sparsity: L0Penalty::Step,
+            transcoder: false,
+            skip: false,
+            output_scale: 1.0,
         }
     }
 
@@ -147,6 +161,15 @@ impl TrainConfig {
                 self.ema_decay,
                 self.threshold_decay
             );
+        }
+        if !(self.output_scale.is_finite() && self.output_scale > 0.0) {
+            bail!("output_scale {} must be a positive number", self.output_scale);
+        }
+        if self.skip && !self.transcoder {
+            bail!("a skip connection needs a transcoder (an input hook other than the output hook)");
+        }
+        if self.transcoder {
+            super::transcode::check_variant(self.variant)?;
         }
         if self.n_features > u32::MAX as usize / 2 || self.batch > u32::MAX as usize / 2 {
             bail!("n_features and batch must fit in 31 bits");

@@ -132,6 +132,9 @@ pub fn load_sae(dir: &Path) -> Result<(Sae, SaeMeta)> {
 }
 
 fn load_saelens(dir: &Path, cfg: &Value) -> Result<(Sae, SaeMeta)> {
+    if super::transcode::is_transcoder_cfg(cfg) {
+        bail!("this is a transcoder (architecture {}), not an SAE", cfg["architecture"]);
+    }
     let bytes = read(&dir.join("sae_weights.safetensors"))?;
     let st = SafeTensors::deserialize(&bytes)
         .context("sae_weights.safetensors is not a valid safetensors file")?;
@@ -323,6 +326,10 @@ fn serialize(
 }
 
 /// A tensor of `shape` as f32 (F32, F16 and BF16 files are read).
+pub(crate) fn read_tensor(st: &SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    tensor(st, name, shape)
+}
+
 fn tensor(st: &SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
     let t = st.tensor(name).with_context(|| format!("tensor {name} is missing"))?;
     if t.shape() != shape {

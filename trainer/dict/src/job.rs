@@ -40,6 +40,7 @@ use super::eval::{EvalStats, eval_reconstruction};
 use super::io::{SaeMeta, load_sae, load_state, save_sae_with, save_state};
 use super::splice::{SpliceStats, contexts_from_rows, eval_splice};
 use super::train::{StepStats, TrainConfig, Trainer};
+use super::transcode::{self, SaeTranscoder};
 
 /// What a job needs to know of a configuration to feed it.
 pub struct Needs {
@@ -78,6 +79,14 @@ pub trait Fit: Sized {
     fn finish(&self, meta: &SaeMeta, dir: &Path) -> Result<Arc<dyn Dictionary>>;
     /// The manifest's `kind` and `variant`, and the number of features.
     fn listing(&self) -> (&'static str, String, usize);
+    /// The checkpoint files this run writes (a subset of [`Fit::CHECKPOINT_FILES`]).
+    fn checkpoint_files(&self) -> Vec<&'static str> {
+        Self::CHECKPOINT_FILES.to_vec()
+    }
+    /// The final files this run writes (a subset of [`Fit::FINAL_FILES`]).
+    fn final_files(&self) -> Vec<&'static str> {
+        Self::FINAL_FILES.to_vec()
+    }
 }
 
 /// Everything a training job needs; `train` is the [`Fit`]'s configuration.
@@ -315,7 +324,8 @@ pub fn run<F: Fit>(job: &Job<F::Config>, progress: &dyn Progress) -> Result<Outc
     )?;
     loupe_store::fsutil::write_atomic(&dir.join("eval.json"), (eval_json + "\n").as_bytes())?;
     let entry = entry(job, &trainer, "done");
-    let files: Vec<&str> = F::FINAL_FILES.iter().copied().chain(["train_log.arrow", "eval.json"]).collect();
+    let files: Vec<&str> =
+        trainer.final_files().into_iter().chain(["train_log.arrow", "eval.json"]).collect();
     store.commit_dictionary(&job.name, entry, &files)?;
     remove_old_checkpoints::<F>(&dir, None)?;
     Ok(Outcome { dir, steps: trainer.steps(), tokens: trainer.tokens(), resumed_from, eval, splice })
@@ -481,7 +491,7 @@ fn checkpoint<F: Fit>(
     trainer.save_checkpoint(&dir, meta, &json!({ "epoch": pos.epoch, "batch": pos.batch }))?;
     write_train_log(&dir.join("train_log.arrow"), log)?;
     let files: Vec<String> =
-        F::CHECKPOINT_FILES.iter().chain(&["train_log.arrow"]).map(|f| format!("{rel}/{f}")).collect();
+        trainer.checkpoint_files().iter().chain(&["train_log.arrow"]).map(|f| format!("{rel}/{f}")).collect();
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
     store.commit_dictionary(&job.name, entry(job, trainer, "training"), &files)?;
     remove_old_checkpoints::<F>(&root, Some(&rel))
@@ -502,21 +512,25 @@ fn meta_of(manifest: &loupe_store::Manifest, hook: &str, input_hook: Option<&str
     })
 }
 
-/// The SAE trainer as a job drives it.
+/// The SAE trainer (and, with `cfg.transcoder`, the transcoder trainer) as a job drives it.
 impl Fit for Trainer {
     type Config = TrainConfig;
     const CHECKPOINT_FILES: &'static [&'static str] =
-        &["cfg.json", "sae_weights.safetensors", "state.safetensors", "state.json"];
-    const FINAL_FILES: &'static [&'static str] = &["cfg.json", "sae_weights.safetensors"];
+        &["cfg.json", "sae_weights.safetensors", "state.safetensors", "state.json", "skip_state.safetensors"];
+    const FINAL_FILES: &'static [&'static str] =
+        &["cfg.json", "sae_weights.safetensors", "circuit_tracer.safetensors"];
     const ACTIVE: &'static str = "L0";
 
     fn needs(cfg: &TrainConfig) -> Needs {
-        let grad = cfg.variant == super::Variant::Gsae;
+        let grad = cfg.variant == super::Variant::Gsae && !cfg.transcoder;
         Needs { d_in: cfg.d_in, d_out: cfg.d_in, batch: cfg.batch, seed: cfg.seed, grad }
     }
 
-    fn with_scales(mut cfg: TrainConfig, input: f32, _output: f32) -> TrainConfig {
+    fn with_scales(mut cfg: TrainConfig, input: f32, output: f32) -> TrainConfig {
         cfg.input_scale = input;
+        if cfg.transcoder {
+            cfg.output_scale = output;
+        }
         cfg
     }
 
@@ -532,13 +546,19 @@ impl Fit for Trainer {
         &self.cfg
     }
 
-    fn step(&mut self, x: &[f32], grad: Option<&[f32]>) -> Result<StepStats> {
-        let scale = self.cfg.input_scale;
-        if scale == 1.0 {
-            return Trainer::step(self, x, grad);
+    fn step(&mut self, x: &[f32], second: Option<&[f32]>) -> Result<StepStats> {
+        let (s_in, s_out) = (self.cfg.input_scale, self.cfg.output_scale);
+        if self.cfg.transcoder {
+            let Some(y) = second else { bail!("a transcoder step needs its target rows") };
+            let x: Vec<f32> = x.iter().map(|v| v * s_in).collect();
+            let y: Vec<f32> = y.iter().map(|v| v * s_out).collect();
+            return Trainer::step(self, &x, Some(&y));
         }
-        let scaled: Vec<f32> = x.iter().map(|v| v * scale).collect();
-        Trainer::step(self, &scaled, grad)
+        if s_in == 1.0 {
+            return Trainer::step(self, x, second);
+        }
+        let scaled: Vec<f32> = x.iter().map(|v| v * s_in).collect();
+        Trainer::step(self, &scaled, second)
     }
 
     fn steps(&self) -> u64 {
@@ -550,17 +570,42 @@ impl Fit for Trainer {
     }
 
     fn save_checkpoint(&self, dir: &Path, meta: &SaeMeta, resume: &Value) -> Result<()> {
-        save_sae_with(&self.sae, meta, Some(&self.cfg), dir)?;
+        if self.cfg.transcoder {
+            let tc = SaeTranscoder { sae: self.sae.clone(), w_skip: self.skip.as_ref().map(|s| s.w.clone()) };
+            transcode::save(&tc, meta, Some(&self.cfg), dir, false)?;
+            if let Some(skip) = &self.skip {
+                transcode::save_skip_state(skip, self.cfg.d_in, dir)?;
+            }
+        } else {
+            save_sae_with(&self.sae, meta, Some(&self.cfg), dir)?;
+        }
         save_state(&self.cfg, &self.state, resume, dir)
     }
 
     fn load_checkpoint(dir: &Path) -> Result<(Trainer, Value)> {
         let (cfg, state, resume) = load_state(dir)?;
-        let (sae, _) = load_sae(dir)?;
-        Ok((Trainer::resume(cfg, sae, state)?, resume))
+        if !cfg.transcoder {
+            let (sae, _) = load_sae(dir)?;
+            return Ok((Trainer::resume(cfg, sae, state)?, resume));
+        }
+        let (tc, _) = transcode::load(dir)?;
+        let d = cfg.d_in;
+        let mut trainer = Trainer::resume(cfg, tc.sae, state)?;
+        trainer.skip = match (tc.w_skip, trainer.cfg.skip) {
+            (Some(w), true) => Some(transcode::load_skip_state(w, d, dir)?),
+            (None, false) => None,
+            _ => bail!("the checkpoint's skip connection does not match its configuration"),
+        };
+        Ok((trainer, resume))
     }
 
     fn finish(&self, meta: &SaeMeta, dir: &Path) -> Result<Arc<dyn Dictionary>> {
+        if self.cfg.transcoder {
+            let tc = SaeTranscoder { sae: self.sae.clone(), w_skip: self.skip.as_ref().map(|s| s.w.clone()) };
+            let raw = tc.folded(self.cfg.input_scale, self.cfg.output_scale);
+            transcode::save(&raw, meta, Some(&self.cfg), dir, true)?;
+            return Ok(Arc::new(raw));
+        }
         let raw = self.sae.folded(self.cfg.input_scale);
         save_sae_with(&raw, meta, Some(&self.cfg), dir)?;
         Ok(Arc::new(raw))
@@ -568,5 +613,15 @@ impl Fit for Trainer {
 
     fn listing(&self) -> (&'static str, String, usize) {
         ("sae", self.cfg.variant.name().to_string(), self.sae.spec.n_features)
+    }
+
+    fn checkpoint_files(&self) -> Vec<&'static str> {
+        let n = if self.skip.is_some() { 5 } else { 4 };
+        Self::CHECKPOINT_FILES[..n].to_vec()
+    }
+
+    fn final_files(&self) -> Vec<&'static str> {
+        let n = if self.cfg.transcoder { 3 } else { 2 };
+        Self::FINAL_FILES[..n].to_vec()
     }
 }

@@ -15,6 +15,8 @@
 //!   the removal of unlisted checkpoints), [`eval`]: held-out evaluation,
 //!   [`splice`]: CE-loss recovered and KL with the dictionary spliced into the model;
 //!   [`steer`]: the model run with a feature's decoder direction added at a hook;
+//! - [`transcode`]: SAE-family transcoders (MLP input → MLP output, optional skip connection),
+//!   trained by [`train`] with `input_hook`, and their files;
 //! - [`transcoder`]: a set of transcoders replacing every MLP (per-layer or cross-layer), what
 //!   attribution graphs read;
 //! - [`io`]: SAELens and sparsify files, trainer state; [`saelens`]: the SAELens `cfg.json`
@@ -26,6 +28,7 @@
 
 pub mod amx;
 pub mod checkpoints;
+pub mod clt;
 pub mod config;
 pub mod eval;
 pub mod feature_choice;
@@ -41,9 +44,11 @@ pub mod mutual_choice;
 pub mod sae;
 pub mod saelens;
 pub mod splice;
+pub mod splice_all;
 pub mod steer;
 pub mod topk;
 pub mod train;
+pub mod transcode;
 pub mod transcoder;
 mod update;
 
@@ -107,8 +112,11 @@ pub fn open_in_store(
     // The files must be the ones listed (size and checksum), not edited since.
     store.check_listed_files(&dir, &entry.files.iter().collect::<Vec<_>>())?;
     let dict: Box<dyn Dictionary> = match entry.kind.as_str() {
-        "sae" => Box::new(io::load_sae(&dir)?.0),
+        "sae" => transcode::load_any(&dir)?,
         "monet" => Box::new(monet::io::load(&dir)?.0),
+        "clt" => bail!(
+            "dictionary {name} is a cross-layer transcoder: open it as a set (TranscoderSet::from_store)"
+        ),
         other => bail!("dictionary {name} has unknown kind {other:?} (expected sae or monet)"),
     };
     if dict.d_in() != entry.d_in as usize || dict.n_features() != entry.n_features as usize {

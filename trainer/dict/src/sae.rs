@@ -214,6 +214,35 @@ impl Sae {
 }
 
 impl Sae {
+    /// Inference codes of `x`, the encoder reading `x − b_dec` (`subtract_b_dec`, an SAE) or `x`
+    /// itself (a transcoder, whose b_dec is its output bias).
+    pub fn encode_input(&self, x: &[f32], subtract_b_dec: bool) -> Codes {
+        let d = self.spec.d_in;
+        assert!(x.len().is_multiple_of(d), "encode: input is not [tokens, d_in]");
+        let mut codes = Codes { offsets: vec![0], ..Codes::default() };
+        let (mut xc, mut pre) = (Vec::new(), Vec::new());
+        for chunk in x.chunks(ENCODE_CHUNK * d) {
+            if subtract_b_dec {
+                self.pre_acts(chunk, &mut xc, &mut pre);
+            } else {
+                xc.clear();
+                xc.extend_from_slice(chunk);
+                pre.resize(chunk.len() / d * self.spec.n_features, 0.0);
+                kernels::matmul_nt(
+                    &xc,
+                    &self.w_enc,
+                    &mut pre,
+                    chunk.len() / d,
+                    self.spec.n_features,
+                    d,
+                    false,
+                );
+            }
+            self.select_inference(&pre, &xc, &mut codes);
+        }
+        codes
+    }
+
     /// Reconstruction of `codes` into `out` (`[tokens, d_in]`): b_dec + Σ z·W_dec[f].
     pub fn decode(&self, codes: &Codes, out: &mut [f32]) {
         codes.decode_into(&self.w_dec, self.spec.d_in, Some(&self.b_dec), out);
@@ -230,15 +259,7 @@ impl Dictionary for Sae {
     }
 
     fn encode(&self, x: &[f32]) -> Codes {
-        let d = self.spec.d_in;
-        assert!(x.len().is_multiple_of(d), "encode: input is not [tokens, d_in]");
-        let mut codes = Codes { offsets: vec![0], ..Codes::default() };
-        let (mut xc, mut pre) = (Vec::new(), Vec::new());
-        for chunk in x.chunks(ENCODE_CHUNK * d) {
-            self.pre_acts(chunk, &mut xc, &mut pre);
-            self.select_inference(&pre, &xc, &mut codes);
-        }
-        codes
+        self.encode_input(x, true)
     }
 
     fn reconstruct(&self, x: &[f32]) -> (Codes, Vec<f32>) {

@@ -12,6 +12,12 @@
 //! - ReLU and JumpReLU: their L1 / L0 penalty, with JumpReLU's threshold pseudo-gradients from
 //!   the band pairs ([`super::jumprelu`]).
 //!
+//! A transcoder ([`super::transcode`], `cfg.transcoder`) reads `x` and reconstructs another hook's
+//! `y`: `pre = W_enc x` (no b_dec on the input), `ŷ = b_dec + Σ z·W_dec[f] (+ W_skip x)`, FVU
+//! against `y`; the encoder path adds nothing to b_dec's gradient. Its skip connection is one
+//! dense GEMM each way: forward `x·W_skipᵀ`, gradient `Σ_t dX_t ⊗ x_t` over the reconstructions
+//! with bias.
+//!
 //! Backward, per source of selected pairs (main codes, multi, aux), with upstream `dX = ∂loss/∂x̂`:
 //! `dz = dX·W_dec[f]`, `∂W_dec[f] += z·dX`, `∂b_enc[f] += dz`, `∂W_enc[f] += dz·(x − b_dec)`,
 //! and `∂b_dec = Σ dX (reconstructions with b_dec) − Σ_f ∂b_enc[f]·W_enc[f]` (through the
@@ -29,11 +35,11 @@ use serde::{Deserialize, Serialize};
 use super::amx;
 pub use super::config::{TrainConfig, default_lr};
 use super::kernels::{self, Codes};
+use super::loss::upstream;
 pub use super::loss::{sq_dist, total_variance};
-use super::loss::{sum_rows_into, upstream};
 use super::sae::{Sae, SaeSpec, geometric_median};
 use super::topk::select_among;
-use super::update::{AdamStep, BLOCK_FEATURES, Band, Block, Order, RowCtx, Theta, update_block};
+use super::transcode::Skip;
 use super::{Variant, feature_choice, gsae, jumprelu, mutual_choice, topk};
 
 /// Feature ranges of the feature-major decode (fixed, so results do not depend on threads).
@@ -84,10 +90,12 @@ pub struct Gradients {
     pub b_dec: Vec<f32>,
     /// JumpReLU: the straight-through pseudo-gradient of each threshold θ_f (empty otherwise).
     pub threshold: Vec<f32>,
+    /// A skip transcoder's W_skip `[d_out, d_in]` (empty otherwise).
+    pub w_skip: Vec<f32>,
 }
 
 /// What a batch's selection tells the inference thresholds.
-enum Observed {
+pub(super) enum Observed {
     None,
     Min(f32),
     Picked(Vec<feature_choice::Picked>, Vec<u32>),
@@ -101,7 +109,7 @@ pub struct Moments {
 }
 
 impl Moments {
-    fn zeros(len: usize) -> Moments {
+    pub(super) fn zeros(len: usize) -> Moments {
         Moments { m: vec![0.0; len], v: vec![0.0; len] }
     }
 }
@@ -128,14 +136,19 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     pub sae: Sae,
     pub state: TrainerState,
-    scratch: Scratch,
+    /// A skip transcoder's W_skip and its Adam moments.
+    pub skip: Option<Skip>,
+    pub(super) scratch: Scratch,
     /// TopK selects on AMX ([`amx`]); on by default where available.
     amx: bool,
 }
 
 #[derive(Default)]
-struct Scratch {
-    xc: Vec<f32>,
+pub(super) struct Scratch {
+    /// The encoder's input: `x − b_dec` (SAE) or `x` (transcoder).
+    pub(super) xc: Vec<f32>,
+    /// A skip transcoder's target for the sparse part, `y − W_skip x`.
+    want: Vec<f32>,
     pre: Vec<f32>,
     amx: topk::AmxScratch,
     proj: Vec<f32>,
@@ -143,11 +156,11 @@ struct Scratch {
     /// Per-part buffers of the feature-major decode.
     partials: Vec<f32>,
     /// Per source: codes, upstream gradient `[tokens, d]`, dz per pair.
-    sources: Vec<Source>,
+    pub(super) sources: Vec<Source>,
     /// JumpReLU: the pairs within ε/2 of their threshold.
-    band: Codes,
+    pub(super) band: Codes,
     /// JumpReLU: ∂loss/∂H of the L0 term for each token's pairs.
-    l0_weight: Vec<f32>,
+    pub(super) l0_weight: Vec<f32>,
 }
 
 #[derive(Default)]
@@ -185,7 +198,8 @@ impl Trainer {
             density: vec![0.0; n],
             threshold: Moments::zeros(if jump { n } else { 0 }),
         };
-        Ok(Trainer { cfg, sae, state, scratch: Scratch::default(), amx: amx::available() })
+        let skip = cfg.skip.then(|| Skip::zeros(d, d));
+        Ok(Trainer { cfg, sae, state, skip, scratch: Scratch::default(), amx: amx::available() })
     }
 
     /// A trainer continuing from saved weights and state.
@@ -209,7 +223,9 @@ impl Trainer {
         {
             bail!("checkpoint state does not match the SAE's shape");
         }
-        Ok(Trainer { cfg, sae, state, scratch: Scratch::default(), amx: amx::available() })
+        // A skip transcoder's W_skip is set by the caller ([`super::transcode::load_skip`]).
+        let skip = cfg.skip.then(|| Skip::zeros(d, d));
+        Ok(Trainer { cfg, sae, state, skip, scratch: Scratch::default(), amx: amx::available() })
     }
 
     /// Turns TopK's AMX selection off (or back on where [`amx::available`]): the f32 GEMM path,
@@ -218,11 +234,14 @@ impl Trainer {
         self.amx = on && amx::available();
     }
 
-    /// One step on `x` (`[tokens, d_in]`), with `grad` (`∂L/∂x`, same shape) for g-SAE.
-    pub fn step(&mut self, x: &[f32], grad: Option<&[f32]>) -> Result<StepStats> {
+    /// One step on `x` (`[tokens, d_in]`), with `second` (same shape): `∂L/∂x` for g-SAE, the
+    /// target `y` for a transcoder.
+    pub fn step(&mut self, x: &[f32], second: Option<&[f32]>) -> Result<StepStats> {
+        let grad = second;
         if self.state.step == 0 {
             self.check_batch(x, grad)?;
-            self.sae.b_dec = geometric_median(x, self.cfg.d_in);
+            let y = if self.cfg.transcoder { grad.unwrap_or(x) } else { x };
+            self.sae.b_dec = geometric_median(y, self.cfg.d_in);
         }
         let (stats, _, observed) = self.forward(x, grad, None)?;
         self.observe_thresholds(observed);
@@ -234,7 +253,8 @@ impl Trainer {
 
     /// The loss gradients of one batch without changing anything (for gradient checks): the
     /// same selection and backward as [`Trainer::step`], returned densely. `aux_target` fixes the
-    /// auxiliary loss's (detached) residual; `None` uses this batch's.
+    /// auxiliary loss's (detached) residual; `None` uses this batch's. `grad` is
+    /// [`Trainer::step`]'s `second`.
     pub fn gradients(
         &mut self,
         x: &[f32],
@@ -249,6 +269,7 @@ impl Trainer {
             w_dec: vec![0.0; n * d],
             b_dec: vec![0.0; d],
             threshold: vec![0.0; if self.cfg.variant == Variant::Jumprelu { n } else { 0 }],
+            w_skip: vec![0.0; if self.skip.is_some() { d * d } else { 0 }],
         };
         self.update(x.len() / d, Some(&mut grads));
         Ok((loss, grads))
@@ -259,9 +280,11 @@ impl Trainer {
         &self.scratch.sources[0].codes
     }
 
-    /// The residual `x − x̂` of the main reconstruction of the last forward pass.
+    /// The residual `x − x̂` of the main reconstruction of the last forward pass (a transcoder:
+    /// its target `y` in place of `x`, less the skip connection's output).
     pub fn last_residual(&self, x: &[f32]) -> Vec<f32> {
-        x.iter().zip(&self.scratch.xhat).map(|(a, b)| a - b).collect()
+        let want = if self.skip.is_some() { &self.scratch.want[..] } else { x };
+        want.iter().zip(&self.scratch.xhat).map(|(a, b)| a - b).collect()
     }
 
     fn check_batch(&self, x: &[f32], grad: Option<&[f32]>) -> Result<()> {
@@ -271,6 +294,15 @@ impl Trainer {
         }
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
             bail!("batch holds a non-finite activation ({}) at token {} of the batch", x[i], i / d);
+        }
+        if self.cfg.transcoder {
+            let Some(y) = grad.filter(|y| y.len() == x.len()) else {
+                bail!("a transcoder needs its target: the output hook's rows, [tokens, {d}]")
+            };
+            if let Some(i) = y.iter().position(|v| !v.is_finite()) {
+                bail!("batch holds a non-finite target ({}) at token {} of the batch", y[i], i / d);
+            }
+            return Ok(());
         }
         match (self.cfg.variant, grad) {
             (Variant::Gsae, Some(g)) if g.len() == x.len() => {
@@ -302,7 +334,17 @@ impl Trainer {
         }
         s.xc.clear();
         s.xc.extend_from_slice(x);
-        s.xc.par_chunks_mut(d).for_each(|row| row.iter_mut().zip(&self.sae.b_dec).for_each(|(v, b)| *v -= b));
+        // What the reconstruction aims at: `x`, or a transcoder's target (less the skip output).
+        let (y, grad) = if self.cfg.transcoder { (grad.expect("checked"), None) } else { (x, grad) };
+        if !self.cfg.transcoder {
+            let b_dec = &self.sae.b_dec;
+            s.xc.par_chunks_mut(d).for_each(|row| row.iter_mut().zip(b_dec).for_each(|(v, b)| *v -= b));
+        }
+        let denom = total_variance(y, d).max(f64::MIN_POSITIVE);
+        if let Some(skip) = &self.skip {
+            super::transcode::skip_target(&skip.w, x, y, d, &mut s.want);
+        }
+        let want: &[f32] = if self.skip.is_some() { &s.want } else { y };
         let feature_major = self.cfg.variant == Variant::FeatureChoice;
         let [main, multi, aux] = &mut s.sources[..] else { unreachable!() };
         main.codes.clear();
@@ -423,9 +465,8 @@ impl Trainer {
             DECODE_PARTS,
             &mut s.partials,
         );
-        let denom = total_variance(x, d).max(f64::MIN_POSITIVE);
-        let mut loss = Loss { fvu: sq_dist(&s.xhat, x) / denom, multi: 0.0, aux: 0.0, sparsity: 0.0 };
-        upstream(&s.xhat, x, 2.0 / denom as f32, &mut main.dx);
+        let mut loss = Loss { fvu: sq_dist(&s.xhat, want) / denom, multi: 0.0, aux: 0.0, sparsity: 0.0 };
+        upstream(&s.xhat, want, 2.0 / denom as f32, &mut main.dx);
         let mut stats = StepStats {
             fvu: loss.fvu as f32,
             l0: main.codes.nnz() as f32 / tokens as f32,
@@ -452,9 +493,9 @@ impl Trainer {
         if multi.active {
             let mut xhat4 = vec![0.0; tokens * d];
             multi.codes.decode_into(&self.sae.w_dec, d, Some(&self.sae.b_dec), &mut xhat4);
-            loss.multi = sq_dist(&xhat4, x) / denom;
+            loss.multi = sq_dist(&xhat4, want) / denom;
             stats.multi_fvu = loss.multi as f32;
-            upstream(&xhat4, x, 2.0 / 8.0 / denom as f32, &mut multi.dx);
+            upstream(&xhat4, want, 2.0 / 8.0 / denom as f32, &mut multi.dx);
         }
 
         // Auxiliary loss on the pairs selected above.
@@ -463,7 +504,7 @@ impl Trainer {
             // Target: the main residual x − x̂ (detached); ê has no bias.
             let residual: Vec<f32> = match aux_target {
                 Some(r) => r.to_vec(),
-                None => x.iter().zip(&s.xhat).map(|(a, b)| a - b).collect(),
+                None => want.iter().zip(&s.xhat).map(|(a, b)| a - b).collect(),
             };
             let mut ehat = vec![0.0; tokens * d];
             aux.codes.decode_into(&self.sae.w_dec, d, None, &mut ehat);
@@ -498,109 +539,5 @@ impl Trainer {
                 }
             }
         }
-    }
-
-    /// The per-feature pass: gradients of every feature row from its pairs, Adam, decoder
-    /// renormalisation, firing counters and densities. Then b_dec.
-    fn update(&mut self, tokens: usize, capture: Option<&mut Gradients>) {
-        let (n, d) = (self.cfg.n_features, self.cfg.d_in);
-        let t = (self.state.step + 1) as i32;
-        let adam = AdamStep::new(self.cfg.lr, t);
-        let decay = self.cfg.ema_decay;
-        let s = &self.scratch;
-        let orders: Vec<Order> = s
-            .sources
-            .iter()
-            .filter(|s| s.active)
-            .map(|src| {
-                let (starts, order) = src.codes.by_feature(n);
-                Order { src, starts, order, token: src.codes.entry_tokens() }
-            })
-            .collect();
-        let xc = &s.xc;
-        let st = &mut self.state;
-        let sae = &mut self.sae;
-        let rows = BLOCK_FEATURES * d;
-        let (capture, capture_bdec, capture_theta) = match capture {
-            Some(g) => {
-                (Some((&mut g.w_enc, &mut g.w_dec, &mut g.b_enc)), Some(&mut g.b_dec), Some(&mut g.threshold))
-            }
-            None => (None, None, None),
-        };
-        let band = (self.cfg.variant == Variant::Jumprelu).then(|| {
-            let (starts, order) = s.band.by_feature(n);
-            let token = s.band.entry_tokens();
-            let (dx, eps, l0_weight) =
-                (&s.sources[0].dx[..], self.cfg.jumprelu_bandwidth, s.l0_weight.clone());
-            Band { starts, order, token, dx, eps, l0_weight }
-        });
-        // JumpReLU's thresholds, their moments, and where a gradient check wants their gradients.
-        let blocks_n = n.div_ceil(BLOCK_FEATURES);
-        let mut thetas: Vec<Option<Theta>> = match sae.threshold.as_mut().filter(|_| band.is_some()) {
-            Some(th) => th
-                .chunks_mut(BLOCK_FEATURES)
-                .zip(st.threshold.m.chunks_mut(BLOCK_FEATURES).zip(st.threshold.v.chunks_mut(BLOCK_FEATURES)))
-                .map(|(theta, moments)| Some(Theta { theta, moments, capture: None }))
-                .collect(),
-            None => (0..blocks_n).map(|_| None).collect(),
-        };
-        if let (Some(g), true) = (capture_theta, band.is_some()) {
-            for (t, c) in thetas.iter_mut().zip(g.chunks_mut(BLOCK_FEATURES)) {
-                if let Some(t) = t {
-                    t.capture = Some(c);
-                }
-            }
-        }
-        let captured = capture.map(|(w_enc, w_dec, b_enc)| {
-            w_enc
-                .chunks_mut(rows)
-                .zip(w_dec.chunks_mut(rows))
-                .zip(b_enc.chunks_mut(BLOCK_FEATURES))
-                .collect::<Vec<_>>()
-        });
-        let mut captured = captured.map(|v| v.into_iter().map(Some).collect::<Vec<_>>()).unwrap_or_default();
-        captured.resize_with(blocks_n, || None);
-        let blocks = sae
-            .w_enc
-            .chunks_mut(rows)
-            .zip(sae.w_dec.chunks_mut(rows))
-            .zip(st.w_enc.m.chunks_mut(rows).zip(st.w_enc.v.chunks_mut(rows)))
-            .zip(st.w_dec.m.chunks_mut(rows).zip(st.w_dec.v.chunks_mut(rows)))
-            .zip(sae.b_enc.chunks_mut(BLOCK_FEATURES))
-            .zip(st.b_enc.m.chunks_mut(BLOCK_FEATURES).zip(st.b_enc.v.chunks_mut(BLOCK_FEATURES)))
-            .zip(st.since_fired.chunks_mut(BLOCK_FEATURES).zip(st.density.chunks_mut(BLOCK_FEATURES)))
-            .zip(captured.into_iter().zip(thetas))
-            .enumerate()
-            .map(|(bi, (((((((w_enc, w_dec), me), md), b_enc), mb), (since, density)), (capture, theta)))| {
-                Block {
-                    first: bi * BLOCK_FEATURES,
-                    w_enc,
-                    w_dec,
-                    me,
-                    md,
-                    b_enc,
-                    mb,
-                    since,
-                    density,
-                    capture,
-                    theta,
-                }
-            })
-            .collect::<Vec<_>>();
-        let ctx = RowCtx { orders: &orders, band: band.as_ref(), xc, d, adam: &adam, decay, tokens };
-        let partials: Vec<Vec<f32>> = blocks.into_par_iter().map(|block| update_block(block, &ctx)).collect();
-        // b_dec: Σ dX over reconstructions with the bias, minus Σ_f ∂b_enc[f]·W_enc[f].
-        let mut g_bdec = vec![0.0f32; d];
-        for src in s.sources.iter().filter(|s| s.active && s.with_bias) {
-            sum_rows_into(&src.dx, d, 1.0, &mut g_bdec);
-        }
-        for p in partials {
-            g_bdec.iter_mut().zip(p).for_each(|(g, v)| *g -= v);
-        }
-        match capture_bdec {
-            Some(out) => out.copy_from_slice(&g_bdec),
-            None => adam.apply(&mut sae.b_dec, &g_bdec, &mut st.b_dec.m, &mut st.b_dec.v),
-        }
-        debug_assert_eq!(sae.b_enc.len(), n);
     }
 }

@@ -4,10 +4,13 @@
 //! [`super::train`] for the formulas.
 
 use multiversion::multiversion;
+use rayon::prelude::*;
 
+use super::Variant;
 use super::kernels::{axpy, dot};
+use super::loss::sum_rows_into;
 use super::sae::normalize;
-use super::train::Source;
+use super::train::{Gradients, Source, Trainer};
 
 const BETA1: f32 = 0.9;
 const BETA2: f32 = 0.999;
@@ -188,5 +191,128 @@ impl AdamStep {
             *v = BETA2 * *v + (1.0 - BETA2) * g * g;
             *w -= self.step_size * *m / (v.sqrt() * self.inv_sqrt_bc2 + EPS);
         }
+    }
+}
+
+/// The step's update, in this module with the per-feature pass it drives.
+impl Trainer {
+    /// The per-feature pass: gradients of every feature row from its pairs, Adam, decoder
+    /// renormalisation, firing counters and densities. Then b_dec.
+    pub(super) fn update(&mut self, tokens: usize, capture: Option<&mut Gradients>) {
+        let (n, d) = (self.cfg.n_features, self.cfg.d_in);
+        let t = (self.state.step + 1) as i32;
+        let adam = AdamStep::new(self.cfg.lr, t);
+        let decay = self.cfg.ema_decay;
+        let s = &self.scratch;
+        let orders: Vec<Order> = s
+            .sources
+            .iter()
+            .filter(|s| s.active)
+            .map(|src| {
+                let (starts, order) = src.codes.by_feature(n);
+                Order { src, starts, order, token: src.codes.entry_tokens() }
+            })
+            .collect();
+        let xc = &s.xc;
+        let st = &mut self.state;
+        let sae = &mut self.sae;
+        let rows = BLOCK_FEATURES * d;
+        let (capture, capture_bdec, capture_theta, capture_skip) = match capture {
+            Some(g) => (
+                Some((&mut g.w_enc, &mut g.w_dec, &mut g.b_enc)),
+                Some(&mut g.b_dec),
+                Some(&mut g.threshold),
+                Some(&mut g.w_skip),
+            ),
+            None => (None, None, None, None),
+        };
+        let band = (self.cfg.variant == Variant::Jumprelu).then(|| {
+            let (starts, order) = s.band.by_feature(n);
+            let token = s.band.entry_tokens();
+            let (dx, eps, l0_weight) =
+                (&s.sources[0].dx[..], self.cfg.jumprelu_bandwidth, s.l0_weight.clone());
+            Band { starts, order, token, dx, eps, l0_weight }
+        });
+        // JumpReLU's thresholds, their moments, and where a gradient check wants their gradients.
+        let blocks_n = n.div_ceil(BLOCK_FEATURES);
+        let mut thetas: Vec<Option<Theta>> = match sae.threshold.as_mut().filter(|_| band.is_some()) {
+            Some(th) => th
+                .chunks_mut(BLOCK_FEATURES)
+                .zip(st.threshold.m.chunks_mut(BLOCK_FEATURES).zip(st.threshold.v.chunks_mut(BLOCK_FEATURES)))
+                .map(|(theta, moments)| Some(Theta { theta, moments, capture: None }))
+                .collect(),
+            None => (0..blocks_n).map(|_| None).collect(),
+        };
+        if let (Some(g), true) = (capture_theta, band.is_some()) {
+            for (t, c) in thetas.iter_mut().zip(g.chunks_mut(BLOCK_FEATURES)) {
+                if let Some(t) = t {
+                    t.capture = Some(c);
+                }
+            }
+        }
+        let captured = capture.map(|(w_enc, w_dec, b_enc)| {
+            w_enc
+                .chunks_mut(rows)
+                .zip(w_dec.chunks_mut(rows))
+                .zip(b_enc.chunks_mut(BLOCK_FEATURES))
+                .collect::<Vec<_>>()
+        });
+        let mut captured = captured.map(|v| v.into_iter().map(Some).collect::<Vec<_>>()).unwrap_or_default();
+        captured.resize_with(blocks_n, || None);
+        let blocks = sae
+            .w_enc
+            .chunks_mut(rows)
+            .zip(sae.w_dec.chunks_mut(rows))
+            .zip(st.w_enc.m.chunks_mut(rows).zip(st.w_enc.v.chunks_mut(rows)))
+            .zip(st.w_dec.m.chunks_mut(rows).zip(st.w_dec.v.chunks_mut(rows)))
+            .zip(sae.b_enc.chunks_mut(BLOCK_FEATURES))
+            .zip(st.b_enc.m.chunks_mut(BLOCK_FEATURES).zip(st.b_enc.v.chunks_mut(BLOCK_FEATURES)))
+            .zip(st.since_fired.chunks_mut(BLOCK_FEATURES).zip(st.density.chunks_mut(BLOCK_FEATURES)))
+            .zip(captured.into_iter().zip(thetas))
+            .enumerate()
+            .map(|(bi, (((((((w_enc, w_dec), me), md), b_enc), mb), (since, density)), (capture, theta)))| {
+                Block {
+                    first: bi * BLOCK_FEATURES,
+                    w_enc,
+                    w_dec,
+                    me,
+                    md,
+                    b_enc,
+                    mb,
+                    since,
+                    density,
+                    capture,
+                    theta,
+                }
+            })
+            .collect::<Vec<_>>();
+        let ctx = RowCtx { orders: &orders, band: band.as_ref(), xc, d, adam: &adam, decay, tokens };
+        let partials: Vec<Vec<f32>> = blocks.into_par_iter().map(|block| update_block(block, &ctx)).collect();
+        // b_dec: Σ dX over reconstructions with the bias, minus Σ_f ∂b_enc[f]·W_enc[f] (an SAE's
+        // encoder reads x − b_dec; a transcoder's reads x).
+        let mut g_bdec = vec![0.0f32; d];
+        for src in s.sources.iter().filter(|s| s.active && s.with_bias) {
+            sum_rows_into(&src.dx, d, 1.0, &mut g_bdec);
+        }
+        if !self.cfg.transcoder {
+            for p in partials {
+                g_bdec.iter_mut().zip(p).for_each(|(g, v)| *g -= v);
+            }
+        }
+        // W_skip: Σ_t dX_t ⊗ x_t over the same reconstructions (x is `xc` for a transcoder).
+        if let Some(skip) = self.skip.as_mut() {
+            let dxs: Vec<&[f32]> =
+                s.sources.iter().filter(|s| s.active && s.with_bias).map(|s| &s.dx[..]).collect();
+            let g = super::transcode::skip_gradient(&dxs, xc, d, d);
+            match capture_skip {
+                Some(out) => out.copy_from_slice(&g),
+                None => adam.apply(&mut skip.w, &g, &mut skip.moments.m, &mut skip.moments.v),
+            }
+        }
+        match capture_bdec {
+            Some(out) => out.copy_from_slice(&g_bdec),
+            None => adam.apply(&mut sae.b_dec, &g_bdec, &mut st.b_dec.m, &mut st.b_dec.v),
+        }
+        debug_assert_eq!(sae.b_enc.len(), n);
     }
 }

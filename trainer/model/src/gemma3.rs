@@ -384,6 +384,10 @@ impl HookedModel for Gemma3 {
         &self.cfg.base
     }
 
+    fn freeze(&self, tokens: &[u32]) -> Result<crate::frozen::Frozen> {
+        self.frozen(tokens)
+    }
+
     fn hook_list(&self) -> &'static HookList {
         &HOOKS
     }
@@ -469,5 +473,59 @@ impl Gemma3 {
             }
         }
         Ok(out)
+    }
+}
+
+impl Gemma3 {
+    /// [`HookedModel::freeze`]: RMSNorms input_layernorm, post_attention_layernorm (of the heads'
+    /// summed output), pre_feedforward_layernorm and the final norm frozen at their 1/rms on the
+    /// prompt; post_feedforward_layernorm is inside `hook_mlp_out`, which the caller replaces.
+    fn frozen(&self, tokens: &[u32]) -> Result<crate::frozen::Frozen> {
+        use crate::frozen::{Frozen, FrozenLayer, Norm};
+        let c = &self.cfg.base;
+        let n = c.n_layers;
+        let eps = self.cfg.rms_eps;
+        let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &self.device)?;
+        let mut hooks = Hooks::new().capture(EMBED).capture(hooks::in_block(n - 1, RESID_POST));
+        for l in 0..n {
+            for h in [RESID_PRE, PATTERN, RESULT, RESID_MID, LN2, MLP_OUT] {
+                hooks = hooks.capture(hooks::in_block(l, h));
+            }
+        }
+        let logits = self.forward(&ids, &mut hooks)?.context("the forward stopped early")?;
+        let get = |l: usize, h: &str| -> Result<Tensor> { Ok(hooks.get(&hooks::in_block(l, h))?.get(0)?) };
+        let mut layers = Vec::with_capacity(n);
+        for (l, b) in self.blocks.iter().enumerate() {
+            let pattern = get(l, PATTERN)?;
+            let attn_sum = get(l, RESULT)?.sum(1)?;
+            layers.push(FrozenLayer {
+                ln1: Norm::freeze(&get(l, RESID_PRE)?, true, &b.attn_norm, None, eps)?,
+                pattern_t: pattern.transpose(1, 2)?.contiguous()?,
+                pattern,
+                window: self.cfg.sliding[l].then_some(self.cfg.sliding_window),
+                w_v: b.v(c)?.contiguous()?,
+                b_v: None,
+                w_o: b.o.clone(),
+                b_o: None,
+                attn_norm: Some(Norm::freeze(&attn_sum, true, &b.post_attn_norm, None, eps)?),
+                ln2: Norm::freeze(&get(l, RESID_MID)?, true, &b.ffn_norm, None, eps)?,
+            });
+        }
+        let seq = tokens.len();
+        Ok(Frozen {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            d_head: c.d_head,
+            d_model: c.d_model,
+            seq,
+            embed: hooks.get(EMBED)?.get(0)?,
+            embed_const: None,
+            layers,
+            ln_final: Norm::freeze(&get(n - 1, RESID_POST)?, true, &self.final_norm, None, eps)?,
+            unembed: self.embed.clone(),
+            mlp_in: (0..n).map(|l| get(l, LN2)).collect::<Result<_>>()?,
+            mlp_out: (0..n).map(|l| get(l, MLP_OUT)).collect::<Result<_>>()?,
+            logits: logits.get(0)?.get(seq - 1)?,
+        })
     }
 }

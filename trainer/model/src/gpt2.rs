@@ -229,6 +229,10 @@ impl HookedModel for Gpt2 {
         &self.cfg.base
     }
 
+    fn freeze(&self, tokens: &[u32]) -> Result<crate::frozen::Frozen> {
+        self.frozen(tokens)
+    }
+
     fn hook_list(&self) -> &'static HookList {
         &HOOKS
     }
@@ -308,5 +312,60 @@ impl Gpt2 {
             }
         }
         Ok(out)
+    }
+}
+
+impl Gpt2 {
+    /// [`HookedModel::freeze`]: LayerNorms ln1, ln2 and ln_f frozen at their 1/std on the prompt
+    /// (centring stays, it is linear); b_V, b_O, β and the position embeddings are constants.
+    fn frozen(&self, tokens: &[u32]) -> Result<crate::frozen::Frozen> {
+        use crate::frozen::{Frozen, FrozenLayer, Norm};
+        let c = &self.cfg.base;
+        let n = c.n_layers;
+        let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &self.device)?;
+        let mut hooks =
+            Hooks::new().capture(EMBED).capture(POS_EMBED).capture(hooks::in_block(n - 1, RESID_POST));
+        for l in 0..n {
+            for h in [RESID_PRE, PATTERN, RESID_MID, LN2, MLP_OUT] {
+                hooks = hooks.capture(hooks::in_block(l, h));
+            }
+        }
+        let logits = self.forward(&ids, &mut hooks)?.context("the forward stopped early")?;
+        let get = |l: usize, h: &str| -> Result<Tensor> { Ok(hooks.get(&hooks::in_block(l, h))?.get(0)?) };
+        let norm = |x: &Tensor, ln: &super::ops::LayerNorm| {
+            Norm::freeze(x, false, &ln.weight, Some(&ln.bias), ln.eps)
+        };
+        let mut layers = Vec::with_capacity(n);
+        for (l, b) in self.blocks.iter().enumerate() {
+            let pattern = get(l, PATTERN)?;
+            layers.push(FrozenLayer {
+                ln1: norm(&get(l, RESID_PRE)?, &b.ln1)?,
+                pattern_t: pattern.transpose(1, 2)?.contiguous()?,
+                pattern,
+                window: None,
+                w_v: b.attn.v.clone(),
+                b_v: Some(b.attn.v_bias.clone()),
+                w_o: b.attn.o.clone(),
+                b_o: Some(b.attn.o_bias.clone()),
+                attn_norm: None,
+                ln2: norm(&get(l, RESID_MID)?, &b.ln2)?,
+            });
+        }
+        let seq = tokens.len();
+        Ok(Frozen {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            d_head: c.d_head,
+            d_model: c.d_model,
+            seq,
+            embed: hooks.get(EMBED)?.get(0)?,
+            embed_const: Some(hooks.get(POS_EMBED)?.get(0)?),
+            layers,
+            ln_final: norm(&get(n - 1, RESID_POST)?, &self.ln_f)?,
+            unembed: self.unembed.clone(),
+            mlp_in: (0..n).map(|l| get(l, LN2)).collect::<Result<_>>()?,
+            mlp_out: (0..n).map(|l| get(l, MLP_OUT)).collect::<Result<_>>()?,
+            logits: logits.get(0)?.get(seq - 1)?,
+        })
     }
 }

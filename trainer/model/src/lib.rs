@@ -10,6 +10,8 @@
 //! - [`corpus`]: text files, folders and JSONL as numbered documents;
 //! - [`capture`]: corpus → contexts → activations (and loss gradients) at hooks → store,
 //!   resumable;
+//! - [`frozen`]: one prompt's frozen linear model (patterns and norm scales fixed), for
+//!   attribution graphs;
 //! - [`residual`]: the residual stream at a hook as a sum of embeddings, heads and MLPs;
 //! - [`session`]: the model (and tokenizer) that goes with a store, resolved one way for every
 //!   stage that runs it.
@@ -19,6 +21,7 @@
 pub mod bert;
 pub mod capture;
 pub mod corpus;
+pub mod frozen;
 pub mod gemma3;
 pub mod gguf;
 pub mod gpt2;
@@ -88,6 +91,16 @@ pub trait HookedModel: Send + Sync {
     fn residual_components(&self, tokens: &Tensor, hook: &str) -> Result<Vec<(String, Tensor)>> {
         let _ = (tokens, hook);
         bail!("{} cannot split its residual stream into components", self.config().architecture)
+    }
+
+    /// The frozen linear model of `tokens` (one prompt): attention patterns and norm scales
+    /// fixed at their values on it (see [`frozen`]). Causal models only.
+    fn freeze(&self, tokens: &[u32]) -> Result<frozen::Frozen> {
+        let _ = tokens;
+        bail!(
+            "{} has no frozen linear model: attribution graphs need a causal model (gemma3 or gpt2)",
+            self.config().architecture
+        )
     }
 
     /// Every hook point of the architecture, with its shape.

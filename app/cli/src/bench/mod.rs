@@ -12,6 +12,8 @@
 //! - [`circuit`]: `loupe circuit`'s activation patching of every head and MLP of Gemma 3 270M on
 //!   40 IOI pairs against PyTorch doing it the TransformerLens way, `benches/reference/circuit.py`,
 //!   and the fast methods' speed-up over patching.
+//! - [`graph`]: `loupe graph` on 64-, 512- and 2,048-token prompts on Gemma 3 270M against
+//!   circuit-tracer 0.5.0 on the CPU, `benches/reference/graph.py`: time and peak memory.
 //! - [`analyze`]: feature analysis against the dictionary's plain encoding of the same rows.
 //! - [`similar`]: the similar-feature hnsw index (build, query latency, recall) against brute force.
 //! - [`client`]: the Chat Completions client's requests/s on loopback against a bare reqwest loop.
@@ -22,6 +24,7 @@ mod analyze;
 mod capture;
 mod circuit;
 mod client;
+mod graph;
 mod heads;
 mod similar;
 mod store;
@@ -53,6 +56,8 @@ pub enum BenchCommand {
     Heads(heads::Args),
     /// Patching of all 72 heads and 18 MLPs of Gemma 3 270M on 40 IOI pairs against PyTorch; the fast methods' speed-up.
     Circuit(circuit::Args),
+    /// Attribution graphs of 64-, 512- and 2,048-token prompts on Gemma 3 270M against circuit-tracer.
+    Graph(graph::Args),
     /// The Chat Completions client's requests/s against a zero-latency loopback server, against bare reqwest.
     Client(client::Args),
 }
@@ -68,6 +73,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::Client(args) => client::run(args),
         BenchCommand::Heads(args) => heads::run(args),
         BenchCommand::Circuit(args) => circuit::run(args),
+        BenchCommand::Graph(args) => graph::run(args),
     }
 }
 

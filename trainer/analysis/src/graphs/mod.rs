@@ -19,6 +19,7 @@ pub mod attribute;
 pub mod export;
 pub mod paths;
 pub mod prune;
+pub mod replacement;
 pub mod run;
 
 /// What a graph node is.
