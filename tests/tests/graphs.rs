@@ -185,7 +185,7 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
 
     let long = "ab ".repeat(40);
     let cases: Vec<(&Path, Vec<&str>, &str)> = vec![
-        (&store_dir, vec!["--transcoders", "tc-0"], "layer"),
+        (&store_dir, vec!["--transcoders", "tc-0"], "no transcoder for layer 1"),
         (&other_dir, vec![], "transcoder tc-0 was trained on model \"google/gemma-3-270m\""),
         (&store_dir, vec!["--prompt", &long], "longer than the model's context of 64 tokens"),
         (&store_dir, vec!["--name", "kept"], "pass --overwrite"),
