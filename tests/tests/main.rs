@@ -53,3 +53,4 @@ mod tokenize_cli;
 mod tokenizer_parity;
 mod train_monet;
 mod train_sae;
+mod transcoders;

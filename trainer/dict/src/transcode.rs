@@ -268,6 +268,12 @@ pub fn is_transcoder_cfg(cfg: &Value) -> bool {
     cfg["architecture"].as_str().is_some_and(|a| a.ends_with("transcoder")) || !cfg["d_out"].is_null()
 }
 
+/// Whether folder `dir` holds a transcoder (its `cfg.json` says so).
+pub fn is_transcoder_dir(dir: &Path) -> bool {
+    let text = std::fs::read_to_string(dir.join("cfg.json")).unwrap_or_default();
+    serde_json::from_str::<Value>(&text).is_ok_and(|cfg| is_transcoder_cfg(&cfg))
+}
+
 /// Read a transcoder folder written by [`save`] (or SAELens 6's transcoder layout).
 pub fn load(dir: &Path) -> Result<(SaeTranscoder, SaeMeta)> {
     let cfg_path = dir.join("cfg.json");
