@@ -143,6 +143,7 @@ def main():
     parser.add_argument("--edge-threshold", type=float, default=0.98)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model-cache", help="HF folder to keep the dequantized GGUF in between runs")
+    parser.add_argument("--prepare", action="store_true", help="only fill --model-cache, then exit")
     args = parser.parse_args()
 
     import importlib.metadata as md
@@ -152,6 +153,10 @@ def main():
     from circuit_tracer.graph import compute_graph_scores, prune_graph
 
     torch.set_num_threads(args.threads)
+    if args.prepare:
+        load_model(args.model, args.model_cache)
+        print(json.dumps({"prepared": args.model_cache}))
+        return
     tokens = torch.tensor(json.loads(Path(args.tokens).read_text())["tokens"], dtype=torch.int64)
 
     start = time.time()

@@ -13,6 +13,12 @@
 //! runs under an address-space cap (`--reference-memory-gib`, RLIMIT_AS) so that it can never take
 //! the machine's memory; a prompt that does not fit is reported as "out of memory". The headline
 //! is the 512-token prompt's (or the longest measured with a reference).
+//!
+//! `--random-transcoders N` replaces the store's transcoders by seeded random TopK skip
+//! transcoders of N features per layer (k `--random-k`), the same on both sides; Loupe's side is
+//! then `loupe_analysis::graphs::attribute::attribute` in a child `loupe bench graph` (no store,
+//! no pruning), compared with circuit-tracer's `attribute` alone. For measuring before trained
+//! transcoders exist.
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
@@ -34,8 +40,8 @@ const CORPUS_OFFSET: usize = 30_000;
 #[derive(clap::Args)]
 pub struct Args {
     /// The store with the transcoders (the graphs are written into it too).
-    #[arg(long)]
-    store: PathBuf,
+    #[arg(long, required_unless_present = "random_transcoders")]
+    store: Option<PathBuf>,
     /// Per-layer transcoders, one per layer (comma-separated; default plt-0 … plt-<n_layers − 1>).
     #[arg(long, value_delimiter = ',')]
     transcoders: Vec<String>,
@@ -75,6 +81,15 @@ pub struct Args {
     /// Skip circuit-tracer: time Loupe's side only (no ratio).
     #[arg(long)]
     no_reference: bool,
+    /// Seeded random TopK skip transcoders of this many features per layer instead of the store's.
+    #[arg(long)]
+    random_transcoders: Option<usize>,
+    /// k of the random transcoders.
+    #[arg(long, default_value_t = 32)]
+    random_k: usize,
+    /// (Internal) run Loupe's attribution of the token file given, as the measured child.
+    #[arg(long, hide = true)]
+    child_tokens: Option<PathBuf>,
 }
 
 /// One side's run of one prompt.
@@ -90,6 +105,9 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("bench graph: --tokens lengths must be at least 2 (BOS and one token)");
     }
     let (model_path, corpus, _) = super::gemma_inputs(args.model.as_deref(), true)?;
+    if let Some(tokens) = &args.child_tokens {
+        return attribute_child(args, &model_path, tokens);
+    }
     let python = reference_python();
     if !args.no_reference && !python.exists() {
         bail!(
@@ -98,11 +116,18 @@ pub fn run(args: &Args) -> Result<()> {
             python.display()
         );
     }
-    if !args.store.exists() {
-        bail!("store not found: {} does not exist", args.store.display());
+    if let Some(store) = &args.store
+        && !store.exists()
+    {
+        bail!("store not found: {} does not exist", store.display());
     }
-    let n_layers = loupe_model::load(&model_path)?.config().n_layers;
-    let names = if args.transcoders.is_empty() {
+    let (n_layers, d_model) = {
+        let model = loupe_model::load(&model_path)?;
+        (model.config().n_layers, model.config().d_model)
+    };
+    let names = if let Some(n) = args.random_transcoders {
+        (0..n_layers).map(|l| format!("random-{n}-k{}-{l}", args.random_k)).collect()
+    } else if args.transcoders.is_empty() {
         (0..n_layers).map(|l| format!("plt-{l}")).collect()
     } else {
         args.transcoders.clone()
@@ -115,7 +140,11 @@ pub fn run(args: &Args) -> Result<()> {
 
     let dir = tempfile::Builder::new().prefix("loupe-bench-graph").tempdir()?;
     if !args.no_reference {
-        let set = TranscoderSet::from_store(&Store::open(&args.store)?, &names, n_layers)?;
+        let set = match (args.random_transcoders, &args.store) {
+            (Some(n), _) => random_transcoders(n_layers, d_model, n, args.random_k),
+            (None, Some(store)) => TranscoderSet::from_store(&Store::open(store)?, &names, n_layers)?,
+            (None, None) => bail!("bench graph needs --store or --random-transcoders"),
+        };
         export_transcoders(&set, dir.path())?;
         // The set is dropped here: the children are forked from a small process.
     }
@@ -126,7 +155,7 @@ pub fn run(args: &Args) -> Result<()> {
         model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         names[0],
         names[names.len() - 1],
-        args.store.display(),
+        args.store.as_ref().map_or("(random)".to_string(), |s| s.display().to_string()),
         args.batch,
         args.max_feature_nodes,
         args.max_logits,
@@ -135,15 +164,40 @@ pub fn run(args: &Args) -> Result<()> {
         args.edge_threshold
     );
 
+    if !args.no_reference {
+        // Dequantize the GGUF once into the folder the measured runs load from (not measured).
+        eprintln!("circuit-tracer: preparing the model");
+        let tokens_file = dir.path().join("tokens-prepare.json");
+        std::fs::write(&tokens_file, b"{\"tokens\": [2]}")?;
+        let mut command = reference_command(args, &python, &model_path, dir.path(), &tokens_file, threads)?;
+        command.arg("--prepare");
+        if let Err(e) = measure(command, None)?.outcome {
+            bail!("circuit-tracer could not load the model ({e}); its messages are above");
+        }
+    }
     let mut rows = Vec::new();
     for (text, ids) in &prompts {
         let n = ids.len();
         let name = format!("{}-{n}", args.name_prefix);
-        eprintln!("loupe graph: {n} tokens");
-        let loupe = measure(loupe_command(args, &model_path, &names, text, &name)?, None)?;
+        let tokens_file = dir.path().join(format!("tokens-{n}.json"));
+        std::fs::write(&tokens_file, serde_json::to_vec(&serde_json::json!({ "tokens": ids }))?)?;
+        eprintln!("Loupe: {n} tokens");
+        let command = match &args.store {
+            Some(store) if args.random_transcoders.is_none() => {
+                loupe_command(args, store, &model_path, &names, text, &name)?
+            }
+            _ => child_command(args, &model_path, &tokens_file)?,
+        };
+        let loupe = measure(command, None)?;
         let line = match &loupe.outcome {
-            // `loupe graph`'s summary: "graph NAME: … tokens, … active features, …".
-            Ok(out) => out.lines().find(|l| l.starts_with("graph ")).unwrap_or("").to_string(),
+            // `loupe graph`'s summary ("graph NAME: … tokens, … active features, …") or the child's.
+            Ok(out) => out
+                .lines()
+                .filter(|l| {
+                    l.starts_with("graph ") || l.starts_with("wall time") || l.starts_with("attribute ")
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
             Err(e) => bail!("loupe graph failed on the {n}-token prompt: {e}"),
         };
         let reference = if args.no_reference {
@@ -164,7 +218,14 @@ pub fn run(args: &Args) -> Result<()> {
             let command = reference_command(args, &python, &model_path, dir.path(), &tokens_file, threads)?;
             Some(measure(command, Some(args.reference_memory_gib << 30))?)
         };
-        report(n, &loupe, &line, reference.as_ref(), args.reference_memory_gib);
+        report(
+            n,
+            &loupe,
+            &line,
+            reference.as_ref(),
+            args.reference_memory_gib,
+            args.random_transcoders.is_none(),
+        );
         rows.push((n, loupe, reference));
     }
 
@@ -173,7 +234,8 @@ pub fn run(args: &Args) -> Result<()> {
         .filter_map(|(n, loupe, reference)| {
             let report: Value =
                 serde_json::from_str(last_line(reference.as_ref()?.outcome.as_ref().ok()?)).ok()?;
-            let theirs = report["attribute_s"].as_f64()? + report["prune_s"].as_f64()?;
+            let prune = if args.random_transcoders.is_some() { 0.0 } else { report["prune_s"].as_f64()? };
+            let theirs = report["attribute_s"].as_f64()? + prune;
             Some((*n, loupe.wall_s, theirs))
         })
         .collect();
@@ -260,12 +322,19 @@ fn export_transcoders(set: &TranscoderSet, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn loupe_command(args: &Args, model: &Path, names: &[String], prompt: &str, name: &str) -> Result<Command> {
+fn loupe_command(
+    args: &Args,
+    store: &Path,
+    model: &Path,
+    names: &[String],
+    prompt: &str,
+    name: &str,
+) -> Result<Command> {
     let mut command = Command::new(std::env::current_exe().context("cannot find the loupe binary")?);
     command
         .arg("graph")
         .arg("--store")
-        .arg(&args.store)
+        .arg(store)
         .arg("--model")
         .arg(model)
         .arg("--transcoders")
@@ -296,9 +365,82 @@ fn reference_command(
         .arg(dir)
         .arg("--tokens")
         .arg(tokens)
+        // The first run keeps the dequantized model here, the later ones load it (faster).
+        .arg("--model-cache")
+        .arg(dir.join("model-hf"))
         .args(["--threads", &threads.to_string()])
         .args(settings(args));
     Ok(command)
+}
+
+/// This bench as the measured child of `--random-transcoders`: Loupe's attribution of a token file.
+fn child_command(args: &Args, model: &Path, tokens: &Path) -> Result<Command> {
+    let mut command = Command::new(std::env::current_exe().context("cannot find the loupe binary")?);
+    command
+        .args(["bench", "graph", "--model"])
+        .arg(model)
+        .arg("--child-tokens")
+        .arg(tokens)
+        .args(["--random-transcoders", &args.random_transcoders.unwrap_or(0).to_string()])
+        .args(["--random-k", &args.random_k.to_string()])
+        .args(settings(args));
+    Ok(command)
+}
+
+/// The child of `--random-transcoders`: load the model, build the random set, attribute.
+fn attribute_child(args: &Args, model_path: &Path, tokens: &Path) -> Result<()> {
+    let n = args.random_transcoders.context("--child-tokens needs --random-transcoders")?;
+    let value: Value = serde_json::from_slice(&std::fs::read(tokens)?)?;
+    let ids: Vec<u32> = serde_json::from_value(value["tokens"].clone())?;
+    let model = loupe_model::load(model_path)?;
+    let c = model.config();
+    let set = random_transcoders(c.n_layers, c.d_model, n, args.random_k);
+    let settings = loupe_store::GraphSettings {
+        max_logits: args.max_logits,
+        logit_probability: args.logit_probability,
+        max_feature_nodes: args.max_feature_nodes,
+        node_threshold: args.node_threshold,
+        edge_threshold: args.edge_threshold,
+        batch: args.batch,
+    };
+    let start = Instant::now();
+    let graph = loupe_analysis::graphs::attribute::attribute(model.as_ref(), &set, &ids, &settings, &())?;
+    println!(
+        "attribute {:.2} s: {} active features, {} targets, {} nodes",
+        start.elapsed().as_secs_f64(),
+        graph.active_features,
+        graph.targets.len(),
+        graph.nodes.len()
+    );
+    Ok(())
+}
+
+/// Seeded random TopK skip transcoders (the same for the same arguments): encoders N(0, 1/d),
+/// decoders N(0, 0.02²), skips N(0, 0.01²), zero biases.
+fn random_transcoders(n_layers: usize, d: usize, n: usize, k: usize) -> TranscoderSet {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let mut normal = |len: usize, std: f32| -> Vec<f32> {
+        (0..len).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal) * std).collect()
+    };
+    let layers = (0..n_layers)
+        .map(|layer| loupe_dict::transcoder::TranscoderLayer {
+            layer,
+            n_features: n,
+            w_enc: normal(n * d, 1.0 / (d as f32).sqrt()),
+            b_enc: vec![0.0; n],
+            activation: Activation::TopK { k },
+            w_dec: vec![normal(n * d, 0.02)],
+            b_dec: vec![0.0; d],
+            w_skip: Some(normal(d * d, 0.01)),
+        })
+        .collect();
+    TranscoderSet {
+        kind: "plt".into(),
+        names: (0..n_layers).map(|l| format!("random-{l}")).collect(),
+        d_model: d,
+        layers,
+    }
 }
 
 /// The graph settings, spelled the same on both command lines.
@@ -365,7 +507,16 @@ fn last_line(out: &str) -> &str {
     out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
 }
 
-fn report(n: usize, loupe: &Measured, line: &str, reference: Option<&Measured>, cap_gib: u64) {
+/// One prompt's lines; circuit-tracer's time counts its pruning when `with_prune` (Loupe's side
+/// prunes too).
+fn report(
+    n: usize,
+    loupe: &Measured,
+    line: &str,
+    reference: Option<&Measured>,
+    cap_gib: u64,
+    with_prune: bool,
+) {
     println!(
         "  {n:>5} tokens  Loupe          {:8.2} s  peak {:6.2} GiB   ({line})",
         loupe.wall_s, loupe.peak_rss_gib
@@ -375,7 +526,7 @@ fn report(n: usize, loupe: &Measured, line: &str, reference: Option<&Measured>, 
         Ok(out) => match serde_json::from_str::<Value>(last_line(out)) {
             Ok(r) => {
                 let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-                let theirs = f("attribute_s") + f("prune_s");
+                let theirs = f("attribute_s") + if with_prune { f("prune_s") } else { 0.0 };
                 println!(
                     "  {n:>5} tokens  circuit-tracer {theirs:8.2} s  peak {:6.2} GiB   (attribute {:.2} s, prune {:.2} s, \
                      load {:.1} s excluded; {} active features, {} feature nodes, {} logits, {} nodes and {} edges \
