@@ -16,7 +16,8 @@
 //!   [`splice`]: CE-loss recovered and KL with the dictionary spliced into the model;
 //!   [`steer`]: the model run with a feature's decoder direction added at a hook;
 //! - [`transcoder`]: a set of transcoders replacing every MLP (per-layer or cross-layer), what
-//!   attribution graphs read;
+//!   attribution graphs read; [`clt`]: cross-layer transcoders (`train-clt`);
+//!   [`splice_all`]: CE-loss recovered with every MLP replaced by a transcoder set;
 //! - [`io`]: SAELens and sparsify files, trainer state; [`saelens`]: the SAELens `cfg.json`
 //!   settings that change encoding (folded or refused); [`import`]: such files into a store.
 //!
