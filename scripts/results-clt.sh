@@ -14,7 +14,7 @@ store=${1:-/work/data/tc-store}
 name=${NAME:-clt-0}
 loupe=${LOUPE:-target/release/loupe}
 [ -x "$loupe" ] || cargo build --release --bin loupe
-N_FEATURES=${N_FEATURES:-1024} K=${K:-16} BATCH=${BATCH:-2048} TOKENS=${TOKENS:-61440}
+N_FEATURES=${N_FEATURES:-1024} K=${K:-16} BATCH=${BATCH:-2048} TOKENS=${TOKENS:-81920}
 "$loupe" train-clt --store "$store" --dictionary "$name" --layers all \
   --n-features "$N_FEATURES" --k "$K" --batch "$BATCH" --tokens "$TOKENS" --lr "${LR:-2e-3}" \
   --eval-contexts 8

@@ -18,7 +18,8 @@
 //! - [`transcode`]: SAE-family transcoders (MLP input → MLP output, optional skip connection),
 //!   trained by [`train`] with `input_hook`, and their files;
 //! - [`transcoder`]: a set of transcoders replacing every MLP (per-layer or cross-layer), what
-//!   attribution graphs read;
+//!   attribution graphs read; [`clt`]: cross-layer transcoders (`train-clt`);
+//!   [`splice_all`]: CE-loss recovered with every MLP replaced by a transcoder set;
 //! - [`io`]: SAELens and sparsify files, trainer state; [`saelens`]: the SAELens `cfg.json`
 //!   settings that change encoding (folded or refused); [`import`]: such files into a store.
 //!
