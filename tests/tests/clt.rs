@@ -276,3 +276,40 @@ fn write_ct_fixture(dir: &Path) {
     });
     std::fs::write(dir.join("expected.json"), serde_json::to_string(&json).unwrap() + "\n").unwrap();
 }
+
+/// A set whose every layer writes zeros is exactly the all-MLP zero ablation (CE-loss recovered
+/// 0), and one that is told a wrong layer count is refused: the all-layer splice replaces every
+/// `hook_mlp_out` of the run.
+#[test]
+fn a_set_writing_zeros_is_the_zero_ablation() {
+    use loupe_dict::transcoder::{Activation, TranscoderLayer};
+    let model = loupe_model::load(&loupe_tests::fixture("gpt2-tiny")).unwrap();
+    let (d, n_layers) = (model.config().d_model, model.config().n_layers);
+    let vocab = model.config().vocab_size as u32;
+    let layer = |l: usize| TranscoderLayer {
+        layer: l,
+        n_features: 2,
+        w_enc: vec![0.0; 2 * d],
+        b_enc: vec![-1.0; 2],
+        activation: Activation::Relu,
+        w_dec: vec![vec![0.0; 2 * d]; n_layers - l],
+        b_dec: vec![0.0; d],
+        w_skip: None,
+    };
+    let mut set = TranscoderSet {
+        kind: "clt".into(),
+        names: vec!["zeros".into()],
+        d_model: d,
+        layers: (0..n_layers).map(layer).collect(),
+    };
+    let contexts: Vec<Vec<u32>> =
+        (0..3).map(|c| (0..20).map(|i| (i * 7 + c * 13) % vocab).collect()).collect();
+    let stats = loupe_dict::splice_all::eval_splice_all(model.as_ref(), &set, &contexts).unwrap();
+    assert_eq!(stats.tokens, 3 * 18);
+    assert!((stats.ce_spliced - stats.ce_zero_ablation).abs() < 1e-5, "{stats:?}");
+    assert!((stats.ce_zero_ablation - stats.ce_clean).abs() > 1e-3, "{stats:?}");
+    assert!(stats.ce_loss_recovered.abs() < 1e-3, "{stats:?}");
+    set.layers.pop();
+    let err = loupe_dict::splice_all::eval_splice_all(model.as_ref(), &set, &contexts).unwrap_err();
+    assert!(err.to_string().contains("covers 1 layers"), "{err}");
+}
