@@ -35,6 +35,12 @@
 //! - Order. Nodes are embeddings, features, errors, logits ([`super::RawGraph`]); rows are the
 //!   selected features then the logits. Rows are computed in batches sorted by position so
 //!   that each batch backs up only to its last position.
+//! - Cost. The arithmetic is circuit-tracer's (per target and layer, the OV maps at every
+//!   position up to the target's, and the banded pattern products); on 2 CPU cores that is
+//!   ~0.13 s of CPU per target at 512 tokens and ~2.7 s at 2,048 (Gemma 3 270M), so a
+//!   2,048-token graph of 7,500 features takes hours here. Memory stays bounded: measured peak
+//!   RSS 2.2 GiB at 64 tokens (7,500 features), 2.4 GiB at 512 (64 features) and 7.9 GiB at
+//!   2,048 (64 features, batch 256; the 7,500-feature adjacency and ranking rows add ~2 GB).
 //! - Constant terms. Each target's `bias` is its value in the frozen model with every source
 //!   zero (biases, BOS's MLP outputs, GPT-2's position embeddings, b_enc), computed by the
 //!   independent forward — so `row sum + bias = pre-activation` is a real check.
