@@ -39,7 +39,9 @@ impl Breaker {
     /// failure is the one that trips the breaker.
     pub fn failure(&self, why: &str) -> Option<String> {
         let n = self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-        if n < GIVE_UP_AFTER {
+        // Exactly one failure of a streak counts GIVE_UP_AFTER (the add is atomic): it trips the
+        // breaker, so that a failure racing it on another task cannot name a longer streak.
+        if n != GIVE_UP_AFTER {
             return None;
         }
         let reason =
