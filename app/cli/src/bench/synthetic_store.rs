@@ -345,7 +345,16 @@ pub fn ensure_graph(path: &Path) -> Result<()> {
     if path.exists() {
         let ours = Store::open(path).is_ok_and(|s| {
             let m = s.manifest();
-            m.hooks.is_empty() && m.dictionaries.is_empty() && m.features.is_empty()
+            // Only a store holding nothing but (an unfinished) synthetic graph is ours to remove.
+            m.model.is_none()
+                && m.hooks.is_empty()
+                && m.dictionaries.is_empty()
+                && m.features.is_empty()
+                && m.explanations.is_empty()
+                && m.heads.is_empty()
+                && m.circuits.is_empty()
+                && m.circuit_evals.is_empty()
+                && m.graphs.keys().all(|name| name == GRAPH)
         });
         let empty = path.is_dir() && std::fs::read_dir(path)?.next().is_none();
         if ours {
