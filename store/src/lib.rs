@@ -12,6 +12,7 @@
 //! - [`features`]: feature analyses (`features/<dict>/` tables, `index/<dict>/` ANN dumps);
 //! - [`heads`]: attention-head scores (`heads/<name>/`);
 //! - [`circuits`]: task circuits and their evaluations (`circuits/<name>/`, `circuits/evals/<name>/`);
+//! - [`experts`]: expert usage, co-activation and specialization (`experts/<name>/`);
 //! - [`graphs`]: attribution graphs (`circuits/graphs/<name>/`) and their supernodes;
 //! - [`explanations`]: explanations and scores (`explanations/<dict>/`);
 //! - [`index`]: the ANN index files in `index/<dict>/` (hnsw_rs dumps, kept embeddings);
@@ -27,6 +28,7 @@
 pub mod capture;
 pub mod circuits;
 pub mod dictionaries;
+pub mod experts;
 pub mod explanations;
 pub mod export;
 pub mod features;
@@ -52,6 +54,10 @@ pub use circuits::{
     NodeRow, TaskInfo,
 };
 pub use dictionaries::{DictEntry, FileEntry, TrainLogRow};
+pub use experts::{
+    CoactivationRow, EntropyBin, ExpertDomainRow, ExpertRow, ExpertTokenRow, ExpertsData, ExpertsEntry,
+    ExpertsSettings, ExpertsSource, ExpertsTables,
+};
 pub use explanations::{Explanation, Explanations, ExplanationsEntry, Provenance, Score};
 pub use features::{
     Bucket, Cooccurrence, Example, FeatureRow, FeatureTables, FeaturesEntry, FeaturesWriter, HeadAttribution,

@@ -160,6 +160,9 @@ pub struct Manifest {
     /// Hand-made supernodes by graph name (`circuits/supernodes/<graph>/`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub graph_supernodes: BTreeMap<String, crate::graphs::SupernodesEntry>,
+    /// Expert tables by source name (`experts/<dict or hook>/`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub experts: BTreeMap<String, crate::experts::ExpertsEntry>,
 }
 
 impl Default for Manifest {
@@ -179,6 +182,7 @@ impl Default for Manifest {
             circuit_evals: BTreeMap::new(),
             graphs: BTreeMap::new(),
             graph_supernodes: BTreeMap::new(),
+            experts: BTreeMap::new(),
         }
     }
 }

@@ -103,6 +103,11 @@ impl Store {
                 report.problems.extend(check_file(&format!("attribution graph {name}"), self.root(), file));
             }
         }
+        for (name, entry) in &manifest.experts {
+            for file in &entry.files {
+                report.problems.extend(check_file(&format!("expert tables {name}"), self.root(), file));
+            }
+        }
         for (name, entry) in &manifest.graph_supernodes {
             for file in &entry.files {
                 report.problems.extend(check_file(&format!("supernodes of {name}"), self.root(), file));

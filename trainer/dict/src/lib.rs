@@ -93,6 +93,27 @@ pub trait Dictionary: Send + Sync {
         let _ = inputs;
         None
     }
+    /// How the features group into experts, for a mixture-of-experts dictionary (Monet: each
+    /// expert is one feature; MoE-X: expert e owns features e·m … e·m + m − 1); `None` for
+    /// dictionaries without experts (SAEs, transcoders).
+    fn experts(&self) -> Option<ExpertLayout> {
+        None
+    }
+    /// Which experts each token of `x` (`[tokens, d_in]`) is routed to, with its gate: sparse
+    /// codes over *expert* ids (not feature ids), gates at or below the dictionary's floor left
+    /// out; `None` for dictionaries without experts. What `loupe experts` counts.
+    fn route(&self, x: &[f32]) -> Option<Codes> {
+        let _ = x;
+        None
+    }
+}
+
+/// How a dictionary's features group into experts ([`Dictionary::experts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertLayout {
+    pub n_experts: usize,
+    /// Features per expert; expert e owns features e·m … e·m + m − 1.
+    pub features_per_expert: usize,
 }
 
 /// Load dictionary `name` of `store`, whatever its kind; it must have finished training.

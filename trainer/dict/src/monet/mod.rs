@@ -362,6 +362,15 @@ impl super::Dictionary for Monet {
         io::save(self, &super::io::SaeMeta::default(), None, dir)
     }
 
+    fn experts(&self) -> Option<super::ExpertLayout> {
+        Some(super::ExpertLayout { n_experts: self.spec.n_experts(), features_per_expert: 1 })
+    }
+
+    /// Each expert is a feature, its gate the feature's activation.
+    fn route(&self, x: &[f32]) -> Option<Codes> {
+        Some(self.encode(x))
+    }
+
     fn mean_feature_outputs(&self, inputs: &[Vec<f32>]) -> Option<Vec<f32>> {
         use rayon::prelude::*;
         let (d, o, e) = (self.spec.d_in, self.spec.d_out, self.spec.experts);
