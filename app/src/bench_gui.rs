@@ -2,7 +2,8 @@
 //! (default 1,000,000) — scrolling the feature list, redrawing a feature page, opening pages — and
 //! the time to open that store, against the targets (p99 < 8 ms a frame, < 1 s to open); and the
 //! Graph view panning and zooming a synthetic attribution graph of 100,000 nodes and 1,000,000
-//! edges (p99 < 16 ms a frame).
+//! edges (p99 < 16 ms a frame); and the Experts view on 65,536 synthetic experts (p99 < 8 ms a
+//! frame; `bench_gui_experts.rs`).
 //!
 //! The app is driven headlessly, as eframe drives it but with no window: each frame is one
 //! `Context::run_ui` (layout and the app's code) plus `Context::tessellate` (shapes to meshes),
@@ -24,6 +25,9 @@ use loupe_store::{FeatureTables, Store};
 
 use loupe_cli::bench::synthetic_store::{self, DICT};
 
+#[path = "bench_gui_experts.rs"]
+mod experts;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Features in the synthetic dictionary.
@@ -36,13 +40,17 @@ pub struct Args {
     /// Frames timed in each measurement (after 10 warm-up frames).
     #[arg(long, default_value_t = 600)]
     frames: usize,
-    /// Which cases to run: the feature list and pages, the attribution graph, or both.
+    /// Which cases to run: the feature list and pages, the attribution graph, the Experts view,
+    /// or all.
     #[arg(long, value_enum, default_value = "all")]
     case: Case,
     /// Where the synthetic attribution graph lives (reused when complete; default:
     /// ~/.cache/loupe/bench-gui-graph).
     #[arg(long)]
     graph_store: Option<PathBuf>,
+    /// Experts in the synthetic experts entry (the Experts view's case).
+    #[arg(long, default_value_t = 65_536)]
+    experts: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -50,6 +58,7 @@ enum Case {
     All,
     Features,
     Graph,
+    Experts,
 }
 
 const WARM_UP: usize = 10;
@@ -167,10 +176,16 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("bench gui: need at least 100 features and 10 frames");
     }
     let graph = match args.case {
-        Case::Features => None,
+        Case::Features | Case::Experts => None,
         Case::All | Case::Graph => Some(graph_case(args)?),
     };
-    if args.case != Case::Graph {
+    if matches!(args.case, Case::All | Case::Experts) {
+        if args.experts < 2 {
+            bail!("bench gui: need at least 2 experts");
+        }
+        experts::experts_case(args.experts, args.frames)?;
+    }
+    if matches!(args.case, Case::All | Case::Features) {
         features_case(args)?;
     }
     if let Some(p99) = graph {

@@ -139,6 +139,7 @@ pub fn run(args: &Args) -> Result<()> {
         head: None,
         circuit: None,
         graph: None,
+        experts: None,
     };
     crate::gui_cmd::run(&gui)
 }

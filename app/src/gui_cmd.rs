@@ -36,6 +36,9 @@ pub struct Args {
     /// An attribution graph to show at start, in the Graph view (a name `loupe graph` wrote).
     #[arg(long)]
     pub(crate) graph: Option<String>,
+    /// An experts entry to show at start, in the Experts view (a name `loupe experts` wrote).
+    #[arg(long)]
+    pub(crate) experts: Option<String>,
 }
 
 pub fn options(args: &Args) -> Result<Options> {
@@ -81,6 +84,12 @@ pub fn options(args: &Args) -> Result<Options> {
             if names.is_empty() { "none; run `loupe graph` first".to_string() } else { names.join(", ") };
         bail!("{} has no attribution graph {g:?} (graphs: {listed})", args.store.display());
     }
+    if let Some(x) = args.experts.as_ref().filter(|x| !store.manifest().experts.contains_key(*x)) {
+        let names = store.experts_names();
+        let listed =
+            if names.is_empty() { "none; run `loupe experts` first".to_string() } else { names.join(", ") };
+        bail!("{} has no expert tables {x:?} (experts: {listed})", args.store.display());
+    }
     if let Some(m) = args.model.as_ref().filter(|m| !m.exists()) {
         bail!("model not found: {} does not exist", m.display());
     }
@@ -102,6 +111,7 @@ pub fn options(args: &Args) -> Result<Options> {
         head,
         circuit: args.circuit.clone(),
         graph: args.graph.clone(),
+        experts: args.experts.clone(),
     })
 }
 

@@ -11,13 +11,17 @@
 //!
 //! Tabs: Features (list + page), Prompt lab, Heads (grid + head page), Circuits (graph of a task's
 //! heads and MLPs, the selected node, the methods' evaluation), Graph (an attribution graph of
-//! transcoder features by position and layer, pinned subgraph, supernodes). The prompt is the app's: the
+//! transcoder features by position and layer, pinned subgraph, supernodes), Experts (usage bars,
+//! co-activation heatmap and the selected expert of an experts entry). The prompt is the app's: the
 //! prompt lab, the Heads view and the feature page's attributions run on the same text.
 
 pub mod circuits;
 pub mod circuits_data;
 pub mod circuits_eval;
 pub mod data;
+pub mod experts;
+pub mod experts_data;
+pub mod experts_synthetic;
 pub mod feature_list;
 pub mod feature_page;
 pub mod graph;
@@ -41,6 +45,7 @@ use loupe_store::Store;
 
 use circuits::CircuitsView;
 use data::DictData;
+use experts::ExpertsView;
 use feature_list::FeatureList;
 use feature_page::FeaturePage;
 use graph::GraphView;
@@ -72,6 +77,8 @@ pub struct Options {
     pub circuit: Option<String>,
     /// An attribution graph to show at start (in the Graph view).
     pub graph: Option<String>,
+    /// An experts entry to show at start (in the Experts view).
+    pub experts: Option<String>,
 }
 
 /// The tabs of the navigation bar (`loupe gui --view`).
@@ -82,6 +89,7 @@ pub enum Tab {
     Heads,
     Circuits,
     Graph,
+    Experts,
 }
 
 /// The whole app.
@@ -98,6 +106,7 @@ pub struct LoupeApp {
     heads: HeadsView,
     circuits: CircuitsView,
     graph: GraphView,
+    experts: ExpertsView,
     /// The prompt the prompt lab, the Heads view and the feature page share.
     prompt: String,
     model: LiveModel,
@@ -119,12 +128,13 @@ impl LoupeApp {
         if let Some((layer, head)) = options.head {
             history.open(Item::Head { layer, head });
         }
-        let tab = match (options.view, options.head, &options.circuit, &options.graph) {
-            (Some(tab), _, _, _) => tab,
-            (None, Some(_), _, _) => Tab::Heads,
-            (None, None, Some(_), _) => Tab::Circuits,
-            (None, None, None, Some(_)) => Tab::Graph,
-            (None, None, None, None) => Tab::Features,
+        let tab = match (options.view, options.head, &options.circuit, &options.graph, &options.experts) {
+            (Some(tab), ..) => tab,
+            (None, Some(_), ..) => Tab::Heads,
+            (None, None, Some(_), ..) => Tab::Circuits,
+            (None, None, None, Some(_), _) => Tab::Graph,
+            (None, None, None, None, Some(_)) => Tab::Experts,
+            (None, None, None, None, None) => Tab::Features,
         };
         LoupeApp {
             pending: dict,
@@ -139,6 +149,7 @@ impl LoupeApp {
             heads: HeadsView::default(),
             circuits: CircuitsView::starting_at(options.circuit.clone()),
             graph: GraphView::starting_at(options.graph.clone()),
+            experts: ExpertsView::starting_at(options.experts.clone()),
             prompt: options.prompt.clone().unwrap_or_else(|| DEFAULT_PROMPT.to_string()),
             model: LiveModel { path: options.model.clone(), ..LiveModel::default() },
             history,
@@ -172,7 +183,7 @@ impl LoupeApp {
     pub fn current_feature(&self) -> Option<u32> {
         match self.history.current()? {
             Item::Feature { feature, .. } => Some(*feature),
-            Item::Head { .. } | Item::CircuitNode { .. } | Item::GraphNode { .. } => None,
+            _ => None,
         }
     }
 
@@ -180,7 +191,7 @@ impl LoupeApp {
     pub fn current_head(&self) -> Option<(usize, usize)> {
         match self.history.current()? {
             Item::Head { layer, head } => Some((*layer, *head)),
-            Item::Feature { .. } | Item::CircuitNode { .. } | Item::GraphNode { .. } => None,
+            _ => None,
         }
     }
 
@@ -188,7 +199,7 @@ impl LoupeApp {
     pub fn current_circuit_node(&self) -> Option<(&str, &str)> {
         match self.history.current()? {
             Item::CircuitNode { circuit, node } => Some((circuit, node)),
-            Item::Feature { .. } | Item::Head { .. } | Item::GraphNode { .. } => None,
+            _ => None,
         }
     }
 
@@ -198,6 +209,19 @@ impl LoupeApp {
             Item::GraphNode { graph, node } => Some((graph, node)),
             _ => None,
         }
+    }
+
+    /// The expert selected, as `(experts entry, expert)`.
+    pub fn current_expert(&self) -> Option<(&str, u32)> {
+        match self.history.current()? {
+            Item::Expert { source, expert } => Some((source, *expert)),
+            _ => None,
+        }
+    }
+
+    /// The Experts view (what it shows: the entry, its sort, what the last frame drew).
+    pub fn experts_view(&self) -> &ExpertsView {
+        &self.experts
     }
 
     /// The Circuits view (what it shows: the circuit, the pinned nodes).
@@ -311,6 +335,7 @@ impl LoupeApp {
             Tab::Heads => self.heads.ui(ui, &mut cx),
             Tab::Circuits => self.circuits.ui(ui, &mut cx),
             Tab::Graph => self.graph.ui(ui, &mut cx),
+            Tab::Experts => self.experts.ui(ui, &mut cx),
         }
         if let Some(item) = cx.open {
             self.open_item(item);
@@ -336,6 +361,7 @@ impl LoupeApp {
                 (Tab::Heads, self.heads.title()),
                 (Tab::Circuits, self.circuits.title()),
                 (Tab::Graph, self.graph.title()),
+                (Tab::Experts, self.experts.title()),
             ] {
                 ui.selectable_value(&mut self.tab, tab, title);
             }
@@ -375,6 +401,7 @@ fn tab_of(item: &Item) -> Tab {
         Item::Head { .. } => Tab::Heads,
         Item::CircuitNode { .. } => Tab::Circuits,
         Item::GraphNode { .. } => Tab::Graph,
+        Item::Expert { .. } => Tab::Experts,
     }
 }
 

@@ -1,12 +1,10 @@
 //! What the app can open and the way back to it: an [`Item`] names one thing a view shows (a
-//! feature of a dictionary, an attention head, a node of a circuit or of an attribution graph), and [`History`] is the back/forward list over the
-//! items opened.
+//! feature of a dictionary, an attention head, a node of a circuit or of an attribution graph, an
+//! expert), and [`History`] is the back/forward list over the items opened.
 
 /// One thing the user can open, link to and go back to. A view asks for one by putting it in
 /// [`super::view::ViewContext::open`]; the app opens it after the frame (switching the view and,
 /// when the item belongs to another dictionary, the dictionary).
-///
-/// The coming views add their variants when they are built, not before: a Monet expert.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Item {
     /// Feature `feature` of the analysed dictionary `dictionary`: its page.
@@ -19,6 +17,9 @@ pub enum Item {
     /// Node `node` (its `node_id`, e.g. `3_1024_5`) of the store's attribution graph `graph`:
     /// selected in the Graph view, with that graph shown.
     GraphNode { graph: String, node: String },
+    /// Expert `expert` of the store's experts entry `source`: selected in the Experts view, with
+    /// that entry shown.
+    Expert { source: String, expert: u32 },
 }
 
 impl Item {
@@ -27,7 +28,9 @@ impl Item {
     pub fn dictionary(&self) -> Option<&str> {
         match self {
             Item::Feature { dictionary, .. } => Some(dictionary),
-            Item::Head { .. } | Item::CircuitNode { .. } | Item::GraphNode { .. } => None,
+            Item::Head { .. } | Item::CircuitNode { .. } | Item::GraphNode { .. } | Item::Expert { .. } => {
+                None
+            }
         }
     }
 }
@@ -129,6 +132,7 @@ mod tests {
         assert_eq!(h.current(), Some(&feature("a", 3)));
         assert_eq!(h.current().unwrap().dictionary(), Some("a"));
         assert_eq!(Item::Head { layer: 1, head: 2 }.dictionary(), None);
+        assert_eq!(Item::Expert { source: "monet".into(), expert: 3 }.dictionary(), None);
         assert_eq!(
             Item::CircuitNode { circuit: "ioi-patching".into(), node: "5.mlp".into() }.dictionary(),
             None
