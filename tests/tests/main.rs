@@ -31,6 +31,7 @@ mod graphs;
 mod graphs_parity;
 mod gui;
 mod gui_circuits;
+mod gui_experts;
 mod gui_graph;
 mod gui_heads;
 mod heads;
