@@ -319,6 +319,28 @@ mod tests {
     }
 
     #[test]
+    fn sorts_lookups_and_a_bad_expert_id() {
+        let (tables, entry) = crate::gui::experts_synthetic::synthetic(300);
+        let data = ExpertsData { name: "x".into(), entry: entry.clone(), tables: tables.clone() };
+        let e = Experts::new(data, None).unwrap();
+        let usage = |id: u32| e.expert(id).unwrap().usage;
+        assert!(e.order(Sort::Usage).windows(2).all(|w| usage(w[0]) >= usage(w[1])));
+        assert_eq!(e.order(Sort::Id), (0..300).collect::<Vec<u32>>());
+        assert_eq!(e.heatmap.len(), 128);
+        assert_eq!(e.heatmap.experts[..], e.order(Sort::Usage)[..128]);
+        let partners = e.partners(7, 100);
+        assert!(partners.windows(2).all(|w| w[0].p_j_given_i >= w[1].p_j_given_i));
+        assert!(!partners.is_empty() && partners.iter().all(|r| r.expert_i == 7 && r.expert_j != 7));
+        assert_eq!(e.tokens(7).len(), 8);
+        assert_eq!(e.domains(7).iter().map(|d| d.domain).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(e.token(5), "#5", "no vocabulary: ids");
+        let mut bad = tables;
+        bad.experts[0].expert = 300;
+        let err = Experts::new(ExpertsData { name: "x".into(), entry, tables: bad }, None).err().unwrap();
+        assert!(err.to_string().contains("expert 300 in experts.arrow, but the entry has 300 experts"), "{err}");
+    }
+
+    #[test]
     fn an_expert_owns_a_block_of_features() {
         assert_eq!(features_of(3, 1), 3..4);
         assert_eq!(features_of(3, 4), 12..16);
