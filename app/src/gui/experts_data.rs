@@ -337,7 +337,10 @@ mod tests {
         let mut bad = tables;
         bad.experts[0].expert = 300;
         let err = Experts::new(ExpertsData { name: "x".into(), entry, tables: bad }, None).err().unwrap();
-        assert!(err.to_string().contains("expert 300 in experts.arrow, but the entry has 300 experts"), "{err}");
+        assert!(
+            err.to_string().contains("expert 300 in experts.arrow, but the entry has 300 experts"),
+            "{err}"
+        );
     }
 
     #[test]
