@@ -157,6 +157,55 @@ fn interventions_at_the_router_hooks_change_the_routing() {
     assert!(max_diff(&get(&twice, names[3]), &want) <= 1e-5);
 }
 
+/// A checkpoint in shards (`model.safetensors.index.json`) with transformers 5's stacked expert
+/// tensors (`mlp.experts.gate_up_proj` `[experts, 2·d_expert, d_model]`, `mlp.experts.down_proj`)
+/// gives the same logits as the per-expert single file.
+#[test]
+fn sharded_checkpoints_with_stacked_experts_load_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("stacked");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("qwen3moe-tiny/config.json"), dir.join("config.json")).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(fixture("qwen3moe-tiny/model.safetensors"), &Device::Cpu).unwrap();
+    for l in 0..LAYERS {
+        let mut take = |e: usize, w: &str| {
+            tensors.remove(&format!("model.layers.{l}.mlp.experts.{e}.{w}.weight")).unwrap()
+        };
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for e in 0..8 {
+            gate_up.push(Tensor::cat(&[take(e, "gate_proj"), take(e, "up_proj")], 0).unwrap());
+            down.push(take(e, "down_proj"));
+        }
+        let p = format!("model.layers.{l}.mlp.experts");
+        tensors.insert(format!("{p}.gate_up_proj"), Tensor::stack(&gate_up, 0).unwrap());
+        tensors.insert(format!("{p}.down_proj"), Tensor::stack(&down, 0).unwrap());
+    }
+    let mut weight_map = serde_json::Map::new();
+    let (mut first, mut second) = (HashMap::new(), HashMap::new());
+    for (name, t) in tensors {
+        let file = if name.contains("layers.1.") {
+            "model-00002-of-00002.safetensors"
+        } else {
+            "model-00001-of-00002.safetensors"
+        };
+        weight_map.insert(name.clone(), file.into());
+        if file.starts_with("model-00001") {
+            first.insert(name, t)
+        } else {
+            second.insert(name, t)
+        };
+    }
+    candle_core::safetensors::save(&first, dir.join("model-00001-of-00002.safetensors")).unwrap();
+    candle_core::safetensors::save(&second, dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let tokens = ids(&reference("qwen3moe-tiny"), 0);
+    let logits = |d: &Path| model::load(d).unwrap().forward(&tokens, &mut Hooks::new()).unwrap().unwrap();
+    let diff = max_diff(&logits(&dir), &logits(&fixture("qwen3moe-tiny")));
+    assert_eq!(diff, 0.0, "the stacked, sharded checkpoint gives other logits");
+}
+
 /// Gradients reach the router through the expert weights.
 #[test]
 fn the_loss_gradient_reaches_the_router_logits() {

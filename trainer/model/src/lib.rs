@@ -55,7 +55,7 @@ pub const SUPPORTED: &str = "gemma3 (GGUF file or HF safetensors directory), gpt
 const UNSUPPORTED_MOE: &[(&str, &str)] = &[
     (
         "mixtral",
-        "Mixtral: softmax top-k router, but sliding-window attention without QK-norm and block_sparse_moe weights are not implemented",
+        "Mixtral: a softmax top-k router like Qwen3-MoE's, but attention without QK-norm and block_sparse_moe weights, not implemented",
     ),
     ("qwen2_moe", "Qwen2-MoE: a shared expert with its own sigmoid gate beside the routed experts"),
     ("deepseek_v2", "DeepSeek-V2: grouped top-k routing, shared experts, multi-head latent attention"),
