@@ -159,13 +159,23 @@ fn interventions_at_the_router_hooks_change_the_routing() {
 
 /// A checkpoint in shards (`model.safetensors.index.json`) with transformers 5's stacked expert
 /// tensors (`mlp.experts.gate_up_proj` `[experts, 2·d_expert, d_model]`, `mlp.experts.down_proj`)
-/// gives the same logits as the per-expert single file.
+/// and a transformers 4 config (`num_experts`, `rope_theta`) gives the same logits as the fixture.
 #[test]
 fn sharded_checkpoints_with_stacked_experts_load_alike() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("stacked");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(fixture("qwen3moe-tiny/config.json"), dir.join("config.json")).unwrap();
+    // The config as transformers 4 wrote it (the released checkpoints' spelling).
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("qwen3moe-tiny/config.json")).unwrap())
+            .unwrap();
+    let obj = config.as_object_mut().unwrap();
+    let n = obj.remove("num_local_experts").unwrap();
+    obj.insert("num_experts".into(), n);
+    let theta = obj.remove("rope_parameters").unwrap()["rope_theta"].clone();
+    obj.insert("rope_theta".into(), theta);
+    obj.insert("rope_scaling".into(), serde_json::Value::Null);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let mut tensors =
         candle_core::safetensors::load(fixture("qwen3moe-tiny/model.safetensors"), &Device::Cpu).unwrap();
     for l in 0..LAYERS {

@@ -174,3 +174,72 @@ fn expert_ids(ids: &Tensor, n: usize) -> Result<Vec<u32>> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn top_k_is_descending_with_ties_to_the_lower_index() {
+        let x = Tensor::new(&[[0.1f32, 0.5, 0.2, 0.5], [3.0, 1.0, 2.0, 0.0]], &Device::Cpu).unwrap();
+        assert_eq!(top_k(&x, 2).unwrap(), [1, 3, 0, 2]);
+    }
+
+    #[test]
+    fn replaced_indices_must_be_expert_ids() {
+        let ids = |v: f32| Tensor::new(&[[[0f32, v]]], &Device::Cpu).unwrap();
+        assert_eq!(expert_ids(&ids(7.0), 8).unwrap(), [0, 7]);
+        for bad in [8.0, -1.0, 1.5, f32::NAN] {
+            let err = expert_ids(&ids(bad), 8).unwrap_err().to_string();
+            assert!(err.contains("not an expert id (0..8)"), "{err}");
+        }
+    }
+
+    /// The routed computation equals running every expert on every token and summing the chosen
+    /// ones by hand.
+    #[test]
+    fn routed_experts_equal_the_dense_sum_over_the_chosen() {
+        let dev = Device::Cpu;
+        let (n, k, d, f) = (5, 2, 6, 4);
+        let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, &dev).unwrap();
+        for norm in [false, true] {
+            let moe = SparseMoe {
+                router: r(&[n, d]),
+                gate_up: (0..n).map(|_| r(&[2 * f, d])).collect(),
+                down: (0..n).map(|_| r(&[d, f])).collect(),
+                top_k: k,
+                norm_topk_prob: norm,
+            };
+            moe.check(d, f, "test").unwrap();
+            let x = r(&[2, 3, d]);
+            let got = moe.forward(0, &x, &mut Hooks::new(), false).unwrap();
+            let rows: Vec<Vec<f32>> = x.reshape((6, d)).unwrap().to_vec2().unwrap();
+            let got: Vec<Vec<f32>> = got.reshape((6, d)).unwrap().to_vec2().unwrap();
+            for (t, row) in rows.iter().enumerate() {
+                let xt = Tensor::new(row.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+                let logits: Vec<f32> =
+                    xt.matmul(&moe.router.t().unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+                let z: f32 = logits.iter().map(|l| l.exp()).sum();
+                let probs: Vec<f32> = logits.iter().map(|l| l.exp() / z).collect();
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+                let total: f32 = order[..k].iter().map(|&e| probs[e]).sum();
+                let mut want = vec![0f32; d];
+                for &e in &order[..k] {
+                    let h = xt.matmul(&moe.gate_up[e].t().unwrap()).unwrap();
+                    let act =
+                        (h.narrow(1, 0, f).unwrap().silu().unwrap() * h.narrow(1, f, f).unwrap()).unwrap();
+                    let y: Vec<f32> =
+                        act.matmul(&moe.down[e].t().unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+                    let w = if norm { probs[e] / total } else { probs[e] };
+                    want.iter_mut().zip(y).for_each(|(a, b)| *a += w * b);
+                }
+                for (a, b) in got[t].iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "token {t}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}

@@ -404,6 +404,14 @@ impl HookedModel for MoeLm {
         self.components(tokens, hook)
     }
 
+    fn freeze(&self, tokens: &[u32]) -> Result<crate::frozen::Frozen> {
+        let _ = tokens;
+        bail!(
+            "{} has no frozen linear model: attribution graphs through a sparse MoE's routing are not implemented (gemma3 and gpt2 have them)",
+            self.cfg.base.architecture
+        )
+    }
+
     fn hook_list(&self) -> &'static HookList {
         &HOOKS
     }
