@@ -346,7 +346,8 @@ fn unsupported_routers_are_refused_before_any_weight_is_read() {
     one_error_line(&dense, &["dense MLP layers", "mlp_only_layers [1]"]);
 }
 
-/// A checkpoint missing a tensor, or holding one of the wrong shape, is refused naming it.
+/// A checkpoint missing a tensor, or holding one of the wrong shape, is refused naming it; a
+/// truncated file is refused as such.
 #[test]
 fn missing_or_misshapen_tensors_are_named() {
     let tmp = tempfile::tempdir().unwrap();
