@@ -1,7 +1,8 @@
 //! Every hook point an architecture lists (`HookedModel::hook_list`) fires on a forward pass with
 //! all of them cached, with the shape the list documents: GPT-2 (the tiny fixture), BERT
-//! (all-MiniLM-L6-v2) and Gemma 3 (a tiny random one: 2 query heads sharing 1 key/value head,
-//! head_dim unlike d_model / heads), each on a batch of two short sequences.
+//! (all-MiniLM-L6-v2), Gemma 3 (a tiny random one: 2 query heads sharing 1 key/value head,
+//! head_dim unlike d_model / heads) and the sparse-MoE OLMoE and Qwen3-MoE (their tiny fixtures,
+//! router and expert hooks included), each on a batch of two short sequences.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -86,4 +87,16 @@ fn gemma3_hooks_fire_with_their_shapes() {
     tiny_gemma3(tmp.path());
     let model = model::load(tmp.path()).unwrap();
     assert_listed_hooks_fire(model.as_ref(), [[2, 5, 9, 13, 17], [2, 30, 31, 32, 39]]);
+}
+
+#[test]
+fn olmoe_hooks_fire_with_their_shapes() {
+    let model = model::load(&fixture("olmoe-tiny")).unwrap();
+    assert_listed_hooks_fire(model.as_ref(), [[40, 72, 69, 4, 87], [35, 65, 76, 76, 4]]);
+}
+
+#[test]
+fn qwen3_moe_hooks_fire_with_their_shapes() {
+    let model = model::load(&fixture("qwen3moe-tiny")).unwrap();
+    assert_listed_hooks_fire(model.as_ref(), [[40, 72, 69, 4, 87], [35, 65, 76, 76, 4]]);
 }

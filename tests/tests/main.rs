@@ -42,6 +42,7 @@ mod import;
 mod intervention;
 mod kill_writer;
 mod logit_effects;
+mod moe_parity;
 mod monet;
 mod old_spellings;
 mod progress;

@@ -173,6 +173,8 @@ impl Bert {
                 vocab_size: word.dim(0)?,
                 max_context: position.dim(0)?,
                 causal: false,
+                n_experts: 0,
+                experts_per_token: 0,
             },
             ln_eps,
             activation,

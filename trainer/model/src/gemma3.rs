@@ -148,6 +148,8 @@ impl Gemma3 {
                 vocab_size,
                 max_context: file.u32("gemma3.context_length")? as usize,
                 causal: true,
+                n_experts: 0,
+                experts_per_token: 0,
             },
             rms_eps: file.f32("gemma3.attention.layer_norm_rms_epsilon")? as f64,
             rope_global: file.f32("gemma3.rope.freq_base").unwrap_or(1e6) as f64,
@@ -243,6 +245,8 @@ impl Gemma3 {
                 vocab_size: embed.dim(0)?,
                 max_context: num("max_position_embeddings").unwrap_or(32768.0) as usize,
                 causal: true,
+                n_experts: 0,
+                experts_per_token: 0,
             },
             rms_eps: num("rms_norm_eps").unwrap_or(1e-6),
             // transformers 4 writes rope_theta / rope_local_base_freq, transformers 5 rope_parameters.

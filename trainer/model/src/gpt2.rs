@@ -176,6 +176,8 @@ impl Gpt2 {
                 vocab_size: unembed.dim(0)?,
                 max_context: wpe.dim(0)?,
                 causal: true,
+                n_experts: 0,
+                experts_per_token: 0,
             },
             ln_eps,
             activation,

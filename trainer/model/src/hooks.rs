@@ -36,6 +36,12 @@ pub mod names {
     pub const MLP_PRE_LINEAR: &str = "mlp.hook_pre_linear";
     pub const MLP_POST: &str = "mlp.hook_post";
     pub const MLP_OUT: &str = "hook_mlp_out";
+    // Sparse mixture-of-experts MLPs (OLMoE, Qwen3-MoE); see `crate::moe`.
+    pub const ROUTER_LOGITS: &str = "mlp.hook_router_logits";
+    pub const ROUTER_PROBS: &str = "mlp.hook_router_probs";
+    pub const EXPERT_WEIGHTS: &str = "mlp.hook_expert_weights";
+    pub const EXPERT_INDICES: &str = "mlp.hook_expert_indices";
+    pub const EXPERT_OUT: &str = "mlp.hook_expert_out";
     pub const RESID_POST: &str = "hook_resid_post";
     pub const LN_FINAL: &str = "ln_final.hook_normalized";
 }
@@ -56,6 +62,12 @@ pub enum Shape {
     Pattern,
     /// `[batch, pos, head, d_model]`: each head's output, before it is summed.
     HeadResults,
+    /// `[batch, pos, n_experts]`: one value per expert of a sparse MoE MLP.
+    Experts,
+    /// `[batch, pos, experts_per_token]`: per chosen expert.
+    ChosenExperts,
+    /// `[batch, pos, experts_per_token, d_model]`: each chosen expert's output.
+    ExpertOutputs,
 }
 
 impl Shape {
@@ -67,6 +79,9 @@ impl Shape {
             Shape::KvHeads => vec![batch, pos, c.n_kv_heads, c.d_head],
             Shape::Pattern => vec![batch, c.n_heads, pos, pos],
             Shape::HeadResults => vec![batch, pos, c.n_heads, c.d_model],
+            Shape::Experts => vec![batch, pos, c.n_experts],
+            Shape::ChosenExperts => vec![batch, pos, c.experts_per_token],
+            Shape::ExpertOutputs => vec![batch, pos, c.experts_per_token, c.d_model],
         }
     }
 }

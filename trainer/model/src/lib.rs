@@ -1,7 +1,8 @@
 //! loupe-model: Loupe's hooked transformer runtime, from a model file to activations in a store.
 //!
 //! - the architectures, one file each ([`gemma3`] from GGUF or HF safetensors, [`gpt2`] and
-//!   [`bert`] from HF folders), with Loupe's own TransformerLens hook points ([`hooks`]) for
+//!   [`bert`] from HF folders; the sparse-MoE [`olmoe`] and [`qwen3_moe`] on the shared decoder
+//!   [`moe_lm`] and MoE MLP [`moe`]), with Loupe's own TransformerLens hook points ([`hooks`]) for
 //!   caching, interventions and gradients (candle-transformers exposes no internals); what they
 //!   share is here: the [`HookedModel`] trait, loading by path, and the loss whose gradient
 //!   capture uses ([`loss`]); [`kernels`] and [`ops`]: the fused CPU kernels; [`gguf`]: the file;
@@ -28,7 +29,11 @@ pub mod gpt2;
 pub mod hooks;
 pub mod kernels;
 pub mod loss;
+pub mod moe;
+pub mod moe_lm;
+pub mod olmoe;
 pub mod ops;
+pub mod qwen3_moe;
 pub mod residual;
 pub mod session;
 pub mod tokenizer;
@@ -43,13 +48,30 @@ pub use loss::{loss_gradients, next_token_loss, token_losses};
 pub use session::Session;
 
 /// Architectures Loupe can run, for error messages.
-pub const SUPPORTED: &str =
-    "gemma3 (GGUF file or HF safetensors directory), gpt2 (HF directory), bert (HF directory)";
+pub const SUPPORTED: &str = "gemma3 (GGUF file or HF safetensors directory), gpt2 (HF directory), bert (HF directory), olmoe and qwen3_moe (sparse MoE, HF directory)";
+
+/// Sparse-MoE architectures Loupe recognises but cannot run, with what their MoE does that
+/// [`moe`]'s softmax top-k router does not.
+const UNSUPPORTED_MOE: &[(&str, &str)] = &[
+    (
+        "mixtral",
+        "Mixtral: a softmax top-k router like Qwen3-MoE's, but attention without QK-norm and block_sparse_moe weights, not implemented",
+    ),
+    ("qwen2_moe", "Qwen2-MoE: a shared expert with its own sigmoid gate beside the routed experts"),
+    ("deepseek_v2", "DeepSeek-V2: grouped top-k routing, shared experts, multi-head latent attention"),
+    ("deepseek_v3", "DeepSeek-V3: sigmoid scoring with a correction bias, grouped top-k, shared experts"),
+    ("qwen3_next", "Qwen3-Next: a shared expert, hybrid linear attention"),
+    ("llama4", "Llama 4: sigmoid top-1 router with a shared expert"),
+    ("dbrx", "DBRX: fused expert weights and clipped-QKV attention of its own"),
+    ("jamba", "Jamba: Mamba layers between the attention and MoE layers"),
+    ("granitemoe", "GraniteMoE: a router and scalings of its own"),
+    ("phimoe", "PhiMoE: sparsemixer routing"),
+];
 
 /// Shape facts every architecture reports.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
-    /// `gemma3`, `gpt2` or `bert`.
+    /// `gemma3`, `gpt2`, `bert`, `olmoe` or `qwen3_moe`.
     pub architecture: String,
     pub n_layers: usize,
     pub d_model: usize,
@@ -62,6 +84,10 @@ pub struct ModelConfig {
     pub max_context: usize,
     /// Whether the model predicts the next token (has a next-token loss).
     pub causal: bool,
+    /// Experts per sparse MoE MLP (0 for a dense model); `d_mlp` is then each expert's width.
+    pub n_experts: usize,
+    /// Experts each token is routed to (0 for a dense model).
+    pub experts_per_token: usize,
 }
 
 /// A transformer whose forward pass goes through [`Hooks`].
@@ -116,6 +142,17 @@ pub trait HookedModel: Send + Sync {
     fn forward(&self, tokens: &Tensor, hooks: &mut Hooks) -> Result<Option<Tensor>>;
 }
 
+/// Whether `config.json` (of `model_type`) describes a sparse mixture of experts.
+fn is_moe(model_type: &str, config: &serde_json::Value) -> bool {
+    let keys =
+        ["num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok"];
+    UNSUPPORTED_MOE.iter().any(|(t, _)| *t == model_type)
+        || keys.iter().any(|k| config.get(k).is_some_and(|v| !v.is_null()))
+        || config
+            .get("text_config")
+            .is_some_and(|t| keys.iter().any(|k| t.get(k).is_some_and(|v| !v.is_null())))
+}
+
 /// Load a model from a GGUF file or an HF directory (`config.json` + `model.safetensors`).
 pub fn load(path: &Path) -> Result<Box<dyn HookedModel>> {
     if !path.exists() {
@@ -133,6 +170,18 @@ pub fn load(path: &Path) -> Result<Box<dyn HookedModel>> {
             "gemma3_text" | "gemma3" => Ok(Box::new(gemma3::Gemma3::from_hf_dir(path, &config)?)),
             "gpt2" => Ok(Box::new(gpt2::Gpt2::from_hf_dir(path, &config)?)),
             "bert" => Ok(Box::new(bert::Bert::from_hf_dir(path, &config)?)),
+            "olmoe" => Ok(Box::new(olmoe::from_hf_dir(path, &config)?)),
+            "qwen3_moe" => Ok(Box::new(qwen3_moe::from_hf_dir(path, &config)?)),
+            other if is_moe(other, &config) => {
+                let what = UNSUPPORTED_MOE
+                    .iter()
+                    .find(|(t, _)| *t == other)
+                    .map_or("a router Loupe does not know", |(_, w)| w);
+                bail!(
+                    "{}: unsupported sparse-MoE architecture {other:?} ({what}); supported MoE: olmoe, qwen3_moe (softmax top-k router, SwiGLU experts, no shared expert); supported: {SUPPORTED}",
+                    path.display()
+                )
+            }
             other => bail!("{}: unsupported architecture {other:?}; supported: {SUPPORTED}", path.display()),
         };
     }

@@ -118,6 +118,8 @@ mod tests {
             vocab_size: 10,
             max_context: 16,
             causal: true,
+            n_experts: 0,
+            experts_per_token: 0,
         };
         let n = nodes(&c);
         let names: Vec<String> = n.iter().map(ToString::to_string).collect();
