@@ -21,6 +21,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use super::kernels::{axpys, dots};
 use super::sparse::{Forward, Layout, Params, Part, split_rows, token_hidden};
 use crate::kernels::{axpy, dot};
 
@@ -236,13 +237,28 @@ fn out_block(
     w: usize,
 ) {
     gb.fill(0.0);
-    for (&n, a) in order.iter().zip(a.chunks_mut(cw)) {
+    let dyh = |n: u32| {
         let t = token[n as usize] as usize;
-        let dyh = &dy[t * o + col..t * o + col + w];
-        let c = &coef[n as usize * cw..(n as usize + 1) * cw];
-        for (((a, c), wr), gr) in a.iter_mut().zip(c).zip(wb.chunks(w)).zip(gb.chunks_mut(w)) {
-            *a = dot(wr, dyh);
-            axpy(*c, dyh, gr);
+        &dy[t * o + col..t * o + col + w]
+    };
+    let c = |n: u32, r: usize| coef[n as usize * cw + r];
+    for (ns, a) in order.chunks(4).zip(a.chunks_mut(4 * cw)) {
+        if let [n0, n1, n2, n3] = *ns {
+            let dys = [dyh(n0), dyh(n1), dyh(n2), dyh(n3)];
+            for (r, (wr, gr)) in wb.chunks(w).zip(gb.chunks_mut(w)).enumerate() {
+                let v = dots(wr, dys);
+                for g in 0..4 {
+                    a[g * cw + r] = v[g];
+                }
+                axpys([c(n0, r), c(n1, r), c(n2, r), c(n3, r)], dys, gr);
+            }
+        } else {
+            for (&n, a) in ns.iter().zip(a.chunks_mut(cw)) {
+                for (r, (wr, gr)) in wb.chunks(w).zip(gb.chunks_mut(w)).enumerate() {
+                    a[r] = dots(wr, [dyh(n)])[0];
+                    axpys([c(n, r)], [dyh(n)], gr);
+                }
+            }
         }
     }
 }
@@ -264,15 +280,25 @@ fn hidden_grad(
     let k = gc.len();
     gu.fill(0.0);
     gc.fill(0.0);
-    for &n in order {
+    let xrow = |n: u32| {
         let t = token[n as usize] as usize;
-        let xt = &x[t * d..(t + 1) * d];
-        for ((gr, gc), &dp) in
-            gu.chunks_mut(d).zip(gc.iter_mut()).zip(&dpre[n as usize * k..(n as usize + 1) * k])
-        {
-            if dp != 0.0 {
-                axpy(dp, xt, gr);
-                *gc += dp;
+        &x[t * d..(t + 1) * d]
+    };
+    let dp = |n: u32, a: usize| dpre[n as usize * k + a];
+    for ns in order.chunks(4) {
+        if let [n0, n1, n2, n3] = *ns {
+            let xs = [xrow(n0), xrow(n1), xrow(n2), xrow(n3)];
+            for (a, (gr, gc)) in gu.chunks_mut(d).zip(gc.iter_mut()).enumerate() {
+                let c = [dp(n0, a), dp(n1, a), dp(n2, a), dp(n3, a)];
+                axpys(c, xs, gr);
+                *gc += c.iter().sum::<f32>();
+            }
+        } else {
+            for &n in ns {
+                for (a, (gr, gc)) in gu.chunks_mut(d).zip(gc.iter_mut()).enumerate() {
+                    axpys([dp(n, a)], [xrow(n)], gr);
+                    *gc += dp(n, a);
+                }
             }
         }
     }
@@ -285,9 +311,19 @@ fn hidden_grad(
 ))]
 fn router_grad(gw: &mut [f32], entries: &[u32], token: &[u32], dz: &[f32], x: &[f32], d: usize) {
     gw.fill(0.0);
-    for &l in entries {
+    let xrow = |l: u32| {
         let t = token[l as usize] as usize;
-        axpy(dz[l as usize], &x[t * d..(t + 1) * d], gw);
+        &x[t * d..(t + 1) * d]
+    };
+    for ls in entries.chunks(4) {
+        if let [l0, l1, l2, l3] = *ls {
+            let c = [dz[l0 as usize], dz[l1 as usize], dz[l2 as usize], dz[l3 as usize]];
+            axpys(c, [xrow(l0), xrow(l1), xrow(l2), xrow(l3)], gw);
+        } else {
+            for &l in ls {
+                axpys([dz[l as usize]], [xrow(l)], gw);
+            }
+        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod aux;
 pub mod backward;
 pub mod explicit;
 pub mod io;
+mod kernels;
 pub mod router;
 pub mod sparse;
 #[cfg(test)]

@@ -28,8 +28,9 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use super::kernels::{combine, dots};
 use super::{Decomposition, MonetSpec};
-use crate::kernels::{Codes, axpy, dot};
+use crate::kernels::{Codes, axpy};
 
 /// An expert is active on a token when its gate exceeds this fraction of the token's total gate
 /// mass: 1e-4 of the mass changes the output by about 1e-4 of its norm, below what FVU resolves.
@@ -437,11 +438,25 @@ pub fn hidden(lay: &Layout, ut: &[f32], c: &[f32], side: &Side, x: &[f32], relu:
 ))]
 fn hidden_block(rows: &[f32], c: &[f32], x: &[f32], d: usize, order: &[u32], token: &[u32], out: &mut [f32]) {
     let k = c.len();
-    for (&n, o) in order.iter().zip(out.chunks_mut(k)) {
+    let xrow = |n: u32| {
         let t = token[n as usize] as usize;
-        let xt = &x[t * d..(t + 1) * d];
-        for ((o, row), c) in o.iter_mut().zip(rows.chunks(d)).zip(c) {
-            *o = (dot(xt, row) + c).max(0.0);
+        &x[t * d..(t + 1) * d]
+    };
+    for (ns, o) in order.chunks(4).zip(out.chunks_mut(4 * k)) {
+        if let [n0, n1, n2, n3] = *ns {
+            let xs = [xrow(n0), xrow(n1), xrow(n2), xrow(n3)];
+            for (a, (row, c)) in rows.chunks(d).zip(c).enumerate() {
+                let v = dots(row, xs);
+                for g in 0..4 {
+                    o[g * k + a] = (v[g] + c).max(0.0);
+                }
+            }
+        } else {
+            for (&n, o) in ns.iter().zip(o.chunks_mut(k)) {
+                for ((o, row), c) in o.iter_mut().zip(rows.chunks(d)).zip(c) {
+                    *o = (dots(row, [xrow(n)])[0] + c).max(0.0);
+                }
+            }
         }
     }
 }
@@ -477,15 +492,63 @@ pub fn output(p: &Params, lay: &Layout, f: &mut Forward, y: &mut Vec<f32>) {
     let coef0 = split_rows(c0, &f.sides[0].offsets, cw(0));
     let coef1 = split_rows(c1, &f.sides[1].offsets, cw(1));
     let fr = &*f;
-    y.par_chunks_mut(o)
-        .zip(pooled.par_chunks_mut(2 * heads * k))
-        .zip(coef0.into_par_iter().zip(coef1))
-        .enumerate()
-        .for_each_init(Vec::new, |hbuf, (t, ((yt, pooled), (c0, c1)))| {
-            token_output(p, lay, fr, t, hbuf, pooled, [c0, c1], yt);
-        });
+    pooled.par_chunks_mut(2 * heads * k).zip(coef0.into_par_iter().zip(coef1)).enumerate().for_each_init(
+        Vec::new,
+        |hbuf, (t, (pooled, (c0, c1)))| {
+            token_coefficients(lay, fr, t, hbuf, pooled, [c0, c1]);
+        },
+    );
+    // y by tiles of tokens, sub-expert by sub-expert within a tile: each block is read once per
+    // tile (from cache) for all the tile's tokens routed to it.
+    let cf = &coef;
+    y.par_chunks_mut(TILE * o).enumerate().for_each(|(ti, ytile)| {
+        ytile.fill(0.0);
+        let (t0, t1) = (ti * TILE, ti * TILE + ytile.len() / o);
+        for ((half, side), coef) in lay.out.iter().zip(&fr.sides).zip(cf) {
+            let Some((q, out)) = half else { continue };
+            let (cw, w) = (out.cw, out.width);
+            for i in 0..lay.e {
+                let order = &side.order[side.starts[i] as usize..side.starts[i + 1] as usize];
+                let lo = order.partition_point(|&n| (side.token[n as usize] as usize) < t0);
+                let hi = order.partition_point(|&n| (side.token[n as usize] as usize) < t1);
+                let block = &p.out[*q][i * cw * w..(i + 1) * cw * w];
+                tile_rows(block, coef, &order[lo..hi], &side.token, t0, o, out.col, cw, ytile);
+            }
+        }
+    });
     f.pooled = pooled;
     f.coef = coef;
+}
+
+/// Tokens per tile of the output pass.
+const TILE: usize = 128;
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+#[allow(clippy::too_many_arguments)]
+fn tile_rows(
+    block: &[f32],
+    coef: &[f32],
+    order: &[u32],
+    token: &[u32],
+    t0: usize,
+    o: usize,
+    col: usize,
+    cw: usize,
+    ytile: &mut [f32],
+) {
+    let w = block.len() / cw;
+    for &n in order {
+        let t = token[n as usize] as usize - t0;
+        combine(
+            &coef[n as usize * cw..(n as usize + 1) * cw],
+            block,
+            &mut ytile[t * o + col..t * o + col + w],
+        );
+    }
 }
 
 /// Token `t`'s hidden units h = ReLU² per side, token-major `[entries of t, k]` into `hbuf`
@@ -514,16 +577,13 @@ pub fn token_hidden(lay: &Layout, f: &Forward, t: usize, hbuf: &mut Vec<f32>) ->
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-#[allow(clippy::too_many_arguments)]
-fn token_output(
-    p: &Params,
+fn token_coefficients(
     lay: &Layout,
     f: &Forward,
     t: usize,
     hbuf: &mut Vec<f32>,
     pooled: &mut [f32],
     coef: [&mut [f32]; 2],
-    y: &mut [f32],
 ) {
     let (k, heads) = (lay.k, lay.heads);
     let split = token_hidden(lay, f, t, hbuf);
@@ -545,9 +605,8 @@ fn token_output(
         }
     }
     let pooled = &*pooled;
-    y.fill(0.0);
     for r in 0..2 {
-        let Some((q, out)) = &lay.out[r] else { continue };
+        let Some((_, out)) = &lay.out[r] else { continue };
         let side = &f.sides[r];
         let cw = out.cw;
         let coef = &mut *coef[r];
@@ -575,15 +634,8 @@ fn token_output(
                 }
             }
         }
-        let yq = &mut y[out.col..out.col + out.width];
-        let block = &p.out[*q];
         for (u, row) in coef.chunks_mut(cw).enumerate() {
             row[cw - 1] = side.s[first[r] + u];
-            let i = side.id[first[r] + u] as usize;
-            let w = &block[i * cw * out.width..(i + 1) * cw * out.width];
-            for (&a, wr) in row.iter().zip(w.chunks(out.width)) {
-                axpy(a, wr, yq);
-            }
         }
     }
 }

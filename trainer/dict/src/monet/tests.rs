@@ -22,7 +22,8 @@ fn gaussian(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
 }
 
 fn spec(decomposition: Decomposition) -> MonetSpec {
-    MonetSpec { decomposition, d_in: 12, d_out: 10, experts: 8, heads: 2, topk: 2, dim: 6 }
+    // Widths past 16 with a remainder: both paths of the 16-lane kernels.
+    MonetSpec { decomposition, d_in: 40, d_out: 36, experts: 8, heads: 2, topk: 2, dim: 6 }
 }
 
 /// A layer with noise on every weight (non-zero biases), so that every term is exercised.
@@ -67,7 +68,7 @@ fn sparse_forward_equals_the_explicit_expert_sum_and_routes_as_candle() {
     for decomposition in [Decomposition::Horizontal, Decomposition::Vertical] {
         let monet = noisy(decomposition, 1);
         let mut rng = StdRng::seed_from_u64(2);
-        let (b, d, o) = (32, 12, 10);
+        let (b, d, o) = (32, 40, 36);
         let x = gaussian(&mut rng, b * d, 1.0);
         let xt = Tensor::from_vec(x.clone(), (b, d), &Device::Cpu).unwrap();
         let (g1, g2) = monet.router.route(&xt, true).unwrap();
