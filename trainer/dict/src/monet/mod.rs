@@ -12,8 +12,13 @@
 //! [`Monet::forward`] computes Σ_{i,j} gate(i,j)·expert_ij(x) without ever forming an expert:
 //! because each softmax sums to one, the sum factorises into per-sub-expert products and two small
 //! batched matmuls over the heads (the formulas are in the code); [`explicit`] evaluates the same sum
-//! expert by expert for the tests. Every expert (i, j) is a feature (id i·E + j) whose activation
-//! on a token is its gate ([`Monet::codes`]).
+//! expert by expert for the tests. Training and inference ([`super::Dictionary`]) run the same sums
+//! sparsely and by hand ([`sparse`], gradients in [`backward`]): only the sub-experts a token's
+//! heads keep are touched. Every expert (i, j) is a feature (id i·E + j) whose activation on a
+//! token is its gate; it is *active* when its gate exceeds [`sparse::GATE_FLOOR`] (1e-4) of the
+//! token's total gate mass ([`Monet::codes`]): kept sub-experts with softmax weights ~1e-9 make
+//! gates ~1e-18 that would otherwise count in L0, dead fraction and co-occurrence. The output
+//! still uses every gate.
 //!
 //! Two modes: an autoencoder on one hook (d_out = d_in), or a transcoder from an MLP's input to
 //! its output (the job's `input_hook`). [`train`] fits it, [`io`] stores it.

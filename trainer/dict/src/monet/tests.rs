@@ -285,3 +285,55 @@ fn layout_matches_the_spec() {
     let lay = Layout::of(&spec(Decomposition::Horizontal));
     assert_eq!((lay.k, lay.out[1].as_ref().unwrap().1.cw), (6, 7));
 }
+
+/// The hand-written loss and gradients equal candle's autograd on the candle formulation (the
+/// factorised forward, [`super::aux`]'s losses): what training computed before the rewrite.
+#[test]
+fn gradients_equal_candle_autograd() {
+    for decomposition in [Decomposition::Horizontal, Decomposition::Vertical] {
+        let spec = spec(decomposition);
+        let (b, d, o) = (48, spec.d_in, spec.d_out);
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut cfg = MonetTrainConfig::new(spec.clone(), b);
+        cfg.uniformity_alpha = 0.3;
+        cfg.ambiguity_alpha = 0.2;
+        let mut t = MonetTrainer::new(cfg).unwrap();
+        for w in t.params.tensors_mut() {
+            let noise = gaussian(&mut rng, w.len(), 0.3);
+            w.iter_mut().zip(noise).for_each(|(w, n)| *w += n);
+        }
+        let x = gaussian(&mut rng, b * d, 1.0);
+        let y = gaussian(&mut rng, b * o, 1.0);
+        let (loss, grads) = t.gradients(&x, Some(&y)).unwrap();
+        let lay = Layout::of(&spec);
+        let mine = grads.to_named(&lay);
+
+        let monet = t.monet().unwrap();
+        let xt = Tensor::from_vec(x, (b, d), &Device::Cpu).unwrap();
+        let yt = Tensor::from_vec(y.clone(), (b, o), &Device::Cpu).unwrap();
+        let (g1, g2) = monet.router.route(&xt, true).unwrap();
+        let out = monet.forward_with(&xt, &g1, &g2).unwrap();
+        let denom = crate::train::total_variance(&y, o);
+        let fvu = ((out - &yt).unwrap().sqr().unwrap().sum_all().unwrap() / denom).unwrap();
+        let u = ((super::aux::uniformity(&g1).unwrap() + super::aux::uniformity(&g2).unwrap()).unwrap()
+            * 0.5)
+            .unwrap();
+        let a = ((super::aux::ambiguity(&g1).unwrap() + super::aux::ambiguity(&g2).unwrap()).unwrap() * 0.5)
+            .unwrap();
+        let total = ((&fvu + (u * 0.3).unwrap()).unwrap() + (a * 0.2).unwrap()).unwrap();
+        let theirs = total.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (loss.total() - theirs).abs() < 1e-5 * theirs,
+            "{decomposition:?}: loss {} vs candle {theirs}",
+            loss.total()
+        );
+        let grads = total.backward().unwrap();
+        for ((name, var), mine) in monet.named().iter().zip(&mine) {
+            let want = values(grads.get(var.as_tensor()).unwrap());
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (i, (p, q)) in mine.iter().zip(&want).enumerate() {
+                assert!((p - q).abs() <= 1e-4 * scale, "{decomposition:?} {name}[{i}]: {p} vs candle {q}");
+            }
+        }
+    }
+}
