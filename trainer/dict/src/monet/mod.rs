@@ -29,6 +29,7 @@ pub mod explicit;
 pub mod io;
 mod kernels;
 pub mod router;
+pub mod routes;
 pub mod sparse;
 #[cfg(test)]
 mod tests;
