@@ -17,6 +17,7 @@ use loupe_store::fsutil::write_atomic;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde_json::{Value, json};
 
+use super::sparse::{Layout, Params};
 use super::train::{MonetState, MonetTrainConfig};
 use super::{Monet, MonetSpec};
 use crate::io::SaeMeta;
@@ -66,17 +67,12 @@ pub fn load(dir: &Path) -> Result<(Monet, SaeMeta)> {
         .with_context(|| format!("cannot read {}/monet_weights.safetensors", dir.display()))?;
     let st = SafeTensors::deserialize(&bytes)
         .context("monet_weights.safetensors is not a valid safetensors file")?;
-    // Shapes come from a fresh initialisation of the same spec.
-    let mut monet = Monet::init(spec.clone(), 0)?;
-    for (name, var) in monet.named() {
-        let want = var.as_tensor().dims().to_vec();
-        var.set(&tensor(&st, name, &want)?)?;
-    }
+    let named =
+        spec.shapes().iter().map(|(name, shape)| values(&st, name, shape)).collect::<Result<Vec<_>>>()?;
     let h = spec.heads;
-    for r in 0..2 {
-        monet.router.running_mean[r] = tensor(&st, &format!("router.bn{}.mean", r + 1), &[h])?.to_vec1()?;
-        monet.router.running_var[r] = tensor(&st, &format!("router.bn{}.var", r + 1), &[h])?.to_vec1()?;
-    }
+    let stat = |what: &str, r: usize| values(&st, &format!("router.bn{}.{what}", r + 1), &[h]);
+    let (mean, var) = ([stat("mean", 0)?, stat("mean", 1)?], [stat("var", 0)?, stat("var", 1)?]);
+    let monet = Monet::from_named(spec, &named, mean, var)?;
     let text = |key: &str| cfg["metadata"][key].as_str().map(str::to_string);
     let meta = SaeMeta {
         model_name: text("model_name").unwrap_or_default(),
@@ -91,10 +87,15 @@ pub fn load(dir: &Path) -> Result<(Monet, SaeMeta)> {
 
 /// Write the optimiser state and counters (`state.safetensors` + `state.json` with `resume`).
 pub fn save_state(cfg: &MonetTrainConfig, state: &MonetState, resume: &Value, dir: &Path) -> Result<()> {
+    // Moments in the file layout of the weights they belong to (`m.i`, `v.i`: the i-th weight).
+    let lay = Layout::of(&cfg.spec);
     let mut tensors = Vec::new();
-    for (i, (m, v)) in state.moments.iter().enumerate() {
-        tensors.push((format!("m.{i}"), m.clone()));
-        tensors.push((format!("v.{i}"), v.clone()));
+    let shapes = cfg.spec.shapes();
+    for (i, ((m, v), (_, shape))) in
+        state.m.to_named(&lay).into_iter().zip(state.v.to_named(&lay)).zip(&shapes).enumerate()
+    {
+        tensors.push((format!("m.{i}"), Tensor::from_vec(m, shape.as_slice(), &Device::Cpu)?));
+        tensors.push((format!("v.{i}"), Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)?));
     }
     let since: Vec<f32> = state.since_fired.iter().map(|&t| t as f32).collect();
     tensors
@@ -114,17 +115,20 @@ pub fn load_state(dir: &Path, monet: &Monet) -> Result<(MonetTrainConfig, MonetS
         serde_json::from_value(json["train"].clone()).context("state.json has no valid train block")?;
     let bytes = std::fs::read(dir.join("state.safetensors")).context("cannot read state.safetensors")?;
     let st = SafeTensors::deserialize(&bytes).context("state.safetensors is not a valid safetensors file")?;
-    let mut moments = Vec::new();
-    for (i, var) in monet.vars().iter().enumerate() {
-        let dims = var.as_tensor().dims().to_vec();
-        moments.push((tensor(&st, &format!("m.{i}"), &dims)?, tensor(&st, &format!("v.{i}"), &dims)?));
-    }
+    let shapes = monet.spec.shapes();
+    let moment = |which: &str| -> Result<Params> {
+        let named = (0..shapes.len())
+            .map(|i| values(&st, &format!("{which}.{i}"), &shapes[i].1))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Params::from_named(&Layout::of(&monet.spec), &named))
+    };
     let n = monet.spec.n_experts();
-    let since: Vec<f32> = tensor(&st, "since_fired", &[n])?.to_vec1()?;
+    let since = values(&st, "since_fired", &[n])?;
     let state = MonetState {
         step: json["step"].as_u64().context("state.json has no step")?,
         tokens: json["tokens"].as_u64().context("state.json has no tokens")?,
-        moments,
+        m: moment("m")?,
+        v: moment("v")?,
         since_fired: since.iter().map(|&t| t as u64).collect(),
     };
     Ok((cfg, state, json["resume"].clone()))
@@ -144,7 +148,7 @@ fn serialize(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     Ok(safetensors::serialize(views, None)?)
 }
 
-fn tensor(st: &SafeTensors, name: &str, shape: &[usize]) -> Result<Tensor> {
+fn values(st: &SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
     let t = st.tensor(name).with_context(|| format!("tensor {name} is missing"))?;
     if t.shape() != shape || t.dtype() != Dtype::F32 {
         bail!("tensor {name} is {:?} {:?}, expected F32 {shape:?}", t.dtype(), t.shape());
@@ -154,5 +158,5 @@ fn tensor(st: &SafeTensors, name: &str, shape: &[usize]) -> Result<Tensor> {
     if let Some(v) = values.iter().find(|v| !v.is_finite()) {
         bail!("tensor {name} holds a non-finite value ({v})");
     }
-    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    Ok(values)
 }

@@ -12,16 +12,27 @@
 //! [`Monet::forward`] computes Σ_{i,j} gate(i,j)·expert_ij(x) without ever forming an expert:
 //! because each softmax sums to one, the sum factorises into per-sub-expert products and two small
 //! batched matmuls over the heads (the formulas are in the code); [`explicit`] evaluates the same sum
-//! expert by expert for the tests. Every expert (i, j) is a feature (id i·E + j) whose activation
-//! on a token is its gate ([`Monet::codes`]).
+//! expert by expert for the tests. Training and inference ([`super::Dictionary`]) run the same sums
+//! sparsely and by hand ([`sparse`], gradients in [`backward`]): only the sub-experts a token's
+//! heads keep are touched. Every expert (i, j) is a feature (id i·E + j) whose activation on a
+//! token is its gate; it is *active* when its gate exceeds [`sparse::GATE_FLOOR`] (1e-4) of the
+//! token's total gate mass ([`Monet::codes`]): kept sub-experts with softmax weights ~1e-9 make
+//! gates ~1e-18 that would otherwise count in L0, dead fraction and co-occurrence. The output
+//! still uses every gate.
 //!
 //! Two modes: an autoencoder on one hook (d_out = d_in), or a transcoder from an MLP's input to
 //! its output (the job's `input_hook`). [`train`] fits it, [`io`] stores it.
 
 pub mod aux;
+pub mod backward;
 pub mod explicit;
 pub mod io;
+mod kernels;
 pub mod router;
+pub mod routes;
+pub mod sparse;
+#[cfg(test)]
+mod tests;
 pub mod train;
 
 use anyhow::{Result, bail};
@@ -95,6 +106,38 @@ impl MonetSpec {
         self.experts * self.experts
     }
 
+    /// The router's cut on normalised logits, σ = Φ⁻¹(1 − topk/E).
+    pub fn sigma(&self) -> f32 {
+        use statrs::distribution::{ContinuousCDF, Normal};
+        Normal::standard().inverse_cdf(1.0 - self.topk as f64 / self.experts as f64) as f32
+    }
+
+    /// Each weight's name and shape, in file order ([`Monet::named`]).
+    pub fn shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
+        let (d, o, e, m, he) = (self.d_in, self.d_out, self.experts, self.dim, self.heads * self.experts);
+        let mut out = vec![("router.w1", vec![d, he]), ("router.w2", vec![d, he])];
+        match self.decomposition {
+            Decomposition::Horizontal => out.extend([
+                ("u", vec![d, e * m]),
+                ("c", vec![e * m]),
+                ("v", vec![e * m, o]),
+                ("b", vec![e, o]),
+            ]),
+            Decomposition::Vertical => {
+                let (h, w) = (e * m / 2, o / 2);
+                out.extend([("u1", vec![d, h]), ("u2", vec![d, h]), ("c1", vec![h]), ("c2", vec![h])]);
+                out.extend([
+                    ("v11", vec![h, w]),
+                    ("v12", vec![h, w]),
+                    ("v21", vec![h, w]),
+                    ("v22", vec![h, w]),
+                ]);
+                out.extend([("b1", vec![e, w]), ("b2", vec![e, w])]);
+            }
+        }
+        out
+    }
+
     /// Trainable parameters (the router's included).
     pub fn parameters(&self) -> usize {
         let (d, o, e, m, h) = (self.d_in, self.d_out, self.experts, self.dim, self.heads);
@@ -118,10 +161,14 @@ pub enum Experts {
 }
 
 /// A Monet layer: router + experts.
+///
+/// Inference ([`super::Dictionary`]) runs the sparse code on a copy of the weights made at the
+/// first encode: change the variables before that, not after.
 pub struct Monet {
     pub spec: MonetSpec,
     pub router: Router,
     pub experts: Experts,
+    sparse: std::sync::OnceLock<(sparse::Layout, sparse::Params)>,
 }
 
 fn randn(rng: &mut StdRng, shape: &[usize], std: f64) -> Result<Var> {
@@ -168,7 +215,67 @@ impl Monet {
                 }
             }
         };
-        Ok(Monet { spec, router, experts })
+        Ok(Monet { spec, router, experts, sparse: Default::default() })
+    }
+
+    /// The layer with the given weights (file order, [`MonetSpec::shapes`]) and router BatchNorm
+    /// running statistics.
+    pub fn from_named(
+        spec: MonetSpec,
+        named: &[Vec<f32>],
+        mean: [Vec<f32>; 2],
+        var: [Vec<f32>; 2],
+    ) -> Result<Monet> {
+        spec.validate()?;
+        let shapes = spec.shapes();
+        if named.len() != shapes.len() {
+            bail!("a {:?} Monet has {} weights, got {}", spec.decomposition, shapes.len(), named.len());
+        }
+        let mut vars = Vec::with_capacity(named.len());
+        for ((name, shape), values) in shapes.iter().zip(named) {
+            if values.len() != shape.iter().product::<usize>() {
+                bail!("weight {name} should be {shape:?}, got {} values", values.len());
+            }
+            vars.push(Var::from_tensor(&Tensor::from_slice(values, shape.as_slice(), &Device::Cpu)?)?);
+        }
+        let mut it = vars.into_iter();
+        let mut next = || it.next().expect("one variable per shape");
+        let router = Router {
+            w: [next(), next()],
+            running_mean: mean,
+            running_var: var,
+            heads: spec.heads,
+            experts: spec.experts,
+            sigma: spec.sigma(),
+        };
+        let experts = match spec.decomposition {
+            Decomposition::Horizontal => Experts::Horizontal { u: next(), c: next(), v: next(), b: next() },
+            Decomposition::Vertical => Experts::Vertical {
+                u: [next(), next()],
+                c: [next(), next()],
+                v: [next(), next(), next(), next()],
+                b: [next(), next()],
+            },
+        };
+        Ok(Monet { spec, router, experts, sparse: Default::default() })
+    }
+
+    /// The weights in the sparse code's layout (a copy).
+    pub fn sparse_params(&self) -> Result<(sparse::Layout, sparse::Params)> {
+        let named = self
+            .named()
+            .into_iter()
+            .map(|(_, v)| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+            .collect::<Result<Vec<_>>>()?;
+        let lay = sparse::Layout::of(&self.spec);
+        let params = sparse::Params::from_named(&lay, &named);
+        Ok((lay, params))
+    }
+
+    /// Inference weights, copied at the first call.
+    fn cached(&self) -> &(sparse::Layout, sparse::Params) {
+        // The variables are this layer's own f32 tensors; reading them cannot fail.
+        self.sparse.get_or_init(|| self.sparse_params().expect("Monet weights are f32 tensors"))
     }
 
     /// Every trainable variable (for the optimiser), router first.
@@ -257,7 +364,7 @@ impl Monet {
                 b: [scaled(&b[0], out)?, scaled(&b[1], out)?],
             },
         };
-        Ok(Monet { spec: self.spec.clone(), router, experts })
+        Ok(Monet { spec: self.spec.clone(), router, experts, sparse: Default::default() })
     }
 
     /// Named weights, in a fixed order (the file layout of [`io`]).
@@ -282,41 +389,39 @@ impl Monet {
     }
 
     /// The experts active on each token and their gates, as sparse codes over the E² features:
-    /// feature i·E + j with value Σ_h g1[h,i]·g2[h,j], for every pair some head keeps.
+    /// feature i·E + j with value Σ_h g1[h,i]·g2[h,j], where that exceeds the floor
+    /// ([`sparse::GATE_FLOOR`] of the token's total gate mass).
     pub fn codes(&self, g1: &Tensor, g2: &Tensor) -> Result<Codes> {
-        let (bsz, heads, e) = g1.dims3()?;
+        let (_, heads, e) = g1.dims3()?;
         let (a, b) = (g1.flatten_all()?.to_vec1::<f32>()?, g2.flatten_all()?.to_vec1::<f32>()?);
+        Ok(sparse::codes(&sparse::Routes::from_dense(&a, &b, heads, e), e))
+    }
+
+    /// The output and the active experts of `x` (`[B, d_in]`) by the sparse forward, routed with
+    /// the running statistics.
+    pub fn reconstruct_sparse(&self, x: &[f32]) -> (Codes, Vec<f32>) {
+        let (lay, params) = self.cached();
+        let norm =
+            sparse::Norm { mean: self.router.running_mean.clone(), var: self.router.running_var.clone() };
         let mut codes = Codes { offsets: vec![0], ..Codes::default() };
-        let mut gate = vec![0.0f32; e * e];
-        let mut touched: Vec<u32> = Vec::new();
-        for t in 0..bsz {
-            for h in 0..heads {
-                let row1 = &a[(t * heads + h) * e..(t * heads + h + 1) * e];
-                let row2 = &b[(t * heads + h) * e..(t * heads + h + 1) * e];
-                for (i, &p) in row1.iter().enumerate().filter(|(_, p)| **p > 0.0) {
-                    for (j, &q) in row2.iter().enumerate().filter(|(_, q)| **q > 0.0) {
-                        let f = i * e + j;
-                        if gate[f] == 0.0 {
-                            touched.push(f as u32);
-                        }
-                        gate[f] += p * q;
-                    }
-                }
+        let mut out = Vec::with_capacity(x.len() / lay.d * lay.o);
+        let (mut z, mut f, mut y) = (Default::default(), sparse::Forward::default(), Vec::new());
+        for chunk in x.chunks(ENCODE_CHUNK * lay.d) {
+            sparse::forward(params, lay, chunk, &norm, &mut z, &mut f, &mut y);
+            let c = sparse::codes(&f.routes, lay.e);
+            for t in 0..c.tokens() {
+                let (f, v) = c.row(t);
+                let row: Vec<(u32, f32)> = f.iter().copied().zip(v.iter().copied()).collect();
+                codes.push_row(&row);
             }
-            touched.sort_unstable();
-            let row: Vec<(u32, f32)> = touched.iter().map(|&f| (f, gate[f as usize])).collect();
-            codes.push_row(&row);
-            for &f in &touched {
-                gate[f as usize] = 0.0;
-            }
-            touched.clear();
+            out.extend_from_slice(&y);
         }
-        Ok(codes)
+        (codes, out)
     }
 }
 
-/// Tokens routed per batch at inference (bounds the `[tokens, E·m]` hidden buffers).
-const ENCODE_CHUNK: usize = 1024;
+/// Tokens routed per batch at inference (bounds the `[tokens, 2·H·E]` logits).
+const ENCODE_CHUNK: usize = 4096;
 
 impl super::Dictionary for Monet {
     fn d_in(&self) -> usize {
@@ -336,26 +441,7 @@ impl super::Dictionary for Monet {
     }
 
     fn reconstruct(&self, x: &[f32]) -> (Codes, Vec<f32>) {
-        let d = self.spec.d_in;
-        let mut codes = Codes { offsets: vec![0], ..Codes::default() };
-        let mut out = Vec::with_capacity(x.len() / d * self.spec.d_out);
-        for chunk in x.chunks(ENCODE_CHUNK * d) {
-            let run = || -> Result<(Codes, Vec<f32>)> {
-                let xt = Tensor::from_slice(chunk, (chunk.len() / d, d), &Device::Cpu)?;
-                let (g1, g2) = self.router.route(&xt, false)?;
-                let y = self.forward_with(&xt, &g1, &g2)?;
-                Ok((self.codes(&g1, &g2)?, y.flatten_all()?.to_vec1()?))
-            };
-            // Shapes are checked by the callers; a failure here is a bug, not bad input.
-            let (c, y) = run().expect("Monet forward on a well-shaped chunk");
-            for t in 0..c.tokens() {
-                let (f, v) = c.row(t);
-                let row: Vec<(u32, f32)> = f.iter().copied().zip(v.iter().copied()).collect();
-                codes.push_row(&row);
-            }
-            out.extend(y);
-        }
-        (codes, out)
+        self.reconstruct_sparse(x)
     }
 
     fn save(&self, dir: &std::path::Path) -> Result<()> {

@@ -4,6 +4,8 @@
 //! its normalised logit reaches min(row max, σ) with σ = Φ⁻¹(1 − topk/E) (so about `topk` are
 //! kept under a Gaussian logit distribution, and always at least the best one); the gates are the
 //! softmax of the kept *raw* logits. The selection carries no gradient; the softmax does.
+//! Training and inference run the same rule on plain slices ([`super::sparse::select`]); this
+//! candle version is the reference the tests compare it with.
 
 use anyhow::Result;
 use candle_core::{D, Device, Tensor, Var};
@@ -13,7 +15,6 @@ use statrs::distribution::{ContinuousCDF, Normal};
 use super::randn;
 
 const BN_EPS: f64 = 1e-5;
-const BN_MOMENTUM: f32 = 0.1;
 
 /// Both sub-routers and their BatchNorm running statistics (`[H]` each).
 pub struct Router {
@@ -46,7 +47,7 @@ impl Router {
     }
 
     /// The gate factors g1, g2 (`[B, H, E]`) of `x` (`[B, d]`). With `train`, BatchNorm uses the
-    /// batch's statistics (and does not update the running ones: see [`Router::update_stats`]).
+    /// batch's statistics (the trainer moves the running ones, [`super::train`]).
     pub fn route(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let g1 = self.route_one(x, 0, train)?;
         let g2 = self.route_one(x, 1, train)?;
@@ -79,22 +80,6 @@ impl Router {
         let zmax = zd.max_keepdim(D::Minus1)?;
         let e = z.broadcast_sub(&zmax)?.exp()?.mul(&keep)?;
         Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-    }
-
-    /// Move the running statistics towards this batch's (after a training step).
-    pub fn update_stats(&mut self, x: &Tensor) -> Result<()> {
-        for r in 0..2 {
-            let z = self.logits(x, r)?.detach();
-            let count = z.elem_count() / self.heads;
-            let (m, v) = head_stats(&z)?;
-            let unbiased = count as f32 / (count.max(2) - 1) as f32;
-            for h in 0..self.heads {
-                self.running_mean[r][h] = (1.0 - BN_MOMENTUM) * self.running_mean[r][h] + BN_MOMENTUM * m[h];
-                self.running_var[r][h] =
-                    (1.0 - BN_MOMENTUM) * self.running_var[r][h] + BN_MOMENTUM * v[h] * unbiased;
-            }
-        }
-        Ok(())
     }
 }
 
