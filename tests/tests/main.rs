@@ -41,6 +41,7 @@ mod import;
 mod intervention;
 mod kill_writer;
 mod logit_effects;
+mod moex;
 mod monet;
 mod old_spellings;
 mod progress;
