@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use loupe_dict::{Dictionary, ExpertLayout, open_in_store};
+use loupe_dict::{ExpertLayout, open_in_store};
 use loupe_store::{FeatureTables, Store};
 use loupe_tests::{assert_one_error, loupe, stderr, tiny_model};
 
@@ -129,5 +129,5 @@ fn bad_moex_settings_get_one_error_line() {
     one_error(&["--experts", "1", "--top-k", "1"], "at least 2 experts");
     one_error(&["--expert-width", "0"], "expert width");
     one_error(&["--input-hook", "blocks.9.nope"], "no activations for hook");
-    one_error(&["--lr", "-1"], "learning rate");
+    one_error(&["--lr", "0"], "learning rate");
 }

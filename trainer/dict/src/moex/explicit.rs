@@ -23,17 +23,14 @@ pub fn forward(moex: &Moex, routing: &Routing, x: &[f32]) -> (Vec<f32>, Vec<f32>
             mask[e * m..(e + 1) * m].fill(routing.gate[s]);
         }
         let a = &mut acts[t * n..(t + 1) * n];
-        for f in 0..n {
-            let pre = dot(&moex.w_enc[f * d..(f + 1) * d], xt) + moex.b_enc[f];
-            a[f] = mask[f] * pre.max(0.0);
+        for (f, (a, w)) in a.iter_mut().zip(moex.w_enc.chunks(d)).enumerate() {
+            *a = mask[f] * (dot(w, xt) + moex.b_enc[f]).max(0.0);
         }
         let yt = &mut y[t * o..(t + 1) * o];
         yt.copy_from_slice(&moex.b_dec);
-        for f in 0..n {
-            if a[f] != 0.0 {
-                for (y, w) in yt.iter_mut().zip(&moex.w_dec[f * o..(f + 1) * o]) {
-                    *y += a[f] * w;
-                }
+        for (&a, row) in a.iter().zip(moex.w_dec.chunks(o)) {
+            if a != 0.0 {
+                yt.iter_mut().zip(row).for_each(|(y, w)| *y += a * w);
             }
         }
     }

@@ -268,12 +268,12 @@ impl MoexTrainer {
                 let norms = &p.norms[e * m..(e + 1) * m];
                 let mut dh = vec![0f32; n * m];
                 let mut f = vec![0f32; n * m];
-                for r in 0..n {
-                    let g = fw.routing.gate[slots[r] as usize];
-                    for j in 0..m {
+                for (r, &s) in slots.iter().enumerate() {
+                    let g = fw.routing.gate[s as usize];
+                    for (j, nj) in norms.iter().enumerate() {
                         let at = r * m + j;
                         if h[at] > 0.0 {
-                            dh[at] = g * (u[at] + p.l1 * norms[j]);
+                            dh[at] = g * (u[at] + p.l1 * nj);
                             f[at] = g * h[at];
                         }
                     }
