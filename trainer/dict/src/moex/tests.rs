@@ -241,3 +241,33 @@ fn bad_specs_are_refused() {
     assert!(spec(8, 8, 1, 4, 1).validate().is_err());
     assert!(spec(8, 8, 4, 0, 1).validate().is_err());
 }
+
+#[test]
+fn a_checkpoint_resumes_to_the_same_weights() {
+    use crate::job::Fit;
+    let (d, b) = (12, 64);
+    let x = planted(d, 16, 2, b * 6, 61);
+    let y = random(b * 6 * 7, 62, 1.0);
+    let mut cfg = MoexTrainConfig::new(spec(d, 7, 6, 5, 2), b);
+    cfg.l1_coefficient = 0.01;
+    cfg.input_scale = 1.7;
+    cfg.dead_tokens = 100;
+    let steps = |t: &mut MoexTrainer, range: std::ops::Range<usize>| {
+        for s in range {
+            t.train_step(&x[s * b * d..(s + 1) * b * d], Some(&y[s * b * 7..(s + 1) * b * 7])).unwrap();
+        }
+    };
+    let mut straight = MoexTrainer::new(cfg.clone()).unwrap();
+    steps(&mut straight, 0..6);
+    let mut first = MoexTrainer::new(cfg).unwrap();
+    steps(&mut first, 0..3);
+    let dir = tempfile::tempdir().unwrap();
+    let resume = serde_json::json!({ "epoch": 0, "batch": 3 });
+    first.save_checkpoint(dir.path(), &crate::io::SaeMeta::default(), &resume).unwrap();
+    let (mut resumed, back) = MoexTrainer::load_checkpoint(dir.path()).unwrap();
+    assert_eq!(back, resume);
+    steps(&mut resumed, 3..6);
+    assert_eq!(resumed.moex, straight.moex);
+    assert_eq!(resumed.state.since_fired, straight.state.since_fired);
+    assert_eq!(resumed.state.moments, straight.state.moments);
+}
