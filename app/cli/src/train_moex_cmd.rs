@@ -36,6 +36,10 @@ pub struct Args {
     /// Weight of the L1 on the gated hidden activations (default 0: ReLU and routing only).
     #[arg(long)]
     pub(crate) l1_coefficient: Option<f32>,
+    /// Weight of the load-balancing term (Switch Transformer's α·E·Σ f_e·P_e over the router's
+    /// softmax of every expert's score; default 0: off).
+    #[arg(long)]
+    pub(crate) balance_alpha: Option<f32>,
     /// Tokens without firing after which a feature is dead (default min(1M, tokens/10)).
     #[arg(long)]
     pub(crate) dead_tokens: Option<u64>,
@@ -64,6 +68,9 @@ fn job_of(args: &Args) -> Result<Job<MoexTrainConfig>> {
     }
     if let Some(l1) = args.l1_coefficient {
         train.l1_coefficient = l1;
+    }
+    if let Some(a) = args.balance_alpha {
+        train.balance_alpha = a;
     }
     train.seed = flags.seed.unwrap_or(0);
     train.dead_tokens = args.dead_tokens.unwrap_or((tokens / 10).clamp(1, 1_000_000));

@@ -10,20 +10,28 @@
 //! - column statistics of the encoder: `M_e[i] = mean_j W_e[j,i]`, `S_e[i] = var_j W_e[j,i]`
 //!   (population variance), and of its bias `β_e = mean_j b_e[j]`, `V_e = var_j b_e[j]`;
 //! - for a token x: `μ_e(x) = Σ_i M_e[i]·x_i + β_e`, `σ_e(x)² = Σ_i S_e[i]·x_i² + V_e` (entries
-//!   independent), `r_e = μ_e/σ_e`, and the expected number of active units `m·Φ(r_e)`;
-//! - score `s_e = −m·Φ(r_e)` (fewer active units, higher score); the token goes to its `top_k`
+//!   independent), `r_e = μ_e/σ_e`, and the expected fraction of active units `Φ(r_e)`;
+//! - score `s_e = −Φ(r_e)` (fewer active units, higher score); the token goes to its `top_k`
 //!   highest-scoring experts (lowest r; ties to the lower id), listed by ascending id;
-//! - gates: softmax of the scores over the chosen experts, `g_e = exp(s_e) / Σ_{c chosen} exp(s_c)`.
+//! - gates: softmax of the scores over the chosen experts, `g_e = exp(s_e) / Σ_{c chosen} exp(s_c)`
+//!   (so a gate lies between 1/(1 + (k−1)·e) and e/(e + k − 1): never negligible);
+//! - optional load balancing (`balance_alpha`, Switch Transformer's form, default 0):
+//!   `α·E·Σ_e f_e·P_e` with `f_e` the batch's share of routing slots of expert e (a constant) and
+//!   `P_e` the batch mean of `softmax_e(s)` over *all* experts — its gradient reaches the experts no
+//!   token chose too ([`balance`]).
 //!
 //! What the paper leaves open (as far as we can reconstruct it without its code, which is not
 //! public) and what we chose: whether the Gaussian's mean and variance are one scalar per expert
 //! or per input dimension — we use per-input-dimension column statistics (the per-expert scalar is
 //! the special case of constant columns, and gives every token the same expert ranking up to the
 //! sign of Σx); whether the bias enters the estimate — it does, as one more independent Gaussian
-//! term; the exact gate — a softmax over the chosen experts of the negative expected count (no
-//! temperature); no load-balancing loss (none is described; dead experts and features are counted
-//! instead). The router has no weights of its own: gradients reach the encoders through M, S, β
-//! and V ([`backward`], [`weight_grads`]), so the estimate is differentiated exactly.
+//! term; the exact gate — a softmax over the chosen experts of the negative expected *fraction*
+//! (no temperature; a softmax of the expected *count* m·Φ made the gates one-hot in practice, with
+//! the other chosen expert's units active at gates of 1e-10, which would count as active features);
+//! the load-balancing term — none is described that we know of, so it is optional (on Gemma 3
+//! without it, 7 of 16 experts were never chosen). The router has no weights of its own:
+//! gradients reach the encoders through M, S, β and V ([`backward`], [`balance`],
+//! [`weight_grads`]), so the estimate is differentiated exactly.
 
 use rayon::prelude::*;
 
@@ -53,6 +61,9 @@ pub struct Routing {
     pub gate: Vec<f32>,
     pub mu: Vec<f64>,
     pub sigma: Vec<f64>,
+    /// Every expert's estimate, `[B, E]` (what load balancing differentiates).
+    pub all_mu: Vec<f64>,
+    pub all_sigma: Vec<f64>,
 }
 
 impl Routing {
@@ -107,6 +118,11 @@ pub fn stats(moex: &Moex) -> Stats {
     s
 }
 
+/// One expert's estimate for a token: (r, expert, μ, σ).
+type Estimate = (f64, u32, f64, f64);
+/// A chosen expert of a token: (expert, gate, μ, σ).
+type Slot = (u32, f32, f64, f64);
+
 /// Route every token of `x` (`[B, d_in]`).
 pub fn route(moex: &Moex, x: &[f32]) -> Routing {
     route_with(moex, &stats(moex), x)
@@ -114,50 +130,101 @@ pub fn route(moex: &Moex, x: &[f32]) -> Routing {
 
 /// [`route`] with the statistics given.
 pub fn route_with(moex: &Moex, st: &Stats, x: &[f32]) -> Routing {
-    let (d, m, e_n, k) = (moex.spec.d_in, moex.spec.expert_width, moex.spec.experts, moex.spec.top_k);
+    let (d, e_n, k) = (moex.spec.d_in, moex.spec.experts, moex.spec.top_k);
     let b = x.len() / d;
     let mut mu = vec![0f32; b * e_n];
     gemm(x, false, &st.mean, true, &mut mu, b, e_n, d);
     let x2: Vec<f32> = x.iter().map(|v| v * v).collect();
     let mut var = vec![0f32; b * e_n];
     gemm(&x2, false, &st.var, true, &mut var, b, e_n, d);
-    let rows: Vec<Vec<(u32, f32, f64, f64)>> = mu
+    let rows: Vec<(Vec<Slot>, Vec<Estimate>)> = mu
         .par_chunks(e_n)
         .zip(var.par_chunks(e_n))
         .map(|(mu_t, var_t)| {
-            let mut all: Vec<(f64, u32, f64, f64)> = (0..e_n)
+            let every: Vec<Estimate> = (0..e_n)
                 .map(|e| {
                     let mu = mu_t[e] as f64 + st.b_mean[e] as f64;
                     let sigma = (var_t[e] as f64 + st.b_var[e] as f64).max(TINY_VAR).sqrt();
                     (mu / sigma, e as u32, mu, sigma)
                 })
                 .collect();
+            let mut all = every.clone();
             // Lowest r first (fewest expected active units), ties to the lower id.
             all.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            let mut chosen: Vec<(f64, u32, f64, f64)> = all[..k].to_vec();
+            let mut chosen: Vec<Estimate> = all[..k].to_vec();
             chosen.sort_by_key(|c| c.1);
-            let scores: Vec<f64> = chosen.iter().map(|c| -(m as f64) * phi_cdf(c.0)).collect();
-            let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let exps: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
-            let sum: f64 = exps.iter().sum();
-            chosen.iter().zip(&exps).map(|(c, x)| (c.1, (x / sum) as f32, c.2, c.3)).collect()
+            let gates = softmax(&chosen.iter().map(|c| -phi_cdf(c.0)).collect::<Vec<_>>());
+            let row = chosen.iter().zip(&gates).map(|(c, g)| (c.1, *g as f32, c.2, c.3)).collect();
+            (row, every)
         })
         .collect();
-    let mut r = Routing { k, expert: Vec::new(), gate: Vec::new(), mu: Vec::new(), sigma: Vec::new() };
-    for row in rows {
+    let mut r = Routing {
+        k,
+        expert: Vec::new(),
+        gate: Vec::new(),
+        mu: Vec::new(),
+        sigma: Vec::new(),
+        all_mu: Vec::with_capacity(b * e_n),
+        all_sigma: Vec::with_capacity(b * e_n),
+    };
+    for (row, every) in rows {
         for (e, g, mu, sigma) in row {
             r.expert.push(e);
             r.gate.push(g);
             r.mu.push(mu);
             r.sigma.push(sigma);
         }
+        for (_, _, mu, sigma) in every {
+            r.all_mu.push(mu);
+            r.all_sigma.push(sigma);
+        }
     }
     r
 }
 
+fn softmax(s: &[f64]) -> Vec<f64> {
+    let top = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exps: Vec<f64> = s.iter().map(|v| (v - top).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|x| x / sum).collect()
+}
+
+/// From `∂loss/∂s` of one estimate to `(∂loss/∂μ, ∂loss/∂σ²)`, through `s = −Φ(μ/σ)`.
+fn through_estimate(ds: f64, mu: f64, sigma: f64) -> (f64, f64) {
+    let r = mu / sigma;
+    let dr = -ds * phi_pdf(r);
+    // σ clamped at √TINY_VAR: no gradient through it.
+    let dvar = if sigma * sigma > TINY_VAR { -dr * r / sigma / (2.0 * sigma) } else { 0.0 };
+    (dr / sigma, dvar)
+}
+
+/// Switch Transformer's load-balancing loss `α·E·Σ_e f_e·P_e` of a batch's routing, and its
+/// gradient `(∂/∂μ, ∂/∂σ²)` for every (token, expert), `[B, E]`.
+pub fn balance(routing: &Routing, experts: usize, alpha: f64) -> (f64, Vec<f64>, Vec<f64>) {
+    let tokens = routing.all_mu.len() / experts;
+    let mut share = vec![0f64; experts];
+    routing.expert.iter().for_each(|&e| share[e as usize] += 1.0 / routing.expert.len() as f64);
+    let (mut loss, mut dmu, mut dvar) = (0f64, vec![0f64; tokens * experts], vec![0f64; tokens * experts]);
+    let scale = alpha * experts as f64 / tokens as f64;
+    for t in 0..tokens {
+        let at = t * experts..(t + 1) * experts;
+        let (mu, sigma) = (&routing.all_mu[at.clone()], &routing.all_sigma[at.clone()]);
+        let q = softmax(&mu.iter().zip(sigma).map(|(m, s)| -phi_cdf(m / s)).collect::<Vec<_>>());
+        let dq: Vec<f64> = share.iter().map(|f| scale * f).collect();
+        let dot: f64 = q.iter().zip(&dq).map(|(a, b)| a * b).sum();
+        for e in 0..experts {
+            loss += dq[e] * q[e];
+            let (a, b) = through_estimate(q[e] * (dq[e] - dot), mu[e], sigma[e]);
+            dmu[t * experts + e] = a;
+            dvar[t * experts + e] = b;
+        }
+    }
+    (loss, dmu, dvar)
+}
+
 /// From `∂loss/∂g` per slot to `(∂loss/∂μ, ∂loss/∂σ²)` per slot, through the softmax over the
-/// chosen experts, `s = −m·Φ(μ/σ)` and `σ = √σ²`.
-pub fn backward(routing: &Routing, dgate: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
+/// chosen experts, `s = −Φ(μ/σ)` and `σ = √σ²`.
+pub fn backward(routing: &Routing, dgate: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let k = routing.k;
     let mut dmu = vec![0f64; dgate.len()];
     let mut dvar = vec![0f64; dgate.len()];
@@ -165,17 +232,8 @@ pub fn backward(routing: &Routing, dgate: &[f32], m: usize) -> (Vec<f64>, Vec<f6
         let sl = routing.token_slots(t);
         let dot: f64 = sl.clone().map(|s| routing.gate[s] as f64 * dgate[s] as f64).sum();
         for s in sl {
-            let g = routing.gate[s] as f64;
-            let ds = g * (dgate[s] as f64 - dot);
-            let (mu, sigma) = (routing.mu[s], routing.sigma[s]);
-            let r = mu / sigma;
-            let dr = ds * -(m as f64) * phi_pdf(r);
-            dmu[s] = dr / sigma;
-            // σ clamped at √TINY_VAR: no gradient through it.
-            if sigma * sigma > TINY_VAR {
-                let dsigma = -dr * r / sigma;
-                dvar[s] = dsigma / (2.0 * sigma);
-            }
+            let ds = routing.gate[s] as f64 * (dgate[s] as f64 - dot);
+            (dmu[s], dvar[s]) = through_estimate(ds, routing.mu[s], routing.sigma[s]);
         }
     }
     (dmu, dvar)

@@ -104,9 +104,10 @@ fn numeric(t: &mut MoexTrainer, x: &[f32], y: &[f32], get: &dyn Fn(&mut Moex) ->
 fn gradients_match_finite_differences() {
     let s = spec(6, 5, 4, 3, 2);
     let tokens = 12;
-    for l1 in [0.0f32, 0.3] {
+    for (l1, balance) in [(0.0f32, 0.0f32), (0.3, 0.5)] {
         let mut cfg = MoexTrainConfig::new(s.clone(), tokens);
         cfg.l1_coefficient = l1;
+        cfg.balance_alpha = balance;
         cfg.input_scale = 1.3;
         cfg.output_scale = 0.8;
         let mut t = MoexTrainer::new(cfg).unwrap();

@@ -6,18 +6,20 @@
 //!
 //! Loss: `FVU = Σ_t ‖ŷ_t − y_t‖² / Σ_t ‖y_t − ȳ‖²` over the batch, plus the optional L1
 //! `λ/B · Σ_t Σ_(e,j) g_e·ReLU(h_ej)·‖W_dec[e·m+j]‖` (`l1_coefficient`, default 0; the decoder
-//! norm makes it impossible to shrink the penalty by rescaling). No load-balancing term (the paper
-//! describes none; see [`super::router`]).
+//! norm makes it impossible to shrink the penalty by rescaling), plus the optional load-balancing
+//! term `balance_alpha·E·Σ_e f_e·P_e` ([`super::router::balance`], default 0).
 //!
 //! Backward, with `dY = ∂loss/∂ŷ`, per expert e over the tokens routed to it (`U = dY·W_dec_eᵀ`,
 //! `n_j` = decoder row norms, λ' = λ/B):
 //! - `∂g_e = Σ_j (U_j + λ'n_j)·ReLU(h_j)`, then through the router ([`super::router::backward`])
-//!   to `∂μ_e`, `∂σ²_e`, then to the encoder rows ([`super::router::weight_grads`]);
+//!   to `∂μ_e`, `∂σ²_e` (plus load balancing's, for every expert), then to the encoder rows
+//!   ([`super::router::weight_grads`]);
 //! - `∂h_j = g_e·(U_j + λ'n_j)·[h_j > 0]`, `∂W_enc_e = ∂Hᵀ·X_e`, `∂b_enc_e = Σ_t ∂h`;
 //! - `∂W_dec_e = Fᵀ·dY_e` with `F = g·ReLU(H)` (+ the L1's `λ'·Σ_t F_j · W_dec_j/n_j`);
 //! - `∂b_dec = Σ_t dY_t`.
 //!
-//! Experts no token chose are left as they are, their Adam moments too (lazy Adam). Every sum runs
+//! Experts no token chose are left as they are, their Adam moments too (lazy Adam), unless load
+//! balancing is on (its gradient reaches every expert's encoder). Every sum runs
 //! in a fixed order (per expert in token order; gemm's blocking is fixed), so a run is
 //! reproducible for a given thread count.
 
@@ -46,6 +48,9 @@ pub struct MoexTrainConfig {
     pub seed: u64,
     /// Weight of the L1 on the gated hidden activations (0: off).
     pub l1_coefficient: f32,
+    /// Weight of the load-balancing term (0: off).
+    #[serde(default)]
+    pub balance_alpha: f32,
     /// A feature that has not fired for this many training tokens counts as dead.
     pub dead_tokens: u64,
     /// Factors applied to inputs and targets while training.
@@ -62,6 +67,7 @@ impl MoexTrainConfig {
             batch,
             seed: 0,
             l1_coefficient: 0.0,
+            balance_alpha: 0.0,
             dead_tokens: 1_000_000,
             input_scale: 1.0,
             output_scale: 1.0,
@@ -76,8 +82,10 @@ impl MoexTrainConfig {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("learning rate {} must be a positive number", self.lr);
         }
-        if !(self.l1_coefficient.is_finite() && self.l1_coefficient >= 0.0) {
-            bail!("l1_coefficient {} must be a number ≥ 0", self.l1_coefficient);
+        for (name, v) in [("l1_coefficient", self.l1_coefficient), ("balance_alpha", self.balance_alpha)] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{name} {v} must be a number ≥ 0");
+            }
         }
         for (name, v) in [("input_scale", self.input_scale), ("output_scale", self.output_scale)] {
             if !(v.is_finite() && v > 0.0) {
@@ -144,6 +152,8 @@ struct Pass {
     norms: Vec<f32>,
     /// λ/B.
     l1: f32,
+    /// Load balancing's `(∂/∂μ, ∂/∂σ²)` per (token, expert), when on.
+    balance: Option<(Vec<f64>, Vec<f64>)>,
     loss: f64,
     stats: StepStats,
 }
@@ -210,7 +220,12 @@ impl MoexTrainer {
                 }
             }
         }
-        let penalty = l1 as f64 * penalty;
+        let mut penalty = l1 as f64 * penalty;
+        let balance = (self.cfg.balance_alpha > 0.0).then(|| {
+            let (loss, dmu, dvar) = router::balance(&fw.routing, spec.experts, self.cfg.balance_alpha as f64);
+            penalty += loss;
+            (dmu, dvar)
+        });
         let dead = self.state.since_fired.iter().filter(|&&s| s >= self.cfg.dead_tokens).count();
         let stats = StepStats {
             fvu: (err / var) as f32,
@@ -219,7 +234,7 @@ impl MoexTrainer {
             multi_fvu: 0.0,
             dead_fraction: dead as f32 / spec.n_features() as f32,
         };
-        Ok(Pass { xs, fw, dy, norms, l1, loss: err / var + penalty, stats })
+        Ok(Pass { xs, fw, dy, norms, l1, balance, loss: err / var + penalty, stats })
     }
 
     /// Each expert's gradients (`None` for an expert no token chose).
@@ -253,14 +268,14 @@ impl MoexTrainer {
             }
         }
         // Phase 2: through the router.
-        let (dmu, dvar) = router::backward(&fw.routing, &dgate, m);
+        let (dmu, dvar) = router::backward(&fw.routing, &dgate);
         let st = router::stats(moex);
         // Phase 3: per expert, every weight gradient.
         (0..e_n)
             .into_par_iter()
             .map(|e| {
                 let n = fw.groups.len(e);
-                if n == 0 {
+                if n == 0 && p.balance.is_none() {
                     return None;
                 }
                 let slots = fw.groups.slots(e);
@@ -311,6 +326,18 @@ impl MoexTrainer {
                     }
                     dbm += a;
                     dbv += v;
+                }
+                if let Some((bmu, bvar)) = &p.balance {
+                    for (t, x) in p.xs.chunks(d).enumerate() {
+                        let (a, v) = (bmu[t * e_n + e], bvar[t * e_n + e]);
+                        for i in 0..d {
+                            let xi = x[i] as f64;
+                            dm[i] += a * xi;
+                            ds[i] += v * xi * xi;
+                        }
+                        dbm += a;
+                        dbv += v;
+                    }
                 }
                 router::weight_grads(moex, &st, e, &dm, &ds, (dbm, dbv), &mut w_enc, &mut b_enc);
                 Some(ExpertGrads { w_enc, b_enc, w_dec })
