@@ -15,7 +15,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use loupe_cli::{
     analyze_cmd, bench, capture_cmd, circuit_cmd, dfa_cmd, dict_args, explain_cmd, export_cmd, feature_cmd,
-    fetch, graph_cmd, heads_cmd, store_cmd, tokenize, train_clt_cmd, train_monet_cmd, train_sae_cmd,
+    fetch, graph_cmd, heads_cmd, store_cmd, tokenize, train_clt_cmd, train_moex_cmd, train_monet_cmd,
+    train_sae_cmd,
 };
 
 /// mimalloc instead of the system allocator: training allocates and frees tensors of tens of MiB
@@ -47,6 +48,8 @@ enum Command {
     TrainSae(train_sae_cmd::Args),
     /// Fit Monet product-key experts (autoencoder on a hook, or transcoder between two hooks).
     TrainMonet(train_monet_cmd::Args),
+    /// Fit a MoE-X layer: ReLU experts with a sparsity-aware router, each (expert, unit) a feature (autoencoder on a hook, or transcoder between two hooks).
+    TrainMoex(train_moex_cmd::Args),
     /// Fit a cross-layer transcoder to every layer's MLP input and output in a store (needs both hooks of each layer captured: 46 KB/token in f16 for Gemma 3 270M).
     TrainClt(train_clt_cmd::Args),
     /// CE-loss recovered and KL with every MLP replaced at once by a transcoder set (one CLT, or one per-layer transcoder per layer).
@@ -141,6 +144,7 @@ fn main() -> ExitCode {
         Command::Capture(args) => capture_cmd::run(&args),
         Command::TrainSae(args) => train_sae_cmd::run(&args),
         Command::TrainMonet(args) => train_monet_cmd::run(&args),
+        Command::TrainMoex(args) => train_moex_cmd::run(&args),
         Command::TrainClt(args) => train_clt_cmd::run(&args),
         Command::SpliceTranscoders(args) => train_clt_cmd::run_splice(&args),
         Command::Analyze(args) => analyze_cmd::run(&args),

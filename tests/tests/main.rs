@@ -43,6 +43,7 @@ mod intervention;
 mod kill_writer;
 mod logit_effects;
 mod moe_parity;
+mod moex;
 mod monet;
 mod old_spellings;
 mod progress;

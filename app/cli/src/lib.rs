@@ -26,5 +26,6 @@ pub mod store_cmd;
 pub mod tokenize;
 pub mod train_clt_cmd;
 pub mod train_job;
+pub mod train_moex_cmd;
 pub mod train_monet_cmd;
 pub mod train_sae_cmd;

@@ -2,7 +2,7 @@
 //!
 //! - [`Dictionary`]: the one interface evaluation, splicing, analysis and the app use (encode a
 //!   batch to sparse [`Codes`] with the batch-free inference rule, reconstruct, save), for SAEs
-//!   and Monet experts ([`monet`]) alike;
+//!   Monet experts ([`monet`]) and MoE-X experts ([`moex`]) alike;
 //! - [`Sae`] ([`sae`]): the weights of every SAE variant, SAELens layout, and their inference rule;
 //! - [`Variant`]: TopK, Mutual Choice (BatchTopK), Feature Choice, g-SAE — how a training batch
 //!   picks its (token, feature) pairs: [`topk`], [`mutual_choice`], [`feature_choice`], [`gsae`];
@@ -40,6 +40,7 @@ pub mod job;
 pub mod jumprelu;
 pub mod kernels;
 pub mod loss;
+pub mod moex;
 pub mod monet;
 pub mod mutual_choice;
 pub mod sae;
@@ -136,10 +137,11 @@ pub fn open_in_store(
     let dict: Box<dyn Dictionary> = match entry.kind.as_str() {
         "sae" => transcode::load_any(&dir)?,
         "monet" => Box::new(monet::io::load(&dir)?.0),
+        "moex" => Box::new(moex::io::load(&dir)?.0),
         "clt" => bail!(
             "dictionary {name} is a cross-layer transcoder: open it as a set (TranscoderSet::from_store)"
         ),
-        other => bail!("dictionary {name} has unknown kind {other:?} (expected sae or monet)"),
+        other => bail!("dictionary {name} has unknown kind {other:?} (expected sae, monet or moex)"),
     };
     if dict.d_in() != entry.d_in as usize || dict.n_features() != entry.n_features as usize {
         bail!(

@@ -1,5 +1,8 @@
 //! `loupe bench train-monet`: Monet training throughput against a TopK SAE with the same number
 //! of parameters, trained in the same run on the same tokens, and Monet's memory as E doubles.
+//! A MoE-X layer (`train-moex`) with the same number of parameters (E `--moex-experts`, top-k
+//! `--moex-top-k`, the expert width that matches) is trained on the same tokens too, and printed
+//! as its own line with its ratio to the same TopK SAE.
 //!
 //! Both train `--steps` batches (the first `--warmup-steps` untimed) of synthetic tokens (sums of
 //! planted directions, as `bench train-sae`). The SAE gets n = parameters / (2·d) features (a
@@ -11,6 +14,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use loupe_dict::moex::MoexSpec;
+use loupe_dict::moex::train::{MoexTrainConfig, MoexTrainer};
 use loupe_dict::monet::train::{MonetTrainConfig, MonetTrainer};
 use loupe_dict::monet::{Decomposition, MonetSpec};
 use loupe_dict::{TrainConfig, Trainer, Variant};
@@ -39,6 +44,12 @@ pub struct Args {
     steps: usize,
     #[arg(long, default_value_t = 1)]
     warmup_steps: usize,
+    /// MoE-X's number of experts (its expert width makes its parameters Monet's).
+    #[arg(long, default_value_t = 16)]
+    moex_experts: usize,
+    /// MoE-X's experts per token.
+    #[arg(long, default_value_t = 2)]
+    moex_top_k: usize,
     /// Skip the memory comparison.
     #[arg(long)]
     no_memory: bool,
@@ -102,12 +113,30 @@ pub fn run(args: &Args) -> Result<()> {
     cfg.dead_tokens = u64::MAX;
     let mut monet = MonetTrainer::new(cfg)?;
     let (monet_tps, monet_fvu) = timed(Box::new(|x| Ok(monet.train_step(x, None)?.fvu)))?;
+    // MoE-X: E·m·(2d + 1) + d parameters; the width m that comes closest to Monet's.
+    let e = args.moex_experts;
+    let width = ((params.saturating_sub(d) as f64 / (e * (2 * d + 1)) as f64).round() as usize).max(1);
+    let moex_spec = MoexSpec { d_in: d, d_out: d, experts: e, expert_width: width, top_k: args.moex_top_k };
+    let mut mcfg = MoexTrainConfig::new(moex_spec.clone(), b);
+    mcfg.dead_tokens = u64::MAX;
+    let mut moex = MoexTrainer::new(mcfg)?;
+    let (moex_tps, moex_fvu) = timed(Box::new(|x| Ok(moex.train_step(x, None)?.fvu)))?;
     let mut sae = Trainer::new(TrainConfig::new(Variant::Topk, d, n, 32, b))?;
     let (sae_tps, sae_fvu) = timed(Box::new(|x| Ok(sae.step(x, None)?.fvu)))?;
     println!("  {:<40}{:>10.0} tokens/s  (last batch FVU {monet_fvu:.4})", "Monet", monet_tps);
     println!(
         "  {:<40}{:>10.0} tokens/s  (last batch FVU {sae_fvu:.4})",
         "TopK SAE, equal parameters", sae_tps
+    );
+    println!(
+        "  {:<40}{:>10.0} tokens/s  (last batch FVU {moex_fvu:.4})",
+        format!("MoE-X E {e} × m {width}, top-k {}", args.moex_top_k),
+        moex_tps
+    );
+    println!(
+        "moex: {moex_tps:.0} tokens/s ({} parameters), ratio {:.2} vs topk-sae-equal-parameters",
+        moex_spec.parameters(),
+        moex_tps / sae_tps
     );
     if !args.no_memory {
         let (e1, e2) = (args.experts, 2 * args.experts);
