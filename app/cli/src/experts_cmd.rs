@@ -83,26 +83,26 @@ pub fn run(args: &Args) -> Result<()> {
         used.iter().take(5).map(|r| format!("{} {:.1}%", r.expert, 100.0 * r.usage)).collect();
     println!("most used: {}", list.join(", "));
     if e.has_domains() {
-        let mut by_domain = used.clone();
-        by_domain.sort_by(|a, b| {
-            b.top_domain_specialization
-                .unwrap_or(0.0)
-                .total_cmp(&a.top_domain_specialization.unwrap_or(0.0))
-                .then(a.expert.cmp(&b.expert))
-        });
+        // Specialization N_E(d) / N(d) grows with the expert's usage; ranked by how far above its
+        // usage it is (1× = no preference), among experts with at least 20 tokens.
+        let lift =
+            |r: &ExpertRow| r.top_domain_specialization.unwrap_or(0.0) / r.usage.max(f32::MIN_POSITIVE);
+        let mut by_domain: Vec<&&ExpertRow> = used.iter().filter(|r| r.tokens >= 20).collect();
+        by_domain.sort_by(|a, b| lift(b).total_cmp(&lift(a)).then(a.expert.cmp(&b.expert)));
         let list: Vec<String> = by_domain
             .iter()
             .take(5)
             .map(|r| {
                 format!(
-                    "{} {:.1}% of {}",
+                    "{} {:.1}% of {} ({:.2}× its usage)",
                     r.expert,
                     100.0 * r.top_domain_specialization.unwrap_or(0.0),
-                    e.domains[r.top_domain as usize]
+                    e.domains[r.top_domain as usize],
+                    lift(r)
                 )
             })
             .collect();
-        println!("most domain-specialised (share of a domain's tokens): {}", list.join(", "));
+        println!("most domain-specialised (share of a domain's tokens, ≥ 20 tokens): {}", list.join(", "));
     } else {
         println!(
             "domain specialization: undefined (one domain: {})",

@@ -147,3 +147,39 @@ fn entropy_bins(counts: &Counts) -> Vec<EntropyBin> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experts::routing::Routed;
+    use loupe_dict::Codes;
+
+    /// With a budget that fits only the most used expert, only its partners are listed (besides
+    /// the heatmap's pairs), and every listed count is exact.
+    #[test]
+    fn partners_only_for_the_counted_set() {
+        let rows: Vec<Vec<(u32, f32)>> = vec![
+            vec![(0, 1.0), (1, 1.0), (2, 1.0)],
+            vec![(0, 1.0), (2, 1.0)],
+            vec![(0, 1.0), (3, 1.0)],
+            vec![(1, 1.0), (3, 1.0)],
+        ];
+        let routed =
+            || Routed { codes: Codes::from_rows(rows.iter().map(Vec::as_slice)), full_entropy: None };
+        let mut counts = Counts::new(4, 1, false);
+        counts.add(&[routed()], &[1, 2, 3, 4], &[0; 4]);
+        let members = crate::experts::count::partner_set(&counts, 1, 0.0, usize::MAX);
+        assert_eq!(members, [0]);
+        let mut pairs = Pairs::new(4, members);
+        pairs.add(&[routed()]);
+        let keep = Keep { coactivation_experts: 1, coactivation_top: 2, vocab_top: 1 };
+        let t = build(&counts, &pairs, keep);
+        let got: Vec<_> =
+            t.coactivation.iter().map(|r| (r.expert_i, r.expert_j, r.both, r.p_j_given_i)).collect();
+        assert_eq!(got, [(0, 2, 2, 2.0 / 3.0), (0, 1, 1, 1.0 / 3.0)]);
+        // One domain: no specialization.
+        assert!(t.domains.iter().all(|r| r.specialization.is_none()));
+        assert!(t.experts.iter().all(|r| r.top_domain_specialization.is_none()));
+        assert_eq!(t.vocab.len(), 4, "one token id per expert");
+    }
+}
