@@ -121,12 +121,14 @@ pub fn run(args: &Args) -> Result<()> {
         println!("most token-specialised (≥ 20 tokens): {}", list.join(", "));
     }
     println!(
-        "co-activation counted exactly for the {} most used of {} used experts; wrote experts/{} in {} ({:.1} s)",
+        "co-activation counted exactly for the {} most used of {} used experts; wrote experts/{} in {} ({:.1} s: routing {:.1} s, co-activation {:.1} s)",
         report.partner_experts,
         report.used_experts,
         report.name,
         args.store.display(),
-        report.seconds
+        report.seconds,
+        report.pass_seconds[0],
+        report.pass_seconds[1]
     );
     Ok(())
 }

@@ -85,6 +85,8 @@ pub struct Report {
     pub partner_experts: usize,
     pub used_experts: usize,
     pub seconds: f64,
+    /// Seconds of pass 1 (routing and counting) and pass 2 (co-activation).
+    pub pass_seconds: [f64; 2],
 }
 
 /// Run `loupe experts` and list its tables in the store.
@@ -165,6 +167,7 @@ pub fn run(cfg: &ExpertsConfig, progress: &dyn Progress) -> Result<Report> {
         Ok(())
     })?;
     let codes = codes_out.finish()?;
+    let pass1 = started.elapsed().as_secs_f64();
 
     // Pass 2: exact co-activation rows of the most used experts, from the spilled routing.
     let members =
@@ -187,6 +190,7 @@ pub fn run(cfg: &ExpertsConfig, progress: &dyn Progress) -> Result<Report> {
         start = end;
     }
     drop((codes, spill));
+    let pass2 = started.elapsed().as_secs_f64() - pass1;
 
     progress.stage("writing");
     let keep = Keep {
@@ -203,6 +207,7 @@ pub fn run(cfg: &ExpertsConfig, progress: &dyn Progress) -> Result<Report> {
         partner_experts: pairs.members.len(),
         used_experts: counts.by_use().len(),
         seconds: 0.0,
+        pass_seconds: [pass1, pass2],
     };
     drop(store);
     Store::open_rw(&cfg.store)?.write_experts(&name, &tables, entry)?;
