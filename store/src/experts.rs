@@ -52,7 +52,7 @@ table! {
         /// Its most frequent token id (0 when it got none).
         pub top_token: u32,
         /// The largest domain specialization N_E(d) / N(d) over domains d; null when the corpus
-        /// has a single domain (or none could be read).
+        /// has a single domain, or the tokens counted come from one domain only.
         pub top_domain_specialization: Option<f32>,
         /// The domain index (into [`ExpertsEntry::domains`]) of that largest share (0 where
         /// `top_domain_specialization` is null).
@@ -99,7 +99,7 @@ table! {
         /// `count` / the expert's routed tokens.
         pub share_of_expert: f32,
         /// Domain specialization (OLMoE): `count` / the domain's tokens; null when the corpus has
-        /// a single domain.
+        /// a single domain, or the tokens counted come from one domain only.
         pub specialization: Option<f32>,
     }
 }

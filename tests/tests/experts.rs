@@ -323,6 +323,26 @@ fn a_planted_router_counts_exactly() {
     let routing: Vec<_> = tokens.iter().map(|t| (0, t.id, t.chosen.clone())).collect();
     check_tables(&data, &routing, N, (64, 8, 16), false);
 
+    // Rows of one domain only (the first two documents): undefined as well.
+    let text = run_ok(&[
+        "experts",
+        "--store",
+        s,
+        "--hook",
+        WEIGHTS,
+        "--corpus",
+        c,
+        "--max-tokens",
+        "120",
+        "--name",
+        "a-only",
+    ]);
+    assert!(text.contains("undefined (the tokens counted are from one domain: a; of a, b)"), "{text}");
+    let data = Store::open(&store).unwrap().read_experts("a-only").unwrap().expect("listed");
+    assert_eq!(data.entry.domain_tokens, [120, 0]);
+    let routing: Vec<_> = tokens[..120].iter().map(|t| (0, t.id, t.chosen.clone())).collect();
+    check_tables(&data, &routing, N, (64, 8, 16), false);
+
     // Bad input: one error line each, the store byte-identical.
     let sae = Sae::init(SaeSpec { variant: loupe_dict::Variant::Topk, d_in: N, n_features: 8, k: 2 }, 1);
     loupe_tests::planted::commit_sae(&Store::open_rw(&store).unwrap(), "sae", &sae, WEIGHTS);

@@ -82,7 +82,7 @@ pub fn run(args: &Args) -> Result<()> {
     let list: Vec<String> =
         used.iter().take(5).map(|r| format!("{} {:.1}%", r.expert, 100.0 * r.usage)).collect();
     println!("most used: {}", list.join(", "));
-    if e.has_domains() {
+    if report.tables.domains.iter().any(|r| r.specialization.is_some()) {
         // Specialization N_E(d) / N(d) grows with the expert's usage; ranked by how far above its
         // usage it is (1× = no preference), among experts with at least 20 tokens.
         let lift =
@@ -103,6 +103,19 @@ pub fn run(args: &Args) -> Result<()> {
             })
             .collect();
         println!("most domain-specialised (share of a domain's tokens, ≥ 20 tokens): {}", list.join(", "));
+    } else if e.has_domains() {
+        let with_tokens: Vec<&str> = e
+            .domains
+            .iter()
+            .zip(&e.domain_tokens)
+            .filter(|(_, n)| **n > 0)
+            .map(|(d, _)| d.as_str())
+            .collect();
+        println!(
+            "domain specialization: undefined (the tokens counted are from one domain: {}; of {})",
+            with_tokens.join(", "),
+            e.domains.join(", ")
+        );
     } else {
         println!(
             "domain specialization: undefined (one domain: {})",

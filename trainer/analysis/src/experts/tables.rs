@@ -28,7 +28,9 @@ fn ratio(a: u64, b: u64) -> f32 {
 
 pub fn build(counts: &Counts, pairs: &Pairs, keep: Keep) -> ExpertsTables {
     let n = counts.n_experts;
-    let domains_defined = counts.n_domains >= 2;
+    // Defined when the tokens counted come from at least two domains (a one-domain corpus, or
+    // rows of one domain only, would make it each expert's usage).
+    let domains_defined = counts.domain_tokens.iter().filter(|&&n| n > 0).count() >= 2;
     let vocab = vocab_rows(counts, keep.vocab_top);
     let mut domains = Vec::new();
     let mut experts = Vec::with_capacity(n);
