@@ -241,6 +241,8 @@ fn entry(
         mean_router_entropy: counts.full_entropy_sum.map(|s| (s / tokens) as f32),
         settings: ExpertsSettings {
             tokens: counts.tokens,
+            // A dictionary applies its own floor inside `route` (not exposed by the trait); a
+            // router hook's choice has none.
             gate_floor: None,
             top_k: (lo == hi).then_some(hi as u32),
             coactivation_top: cfg.coactivation_top as u32,
