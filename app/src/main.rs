@@ -14,8 +14,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use loupe_cli::{
-    analyze_cmd, bench, capture_cmd, circuit_cmd, dfa_cmd, dict_args, explain_cmd, export_cmd, feature_cmd,
-    fetch, graph_cmd, heads_cmd, store_cmd, tokenize, train_clt_cmd, train_moex_cmd, train_monet_cmd,
+    analyze_cmd, bench, capture_cmd, circuit_cmd, dfa_cmd, dict_args, experts_cmd, explain_cmd, export_cmd,
+    feature_cmd, fetch, graph_cmd, heads_cmd, store_cmd, tokenize, train_clt_cmd, train_moex_cmd, train_monet_cmd,
     train_sae_cmd,
 };
 
@@ -62,6 +62,8 @@ enum Command {
     Circuit(circuit_cmd::Args),
     /// Attribution graph of a prompt through transcoders (circuit-tracer's definition): features, errors, tokens and logits with their direct effects; `graph export` writes circuit-tracer JSON.
     Graph(graph_cmd::Args),
+    /// What each expert of a mixture handles (a dictionary with experts, or a router hook): usage, routing entropy, co-activation, vocabulary and domain specialization.
+    Experts(experts_cmd::Args),
     /// Print one analysed feature: stats, examples, logit effects, neighbours and co-occurring features.
     Feature(feature_cmd::Args),
     /// Direct feature attribution: a feature's pre-activation on a prompt split into heads (and source tokens) or residual-stream components.
@@ -151,6 +153,7 @@ fn main() -> ExitCode {
         Command::Heads(args) => heads_cmd::run(&args),
         Command::Circuit(args) => circuit_cmd::run(&args),
         Command::Graph(args) => graph_cmd::run(&args),
+        Command::Experts(args) => experts_cmd::run(&args),
         Command::Feature(args) => feature_cmd::run(&args),
         Command::Dfa(args) => dfa_cmd::run(&args),
         Command::Explain(args) => explain_cmd::run_explain(&args),

@@ -88,15 +88,25 @@ impl Store {
     }
 
     /// Remove dictionary `name` from the manifest together with everything made from it (its
-    /// analysis and explanations, which would otherwise be served for a later dictionary of the
+    /// analysis, explanations and expert tables, which would otherwise be served for a later dictionary of the
     /// same name), in one commit; then delete the files those entries listed (and only those).
     pub fn remove_dictionary(&self, name: &str) -> Result<()> {
         check_dictionary_name(name)?;
-        let (dict, features, explanations) = self.commit(|m| {
+        let (dict, features, explanations, experts) = self.commit(|m| {
             let Some(dict) = m.dictionaries.remove(name) else {
                 bail!("no dictionary named {name} in {}", self.root().display());
             };
-            Ok((dict, m.features.remove(name), m.explanations.remove(name)))
+            // Expert tables made from it, whatever their entry's name.
+            let made: Vec<String> = m
+                .experts
+                .iter()
+                .filter(|(_, e)| {
+                    matches!(&e.source, crate::experts::ExpertsSource::Dictionary { name: d, .. } if d == name)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            let experts: Vec<_> = made.iter().filter_map(|k| m.experts.remove(k)).collect();
+            Ok((dict, m.features.remove(name), m.explanations.remove(name), experts))
         })?;
         let files: Vec<&str> = dict.files.iter().map(|f| f.file.as_str()).collect();
         // Unlisted now, so no reader trusts them: what cannot be deleted is only wasted space.
@@ -106,6 +116,7 @@ impl Store {
             .iter()
             .flat_map(|e| &e.files)
             .chain(explanations.iter().flat_map(|e| &e.files))
+            .chain(experts.iter().flat_map(|e| &e.files))
             .map(|f| f.file.as_str())
             .collect();
         fsutil::remove_files(self.root(), &made_from)

@@ -52,7 +52,7 @@ table! {
         /// Its most frequent token id (0 when it got none).
         pub top_token: u32,
         /// The largest domain specialization N_E(d) / N(d) over domains d; null when the corpus
-        /// has a single domain (or none could be read).
+        /// has a single domain, or the tokens counted come from one domain only.
         pub top_domain_specialization: Option<f32>,
         /// The domain index (into [`ExpertsEntry::domains`]) of that largest share (0 where
         /// `top_domain_specialization` is null).
@@ -99,7 +99,7 @@ table! {
         /// `count` / the expert's routed tokens.
         pub share_of_expert: f32,
         /// Domain specialization (OLMoE): `count` / the domain's tokens; null when the corpus has
-        /// a single domain.
+        /// a single domain, or the tokens counted come from one domain only.
         pub specialization: Option<f32>,
     }
 }
@@ -159,6 +159,11 @@ pub struct ExpertsEntry {
     /// Mean experts routed per token, and mean routing entropy per token (nats).
     pub mean_active: f32,
     pub mean_entropy: f32,
+    /// Mean entropy (nats) of the router's full softmax over all experts, where the source holds
+    /// it (`hook_router_probs`, `hook_router_logits`); `mean_entropy` and `entropy.arrow` are
+    /// over each token's chosen experts' gates, normalised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_router_entropy: Option<f32>,
     pub settings: ExpertsSettings,
     /// Files relative to the store root (`experts/<name>/<generation>/…`).
     pub files: Vec<FileEntry>,
@@ -261,6 +266,7 @@ mod tests {
             domain_tokens: vec![3, 1],
             mean_active: 1.5,
             mean_entropy: 0.3,
+            mean_router_entropy: None,
             settings: ExpertsSettings {
                 tokens: 4,
                 gate_floor: None,
@@ -305,6 +311,42 @@ mod tests {
             }],
             entropy: vec![EntropyBin { lo: 0.0, hi: 0.5, tokens: 4 }],
         }
+    }
+
+    #[test]
+    fn removing_a_dictionary_removes_the_expert_tables_made_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path()).unwrap();
+        std::fs::create_dir_all(store.dictionary_dir("monet")).unwrap();
+        std::fs::write(store.dictionary_dir("monet").join("w.bin"), b"w").unwrap();
+        let dict = crate::DictEntry {
+            hook: "blocks.0.hook_resid_post".into(),
+            output_hook: None,
+            kind: "monet".into(),
+            variant: "vd".into(),
+            d_in: 4,
+            n_features: 2,
+            status: "done".into(),
+            step: 1,
+            tokens: 1,
+            files: Vec::new(),
+        };
+        store.commit_dictionary("monet", dict, &["w.bin"]).unwrap();
+        let from_dict = ExpertsEntry {
+            source: ExpertsSource::Dictionary {
+                name: "monet".into(),
+                kind: "monet".into(),
+                hook: "h".into(),
+            },
+            ..entry()
+        };
+        store.write_experts("renamed", &tables(), from_dict).unwrap();
+        store.write_experts("blocks.0.mlp.hook_expert_weights", &tables(), entry()).unwrap();
+        let files = store.manifest().experts["renamed"].files.clone();
+        store.remove_dictionary("monet").unwrap();
+        assert_eq!(store.experts_names(), ["blocks.0.mlp.hook_expert_weights"], "the hook's entry stays");
+        assert!(files.iter().all(|f| !store.root().join(&f.file).exists()), "its tables are deleted");
+        assert!(store.verify(&()).problems.is_empty());
     }
 
     #[test]

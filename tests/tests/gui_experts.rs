@@ -97,6 +97,7 @@ fn entry(source: ExpertsSource, n: u32, per_expert: u32, domains: &[&str]) -> Ex
         domain_tokens: domains.iter().map(|_| 500).collect(),
         mean_active: 2.5,
         mean_entropy: 1.25,
+        mean_router_entropy: None,
         settings: ExpertsSettings {
             tokens: 1000,
             gate_floor: Some(1e-6),

@@ -21,6 +21,7 @@ mod corpus_input;
 mod corpus_read;
 mod data_safety;
 mod dfa;
+mod experts;
 mod export;
 mod fetch;
 mod fuzz_regressions;

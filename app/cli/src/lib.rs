@@ -15,6 +15,7 @@ pub mod circuit_cmd;
 pub mod circuit_eval_cmd;
 pub mod dfa_cmd;
 pub mod dict_args;
+pub mod experts_cmd;
 pub mod explain_cmd;
 pub mod export_cmd;
 pub mod feature_cmd;

@@ -128,6 +128,7 @@ pub fn synthetic(n: u32) -> (ExpertsTables, ExpertsEntry) {
         domain_tokens: vec![TOKENS * 3 / 5, TOKENS * 2 / 5],
         mean_active: mean_active as f32,
         mean_entropy: max * 0.3,
+        mean_router_entropy: None,
         settings: ExpertsSettings {
             tokens: TOKENS,
             gate_floor: Some(1e-6),

@@ -9,11 +9,14 @@
 //!   attribution patching, discrete-SAE circuit discovery, their evaluation.
 //! - [`graphs`]: attribution graphs through transcoders (`loupe graph`), as circuit-tracer
 //!   defines them.
+//! - [`experts`]: what each expert of a mixture handles (`loupe experts`): usage, routing
+//!   entropy, co-activation, vocabulary and domain specialization.
 //!
-//! The coming analyses get a module of their own beside them: `experts/` (what each expert of a mixture handles). Like every stage, this crate reads and writes only through [`loupe_store`];
+//! Like every stage, this crate reads and writes only through [`loupe_store`];
 //! it runs the model through [`loupe_model`] and the dictionaries through [`loupe_dict`].
 
 pub mod circuits;
+pub mod experts;
 pub mod features;
 pub mod graphs;
 pub mod heads;
