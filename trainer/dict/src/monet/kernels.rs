@@ -1,5 +1,5 @@
 //! The inner loops of the sparse Monet passes: [`gemm_seq`], one small single-threaded GEMM on
-//! rows gathered sub-expert by sub-expert (the backward of the output blocks), and 16-lane loops
+//! rows gathered sub-expert by sub-expert (the output blocks, forward and backward), and 16-lane loops
 //! (one AVX-512 register) on groups of entries that share a weight row, so that each row loaded
 //! from cache serves several tokens. The loops are hand-written where a gathered copy costs about
 //! what the work does: the hidden units and their gradients read 640-wide rows of x for only k = 8
@@ -80,29 +80,6 @@ pub fn axpys<const G: usize>(c: [f32; G], xs: [&[f32]; G], y: &mut [f32]) {
     for (i, y) in yr.iter_mut().enumerate() {
         for g in 0..G {
             *y += c[g] * xs[g][n + i];
-        }
-    }
-}
-
-/// `y += Σ_r c[r]·rows[r]` (`rows` is `[c.len(), y.len()]`), accumulating in registers.
-#[inline(always)]
-pub fn combine(c: &[f32], rows: &[f32], y: &mut [f32]) {
-    let w = y.len();
-    let n = w / L * L;
-    let (yc, yr) = y.as_chunks_mut::<L>();
-    for (j, y) in yc.iter_mut().enumerate() {
-        let mut acc = *y;
-        for (r, &a) in c.iter().enumerate() {
-            let row = &rows[r * w + j * L..r * w + j * L + L];
-            for l in 0..L {
-                acc[l] += a * row[l];
-            }
-        }
-        *y = acc;
-    }
-    for (i, y) in yr.iter_mut().enumerate() {
-        for (r, &a) in c.iter().enumerate() {
-            *y += a * rows[r * w + n + i];
         }
     }
 }
