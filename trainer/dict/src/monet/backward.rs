@@ -21,7 +21,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::kernels::{axpys, dots};
+use super::kernels::{axpys, gemm_seq};
 use super::sparse::{Forward, Layout, Params, Part, split_rows, token_hidden};
 use crate::kernels::{axpy, dot};
 
@@ -135,9 +135,9 @@ pub fn gradients(
             .zip(g.out[*q].par_chunks_mut(cw * w))
             .zip(p.out[*q].par_chunks(cw * w))
             .enumerate()
-            .for_each(|(i, ((a, gb), wb))| {
+            .for_each_init(Vec::new, |buf, (i, ((a, gb), wb))| {
                 let order = &side.order[side.starts[i] as usize..side.starts[i + 1] as usize];
-                out_block(wb, gb, a, order, &side.token, coef, dy, o, out.col, cw, w);
+                out_block(wb, gb, a, order, &side.token, coef, dy, o, out.col, cw, w, buf);
             });
     }
 
@@ -217,11 +217,8 @@ fn router_order(lay: &Layout, f: &Forward, r: usize) -> (Vec<u32>, Vec<u32>, Vec
     (starts, order, token)
 }
 
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+/// Sub-expert i's output block: its entries' dy halves and coefficients gathered into `buf`
+/// (`[n, w]` then `[n, cw]`), then two GEMMs: a = dy·blockᵀ and ∂block = coefᵀ·dy.
 #[allow(clippy::too_many_arguments)]
 fn out_block(
     wb: &[f32],
@@ -235,32 +232,20 @@ fn out_block(
     col: usize,
     cw: usize,
     w: usize,
+    buf: &mut Vec<f32>,
 ) {
-    gb.fill(0.0);
-    let dyh = |n: u32| {
-        let t = token[n as usize] as usize;
-        &dy[t * o + col..t * o + col + w]
-    };
-    let c = |n: u32, r: usize| coef[n as usize * cw + r];
-    for (ns, a) in order.chunks(4).zip(a.chunks_mut(4 * cw)) {
-        if let [n0, n1, n2, n3] = *ns {
-            let dys = [dyh(n0), dyh(n1), dyh(n2), dyh(n3)];
-            for (r, (wr, gr)) in wb.chunks(w).zip(gb.chunks_mut(w)).enumerate() {
-                let v = dots(wr, dys);
-                for g in 0..4 {
-                    a[g * cw + r] = v[g];
-                }
-                axpys([c(n0, r), c(n1, r), c(n2, r), c(n3, r)], dys, gr);
-            }
-        } else {
-            for (&n, a) in ns.iter().zip(a.chunks_mut(cw)) {
-                for (r, (wr, gr)) in wb.chunks(w).zip(gb.chunks_mut(w)).enumerate() {
-                    a[r] = dots(wr, [dyh(n)])[0];
-                    axpys([c(n, r)], [dyh(n)], gr);
-                }
-            }
-        }
+    let n = order.len();
+    buf.clear();
+    for &e in order {
+        let t = token[e as usize] as usize;
+        buf.extend_from_slice(&dy[t * o + col..t * o + col + w]);
     }
+    for &e in order {
+        buf.extend_from_slice(&coef[e as usize * cw..(e as usize + 1) * cw]);
+    }
+    let (dyg, cg) = buf.split_at(n * w);
+    gemm_seq((dyg, w, 1), (wb, 1, w), (a, cw, 1), n, cw, w);
+    gemm_seq((cg, 1, cw), (dyg, w, 1), (gb, w, 1), cw, w, n);
 }
 
 #[multiversion(targets(

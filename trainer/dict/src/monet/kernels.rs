@@ -1,10 +1,88 @@
-//! The inner loops of the sparse Monet passes, on 16-lane chunks (one AVX-512 register) and on
-//! groups of entries that share a weight row, so that each row loaded from cache serves several
-//! tokens. Hand-written because the passes gather rows by token (no BLAS call fits), and candle's
-//! ops would materialise every gathered matrix. Inlined into the `multiversion` callers.
+//! The inner loops of the sparse Monet passes: [`gemm_seq`], one small single-threaded GEMM on
+//! rows gathered sub-expert by sub-expert (the output blocks, forward and backward), and 16-lane loops
+//! (one AVX-512 register) on groups of entries that share a weight row, so that each row loaded
+//! from cache serves several tokens. The loops are hand-written where a gathered copy costs about
+//! what the work does: the hidden units and their gradients read 640-wide rows of x for only k = 8
+//! values each, and there `gemm` on gathered rows measured slower (BENCHMARKS.md, train-monet);
+//! candle's ops would materialise every gathered matrix. They are inlined into the
+//! `multiversion` callers.
+
+/// A matrix view for [`gemm_seq`]: the slice and its (row, column) strides.
+pub type View<'a> = (&'a [f32], usize, usize);
+
+/// `c = a · b` for `a` `[m, k]`, `b` `[k, n]` and `c` `[m, n]` given by their strides (so any may be
+/// a transposed view), `c` overwritten (zeroed when k is 0), on the calling thread: the `gemm`
+/// crate (as [`loupe_model::kernels::matmul`], without its threads, since the callers run one
+/// GEMM per sub-expert in parallel). Its blocking depends on the shapes only, so the sums run in
+/// a fixed order at any thread count.
+pub fn gemm_seq(a: View, b: View, c: (&mut [f32], usize, usize), m: usize, n: usize, k: usize) {
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| {
+        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
+    };
+    let ((a, a_rs, a_cs), (b, b_rs, b_cs), (c, c_rs, c_cs)) = (a, b, c);
+    assert!(a.len() >= last(a_rs, a_cs, m, k) && b.len() >= last(b_rs, b_cs, k, n));
+    assert!(c.len() >= last(c_rs, c_cs, m, n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                c[i * c_rs + j * c_cs] = 0.0;
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts keep every element the strides address inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_cs as isize,
+            c_rs as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
 
 /// Lanes per chunk.
 const L: usize = 16;
+
+/// `y += Σ_g c_g·x_g`, accumulating in registers.
+#[inline(always)]
+pub fn axpys<const G: usize>(c: [f32; G], xs: [&[f32]; G], y: &mut [f32]) {
+    let n = y.len() / L * L;
+    let (yc, yr) = y.as_chunks_mut::<L>();
+    for (j, y) in yc.iter_mut().enumerate() {
+        let mut acc = *y;
+        for g in 0..G {
+            let x: &[f32; L] = xs[g][j * L..j * L + L].try_into().expect("16 lanes");
+            for l in 0..L {
+                acc[l] += c[g] * x[l];
+            }
+        }
+        *y = acc;
+    }
+    for (i, y) in yr.iter_mut().enumerate() {
+        for g in 0..G {
+            *y += c[g] * xs[g][n + i];
+        }
+    }
+}
 
 /// `[a·x_g for g]`: G dot products sharing `a` (read from L1 again for each).
 #[inline(always)]
@@ -29,49 +107,4 @@ fn dot16(a: &[f32], x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + ar.iter().zip(xr).map(|(a, x)| a * x).sum::<f32>()
-}
-
-/// `y += Σ_g c_g·x_g`, accumulating in registers.
-#[inline(always)]
-pub fn axpys<const G: usize>(c: [f32; G], xs: [&[f32]; G], y: &mut [f32]) {
-    let n = y.len() / L * L;
-    let (yc, yr) = y.as_chunks_mut::<L>();
-    for (j, y) in yc.iter_mut().enumerate() {
-        let mut acc = *y;
-        for g in 0..G {
-            let x: &[f32; L] = xs[g][j * L..j * L + L].try_into().expect("16 lanes");
-            for l in 0..L {
-                acc[l] += c[g] * x[l];
-            }
-        }
-        *y = acc;
-    }
-    for (i, y) in yr.iter_mut().enumerate() {
-        for g in 0..G {
-            *y += c[g] * xs[g][n + i];
-        }
-    }
-}
-
-/// `y += Σ_r c[r]·rows[r]` (`rows` is `[c.len(), y.len()]`), accumulating in registers.
-#[inline(always)]
-pub fn combine(c: &[f32], rows: &[f32], y: &mut [f32]) {
-    let w = y.len();
-    let n = w / L * L;
-    let (yc, yr) = y.as_chunks_mut::<L>();
-    for (j, y) in yc.iter_mut().enumerate() {
-        let mut acc = *y;
-        for (r, &a) in c.iter().enumerate() {
-            let row = &rows[r * w + j * L..r * w + j * L + L];
-            for l in 0..L {
-                acc[l] += a * row[l];
-            }
-        }
-        *y = acc;
-    }
-    for (i, y) in yr.iter_mut().enumerate() {
-        for (r, &a) in c.iter().enumerate() {
-            *y += a * rows[r * w + n + i];
-        }
-    }
 }

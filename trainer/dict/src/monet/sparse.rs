@@ -23,7 +23,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::kernels::{combine, dots};
+use super::kernels::{dots, gemm_seq};
 pub use super::routes::{GATE_FLOOR, Norm, Routes, batch_norm, codes, logits, select};
 use super::{Decomposition, MonetSpec};
 use crate::kernels::axpy;
@@ -356,23 +356,26 @@ pub fn output(p: &Params, lay: &Layout, f: &mut Forward, y: &mut Vec<f32>) {
         },
     );
     // y by tiles of tokens, sub-expert by sub-expert within a tile: each block is read once per
-    // tile (from cache) for all the tile's tokens routed to it.
+    // tile (from cache) by one GEMM for all the tile's tokens routed to it.
     let cf = &coef;
-    y.par_chunks_mut(TILE * o).enumerate().for_each(|(ti, ytile)| {
-        ytile.fill(0.0);
-        let (t0, t1) = (ti * TILE, ti * TILE + ytile.len() / o);
-        for ((half, side), coef) in lay.out.iter().zip(&fr.sides).zip(cf) {
-            let Some((q, out)) = half else { continue };
-            let (cw, w) = (out.cw, out.width);
-            for i in 0..lay.e {
-                let order = &side.order[side.starts[i] as usize..side.starts[i + 1] as usize];
-                let lo = order.partition_point(|&n| (side.token[n as usize] as usize) < t0);
-                let hi = order.partition_point(|&n| (side.token[n as usize] as usize) < t1);
-                let block = &p.out[*q][i * cw * w..(i + 1) * cw * w];
-                tile_rows(block, coef, &order[lo..hi], &side.token, t0, o, out.col, cw, ytile);
+    y.par_chunks_mut(TILE * o).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(cg, yg), (ti, ytile)| {
+            ytile.fill(0.0);
+            let (t0, t1) = (ti * TILE, ti * TILE + ytile.len() / o);
+            for ((half, side), coef) in lay.out.iter().zip(&fr.sides).zip(cf) {
+                let Some((q, out)) = half else { continue };
+                let (cw, w) = (out.cw, out.width);
+                for i in 0..lay.e {
+                    let order = &side.order[side.starts[i] as usize..side.starts[i + 1] as usize];
+                    let lo = order.partition_point(|&n| (side.token[n as usize] as usize) < t0);
+                    let hi = order.partition_point(|&n| (side.token[n as usize] as usize) < t1);
+                    let block = &p.out[*q][i * cw * w..(i + 1) * cw * w];
+                    tile_gemm(block, coef, &order[lo..hi], &side.token, t0, o, out.col, cw, ytile, cg, yg);
+                }
             }
-        }
-    });
+        },
+    );
     f.pooled = pooled;
     f.coef = coef;
 }
@@ -380,13 +383,10 @@ pub fn output(p: &Params, lay: &Layout, f: &mut Forward, y: &mut Vec<f32>) {
 /// Tokens per tile of the output pass.
 const TILE: usize = 128;
 
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+/// The rows of a tile's tokens routed to one sub-expert, as one GEMM: the entries' coefficients
+/// gathered (`cg`), coef·block into `yg`, then each row added to its token's.
 #[allow(clippy::too_many_arguments)]
-fn tile_rows(
+fn tile_gemm(
     block: &[f32],
     coef: &[f32],
     order: &[u32],
@@ -396,16 +396,32 @@ fn tile_rows(
     col: usize,
     cw: usize,
     ytile: &mut [f32],
+    cg: &mut Vec<f32>,
+    yg: &mut Vec<f32>,
 ) {
-    let w = block.len() / cw;
-    for &n in order {
-        let t = token[n as usize] as usize - t0;
-        combine(
-            &coef[n as usize * cw..(n as usize + 1) * cw],
-            block,
-            &mut ytile[t * o + col..t * o + col + w],
-        );
+    let (n, w) = (order.len(), block.len() / cw);
+    if n == 0 {
+        return;
     }
+    cg.clear();
+    for &e in order {
+        cg.extend_from_slice(&coef[e as usize * cw..(e as usize + 1) * cw]);
+    }
+    yg.resize(n * w, 0.0);
+    gemm_seq((cg, cw, 1), (block, w, 1), (yg, w, 1), n, w, cw);
+    for (&e, row) in order.iter().zip(yg.chunks(w)) {
+        let t = token[e as usize] as usize - t0;
+        add_row(row, &mut ytile[t * o + col..t * o + col + w]);
+    }
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn add_row(x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
 }
 
 /// Token `t`'s hidden units h = ReLU² per side, token-major `[entries of t, k]` into `hbuf`
