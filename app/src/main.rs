@@ -15,8 +15,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use loupe_cli::{
     analyze_cmd, bench, capture_cmd, circuit_cmd, dfa_cmd, dict_args, experts_cmd, explain_cmd, export_cmd,
-    feature_cmd, fetch, graph_cmd, heads_cmd, store_cmd, tokenize, train_clt_cmd, train_moex_cmd, train_monet_cmd,
-    train_sae_cmd,
+    feature_cmd, fetch, graph_cmd, heads_cmd, store_cmd, tokenize, train_clt_cmd, train_moex_cmd,
+    train_monet_cmd, train_sae_cmd,
 };
 
 /// mimalloc instead of the system allocator: training allocates and frees tensors of tens of MiB
