@@ -4,7 +4,7 @@ For each expert E with routed tokens: lift(E) = max over domains d of (N_E(d) / 
 how much more of E's tokens come from its main domain than that domain's share of all tokens
 (1 = no specialization). Prints the token-weighted mean lift and the share of experts with lift ≥ 1.5.
 
-    python scripts/experts_lift.py STORE NAME     (needs pyarrow: the venv of benches/reference)
+    python scripts/experts_lift.py STORE NAME     (needs pyarrow: the venv of benches/reference/setup-ct-env.sh)
 """
 import json
 import sys

@@ -10,7 +10,8 @@
 # State of the Union addresses from 1993 on until 360,000 bytes (domains = the corpus's top-level
 # folders, moby-dick/ and sotu/). Documents are read in path order, so the held-out rows (the
 # last tenth) are all State of the Union. Capture ~3 min, training ~2 min (TopK), ~1 min (MoE-X),
-# ~3 min (Monet), experts ~1 min each, on 2 cores. Reruns skip what is done.
+# ~3 min (Monet), experts ~1 min each, on 2 cores. Reruns skip what is done. The last column needs
+# pyarrow (PYTHON, default the venv of benches/reference/setup-ct-env.sh).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,7 +61,7 @@ for d in topk-l6 moex-l6 monet-l6-vd; do
   spec="–"; per="–"
   if jq -e ".experts[\"$d\"]" "$store/manifest.json" > /dev/null; then
     per=$(jq -r ".experts[\"$d\"].mean_active * 10 | round / 10" "$store/manifest.json")
-    spec=$("${PYTHON:-$cache/pyenv/bin/python}" "$root/scripts/experts_lift.py" "$store" "$d")
+    spec=$("${PYTHON:-$cache/ctenv/bin/python}" "$root/scripts/experts_lift.py" "$store" "$d")
   fi
   jq -r --arg d "$d" --arg per "$per" --arg spec "$spec" \
     '"| \($d) | \(.held_out.fvu * 1000 | round / 1000) | \(.held_out.l0 * 10 | round / 10) | \(.held_out.dead_fraction * 1000 | round / 10) % | \(.splice.ce_loss_recovered * 1000 | round / 1000) | \(.splice.kl * 1000 | round / 1000) | \($per) | \($spec) |"' "$e"
