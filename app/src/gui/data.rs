@@ -121,7 +121,7 @@ impl DictData {
             name: dict.to_string(),
             kind: entry.map_or("unknown".into(), |e| format!("{}/{}", e.kind, e.variant)),
             hook: tables.entry().hook.clone(),
-            steerable: entry.is_some_and(|e| e.kind == "sae"),
+            steerable: entry.is_some_and(|e| matches!(e.kind.as_str(), "sae" | "moex")),
             has_index: manifest.explanations.get(dict).is_some_and(|e| e.index_model.is_some()),
             stale: store.explanations_stale(dict),
             tables,

@@ -5,8 +5,8 @@
 //! norm at the hook) and the intervention scorer (coefficient = scale × the feature's maximum
 //! activation) both call [`Steering::logits`]; each picks its coefficient.
 //!
-//! Only features with a fixed direction can be steered by adding one: Monet experts, whose output
-//! depends on their input, are refused with one line.
+//! Only features with a fixed direction can be steered by adding one (SAE features, MoE-X units):
+//! Monet experts, whose output depends on their input, are refused with one line.
 
 use anyhow::{Result, anyhow, bail};
 use candle_core::{Device, Tensor};
