@@ -11,52 +11,12 @@
 pub type View<'a> = (&'a [f32], usize, usize);
 
 /// `c = a · b` for `a` `[m, k]`, `b` `[k, n]` and `c` `[m, n]` given by their strides (so any may be
-/// a transposed view), `c` overwritten (zeroed when k is 0), on the calling thread: the `gemm`
-/// crate (as [`loupe_model::kernels::matmul`], without its threads, since the callers run one
-/// GEMM per sub-expert in parallel). Its blocking depends on the shapes only, so the sums run in
-/// a fixed order at any thread count.
+/// a transposed view), `c` overwritten (zeroed when k is 0), on the calling thread:
+/// [`loupe_model::kernels::matmul_seq`], since the callers run one GEMM per sub-expert in parallel.
+/// Its blocking depends on the shapes only, so the sums run in a fixed order at any thread count.
 pub fn gemm_seq(a: View, b: View, c: (&mut [f32], usize, usize), m: usize, n: usize, k: usize) {
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| {
-        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
-    };
     let ((a, a_rs, a_cs), (b, b_rs, b_cs), (c, c_rs, c_cs)) = (a, b, c);
-    assert!(a.len() >= last(a_rs, a_cs, m, k) && b.len() >= last(b_rs, b_cs, k, n));
-    assert!(c.len() >= last(c_rs, c_cs, m, n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for i in 0..m {
-            for j in 0..n {
-                c[i * c_rs + j * c_cs] = 0.0;
-            }
-        }
-        return;
-    }
-    // SAFETY: the asserts keep every element the strides address inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            c_cs as isize,
-            c_rs as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    loupe_model::kernels::matmul_seq(a, (a_rs, a_cs), b, (b_rs, b_cs), c, (c_rs, c_cs), m, n, k);
 }
 
 /// Lanes per chunk.

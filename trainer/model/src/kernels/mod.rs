@@ -51,6 +51,41 @@ pub fn fast_exp(y: f32) -> f32 {
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+    c: &mut [f32],
+    c_strides: (usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    matmul_with(a, a_strides, b, b_strides, c, c_strides, m, n, k, parallelism);
+}
+
+/// [`matmul`] on the calling thread only, for callers that already run one small GEMM per task
+/// in parallel (Monet's sub-experts). `gemm`'s blocking depends on the shapes only, so the sums
+/// run in a fixed order whatever the thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_seq(
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+    c: &mut [f32],
+    c_strides: (usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    matmul_with(a, a_strides, b, b_strides, c, c_strides, m, n, k, gemm::Parallelism::None);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_with(
+    a: &[f32],
     (a_rs, a_cs): (usize, usize),
     b: &[f32],
     (b_rs, b_cs): (usize, usize),
@@ -59,6 +94,7 @@ pub fn matmul(
     m: usize,
     n: usize,
     k: usize,
+    parallelism: gemm::Parallelism,
 ) {
     let last = |rs: usize, cs: usize, rows: usize, cols: usize| {
         if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
@@ -68,9 +104,16 @@ pub fn matmul(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the assert keeps every element the strides address inside the slices.
+    if k == 0 {
+        // An empty product: c is zero (not left to the `gemm` crate).
+        for i in 0..m {
+            for j in 0..n {
+                c[i * c_rs + j * c_cs] = 0.0;
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts keep every element the strides address inside the slices.
     unsafe {
         gemm::gemm(
             m,
