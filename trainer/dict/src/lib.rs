@@ -44,6 +44,7 @@ pub mod moex;
 pub mod monet;
 pub mod mutual_choice;
 pub mod sae;
+mod sae_fit;
 pub mod saelens;
 pub mod splice;
 pub mod splice_all;
