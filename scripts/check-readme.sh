@@ -6,6 +6,7 @@
 #   scripts/check-readme.sh --readme FILE    # another file (the self-test uses this)
 #   scripts/check-readme.sh --self-test      # a README with a broken command must fail, naming its line
 #   scripts/check-readme.sh --keep           # keep the scratch folder (its path is printed)
+#   scripts/check-readme.sh --scratch DIR --from LINE   # go on in a kept scratch folder from a block
 #
 # How a block runs: `bash -eE -o pipefail` from the repository root, with target/release first on
 # the PATH, each block in a fresh shell (variables do not carry over). Blocks fenced as `toml`,
@@ -93,10 +94,13 @@ def start_display(scratch):
     time.sleep(2)
     return xvfb, disp
 
-def check(readme, keep):
+def check(readme, keep, scratch=None, start=0):
     repo = os.getcwd()
-    scratch = tempfile.mkdtemp(prefix="loupe-readme.")
-    os.makedirs(os.path.join(scratch, "runs"))
+    if scratch is None:
+        scratch = tempfile.mkdtemp(prefix="loupe-readme.")
+    else:
+        keep = True
+    os.makedirs(os.path.join(scratch, "runs"), exist_ok=True)
     env = dict(os.environ)
     env["PATH"] = os.path.join(repo, "target", "release") + os.pathsep + env["PATH"]
     env["LOUPE_README_SCRATCH"] = scratch
@@ -112,7 +116,7 @@ def check(readme, keep):
     t_all, ran, skipped, ok = time.time(), 0, [], False
     try:
         for lang, line, lines in parse(readme):
-            if lang != "sh":
+            if lang != "sh" or line < start:
                 continue
             text = "\n".join(lines)
             first = next((l for l in lines if l.strip() and not l.startswith("#")), "")
@@ -199,17 +203,21 @@ def self_test():
         shutil.rmtree(d, ignore_errors=True)
 
 args = sys.argv[1:]
-readme, keep = "README.md", False
+readme, keep, scratch, start = "README.md", False, None, 0
 while args:
     a = args.pop(0)
     if a == "--readme" and args:
         readme = args.pop(0)
+    elif a == "--scratch" and args:
+        scratch = os.path.abspath(args.pop(0))
+    elif a == "--from" and args:
+        start = int(args.pop(0))
     elif a == "--keep":
         keep = True
     elif a == "--self-test":
         sys.exit(self_test())
     else:
-        print(f"error: unknown argument {a!r} (--readme FILE, --keep, --self-test)", file=sys.stderr)
+        print(f"error: unknown argument {a!r} (--readme FILE, --keep, --scratch DIR, --from LINE, --self-test)", file=sys.stderr)
         sys.exit(2)
 if not os.path.isfile(readme):
     print(f"error: {readme} is not a file", file=sys.stderr)
@@ -218,5 +226,5 @@ if not os.access(os.path.join("target", "release", "loupe"), os.X_OK):
     print("error: target/release/loupe is missing: run `cargo build --release --workspace --bins` first",
           file=sys.stderr)
     sys.exit(2)
-sys.exit(check(os.path.abspath(readme), keep))
+sys.exit(check(os.path.abspath(readme), keep, scratch, start))
 PY
