@@ -49,11 +49,18 @@ gui_check() {
   loupe gui "$@" >"$log" 2>&1 &
   local app=$!
   sleep "$GUI_SECONDS"
+  local why=""
   if ! kill -0 "$app" 2>/dev/null; then
-    wait "$app" || true; cat "$log"; echo "loupe gui $* exited within ${GUI_SECONDS} s" >&2; return 1
+    wait "$app" || true; why="exited within ${GUI_SECONDS} s"
+  else
+    kill "$app"; wait "$app" 2>/dev/null || true
+    grep -q "^error:" "$log" && why="printed an error"
   fi
-  kill "$app"; wait "$app" 2>/dev/null || true
-  if grep -q "error:" "$log"; then cat "$log"; echo "loupe gui $* printed an error" >&2; return 1; fi
+  if [ -n "$why" ]; then # name the README line that called it, not this function's
+    cat "$log"; echo "loupe gui $* $why" >&2
+    printf "%s\tloupe gui %s\n" "${BASH_LINENO[0]}" "$*" > "$LOUPE_README_ERR"
+    exit 1
+  fi
   echo "loupe gui $*: still running after ${GUI_SECONDS} s, closed"
 }
 '''
@@ -106,6 +113,9 @@ def check(readme, keep, scratch=None, start=0):
     env["LOUPE_README_SCRATCH"] = scratch
     env["LOUPE_README_ERR"] = os.path.join(scratch, "err")
     env["GUI_SECONDS"] = str(GUI_SECONDS)
+    if not env.get("XDG_RUNTIME_DIR"):  # winit prints an `error:` line without one
+        env["XDG_RUNTIME_DIR"] = os.path.join(scratch, "xdg")
+        os.makedirs(env["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
     prelude = os.path.join(scratch, "prelude.sh")
     open(prelude, "w").write(PRELUDE)
     xvfb, display = start_display(scratch)
