@@ -18,6 +18,10 @@ scripts/check-layers.sh
 cargo build --release --workspace --bins --locked
 ./target/release/loupe fetch
 cargo test --release --workspace --locked
+# The README's commands, as a new user runs them (scripts/check-readme.sh: every ```sh block on a
+# scratch folder, small sizes; the self-test first checks that a broken command fails it).
+scripts/check-readme.sh --self-test
+scripts/check-readme.sh
 # A short coverage-guided run of every fuzz target (README, "Fuzzing"): builds the instrumented
 # targets (their own workspace and target folder), then 10 s each; a crash fails the run.
 FUZZ_SECONDS=10 scripts/fuzz.sh
