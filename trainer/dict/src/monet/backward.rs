@@ -22,6 +22,7 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::kernels::{axpys, gemm_seq};
+use super::phases;
 use super::sparse::{Forward, Layout, Params, Part, split_rows, token_hidden};
 use crate::kernels::{axpy, dot};
 
@@ -95,6 +96,7 @@ pub fn gradients(
             })
             .collect();
     let fvu = err.iter().sum::<f64>() / denom;
+    phases::mark("dy");
 
     // Auxiliary losses: each side's mean gate per sub-expert, and each head's largest gate.
     let bh = (tokens * heads) as f64;
@@ -141,6 +143,7 @@ pub fn gradients(
             });
     }
 
+    phases::mark("out-blocks");
     // Per token: back through the cross terms, the pooling, s and the softmax.
     s.dz.resize(f.routes.id.len(), 0.0);
     let token_starts: Vec<u32> = f.routes.offsets.iter().step_by(2 * heads).copied().collect();
@@ -160,6 +163,7 @@ pub fn gradients(
         },
     );
 
+    phases::mark("token-backward");
     // Hidden weights, sub-expert by sub-expert.
     for r in 0..2 {
         let Some(hs) = lay.hidden[r] else { continue };
@@ -173,6 +177,7 @@ pub fn gradients(
         );
     }
 
+    phases::mark("hidden-grad");
     // Router, column (head, sub-expert) by column.
     for r in 0..2 {
         let (cols, order, token) = router_order(lay, f, r);
@@ -182,6 +187,7 @@ pub fn gradients(
             router_grad(gw, entries, &token, dz, x, lay.d);
         });
     }
+    phases::mark("router-grad");
     Loss { fvu, uniformity, ambiguity, aux }
 }
 

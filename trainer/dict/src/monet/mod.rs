@@ -28,6 +28,7 @@ pub mod backward;
 pub mod explicit;
 pub mod io;
 mod kernels;
+pub mod phases;
 pub mod router;
 pub mod routes;
 pub mod sparse;

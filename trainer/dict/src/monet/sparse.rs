@@ -24,6 +24,7 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::kernels::{dots, gemm_seq};
+use super::phases;
 pub use super::routes::{GATE_FLOOR, Norm, Routes, batch_norm, codes, logits, select};
 use super::{Decomposition, MonetSpec};
 use crate::kernels::axpy;
@@ -355,6 +356,7 @@ pub fn output(p: &Params, lay: &Layout, f: &mut Forward, y: &mut Vec<f32>) {
             token_coefficients(lay, fr, t, hbuf, pooled, [c0, c1]);
         },
     );
+    phases::mark("coefficients");
     // y by tiles of tokens, sub-expert by sub-expert within a tile: each block is read once per
     // tile (from cache) by one GEMM for all the tile's tokens routed to it.
     let cf = &coef;
@@ -378,6 +380,7 @@ pub fn output(p: &Params, lay: &Layout, f: &mut Forward, y: &mut Vec<f32>) {
     );
     f.pooled = pooled;
     f.coef = coef;
+    phases::mark("outputs");
 }
 
 /// Tokens per tile of the output pass.
@@ -542,11 +545,13 @@ pub fn forward_routed(
     f.routes = routes;
     f.sides = sides;
     f.link = link;
+    phases::mark("entries");
     for r in 0..2 {
         match lay.hidden[r] {
             Some(s) => hidden(lay, &p.ut[s], &p.c[s], &f.sides[r], x, &mut f.relu[r]),
             None => f.relu[r].clear(),
         }
     }
+    phases::mark("hidden");
     output(p, lay, f, y);
 }

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::backward::{self, Alphas, Loss};
+use super::phases;
 use super::sparse::{self, Forward, Layout, Norm, Params, Routes};
 use super::{Monet, MonetSpec};
 use crate::Dictionary;
@@ -162,9 +163,13 @@ impl MonetTrainer {
     fn loss_and_gradients(&mut self, xs: &[f32], ys: &[f32]) -> Result<(Loss, Norm)> {
         let denom = total_variance(ys, self.cfg.spec.d_out).max(f64::MIN_POSITIVE);
         let (p, lay, s) = (&self.params, &self.lay, &mut self.scratch);
+        phases::mark("variance");
         sparse::logits(p, lay, xs, &mut s.z);
+        phases::mark("logits");
         let norm = sparse::batch_norm(lay, &s.z);
+        phases::mark("batch-norm");
         let routes = sparse::select(lay, &s.z, &norm);
+        phases::mark("select");
         sparse::forward_routed(p, lay, xs, routes, &mut s.forward, &mut s.y);
         let grads = s.grads.get_or_insert_with(|| p.zeros_like());
         let alphas = Alphas { uniformity: self.cfg.uniformity_alpha, ambiguity: self.cfg.ambiguity_alpha };
@@ -208,11 +213,14 @@ impl MonetTrainer {
 
     /// One step on raw `x` (`[B, d_in]`) towards raw `target` (`[B, d_out]`; `None`: `x`).
     pub fn train_step(&mut self, x: &[f32], target: Option<&[f32]>) -> Result<StepStats> {
+        phases::start();
         let (xs, ys) = self.scaled(x, target)?;
+        phases::mark("scale");
         let b = xs.len() / self.cfg.spec.d_in;
         let (loss, norm) = self.loss_and_gradients(&xs, &ys)?;
         let grads = self.scratch.grads.as_ref().expect("gradients were just computed");
         adam(&mut self.params, grads, &mut self.state, self.cfg.lr);
+        phases::mark("adam");
 
         // BatchNorm running statistics from this batch's (as PyTorch, unbiased variance).
         let count = b * self.cfg.spec.experts;
@@ -232,6 +240,8 @@ impl MonetTrainer {
             *s = if f { 0 } else { *s + b as u64 };
         }
         let dead = self.state.since_fired.iter().filter(|&&s| s >= self.cfg.dead_tokens).count();
+        phases::mark("codes");
+        phases::report();
         self.state.step += 1;
         self.state.tokens += b as u64;
         Ok(StepStats {
