@@ -1,0 +1,93 @@
+//! The demo's sizes, in one place: the full budget (under 15 minutes of stages on a 2-core
+//! machine) and `--quick`'s tiny one (a check of the whole pipeline in a few minutes).
+
+/// Every size the demo's stages use.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    /// `full` or `quick`, as the summary says.
+    pub name: &'static str,
+    /// Tokens captured (every hook of the one capture holds this many rows).
+    pub tokens: u64,
+    /// Tokens per context of the capture.
+    pub context: usize,
+    /// The SAEs (TopK and Mutual Choice share them): features, k, learning rate, batch.
+    pub sae_features: usize,
+    pub sae_k: usize,
+    pub sae_lr: Option<f32>,
+    pub sae_batch: usize,
+    /// Held-out contexts spliced in for CE-loss recovered (SAEs and the MoE-X).
+    pub eval_contexts: usize,
+    /// MoE-X transcoder at layer 6: experts, units per expert, experts per token, training tokens.
+    pub moex_experts: usize,
+    pub moex_width: usize,
+    pub moex_top_k: usize,
+    pub moex_tokens: u64,
+    /// Per-layer skip transcoders (one per layer, for the graph): features, k, training tokens.
+    pub tc_features: usize,
+    pub tc_k: usize,
+    pub tc_tokens: u64,
+    pub tc_batch: usize,
+    /// Features scored by embedding per SAE (MiniLM: ~1 s a feature on 2 cores).
+    pub scored: u32,
+    /// Repeated and natural-text sequences for `loupe heads`.
+    pub head_sequences: usize,
+    /// IOI pairs (the first ones of assets/tasks/ioi.jsonl).
+    pub ioi_pairs: usize,
+    /// Feature nodes whose incoming edges the graph computes.
+    pub graph_feature_nodes: u32,
+}
+
+impl Budget {
+    /// The full demo. Provisional sizes until the quality helper's recommendations
+    /// (/work/data/demo-budget.md) are in.
+    pub fn full() -> Budget {
+        Budget {
+            name: "full",
+            tokens: 60_000,
+            context: 256,
+            sae_features: 4096,
+            sae_k: 32,
+            sae_lr: None,
+            sae_batch: 1024,
+            eval_contexts: 4,
+            moex_experts: 16,
+            moex_width: 256,
+            moex_top_k: 2,
+            moex_tokens: 30_000,
+            tc_features: 1024,
+            tc_k: 16,
+            tc_tokens: 10_240,
+            tc_batch: 512,
+            scored: 20,
+            head_sequences: 8,
+            ioi_pairs: 24,
+            graph_feature_nodes: 1024,
+        }
+    }
+
+    /// `--quick`: a few thousand tokens, small widths, few pairs.
+    pub fn quick() -> Budget {
+        Budget {
+            name: "quick",
+            tokens: 4_096,
+            context: 128,
+            sae_features: 512,
+            sae_k: 16,
+            sae_lr: None,
+            sae_batch: 256,
+            eval_contexts: 2,
+            moex_experts: 4,
+            moex_width: 64,
+            moex_top_k: 2,
+            moex_tokens: 2_048,
+            tc_features: 128,
+            tc_k: 8,
+            tc_tokens: 1_024,
+            tc_batch: 256,
+            scored: 3,
+            head_sequences: 2,
+            ioi_pairs: 2,
+            graph_feature_nodes: 64,
+        }
+    }
+}
