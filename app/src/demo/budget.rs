@@ -15,6 +15,8 @@ pub struct Budget {
     pub sae_k: usize,
     pub sae_lr: Option<f32>,
     pub sae_batch: usize,
+    /// SAE training tokens (None: one pass over the training rows; more: further passes).
+    pub sae_tokens: Option<u64>,
     /// Held-out contexts spliced in for CE-loss recovered (SAEs and the MoE-X).
     pub eval_contexts: usize,
     /// MoE-X transcoder at layer 6: experts, units per expert, experts per token, training tokens.
@@ -27,7 +29,9 @@ pub struct Budget {
     pub tc_k: usize,
     pub tc_tokens: u64,
     pub tc_batch: usize,
-    /// Features scored by embedding per SAE (MiniLM: ~1 s a feature on 2 cores).
+    /// Features explained per SAE (None: every live feature; the search index embeds each
+    /// explanation), and of those the first ones scored by embedding (MiniLM: ~1 s a feature).
+    pub explained: Option<u32>,
     pub scored: u32,
     /// Repeated and natural-text sequences for `loupe heads`.
     pub head_sequences: usize,
@@ -49,6 +53,7 @@ impl Budget {
             sae_k: 32,
             sae_lr: None,
             sae_batch: 1024,
+            sae_tokens: Some(108_000),
             eval_contexts: 4,
             moex_experts: 16,
             moex_width: 256,
@@ -58,6 +63,7 @@ impl Budget {
             tc_k: 16,
             tc_tokens: 10_240,
             tc_batch: 512,
+            explained: None,
             scored: 20,
             head_sequences: 8,
             ioi_pairs: 24,
@@ -75,6 +81,7 @@ impl Budget {
             sae_k: 16,
             sae_lr: None,
             sae_batch: 256,
+            sae_tokens: None,
             eval_contexts: 2,
             moex_experts: 4,
             moex_width: 64,
@@ -84,6 +91,7 @@ impl Budget {
             tc_k: 8,
             tc_tokens: 1_024,
             tc_batch: 256,
+            explained: Some(64),
             scored: 3,
             head_sequences: 2,
             ioi_pairs: 2,

@@ -158,6 +158,9 @@ fn sae_line(ctx: &Ctx, name: &str) -> Vec<String> {
     if let Some(lr) = b.sae_lr {
         line.extend(words!["--lr", lr]);
     }
+    if let Some(tokens) = b.sae_tokens {
+        line.extend(words!["--tokens", tokens]);
+    }
     line
 }
 
@@ -220,7 +223,10 @@ fn explain(ctx: &Ctx) -> Result<()> {
         let target = words!["--store", ctx.store_arg(), "--dictionary", d];
         // Offline explanations of every feature (they fill the search index), then, with an LLM,
         // its explanations of the features that get scored.
-        let offline = [target.clone(), words!["--explainer", "offline"]].concat();
+        let mut offline = [target.clone(), words!["--explainer", "offline"]].concat();
+        if let Some(n) = b.explained {
+            offline.extend(words!["--features", format!("0..{n}")]);
+        }
         explain_cmd::run_explain(&parse::<explain_cmd::ExplainArgs>(&offline)?)?;
         let explainer = if llm.is_empty() {
             "offline"

@@ -13,16 +13,23 @@ use super::stages_analysis::{CIRCUITS, EVAL, GRAPH, export_dir, graph_json, tran
 use super::stages_dict::{LAYERS, MOEX, MUTUAL, SAES, TOPK};
 use super::{Ctx, Timed};
 
-/// `eval.json` of a dictionary: (FVU, CE-loss recovered when measured, dead fraction).
-fn eval_of(store: &Store, name: &str) -> Result<(f64, Option<f64>, f64)> {
+/// A dictionary's held-out evaluation (`eval.json`).
+struct Eval {
+    fvu: f64,
+    /// CE-loss recovered, when it was measured.
+    ce: Option<f64>,
+    dead: f64,
+}
+
+fn eval_of(store: &Store, name: &str) -> Result<Eval> {
     let path = store.dictionary_dir(name).join("eval.json");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
     let num = |p: &str| v.pointer(p).and_then(Value::as_f64);
-    Ok((
-        num("/held_out/fvu").unwrap_or(f64::NAN),
-        num("/splice/ce_loss_recovered"),
-        num("/held_out/dead_fraction").unwrap_or(f64::NAN),
-    ))
+    Ok(Eval {
+        fvu: num("/held_out/fvu").unwrap_or(f64::NAN),
+        ce: num("/splice/ce_loss_recovered"),
+        dead: num("/held_out/dead_fraction").unwrap_or(f64::NAN),
+    })
 }
 
 pub fn summary(ctx: &Ctx, timed: &[Timed], total_s: f64) -> Result<String> {
@@ -44,7 +51,7 @@ pub fn summary(ctx: &Ctx, timed: &[Timed], total_s: f64) -> Result<String> {
     for (name, what) in
         [(TOPK, "TopK SAE"), (MUTUAL, "Mutual Choice SAE"), (MOEX, "MoE-X transcoder, layer 6")]
     {
-        let (fvu, ce, dead) = eval_of(&store, name)?;
+        let Eval { fvu, ce, dead } = eval_of(&store, name)?;
         let ce = ce.map_or("not measured".into(), |c| format!("{c:.3}"));
         writeln!(
             s,
@@ -56,15 +63,14 @@ pub fn summary(ctx: &Ctx, timed: &[Timed], total_s: f64) -> Result<String> {
     for l in 0..LAYERS {
         fvus.push(eval_of(&store, &transcoder(l))?);
     }
-    let mean =
-        |f: &dyn Fn(&(f64, Option<f64>, f64)) -> f64| fvus.iter().map(f).sum::<f64>() / fvus.len() as f64;
+    let mean = |f: fn(&Eval) -> f64| fvus.iter().map(f).sum::<f64>() / fvus.len() as f64;
     writeln!(
         s,
         "  {:<20} {:<26} mean FVU {:.3}  (CE not measured per layer)  mean dead {:.1} %",
         format!("{}…{}", transcoder(0), LAYERS - 1),
         "18 per-layer transcoders",
-        mean(&|e| e.0),
-        100.0 * mean(&|e| e.2)
+        mean(|e| e.fvu),
+        100.0 * mean(|e| e.dead)
     )?;
 
     let mut explained = Vec::new();
