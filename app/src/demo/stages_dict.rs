@@ -173,7 +173,7 @@ fn train_sae(ctx: &Ctx, name: &str, variant: &str) -> Result<()> {
 fn moex(ctx: &Ctx) -> Result<()> {
     let b = &ctx.budget;
     if !dictionary_done(ctx, MOEX)? {
-        let line = words![
+        let mut line = words![
             "--store",
             ctx.store_arg(),
             "--dictionary",
@@ -197,6 +197,12 @@ fn moex(ctx: &Ctx) -> Result<()> {
             "--checkpoint-every",
             0
         ];
+        if let Some(lr) = b.moex_lr {
+            line.extend(words!["--lr", lr]);
+        }
+        if let Some(alpha) = b.moex_balance {
+            line.extend(words!["--balance-alpha", alpha]);
+        }
         train_moex_cmd::run(&parse::<train_moex_cmd::Args>(&line)?)?;
     }
     let line = words!["--store", ctx.store_arg(), "--dictionary", MOEX];
