@@ -73,7 +73,8 @@ pub fn stages(ctx: &Ctx) -> Vec<Stage> {
         },
         Stage {
             title: format!(
-                "explain every feature of both SAEs ({}), score {} of each by embedding, build the search index",
+                "explain {} of both SAEs ({}), score {} of each by embedding, build the search index",
+                b.explained.map_or("every feature".to_string(), |n| format!("the first {n} features")),
                 if ctx.llm_config.is_some() {
                     "with the LLM of the config, and offline"
                 } else {
