@@ -3,9 +3,12 @@
 # Vulkan driver) on a store the pipeline made, and saves one PNG per view with xwd + netpbm.
 #
 #   scripts/screenshots.sh [store] [out-dir]     # defaults: loupe-demo (from `loupe demo`), docs/screenshots
-#   FEATURE=12 HEAD=5.0 scripts/screenshots.sh    # the feature page and the head shown
+#   FEATURE=12 HEAD=5.1 scripts/screenshots.sh    # the feature page and the head shown
 #   CIRCUIT=ioi-attribution scripts/screenshots.sh # the circuit shown with its edges
-#   (the Graph view: the store's first attribution graph)
+#   GRAPH=demo-ioi EXPERTS=demo-moex scripts/screenshots.sh  # the graph and expert tables shown
+#
+# Every view: feature-list, feature-page, prompt-lab, heads, head-pattern, circuits,
+# circuits-edges, graph, experts (.png). The defaults are the names `loupe demo` writes.
 #
 # The README shows the PNGs this writes.
 set -euo pipefail
@@ -37,13 +40,13 @@ shot() {
   echo "wrote $out/$name.png"
 }
 
-shot feature-list 8
-shot feature-page 8 --feature "${FEATURE:-12}"
+shot feature-list 8 --dictionary "${DICTIONARY:-demo-topk}"
+shot feature-page 8 --dictionary "${DICTIONARY:-demo-topk}" --feature "${FEATURE:-12}"
 shot prompt-lab 25 --view prompt-lab --prompt "When Mary and John went to the store, John gave a drink to"
 # The Heads view: the grid of the store's heads table (`loupe heads --store <store>` makes it; without
 # one the view says so), then a head opened with its attention pattern on the prompt.
 shot heads 8 --view heads
-shot head-pattern 25 --head "${HEAD:-5.0}" --prompt "When Mary and John went to the store, John gave a drink to. When Mary and John went to the store, John gave a drink to"
+shot head-pattern 25 --head "${HEAD:-5.1}" --prompt "When Mary and John went to the store, John gave a drink to. When Mary and John went to the store, John gave a drink to"
 # The Circuits view: the first task's ground truth (patching) with the task's evaluation below it
 # (`loupe circuit` and `loupe circuit eval` make them; without any the view says what to run), then
 # a circuit with edges (attribution patching's) when the store has it.
@@ -56,4 +59,20 @@ else
 fi
 # The Graph view: the store's first attribution graph (`loupe graph --store <store> --transcoders …
 # --prompt …` makes one; without any the view says so).
-shot graph 10 --view graph
+graph=${GRAPH:-demo-ioi}
+if grep -q "\"$graph\"" "$store/manifest.json"; then
+  shot graph 12 --graph "$graph"
+else
+  shot graph 12 --view graph
+fi
+# The Experts view: a MoE-X's expert tables (`loupe experts --dictionary <moex>` makes them).
+experts=${EXPERTS:-demo-moex}
+if grep -q "\"$experts\"" "$store/manifest.json"; then
+  shot experts 10 --experts "$experts"
+else
+  shot experts 10 --view experts
+fi
+# Keep the PNGs small: 8-bit palette where pngquant is installed.
+if command -v pngquant > /dev/null; then
+  for f in "$out"/*.png; do pngquant --force --skip-if-larger --output "$f" 256 -- "$f" || true; done
+fi

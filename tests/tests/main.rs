@@ -20,6 +20,7 @@ mod clt;
 mod corpus_input;
 mod corpus_read;
 mod data_safety;
+mod demo;
 mod dfa;
 mod experts;
 mod export;
