@@ -27,9 +27,6 @@ import os, re, shutil, subprocess, sys, tempfile, time
 # What happens to a block whose text matches the pattern: ("skip", reason) or ("replace", new
 # first line pattern's replacement, reason). The first matching rule wins.
 RULES = [
-    # TEMPORARY (until `loupe demo --quick` is merged): the demo is skipped. At merge, delete this
-    # entry so that the next one runs the demo at its quick budget.
-    (r"^scripts/demo\.sh\b", "skip", "TEMPORARY: `loupe demo --quick` is not merged yet"),
     (r"^scripts/demo\.sh\b", "replace",
      (r"^scripts/demo\.sh\b[^#\n]*", 'scripts/demo.sh --headless --quick --store "$LOUPE_README_SCRATCH/loupe-demo-quick" '),
      "the full demo takes ~15 minutes: the same stages at the quick budget, headless"),
