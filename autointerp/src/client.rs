@@ -27,6 +27,13 @@ pub const REDACTED: &str = "[redacted]";
 /// Retry waits at least this long are announced through the client's notifier.
 pub const ANNOUNCE_WAIT: Duration = Duration::from_secs(1);
 
+/// Makes rustls' `ring` provider the process default (reqwest is built without a provider of its
+/// own, see Cargo.toml); call before building any `reqwest::Client`. Later calls do nothing.
+pub fn install_tls_provider() {
+    // Err only when a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Where the client says what it waits for or why it stops (default: a line on stderr).
 pub type Notifier = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -196,6 +203,7 @@ impl Client {
             })?),
             None => None,
         };
+        install_tls_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs_f64(cfg.timeout_seconds))
             .build()
